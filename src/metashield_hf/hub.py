@@ -1,0 +1,79 @@
+"""Registration with the transformers Auto classes and the pipeline registry, the embedded default detector, and the
+folder layout a Hub repo needs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from transformers import AutoConfig, AutoModel, pipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from .configuration_metashield import MetaShieldConfig
+from .modeling_metashield import MetaShieldDetector
+from .pipeline_backdoor_detection import BackdoorDetectionPipeline
+
+TASK = "backdoor-detection"
+DEFAULT_DETECTOR_DIR = Path(__file__).parent / "default_detector"
+_CODE_FILES = ("configuration_metashield.py", "modeling_metashield.py", "pipeline_backdoor_detection.py")
+
+
+def register() -> None:
+    """Register ``metashield`` with AutoConfig/AutoModel and the ``backdoor-detection`` task (idempotent)."""
+    try:
+        AutoConfig.register("metashield", MetaShieldConfig)
+        AutoModel.register(MetaShieldConfig, MetaShieldDetector)
+    except ValueError:  # already registered (module re-imported)
+        pass
+    # The default resolves offline: it is the folder shipped inside the package.
+    PIPELINE_REGISTRY.register_pipeline(
+        TASK,
+        pipeline_class=BackdoorDetectionPipeline,
+        pt_model=AutoModel,
+        default={"model": (str(DEFAULT_DETECTOR_DIR), None)},
+        type="multimodal",
+    )
+    MetaShieldConfig.register_for_auto_class()
+    MetaShieldDetector.register_for_auto_class("AutoModel")
+
+
+def load_detector(name_or_path: str | Path | None = None, **kwargs) -> MetaShieldDetector:
+    """Load a detector (the embedded ``metashield-base`` when ``name_or_path`` is None)."""
+    path = DEFAULT_DETECTOR_DIR if name_or_path is None else name_or_path
+    if not (Path(path) / "config.json").exists() and Path(path).exists():
+        raise ValueError(f"{path} is a folder but has no config.json: it is not a saved MetaShield detector")
+    return MetaShieldDetector.from_pretrained(str(path), **kwargs)
+
+
+def backdoor_detection_pipeline(target_model, clean_samples, detector=None, **kwargs) -> BackdoorDetectionPipeline:
+    """``pipeline("backdoor-detection", ...)`` with the embedded detector by default (works without the task name)."""
+    return pipeline(TASK, model=detector, target_model=target_model, clean_samples=clean_samples, **kwargs)
+
+
+def save_for_hub(detector: MetaShieldDetector, folder: str | Path, model_card: str | None = None) -> list[str]:
+    """Write exactly what a Hub model repo needs: ``config.json`` (with ``auto_map`` and ``custom_pipelines``),
+    ``model.safetensors``, the three code files, and ``README.md``.
+
+    ``custom_pipelines`` is added only here: a local folder with it asks for ``trust_remote_code`` even when the
+    package is imported (HF-NOTES gotcha 9), so the embedded detector is saved without it.
+
+    Returns:
+        The sorted file names written.
+    """
+    folder = Path(folder)
+    detector.save_pretrained(folder)  # config.json (+ auto_map), model.safetensors, configuration/modeling code
+    for name in _CODE_FILES:
+        shutil.copyfile(Path(__file__).parent / name, folder / name)
+    config = json.loads((folder / "config.json").read_text())
+    config["custom_pipelines"] = {
+        TASK: {"impl": "pipeline_backdoor_detection.BackdoorDetectionPipeline", "pt": ["AutoModel"], "type": "multimodal"}
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if model_card is None:
+        model_card = (
+            "---\nlibrary_name: transformers\ntags: [backdoor-detection, ai-safety, custom_code]\n---\n"
+            "# MetaShield detector\n\nNeeds `pip install metashield-hf` for the `backdoor-detection` pipeline.\n"
+        )
+    (folder / "README.md").write_text(model_card)
+    return sorted(p.name for p in folder.iterdir())

@@ -1,0 +1,190 @@
+"""Few-shot adaptation of a detector to one target model, and scoring with an honest threshold (DESIGN §2.5)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .features import compute_features, loo_features
+from .features.reference import Reference, build_reference
+from .modeling_metashield import MetaShieldDetector
+from .targets import load_target
+from .targets.base import TargetAdapter, TargetOutput
+
+logger = logging.getLogger(__name__)
+
+MIN_CLEAN = 3
+
+
+def conformal_threshold(scores: np.ndarray, target_fpr: float) -> float:
+    """The ``ceil((n+1)(1-α))``-th smallest clean score (split-conformal), so that a new clean input exceeds it with
+    probability at most α. With too few samples for α this is the largest clean score (the FPR then cannot be
+    guaranteed below 1/(n+1); a warning says so)."""
+    n = len(scores)
+    k = math.ceil((n + 1) * (1.0 - target_fpr))
+    if k > n:
+        logger.warning(
+            "%d clean samples cannot certify FPR %.3f (need %d); using the largest clean score as threshold",
+            n, target_fpr, math.ceil(1.0 / target_fpr) - 1,
+        )
+        k = n
+    return float(np.sort(scores)[k - 1])
+
+
+@dataclass
+class AdaptedShield:
+    """A detector adapted to one target model: reference statistics, adapted weights and a calibrated threshold.
+
+    Use :meth:`score` for scores in ``[0, 1]`` (higher = more likely triggered) and :meth:`predict` for decisions.
+    """
+
+    detector: MetaShieldDetector
+    target: TargetAdapter
+    reference: Reference
+    reference_features: torch.Tensor
+    threshold: float
+    target_fpr: float
+    calibration_scores: np.ndarray
+    groups: tuple[str, ...] | None = None
+    seed: int = 0
+    params: dict[str, torch.Tensor] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def features(self, inputs) -> tuple[TargetOutput, torch.Tensor]:
+        """Run the target once and return its activations and ψ relative to the clean reference."""
+        out = self.target(inputs)
+        return out, compute_features(out.penultimate, out.logits, self.reference, self.groups, seed=self.seed)
+
+    @torch.no_grad()
+    def score_features(self, features: torch.Tensor, reference_features: torch.Tensor | None = None) -> torch.Tensor:
+        ref = self.reference_features if reference_features is None else reference_features
+        if self.params is None:
+            return self.detector(features=features, reference_features=ref).scores
+        return torch.func.functional_call(self.detector, self.params, (features, ref)).scores
+
+    def score(self, inputs) -> np.ndarray:
+        """Scores in ``[0, 1]`` for a batch of raw inputs (any type the target adapter accepts)."""
+        _, feats = self.features(inputs)
+        return self.score_features(feats).numpy()
+
+    def predict(self, inputs) -> list[dict]:
+        """One ``{"label", "score", "threshold", "predicted_class"}`` dict per input."""
+        out, feats = self.features(inputs)
+        return self.decide(self.score_features(feats), out.logits)
+
+    def decide(self, scores: torch.Tensor, logits: torch.Tensor) -> list[dict]:
+        classes = logits.argmax(-1).tolist()
+        return [
+            {
+                "label": "backdoored" if s > self.threshold else "clean",
+                "score": float(s),
+                "threshold": self.threshold,
+                "predicted_class": int(c),
+            }
+            for s, c in zip(scores.tolist(), classes, strict=True)
+        ]
+
+
+def _count(samples) -> int | None:
+    try:
+        return len(samples)
+    except TypeError:
+        return None
+
+
+def adapt(
+    detector: MetaShieldDetector,
+    target,
+    clean_samples,
+    *,
+    steps: int = 0,
+    lr: float = 0.05,
+    target_fpr: float = 0.05,
+    seed: int = 0,
+    processor=None,
+    batch_size: int = 32,
+    trust_remote_code: bool = False,
+) -> AdaptedShield:
+    """Adapt ``detector`` to ``target`` from clean samples only.
+
+    Args:
+        detector: a (meta-trained) [`MetaShieldDetector`].
+        target: anything `load_target` accepts: a Hub id, a local folder, a model object or a target adapter.
+        clean_samples: 5–50 clean inputs of the target's modality (list, tensor batch, `datasets.Dataset` or column).
+        steps: inner-loop steps on the clean support and generic pseudo-anomalies (0 = reference statistics only).
+        lr: inner-loop learning rate.
+        target_fpr: false-positive rate the threshold is calibrated for.
+        seed: seeds the features' perturbations and the pseudo-anomalies.
+        processor: tokenizer / image processor when ``target`` is a model object that needs one.
+        batch_size: batch size of the target's forward passes.
+        trust_remote_code: passed to the target loader; off unless you trust the checkpoint.
+
+    Returns:
+        An [`AdaptedShield`]. Its threshold comes from leave-one-out scores of the clean samples, so the FPR estimate
+        is not optimistic.
+
+    Example:
+        ```python
+        >>> shield = detector.adapt(model, clean_images[:20], target_fpr=0.05)
+        >>> shield.predict(test_images)[0]
+        {'label': 'clean', 'score': 0.12, 'threshold': 0.61, 'predicted_class': 3}
+        ```
+    """
+    if not 0.0 < target_fpr < 1.0:
+        raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    n = _count(clean_samples)
+    if n is not None and n < MIN_CLEAN:
+        raise ValueError(
+            f"need at least {MIN_CLEAN} clean samples to adapt (5-50 recommended), got {n}; "
+            "pass more clean inputs of the target's modality"
+        )
+    t0 = time.perf_counter()
+    adapter = load_target(target, processor, batch_size=batch_size, trust_remote_code=trust_remote_code)
+    detector.eval()
+    groups = tuple(detector.config.feature_groups) if detector.config.feature_groups else None
+
+    clean_out = adapter(clean_samples)
+    if len(clean_out) < MIN_CLEAN:
+        raise ValueError(f"need at least {MIN_CLEAN} clean samples to adapt (5-50 recommended), got {len(clean_out)}")
+    if len(clean_out) < 5:
+        logger.warning("only %d clean samples: thresholds from fewer than 5 are unreliable", len(clean_out))
+    head = adapter.head
+    ref = build_reference(clean_out.penultimate, clean_out.logits, head.weight.detach().float(),
+                          None if head.bias is None else head.bias.detach().float())
+    ref_feats = loo_features(ref, groups, seed=seed)
+    if ref_feats.shape[1] != detector.config.feature_dim:
+        raise ValueError(
+            f"the detector expects {detector.config.feature_dim} features but the feature groups {groups} give "
+            f"{ref_feats.shape[1]}; the detector was saved with another ψ layout"
+        )
+    t_ref = time.perf_counter()
+
+    params = None
+    if steps > 0:
+        from .meta.inner import inner_loop, make_pseudo_features
+
+        anomalies = make_pseudo_features(ref, max(len(clean_out), 8), groups, seed)
+        start = {k: v.detach().clone().requires_grad_(True) for k, v in detector.named_parameters()}
+        with torch.enable_grad():
+            adapted = inner_loop(detector, start, ref_feats, anomalies, ref_feats, steps=steps, lr=lr)
+        params = {k: v.detach() for k, v in adapted.items()}
+
+    shield = AdaptedShield(detector, adapter, ref, ref_feats, 0.0, target_fpr, np.empty(0), groups, seed, params)
+    # Leave-one-out at the detector level too: clean sample i is scored against the other clean samples only.
+    loo = [
+        shield.score_features(ref_feats[i : i + 1], torch.cat([ref_feats[:i], ref_feats[i + 1 :]])).item()
+        for i in range(len(ref_feats))
+    ]
+    shield.calibration_scores = np.asarray(loo)
+    shield.threshold = conformal_threshold(shield.calibration_scores, target_fpr)
+    t_end = time.perf_counter()
+    shield.timings = {"reference_s": t_ref - t0, "adapt_s": t_end - t0}
+    return shield
+
