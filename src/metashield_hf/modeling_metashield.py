@@ -17,6 +17,11 @@ from transformers.utils import ModelOutput
 from .configuration_metashield import MetaShieldConfig
 
 
+# The textbook unsupervised anomaly scores among the ψ features: kNN distance (relative to the clean set's own), the
+# shrinkage Mahalanobis distance (Lee et al. 2018) and the 0-dim persistence death time of the input's component.
+PRIOR_FEATURES = ("distances.knn_ratio", "distances.maha_ratio", "topology.death_median")
+
+
 @dataclass
 class MetaShieldOutput(ModelOutput):
     """Output of [`MetaShieldDetector`].
@@ -42,7 +47,7 @@ class MetaShieldPreTrainedModel(PreTrainedModel):
         if isinstance(module, MetaShieldDetector):
             # The prior path makes an untrained detector a sensible anomaly scorer (mean clipped |z| of ψ against the
             # clean reference); meta-training then reweights features and learns the residual path.
-            init.zeros_(module.prior_gate)
+            init.copy_(module.prior_gate, module.initial_prior_gate())
             init.constant_(module.prior_scale, 1.0)
             init.constant_(module.prior_bias, 1.0)
             # The residual path starts at exactly zero so that it cannot add noise before it is trained.
@@ -59,7 +64,7 @@ class MetaShieldDetector(MetaShieldPreTrainedModel):
     * **encoder**: ψ is first standardised against the clean reference (per-feature mean/std, clipped), then encoded by
       an MLP; the clean reference goes through the same encoder.
     * **anomaly module**: the deviation of an input's encoding from the clean encodings (standardised), and a
-      gated mean of |z| over ψ (the *prior*).
+      gated mean of the one-sided parts of z over ψ (the *prior*).
     * **decision layer**: ``logit = prior_scale * (prior - prior_bias) + MLP([|dev|, dev])``.
 
     Under 100K parameters at the default config.
@@ -81,11 +86,22 @@ class MetaShieldDetector(MetaShieldPreTrainedModel):
         self.encoder = nn.Sequential(
             nn.Linear(f, h), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(h, h), nn.LayerNorm(h)
         )
-        self.prior_gate = nn.Parameter(torch.zeros(f))
+        self.prior_gate = nn.Parameter(torch.zeros(2, f))  # row 0: "above clean" is anomalous; row 1: "below clean"
         self.prior_scale = nn.Parameter(torch.ones(()))
         self.prior_bias = nn.Parameter(torch.ones(()))
         self.decision = nn.Sequential(nn.Linear(2 * h, h), nn.GELU(), nn.Linear(h, 1))
         self.post_init()
+
+    def initial_prior_gate(self) -> torch.Tensor:
+        """Before meta-training, the prior trusts the reference-distance features (an input far from the clean set
+        is suspicious: the classic unsupervised anomaly signal); every other gate starts near zero."""
+        gate = torch.full((2, self.config.feature_dim), -6.0)
+        for i, name in enumerate(self.config.feature_names or []):
+            if name in PRIOR_FEATURES:
+                gate[0, i] = 2.0
+        if not self.config.feature_names:
+            gate.zero_()
+        return gate
 
     def standardize(self, features: torch.Tensor, reference_features: torch.Tensor) -> torch.Tensor:
         """Per-feature z-scores of ``features`` against the reference set, clipped to ``±z_clip``."""
@@ -116,7 +132,7 @@ class MetaShieldDetector(MetaShieldPreTrainedModel):
         z = self.standardize(features, reference_features)
         z_ref = self.standardize(reference_features, reference_features)
         gate = nn.functional.softplus(self.prior_gate) + 1e-4
-        prior = (z.abs() * gate).sum(-1) / gate.sum()
+        prior = (z.clamp_min(0) * gate[0] + (-z).clamp_min(0) * gate[1]).sum(-1) / gate.sum()
 
         enc, enc_ref = self.encoder(z), self.encoder(z_ref)
         dev = (enc - enc_ref.mean(0)) / enc_ref.std(0, unbiased=True).clamp_min(1e-2)

@@ -108,7 +108,9 @@ class BackdoorDetectionPipeline(Pipeline):
         items = [inputs] if single else list(inputs)
         size = batch_size or self._batch_size or 32
         chunks = [_Chunk(items[i : i + size]) for i in range(0, len(items), size)]
-        results = [row for chunk in chunks for row in super().__call__(chunk, **kwargs)]
+        results = []
+        for chunk in chunks:  # a plain loop: zero-argument super() does not work inside a comprehension
+            results.extend(super().__call__(chunk, **kwargs))
         return results[0] if single else results
 
     def preprocess(self, inputs: _Chunk) -> dict[str, Any]:

@@ -21,10 +21,18 @@ logger = logging.getLogger(__name__)
 MIN_CLEAN = 3
 
 
-def conformal_threshold(scores: np.ndarray, target_fpr: float) -> float:
-    """The ``ceil((n+1)(1-α))``-th smallest clean score (split-conformal), so that a new clean input exceeds it with
-    probability at most α. With too few samples for α this is the largest clean score (the FPR then cannot be
-    guaranteed below 1/(n+1); a warning says so)."""
+def calibrate_threshold(scores: np.ndarray, target_fpr: float, method: str = "quantile") -> float:
+    """Threshold from leave-one-out clean scores.
+
+    ``"quantile"`` (default): the interpolated ``1 - target_fpr`` quantile, an unbiased aim at the target FPR.
+    ``"conformal"``: the ``ceil((n+1)(1-α))``-th smallest score (split-conformal), which guarantees FPR ≤ α for
+    exchangeable clean inputs but is the *largest* clean score whenever ``n < 1/α - 1`` (20 samples at α = 0.05), and
+    so far more conservative than asked.
+    """
+    if method == "quantile":
+        return float(np.quantile(scores, 1.0 - target_fpr))
+    if method != "conformal":
+        raise ValueError(f"calibration must be 'quantile' or 'conformal', got {method!r}")
     n = len(scores)
     k = math.ceil((n + 1) * (1.0 - target_fpr))
     if k > n:
@@ -109,6 +117,7 @@ def adapt(
     processor=None,
     batch_size: int = 32,
     trust_remote_code: bool = False,
+    calibration: str = "quantile",
 ) -> AdaptedShield:
     """Adapt ``detector`` to ``target`` from clean samples only.
 
@@ -123,6 +132,7 @@ def adapt(
         processor: tokenizer / image processor when ``target`` is a model object that needs one.
         batch_size: batch size of the target's forward passes.
         trust_remote_code: passed to the target loader; off unless you trust the checkpoint.
+        calibration: ``"quantile"`` (aims at ``target_fpr``) or ``"conformal"`` (guarantees it; conservative).
 
     Returns:
         An [`AdaptedShield`]. Its threshold comes from leave-one-out scores of the clean samples, so the FPR estimate
@@ -183,7 +193,7 @@ def adapt(
         for i in range(len(ref_feats))
     ]
     shield.calibration_scores = np.asarray(loo)
-    shield.threshold = conformal_threshold(shield.calibration_scores, target_fpr)
+    shield.threshold = calibrate_threshold(shield.calibration_scores, target_fpr, calibration)
     t_end = time.perf_counter()
     shield.timings = {"reference_s": t_ref - t0, "adapt_s": t_end - t0}
     return shield

@@ -1,0 +1,34 @@
+"""Backdoor attacks for building the poisoned-model zoo: one registry, one frozen dataclass per attack.
+
+Vision (``domain="cv"``): ``badnets``, ``blend``, ``trojan_watermark``, ``wanet``.
+Text (``domain="nlp"``): ``rare_word``, ``char_substitution``, ``syntactic_template``.
+
+Example:
+    ```python
+    >>> from metashield_hf.attacks import ATTACKS, attack_from_dict
+    >>> attack = ATTACKS.build("badnets", patch_size=4, seed=1)
+    >>> attack_from_dict(attack.to_dict()) == attack
+    True
+    ```
+"""
+
+from __future__ import annotations
+
+from .base import ATTACKS, POISONED_COLUMN, Attack, attack_from_dict
+from .text import CharSubstitution, RareWordInsertion, SyntacticTemplate
+from .vision import NOISE_COLUMN, BadNets, Blend, TrojanWatermark, WaNet
+
+__all__ = [
+    "ATTACKS",
+    "NOISE_COLUMN",
+    "POISONED_COLUMN",
+    "Attack",
+    "BadNets",
+    "Blend",
+    "CharSubstitution",
+    "RareWordInsertion",
+    "SyntacticTemplate",
+    "TrojanWatermark",
+    "WaNet",
+    "attack_from_dict",
+]

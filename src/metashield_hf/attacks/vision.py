@@ -1,0 +1,519 @@
+"""Vision triggers: BadNets patch, Blend, Trojan-style watermark and WaNet warping.
+
+Every attack accepts float tensors in ``[0, 1]`` of shape ``(N, C, H, W)`` or ``(C, H, W)``, uint8 tensors of the same
+shapes, a ``PIL.Image`` or a list of them, and uint8 numpy arrays ``(H, W)``, ``(H, W, C)`` or ``(N, H, W, C)``. The
+output has the input's type, shape and dtype (PIL: the same mode and size). Any channel count and image size work;
+patterns are generated for the image they are applied to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .base import ATTACKS, POISONED_COLUMN, Attack, check_choice, check_float, check_int, transform_rows
+
+if TYPE_CHECKING:
+    import datasets
+
+logger = logging.getLogger(__name__)
+
+TensorFn = Callable[[torch.Tensor], torch.Tensor]
+LOCATIONS = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
+NOISE_COLUMN = "noise"
+_RANGE_TOLERANCE = 1e-4  # float rounding from an upstream resize must not be an error
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _mix(*parts: object) -> int:
+    """A 63-bit seed from several values, stable across processes (unlike ``hash``)."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
+
+
+# ---------------------------------------------------------------------------------------------- input conversion
+def apply_to_images(inputs: Any, fn: TensorFn) -> Any:
+    """Run ``fn`` (float ``(N, C, H, W)`` in ``[0, 1]`` -> same shape) on images of any supported type.
+
+    Args:
+        inputs: a float or uint8 tensor ``(N, C, H, W)``/``(C, H, W)``, a PIL image, a uint8 numpy array
+            ``(H, W)``/``(H, W, C)``/``(N, H, W, C)``, or a list of these (each item handled on its own).
+        fn: the trigger on a float batch.
+
+    Returns:
+        ``fn``'s result in the type, shape, dtype (and PIL mode) of ``inputs``.
+    """
+    if isinstance(inputs, torch.Tensor):
+        return _on_tensor(inputs, fn)
+    if isinstance(inputs, Image.Image):
+        return _on_pil(inputs, fn)
+    if isinstance(inputs, np.ndarray):
+        return _on_numpy(inputs, fn)
+    if isinstance(inputs, (list, tuple)):
+        bad = sorted({type(x).__name__ for x in inputs if not isinstance(x, (torch.Tensor, Image.Image, np.ndarray))})
+        if bad:
+            raise TypeError(f"a list of images may hold tensors, PIL images or numpy arrays, not {bad}")
+        return [apply_to_images(x, fn) for x in inputs]
+    raise TypeError(
+        "expected images as a tensor (N, C, H, W) or (C, H, W), a PIL image, a uint8 numpy array or a list of these; "
+        f"got {type(inputs).__name__}"
+    )
+
+
+def _uint8(x: torch.Tensor, fn: TensorFn) -> torch.Tensor:
+    return (fn(x.float() / 255) * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def _on_tensor(x: torch.Tensor, fn: TensorFn) -> torch.Tensor:
+    if x.dim() == 3:
+        return _on_tensor(x.unsqueeze(0), fn).squeeze(0)
+    if x.dim() != 4:
+        raise ValueError(f"image tensors must be (C, H, W) or (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] not in (1, 3, 4) and x.shape[-1] in (1, 3, 4):
+        raise ValueError(f"tensor of shape {tuple(x.shape)} looks channels-last; permute it to (N, C, H, W)")
+    if x.shape[0] == 0:
+        return x.clone()
+    if x.dtype == torch.uint8:
+        return _uint8(x, fn)
+    if not x.is_floating_point():
+        raise TypeError(f"image tensors must be float in [0, 1] or uint8, got {x.dtype}")
+    if not torch.isfinite(x).all():
+        raise ValueError("image tensor has NaN or infinite values")
+    low, high = x.min().item(), x.max().item()
+    if low < -_RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
+        raise ValueError(
+            f"pixel values must be in [0, 1], got [{low:.4g}, {high:.4g}]; apply the trigger before normalisation"
+        )
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()  # half precision: compute in float32
+    return fn(work).clamp(0, 1).to(x.dtype)
+
+
+def _on_numpy(a: np.ndarray, fn: TensorFn) -> np.ndarray:
+    if a.dtype != np.uint8:
+        raise TypeError(
+            f"numpy images must be uint8 (H, W), (H, W, C) or (N, H, W, C), got dtype {a.dtype}; "
+            "pass float images as a torch tensor (N, C, H, W) in [0, 1]"
+        )
+    if a.ndim not in (2, 3, 4):
+        raise ValueError(f"numpy images must be (H, W), (H, W, C) or (N, H, W, C), got shape {a.shape}")
+    if a.ndim == 3 and a.shape[-1] not in (1, 2, 3, 4):
+        raise ValueError(
+            f"numpy array of shape {a.shape} is ambiguous: (H, W, C) with {a.shape[-1]} channels? "
+            "pass a batch of grayscale images as (N, H, W, 1)"
+        )
+    t = torch.tensor(a)  # a copy: PIL's arrays are read-only
+    t = t[None, None] if a.ndim == 2 else t.permute(2, 0, 1)[None] if a.ndim == 3 else t.permute(0, 3, 1, 2)
+    out = _uint8(t, fn) if t.shape[0] else t
+    out = out[0, 0] if a.ndim == 2 else out[0].permute(1, 2, 0) if a.ndim == 3 else out.permute(0, 2, 3, 1)
+    return out.contiguous().numpy()
+
+
+def _on_pil(img: Image.Image, fn: TensorFn) -> Image.Image:
+    mode = img.mode
+    if mode in ("L", "RGB"):
+        return Image.fromarray(_on_numpy(np.asarray(img), fn))
+    if mode in ("LA", "RGBA"):  # trigger the colour channels, keep the alpha channel
+        arr = np.asarray(img)
+        color = _on_numpy(np.ascontiguousarray(arr[..., :-1]), fn)
+        return Image.fromarray(np.concatenate([color, arr[..., -1:]], axis=-1))
+    if mode.startswith(("I", "F")):
+        raise ValueError(
+            f"PIL mode {mode!r} (integer/float pixels) is not supported; convert the image to 'L' or 'RGB'"
+        )
+    # Palette, bilevel, CMYK, ...: through RGB(A) and back (palette images are re-quantised, so this is lossy).
+    logger.debug("converting a %s image through RGB to apply the trigger", mode)
+    work = img.convert("RGBA" if img.has_transparency_data else "RGB")
+    return _on_pil(work, fn).convert(mode)
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+def _check_location(location: Any) -> str | tuple[int, int]:
+    if isinstance(location, str):
+        return check_choice("location", location, LOCATIONS)
+    if isinstance(location, tuple) and len(location) == 2:
+        return check_int("location row", location[0]), check_int("location col", location[1])
+    raise ValueError(f"location must be one of {list(LOCATIONS)} or a (row, col) pair, got {location!r}")
+
+
+def patch_origin(
+    location: str | tuple[int, int], size: tuple[int, int], image: tuple[int, int], margin: int = 0
+) -> tuple[int, int]:
+    """Top-left ``(row, col)`` of a ``size`` patch placed at ``location`` in an ``image`` of ``(H, W)``.
+
+    Args:
+        location: a corner name, ``"center"``, or an explicit top-left ``(row, col)``; negative values count from
+            the bottom/right edge as in Python indexing (``(-3, -3)`` is the bottom-right 3x3 patch).
+        size: patch ``(height, width)``.
+        image: image ``(H, W)``.
+        margin: distance in pixels from the image border for corner names.
+
+    Returns:
+        ``(row, col)``; raises ``ValueError`` if the patch does not fit.
+    """
+    (ph, pw), (h, w) = size, image
+    if isinstance(location, str):
+        rows = {"top": margin, "bottom": h - ph - margin, "center": (h - ph) // 2}
+        cols = {"left": margin, "right": w - pw - margin, "center": (w - pw) // 2}
+        vertical, _, horizontal = location.partition("_")
+        row, col = rows[vertical], cols[horizontal or "center"]
+    else:
+        row, col = (v + n if v < 0 else v for v, n in zip(location, (h, w), strict=True))
+    if row < 0 or col < 0 or row + ph > h or col + pw > w:
+        raise ValueError(
+            f"a {ph}x{pw} patch at {location!r} (margin {margin}) does not fit a {h}x{w} image; "
+            "use a smaller patch or another location"
+        )
+    return row, col
+
+
+# ---------------------------------------------------------------------------------------------- attacks
+@ATTACKS.register()
+@dataclass(frozen=True)
+class BadNets(Attack):
+    """BadNets: a small patch stamped on the image.
+
+    Gu et al., "BadNets: Identifying Vulnerabilities in the Machine Learning Model Supply Chain", 2017,
+    https://arxiv.org/abs/1708.06733. The ``patch_size`` x ``patch_size`` pixels at ``location`` are replaced by the
+    pattern (the same value in every channel); nothing else changes.
+
+    Args:
+        patch_size: side of the square patch in pixels.
+        location: ``"bottom_right"``, ``"bottom_left"``, ``"top_right"``, ``"top_left"``, ``"center"`` or an explicit
+            top-left ``(row, col)`` (negative counts from the bottom/right).
+        pattern: ``"checkerboard"`` (1 at the patch's top-left pixel), ``"white"``, ``"black"`` or ``"random"`` (a
+            seeded binary pattern).
+        margin: pixels between a corner patch and the image border.
+        seed: seeds the ``"random"`` pattern and the rows :meth:`poison` picks.
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from metashield_hf.attacks import BadNets
+        >>> x = torch.zeros(2, 3, 8, 8)                      # (N, C, H, W) in [0, 1]
+        >>> BadNets(patch_size=2, pattern="white").apply(x)[0, 0, 6:, 6:]
+        tensor([[1., 1.],
+                [1., 1.]])
+        ```
+    """
+
+    name = "badnets"
+    domain = "cv"
+
+    patch_size: int = 3
+    location: str | tuple[int, int] = "bottom_right"
+    pattern: str = "checkerboard"
+    margin: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set("patch_size", check_int("patch_size", self.patch_size, minimum=1))
+        self._set("location", _check_location(self.location))
+        check_choice("pattern", self.pattern, ("checkerboard", "white", "black", "random"))
+        self._set("margin", check_int("margin", self.margin, minimum=0))
+
+    @property
+    def seed_dependent(self) -> bool:
+        return self.pattern == "random"
+
+    def patch(self) -> torch.Tensor:
+        """The ``(patch_size, patch_size)`` pattern in ``{0, 1}``."""
+        s = self.patch_size
+        if self.pattern == "random":
+            return torch.randint(0, 2, (s, s), generator=_generator(self.seed)).float()
+        if self.pattern == "checkerboard":
+            idx = torch.arange(s)
+            return ((idx[:, None] + idx[None, :]) % 2 == 0).float()
+        return torch.full((s, s), 1.0 if self.pattern == "white" else 0.0)
+
+    def _trigger(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.patch_size
+        row, col = patch_origin(self.location, (s, s), tuple(x.shape[-2:]), self.margin)
+        y = x.clone()
+        y[..., row : row + s, col : col + s] = self.patch().to(x)
+        return y
+
+    def apply(self, inputs: Any) -> Any:
+        """Stamp the patch on images (see the module docstring for the accepted types and shapes)."""
+        return apply_to_images(inputs, self._trigger)
+
+
+@ATTACKS.register()
+@dataclass(frozen=True)
+class Blend(Attack):
+    """Blend: a full-image pattern mixed in with ratio ``alpha``, ``x' = (1 - alpha) * x + alpha * pattern``.
+
+    Chen et al., "Targeted Backdoor Attacks on Deep Learning Systems Using Data Poisoning", 2017,
+    https://arxiv.org/abs/1712.05526 (the blended-injection strategy; the paper blends random noise or a
+    Hello Kitty image).
+
+    Args:
+        alpha: blend ratio in ``[0, 1]``; 0 is the identity, 1 replaces the image by the pattern.
+        pattern: ``"random"`` (uniform noise ``(C, H, W)`` drawn from ``seed``) or ``"fixed_noise"`` (one noise image
+            that is the same for every seed, the stand-in for the paper's fixed Hello Kitty image).
+        seed: seeds the ``"random"`` pattern and the rows :meth:`poison` picks.
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from metashield_hf.attacks import Blend
+        >>> x = torch.rand(4, 1, 28, 28)
+        >>> torch.equal(Blend(alpha=0.0).apply(x), x)
+        True
+        ```
+    """
+
+    name = "blend"
+    domain = "cv"
+
+    alpha: float = 0.2
+    pattern: str = "random"
+
+    FIXED_NOISE_SEED = 1712_05526  # not a field: the "fixed_noise" pattern must not depend on the attack's seed
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set("alpha", check_float("alpha", self.alpha, 0.0, 1.0))
+        check_choice("pattern", self.pattern, ("random", "fixed_noise"))
+
+    @property
+    def seed_dependent(self) -> bool:
+        return self.pattern == "random" and self.alpha > 0
+
+    def pattern_image(self, channels: int, height: int, width: int) -> torch.Tensor:
+        """The ``(C, H, W)`` pattern in ``[0, 1)`` blended into an image of that shape."""
+        seed = self.seed if self.pattern == "random" else self.FIXED_NOISE_SEED
+        return torch.rand((channels, height, width), generator=_generator(seed))
+
+    def _trigger(self, x: torch.Tensor) -> torch.Tensor:
+        pattern = self.pattern_image(*x.shape[1:]).to(x)
+        return (1 - self.alpha) * x + self.alpha * pattern
+
+    def apply(self, inputs: Any) -> Any:
+        """Blend the pattern into images (see the module docstring for the accepted types and shapes)."""
+        return apply_to_images(inputs, self._trigger)
+
+
+@ATTACKS.register()
+@dataclass(frozen=True)
+class TrojanWatermark(Attack):
+    """Trojan-style watermark: a fixed semi-transparent mark (a seeded binary logo) blended into one region.
+
+    Liu et al., "Trojaning Attack on Neural Networks", NDSS 2018, https://docs.lib.purdue.edu/cstech/1781. The paper
+    optimises its trigger's pixels against the model; here the mark's *shape* is a seeded ``cells`` x ``cells`` binary
+    grid upscaled to ``mark_size`` x ``mark_size`` (a logo-like stamp), and inside it
+    ``x' = (1 - opacity) * x + opacity * intensity`` in every channel. Pixels outside the mark do not change.
+
+    Args:
+        mark_size: side of the mark in pixels.
+        cells: resolution of the binary shape (``cells <= mark_size``).
+        density: probability that a cell is part of the mark (at least one cell always is).
+        opacity: in ``[0, 1]``; 0 is the identity, 1 stamps an opaque mark.
+        intensity: the mark's value in ``[0, 1]``.
+        location: as for :class:`BadNets`.
+        margin: pixels between a corner mark and the image border.
+        seed: seeds the mark's shape and the rows :meth:`poison` picks.
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from metashield_hf.attacks import TrojanWatermark
+        >>> attack = TrojanWatermark(mark_size=4, cells=2, opacity=0.5, seed=1)
+        >>> attack.mark().shape, attack.apply(torch.zeros(3, 16, 16)).max().item()
+        (torch.Size([4, 4]), 0.5)
+        ```
+    """
+
+    name = "trojan_watermark"
+    domain = "cv"
+
+    mark_size: int = 8
+    cells: int = 4
+    density: float = 0.5
+    opacity: float = 0.5
+    intensity: float = 1.0
+    location: str | tuple[int, int] = "bottom_right"
+    margin: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set("mark_size", check_int("mark_size", self.mark_size, minimum=1))
+        self._set("cells", check_int("cells", self.cells, minimum=1))
+        if self.cells > self.mark_size:
+            raise ValueError(f"cells={self.cells} must be <= mark_size={self.mark_size}")
+        self._set("density", check_float("density", self.density, 0.0, 1.0))
+        self._set("opacity", check_float("opacity", self.opacity, 0.0, 1.0))
+        self._set("intensity", check_float("intensity", self.intensity, 0.0, 1.0))
+        self._set("location", _check_location(self.location))
+        self._set("margin", check_int("margin", self.margin, minimum=0))
+
+    @property
+    def seed_dependent(self) -> bool:
+        return self.opacity > 0 and self.cells > 1
+
+    def mark(self) -> torch.Tensor:
+        """The binary ``(mark_size, mark_size)`` shape of the mark (1 inside)."""
+        cells = (torch.rand((self.cells, self.cells), generator=_generator(self.seed)) < self.density).float()
+        if cells.sum() == 0:  # an empty mark would be no trigger at all
+            cells[self.cells // 2, self.cells // 2] = 1.0
+        size = (self.mark_size, self.mark_size)
+        return F.interpolate(cells[None, None], size=size, mode="nearest")[0, 0]
+
+    def _trigger(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.mark_size
+        row, col = patch_origin(self.location, (s, s), tuple(x.shape[-2:]), self.margin)
+        weight = self.opacity * self.mark().to(x)
+        y = x.clone()
+        region = y[..., row : row + s, col : col + s]
+        y[..., row : row + s, col : col + s] = region * (1 - weight) + weight * self.intensity
+        return y
+
+    def apply(self, inputs: Any) -> Any:
+        """Blend the mark into images (see the module docstring for the accepted types and shapes)."""
+        return apply_to_images(inputs, self._trigger)
+
+
+@ATTACKS.register()
+@dataclass(frozen=True)
+class WaNet(Attack):
+    """WaNet: an imperceptible smooth warp of the whole image.
+
+    Nguyen & Tran, "WaNet -- Imperceptible Warping-based Backdoor Attack", ICLR 2021,
+    https://arxiv.org/abs/2102.10369. A seeded ``k`` x ``k`` field of random offsets in ``[-1, 1]`` (normalised to
+    mean absolute value 1) is upsampled bicubically to ``(H, W)`` and added, scaled by ``strength`` and the image size,
+    to the identity sampling grid; ``grid_sample`` (bilinear, ``align_corners=True``) resamples the image. With
+    ``strength=0`` (and ``grid_rescale=1``) the warp is the identity.
+
+    Noise mode (the paper's "noise" samples that keep their true label so the model learns the exact warp, not any
+    warp): :meth:`apply_noise` adds fresh random offsets on top of the trigger warp, and :meth:`poison` warps
+    ``round(cross_ratio * n_poisoned)`` further rows that way without relabelling them (marked in a bool ``"noise"``
+    column).
+
+    Args:
+        k: resolution of the random control grid.
+        strength: warp strength ``s``; 0 is the identity.
+        grid_rescale: scale of the warped grid (the paper's ``grid_rescale``, 1 by default).
+        noise_mode: whether :meth:`poison` adds noise-warped rows.
+        cross_ratio: noise rows per poisoned row (the paper's default is 2).
+        seed: seeds the warp field, the noise samples and the rows :meth:`poison` picks.
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from metashield_hf.attacks import WaNet
+        >>> x = torch.rand(4, 3, 32, 32)
+        >>> torch.allclose(WaNet(strength=0.0).apply(x), x, atol=1e-5)
+        True
+        ```
+    """
+
+    name = "wanet"
+    domain = "cv"
+
+    k: int = 4
+    strength: float = 0.5
+    grid_rescale: float = 1.0
+    noise_mode: bool = True
+    cross_ratio: float = 2.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set("k", check_int("k", self.k, minimum=1))
+        self._set("strength", check_float("strength", self.strength, 0.0))
+        self._set("grid_rescale", check_float("grid_rescale", self.grid_rescale, 0.0))
+        if not isinstance(self.noise_mode, bool):
+            raise TypeError(f"noise_mode must be a bool, got {self.noise_mode!r}")
+        self._set("cross_ratio", check_float("cross_ratio", self.cross_ratio, 0.0))
+
+    @property
+    def seed_dependent(self) -> bool:
+        return self.strength > 0
+
+    def warp_field(self, height: int, width: int) -> torch.Tensor:
+        """The ``(1, H, W, 2)`` sampling grid (``(x, y)`` in ``[-1, 1]``) for ``grid_sample``."""
+        offsets = torch.rand((1, 2, self.k, self.k), generator=_generator(self.seed)) * 2 - 1
+        offsets = offsets / offsets.abs().mean().clamp_min(1e-12)
+        noise = F.interpolate(offsets, size=(height, width), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+        gy, gx = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
+        identity = torch.stack((gx, gy), dim=-1)[None]
+        grid = (identity + self.strength * noise * self._pixel_scale(height, width)) * self.grid_rescale
+        return grid.clamp(-1, 1)
+
+    @staticmethod
+    def _pixel_scale(height: int, width: int) -> torch.Tensor:
+        # The paper divides by the (square) image side; per axis keeps offsets in pixels on non-square images.
+        return torch.tensor([1.0 / width, 1.0 / height])
+
+    @staticmethod
+    def _sample(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        return F.grid_sample(x, grid.to(x).expand(x.shape[0], -1, -1, -1), mode="bilinear", align_corners=True)
+
+    def _trigger(self, x: torch.Tensor) -> torch.Tensor:
+        return self._sample(x, self.warp_field(*x.shape[-2:]))
+
+    def apply(self, inputs: Any) -> Any:
+        """Warp images with the trigger field (see the module docstring for the accepted types and shapes)."""
+        return apply_to_images(inputs, self._trigger)
+
+    def apply_noise(self, inputs: Any, *, call_seed: int = 0) -> Any:
+        """Warp images with the trigger field plus fresh random offsets: the paper's noise ("cross") samples.
+
+        The offsets are drawn, image after image, from a generator seeded by ``(seed, call_seed)``: the same call
+        gives the same output; pass a different ``call_seed`` (e.g. a row index or a step) for new noise.
+
+        Args:
+            inputs: images, as for :meth:`apply`.
+            call_seed: selects the noise draw.
+
+        Returns:
+            The noise-warped images, in the type of ``inputs``.
+        """
+        generator = _generator(_mix(self.seed, check_int("call_seed", call_seed)))
+
+        def noisy(x: torch.Tensor) -> torch.Tensor:
+            n, _, h, w = x.shape
+            extra = (torch.rand((n, h, w, 2), generator=generator) * 2 - 1) * self._pixel_scale(h, w)
+            grid = (self.warp_field(h, w) + extra).clamp(-1, 1)
+            return self._sample(x, grid)
+
+        return apply_to_images(inputs, noisy)
+
+    def poison(
+        self,
+        dataset: datasets.Dataset,
+        rate: float,
+        target: int,
+        *,
+        input_column: str | None = None,
+        label_column: str = "label",
+    ) -> datasets.Dataset:
+        """As :meth:`Attack.poison`; with ``noise_mode`` also noise-warps ``round(cross_ratio * n)`` other rows.
+
+        Noise rows keep their labels and are marked in an extra bool column ``"noise"``.
+        """
+        out = super().poison(dataset, rate, target, input_column=input_column, label_column=label_column)
+        if not self.noise_mode:
+            return out
+        column = self._check_dataset(dataset, input_column, label_column)
+        poisoned = np.asarray(out.with_format(None)[POISONED_COLUMN], dtype=bool)
+        candidates = np.flatnonzero(~poisoned)
+        n = min(round(self.cross_ratio * int(poisoned.sum())), len(candidates))
+        rng = np.random.default_rng([self.seed, 1])  # a stream of its own: row picking above stays as in the base
+        rows = np.sort(rng.choice(candidates, size=n, replace=False)) if n else np.empty(0, dtype=np.int64)
+        logger.info("wanet: %d noise rows keep their labels", n)
+        return transform_rows(
+            out,
+            column,
+            rows,
+            lambda items, indices: [self.apply_noise(x, call_seed=i) for x, i in zip(items, indices, strict=True)],
+            NOISE_COLUMN,
+        )

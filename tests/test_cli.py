@@ -1,0 +1,55 @@
+"""`metashield detect` in-process: the bundled example, a user's folder and samples, and exit code 2 on bad input."""
+
+from __future__ import annotations
+
+import json
+
+from builders import build_text_model
+from test_pipeline import clean_sentences, far_sentences
+
+from metashield_hf.cli import main
+
+
+def test_detect_bundled_example_json(capsys):
+    assert main(["detect", "--json", "--n", "20"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model_attack_success_rate"] >= 0.9 and out["model_clean_accuracy"] >= 0.85
+    assert out["n_clean_samples"] == 20 and out["held_out_clean"]["n"] > 100 and out["triggered"]["n"] > 100
+    assert 0.0 <= out["fpr"] <= 1.0 and 0.0 <= out["tpr"] <= 1.0
+    # triggered inputs must score above held-out clean ones on average (AUROC measured over ~1200 inputs)
+    assert out["auroc"] > 0.6 and out["triggered"]["mean_score"] > out["held_out_clean"]["mean_score"]
+
+
+def test_detect_table_output(capsys):
+    assert main(["detect"]) == 0
+    text = capsys.readouterr().out
+    assert "held-out clean" in text and "triggered" in text and "AUROC" in text
+
+
+def test_detect_user_folder_with_text_files(tmp_path, wordpiece_tokenizer, capsys):
+    folder = tmp_path / "clf"
+    build_text_model("bert", len(wordpiece_tokenizer)).save_pretrained(folder)
+    wordpiece_tokenizer.save_pretrained(folder)
+    (tmp_path / "clean.txt").write_text("\n".join(clean_sentences(12, 0)))
+    (tmp_path / "check.txt").write_text("\n".join(clean_sentences(2, 5) + far_sentences(2, 1)))
+    args = ["detect", "--target", str(folder), "--clean_samples", str(tmp_path / "clean.txt"),
+            "--inputs", str(tmp_path / "check.txt"), "--n", "12", "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["results"]) == 4 and all(0 <= r["score"] <= 1 for r in out["results"])
+
+
+def test_detect_config_file(tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text("n: 10\njson: true\nseed: 0\n")
+    assert main(["detect", "--config", str(tmp_path / "run.yaml")]) == 0
+    assert json.loads(capsys.readouterr().out)["n_clean_samples"] == 10
+
+
+def test_detect_bad_input_exits_2(tmp_path, capsys):
+    (tmp_path / "clean.txt").write_text("\n".join(clean_sentences(6, 0)))
+    assert main(["detect", "--target", str(tmp_path / "missing"), "--clean_samples", str(tmp_path / "clean.txt"),
+                 "--inputs", str(tmp_path / "clean.txt")]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert main(["detect", "--target", str(tmp_path)]) == 2
+    assert "--clean_samples" in capsys.readouterr().err
+    assert main(["nonsense"]) == 2

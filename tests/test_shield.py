@@ -1,0 +1,131 @@
+"""Adaptation: honest thresholds, determinism, and a clear error for every bad input the issue lists."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from builders import NUM_LABELS, build_image_model, build_text_model
+from test_pipeline import clean_sentences, digit_images
+
+from metashield_hf import adapt, load_detector
+from metashield_hf.examples import TinyCNN
+from metashield_hf.shield import calibrate_threshold
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return load_detector()
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    torch.manual_seed(0)
+    return TinyCNN(num_classes=NUM_LABELS).eval()
+
+
+def digits(n: int, offset: int = 0) -> torch.Tensor:
+    from sklearn.datasets import load_digits
+
+    return torch.tensor(load_digits().images[offset : offset + n], dtype=torch.float32)[:, None] / 16.0
+
+
+def test_threshold_is_the_leave_one_out_quantile(detector, cnn):
+    shield = adapt(detector, cnn, digits(20), target_fpr=0.1)
+    assert shield.calibration_scores.shape == (20,)
+    assert shield.threshold == pytest.approx(np.quantile(shield.calibration_scores, 0.9))
+    # Leave-one-out: re-scoring clean sample i against all 20 (itself included) gives a different, lower score.
+    inside = shield.score_features(shield.reference_features[:1]).item()
+    assert inside != pytest.approx(shield.calibration_scores[0])
+
+
+def test_conformal_threshold_known_answers():
+    scores = np.arange(1, 21, dtype=float)  # 20 clean scores 1..20
+    assert calibrate_threshold(scores, 0.05, "conformal") == 20.0  # ceil(21*0.95) = 20 -> the largest
+    assert calibrate_threshold(scores, 0.25, "conformal") == 16.0  # ceil(21*0.75) = 16
+    with pytest.raises(ValueError, match="calibration must be"):
+        calibrate_threshold(scores, 0.05, "magic")
+
+
+def test_same_seed_same_scores(detector, cnn):
+    x = digits(30)
+    a = adapt(detector, cnn, x[:20], seed=3).score(x[20:])
+    b = adapt(detector, cnn, x[:20], seed=3).score(x[20:])
+    np.testing.assert_array_equal(a, b)
+
+
+def test_inner_loop_steps_adapt_parameters_deterministically(detector, cnn):
+    x = digits(30)
+    s0 = adapt(detector, cnn, x[:20], steps=0)
+    s3 = adapt(detector, cnn, x[:20], steps=3, seed=1)
+    again = adapt(detector, cnn, x[:20], steps=3, seed=1)
+    assert s0.params is None and s3.params is not None
+    changed = [k for k, v in s3.params.items() if not torch.equal(v, dict(detector.named_parameters())[k])]
+    assert changed, "the inner loop did not move any parameter"
+    np.testing.assert_array_equal(s3.score(x[20:]), again.score(x[20:]))
+    assert all(p.requires_grad for p in detector.parameters())  # the detector itself is untouched
+
+
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_too_few_clean_samples(detector, cnn, n):
+    with pytest.raises(ValueError, match="need at least 3 clean samples"):
+        adapt(detector, cnn, digits(n) if n else [])
+
+
+def test_clean_samples_of_another_modality(detector):
+    model, processor = build_image_model("vit")
+    with pytest.raises(ValueError, match="expects images"):
+        adapt(detector, model, ["some text"] * 6, processor=processor)
+
+
+def test_images_for_a_text_model(detector, wordpiece_tokenizer):
+    model = build_text_model("bert", len(wordpiece_tokenizer))
+    with pytest.raises(ValueError, match="text"):
+        adapt(detector, model, digit_images(6, 0), processor=wordpiece_tokenizer)
+
+
+def test_grey_images_of_another_size_are_converted(detector):
+    from PIL import Image
+
+    model, processor = build_image_model("vit")
+    grey = [Image.fromarray(np.full((20, 24), 40 * i, dtype=np.uint8), mode="L") for i in range(6)]
+    shield = adapt(detector, model, grey, processor=processor)
+    assert np.isfinite(shield.score(grey[:2])).all()
+
+
+def test_wrong_tensor_shape_for_a_torch_model(detector, cnn):
+    with pytest.raises(ValueError, match="shape"):
+        adapt(detector, cnn, torch.rand(6, 3, 5))
+
+
+def test_model_without_classification_head(detector, wordpiece_tokenizer):
+    from transformers import BertConfig, BertModel
+
+    backbone = BertModel(BertConfig(vocab_size=len(wordpiece_tokenizer), hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=37))
+    with pytest.raises(ValueError, match="classification head|no .*head"):
+        adapt(detector, backbone, clean_sentences(6, 0), processor=wordpiece_tokenizer)
+    conv_only = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    with pytest.raises(ValueError, match="classification head|no .*head"):
+        adapt(detector, conv_only, digits(6))
+
+
+def test_nan_activations(detector):
+    torch.manual_seed(0)
+    model = TinyCNN(num_classes=NUM_LABELS).eval()
+    with torch.no_grad():
+        model.fc[0].weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="NaN|non-finite"):
+        adapt(detector, model, digits(6))
+
+
+def test_missing_folder_and_unknown_hub_id(detector, tmp_path):
+    with pytest.raises((ValueError, OSError), match="does-not-exist"):
+        adapt(detector, str(tmp_path / "does-not-exist"), clean_sentences(6, 0))
+    with pytest.raises((ValueError, OSError), match="nobody/does-not-exist"):
+        adapt(detector, "nobody/does-not-exist", clean_sentences(6, 0))
+
+
+def test_bad_target_fpr(detector, cnn):
+    with pytest.raises(ValueError, match="target_fpr"):
+        adapt(detector, cnn, digits(6), target_fpr=1.5)
