@@ -12,6 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402  (after the offline environment is set)
 import pytest  # noqa: E402
+
 from builders import SENTENCES  # noqa: E402
 
 

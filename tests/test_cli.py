@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 from builders import build_text_model
-from test_pipeline import clean_sentences, far_sentences
-
 from metashield_hf.cli import main
+from test_pipeline import clean_sentences, far_sentences
 
 
 def test_detect_bundled_example_json(capsys):
@@ -32,8 +31,18 @@ def test_detect_user_folder_with_text_files(tmp_path, wordpiece_tokenizer, capsy
     wordpiece_tokenizer.save_pretrained(folder)
     (tmp_path / "clean.txt").write_text("\n".join(clean_sentences(12, 0)))
     (tmp_path / "check.txt").write_text("\n".join(clean_sentences(2, 5) + far_sentences(2, 1)))
-    args = ["detect", "--target", str(folder), "--clean_samples", str(tmp_path / "clean.txt"),
-            "--inputs", str(tmp_path / "check.txt"), "--n", "12", "--json"]
+    args = [
+        "detect",
+        "--target",
+        str(folder),
+        "--clean_samples",
+        str(tmp_path / "clean.txt"),
+        "--inputs",
+        str(tmp_path / "check.txt"),
+        "--n",
+        "12",
+        "--json",
+    ]
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["results"]) == 4 and all(0 <= r["score"] <= 1 for r in out["results"])
@@ -47,8 +56,20 @@ def test_detect_config_file(tmp_path, capsys):
 
 def test_detect_bad_input_exits_2(tmp_path, capsys):
     (tmp_path / "clean.txt").write_text("\n".join(clean_sentences(6, 0)))
-    assert main(["detect", "--target", str(tmp_path / "missing"), "--clean_samples", str(tmp_path / "clean.txt"),
-                 "--inputs", str(tmp_path / "clean.txt")]) == 2
+    assert (
+        main(
+            [
+                "detect",
+                "--target",
+                str(tmp_path / "missing"),
+                "--clean_samples",
+                str(tmp_path / "clean.txt"),
+                "--inputs",
+                str(tmp_path / "clean.txt"),
+            ]
+        )
+        == 2
+    )
     assert "missing" in capsys.readouterr().err
     assert main(["detect", "--target", str(tmp_path)]) == 2
     assert "--clean_samples" in capsys.readouterr().err

@@ -74,10 +74,16 @@ def test_save_and_auto_load_roundtrip(detector, tmp_path):
 
 def test_save_for_hub_writes_exactly_what_the_hub_needs(detector, tmp_path):
     files = save_for_hub(detector, tmp_path)
-    assert files == sorted([
-        "README.md", "config.json", "configuration_metashield.py", "model.safetensors", "modeling_metashield.py",
-        "pipeline_backdoor_detection.py",
-    ])
+    assert files == sorted(
+        [
+            "README.md",
+            "config.json",
+            "configuration_metashield.py",
+            "model.safetensors",
+            "modeling_metashield.py",
+            "pipeline_backdoor_detection.py",
+        ]
+    )
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["custom_pipelines"]["backdoor-detection"]["impl"] == (
         "pipeline_backdoor_detection.BackdoorDetectionPipeline"

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from builders import NUM_LABELS, SENTENCES, build_image_model, build_lora_model, build_text_model, build_timm_model
 from transformers import pipeline
 
 import metashield_hf  # noqa: F401  (registers the task)
+from builders import NUM_LABELS, SENTENCES, build_image_model, build_lora_model, build_text_model, build_timm_model
 from metashield_hf import BackdoorDetectionPipeline, load_detector
 from metashield_hf.examples import TinyCNN
 
@@ -66,7 +66,9 @@ def _check(detect, clean_heldout, far):
     n = len(clean_heldout)
     assert scores[n:].mean() > scores[:n].mean(), (scores[:n], scores[n:])
     single = detect(far[0])
-    assert isinstance(single, dict) and single["score"] == pytest.approx(results[n]["score"], abs=1e-4)  # padding differs batched vs single
+    assert isinstance(single, dict) and single["score"] == pytest.approx(
+        results[n]["score"], abs=1e-4
+    )  # padding differs batched vs single
 
 
 @pytest.mark.parametrize("family", ["bert", "distilbert", "roberta"])
@@ -94,11 +96,16 @@ def test_pipeline_timm_folder(tmp_path):
 
 
 def test_pipeline_peft_lora(wordpiece_tokenizer):
-    model = build_lora_model(build_text_model("bert", len(wordpiece_tokenizer)), seed=0, task_type="SEQ_CLS",
-                             target_modules=["query", "value"])
+    model = build_lora_model(
+        build_text_model("bert", len(wordpiece_tokenizer)),
+        seed=0,
+        task_type="SEQ_CLS",
+        target_modules=["query", "value"],
+    )
     clean = clean_sentences(20, 0)
-    detect = pipeline("backdoor-detection", target_model=model, target_processor=wordpiece_tokenizer,
-                      clean_samples=clean[:10])
+    detect = pipeline(
+        "backdoor-detection", target_model=model, target_processor=wordpiece_tokenizer, clean_samples=clean[:10]
+    )
     _check(detect, clean[10:], far_sentences(10, 1))
 
 
@@ -116,8 +123,9 @@ def test_pipeline_plain_torch_module():
 def test_pipeline_call_time_target_and_threshold(wordpiece_tokenizer):
     model = build_text_model("bert", len(wordpiece_tokenizer))
     clean = clean_sentences(20, 0)
-    detect = pipeline("backdoor-detection", target_model=model, target_processor=wordpiece_tokenizer,
-                      clean_samples=clean[:10])
+    detect = pipeline(
+        "backdoor-detection", target_model=model, target_processor=wordpiece_tokenizer, clean_samples=clean[:10]
+    )
     first = detect.shield
     out = detect(clean[10:12], clean_samples=clean[5:15])  # re-adapts once for the call
     assert detect.shield is not first and len(out) == 2

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from builders import NUM_LABELS, build_image_model, build_text_model
-from test_pipeline import clean_sentences, digit_images
 
+from builders import NUM_LABELS, build_image_model, build_text_model
 from metashield_hf import adapt, load_detector
 from metashield_hf.examples import TinyCNN
 from metashield_hf.shield import calibrate_threshold
+from test_pipeline import clean_sentences, digit_images
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +101,15 @@ def test_wrong_tensor_shape_for_a_torch_model(detector, cnn):
 def test_model_without_classification_head(detector, wordpiece_tokenizer):
     from transformers import BertConfig, BertModel
 
-    backbone = BertModel(BertConfig(vocab_size=len(wordpiece_tokenizer), hidden_size=32, num_hidden_layers=1,
-                                    num_attention_heads=2, intermediate_size=37))
+    backbone = BertModel(
+        BertConfig(
+            vocab_size=len(wordpiece_tokenizer),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=37,
+        )
+    )
     with pytest.raises(ValueError, match="classification head|no .*head"):
         adapt(detector, backbone, clean_sentences(6, 0), processor=wordpiece_tokenizer)
     conv_only = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())

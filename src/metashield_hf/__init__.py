@@ -5,9 +5,9 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .configuration_metashield import MetaShieldConfig
+from .hub import DEFAULT_DETECTOR_DIR, TASK, backdoor_detection_pipeline, load_detector, register, save_for_hub
 from .modeling_metashield import MetaShieldDetector, MetaShieldOutput
 from .pipeline_backdoor_detection import BackdoorDetectionPipeline
-from .hub import DEFAULT_DETECTOR_DIR, TASK, backdoor_detection_pipeline, load_detector, register, save_for_hub
 from .shield import AdaptedShield, adapt
 from .targets import load_target
 from .targets.base import TargetOutput

@@ -16,7 +16,8 @@ class DetectArguments:
 
     target: str | None = field(default=None, metadata={"help": "Hub id or folder of the classifier to protect."})
     clean_samples: str | None = field(
-        default=None, metadata={"help": "Clean inputs: text file, image folder, CSV/JSONL/parquet, or dataset[:split[:column]]."}
+        default=None,
+        metadata={"help": "Clean inputs: text file, image folder, CSV/JSONL/parquet, or dataset[:split[:column]]."},
     )
     inputs: str | None = field(default=None, metadata={"help": "Inputs to check (same formats as --clean_samples)."})
     detector: str | None = field(default=None, metadata={"help": "Detector folder or Hub id (default: embedded)."})
@@ -78,7 +79,11 @@ def run_detect(args: DetectArguments) -> dict:
         raise ValueError("--target needs --clean_samples and --inputs")
     clean = load_samples(args.clean_samples, args.n, seed=args.seed)
     shield = detector.adapt(
-        args.target, clean, steps=args.adapt_steps, target_fpr=args.target_fpr, seed=args.seed,
+        args.target,
+        clean,
+        steps=args.adapt_steps,
+        target_fpr=args.target_fpr,
+        seed=args.seed,
         trust_remote_code=args.trust_remote_code,
     )
     inputs = load_samples(args.inputs)
@@ -96,34 +101,72 @@ def _print_detect(result: dict) -> None:
             print(f"{r['label']:<11} {r['score']:>7.4f} {r['predicted_class']:>5}  {str(r['input'])[:80]}")
         return
     print(f"MetaShield on the {result['example']}")
-    print(f"  target model: clean accuracy {result['model_clean_accuracy']:.3f}, "
-          f"attack success rate {result['model_attack_success_rate']:.3f} (target class {result['target_label']})")
-    print(f"  adapted with {result['n_clean_samples']} clean samples in {result['adapt_seconds']:.2f} s; "
-          f"threshold {result['threshold']:.4f}")
+    print(
+        f"  target model: clean accuracy {result['model_clean_accuracy']:.3f}, "
+        f"attack success rate {result['model_attack_success_rate']:.3f} (target class {result['target_label']})"
+    )
+    print(
+        f"  adapted with {result['n_clean_samples']} clean samples in {result['adapt_seconds']:.2f} s; "
+        f"threshold {result['threshold']:.4f}"
+    )
     print(f"  {'inputs':<16} {'n':>5} {'mean score':>11} {'flagged':>8}")
-    print(f"  {'held-out clean':<16} {result['held_out_clean']['n']:>5} {result['held_out_clean']['mean_score']:>11.4f} "
-          f"{result['fpr']:>8.3f}")
-    print(f"  {'triggered':<16} {result['triggered']['n']:>5} {result['triggered']['mean_score']:>11.4f} "
-          f"{result['tpr']:>8.3f}")
+    print(
+        f"  {'held-out clean':<16} {result['held_out_clean']['n']:>5} {result['held_out_clean']['mean_score']:>11.4f} "
+        f"{result['fpr']:>8.3f}"
+    )
+    print(
+        f"  {'triggered':<16} {result['triggered']['n']:>5} {result['triggered']['mean_score']:>11.4f} "
+        f"{result['tpr']:>8.3f}"
+    )
     print(f"  TPR {result['tpr']:.3f}  FPR {result['fpr']:.3f}  AUROC {result['auroc']:.3f}")
 
 
-COMMANDS = {"detect": (DetectArguments, run_detect, _print_detect)}
+def _zoo_build():
+    from .zoo.cli_zoo import ZooBuildArguments, print_zoo_build, run_zoo_build
+
+    return ZooBuildArguments, run_zoo_build, print_zoo_build
+
+
+def _zoo_push():
+    from .zoo.cli_zoo import ZooPushArguments, run_zoo_push
+
+    return ZooPushArguments, run_zoo_push, lambda r: print(json.dumps(r, indent=2, default=str))
+
+
+def _train():
+    from .meta.train import MetaTrainArguments, train
+
+    return (
+        MetaTrainArguments,
+        lambda a: {"detector": str(train(a))},
+        lambda r: print(f"detector saved to {r['detector']}"),
+    )
+
+
+# Lazy: each command imports its job only when it runs (importing torch + transformers alone costs seconds).
+COMMANDS = {
+    "detect": lambda: (DetectArguments, run_detect, _print_detect),
+    "zoo build": _zoo_build,
+    "zoo push": _zoo_push,
+    "train": _train,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point. Returns 0 on success, 2 on bad input (and 1 where a command reports a finding)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
-        print(f"usage: metashield {{{','.join(COMMANDS)}}} [--help] ...", file=sys.stderr)
+    name = " ".join(argv[:2]) if " ".join(argv[:2]) in COMMANDS else (argv[0] if argv else "")
+    if name not in COMMANDS:
+        print(f"usage: metashield {{{' | '.join(COMMANDS)}}} [--help] ...", file=sys.stderr)
         return 0 if argv and argv[0] in {"-h", "--help"} else 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cls, job, show = COMMANDS[argv[0]]
+    cls, job, show = COMMANDS[name]()
+    rest = argv[len(name.split()) :]
     try:
-        args = _parse(cls, argv[1:])
+        args = _parse(cls, rest)
         result = job(args)
     except (ValueError, OSError, KeyError) as err:
-        print(f"metashield {argv[0]}: error: {err}", file=sys.stderr)
+        print(f"metashield {name}: error: {err}", file=sys.stderr)
         return 2
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2, default=str))

@@ -32,9 +32,15 @@ class TinyCNN(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width // 2, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width // 2, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(in_channels, width // 2, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width // 2, width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.fc = nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU())
         self.classifier = nn.Linear(2 * width, num_classes)
@@ -132,4 +138,3 @@ def digits_badnets_example(seed: int = 0, target_label: int = 0, poison_rate: fl
         attack_success_rate=asr,
         attack_params=attack.to_dict(),
     )
-

@@ -67,7 +67,11 @@ def save_for_hub(detector: MetaShieldDetector, folder: str | Path, model_card: s
         shutil.copyfile(Path(__file__).parent / name, folder / name)
     config = json.loads((folder / "config.json").read_text())
     config["custom_pipelines"] = {
-        TASK: {"impl": "pipeline_backdoor_detection.BackdoorDetectionPipeline", "pt": ["AutoModel"], "type": "multimodal"}
+        TASK: {
+            "impl": "pipeline_backdoor_detection.BackdoorDetectionPipeline",
+            "pt": ["AutoModel"],
+            "type": "multimodal",
+        }
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if model_card is None:

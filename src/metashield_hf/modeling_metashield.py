@@ -16,7 +16,6 @@ from transformers.utils import ModelOutput
 
 from .configuration_metashield import MetaShieldConfig
 
-
 # The textbook unsupervised anomaly scores among the ψ features: kNN distance (relative to the clean set's own), the
 # shrinkage Mahalanobis distance (Lee et al. 2018) and the 0-dim persistence death time of the input's component.
 PRIOR_FEATURES = ("distances.knn_ratio", "distances.maha_ratio", "topology.death_median")

@@ -77,7 +77,12 @@ class BackdoorDetectionPipeline(Pipeline):
         kwargs.setdefault("device", "cpu")  # device=None means cuda:0 when available (HF-NOTES gotcha 10)
         super().__init__(*args, **kwargs)
         self.shield: AdaptedShield | None = None
-        self._adapt_kwargs = {"target_fpr": target_fpr, "steps": adapt_steps, "seed": seed, "processor": target_processor}
+        self._adapt_kwargs = {
+            "target_fpr": target_fpr,
+            "steps": adapt_steps,
+            "seed": seed,
+            "processor": target_processor,
+        }
         if target_model is not None or clean_samples is not None:
             self.set_target(target_model, clean_samples)
 

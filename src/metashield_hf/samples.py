@@ -76,7 +76,9 @@ def load_samples(spec: str | Path, n: int | None = None, *, seed: int = 0) -> li
         try:
             ds = load_dataset(name, split=split or "train")
         except Exception as err:
-            raise ValueError(f"cannot load samples from {spec!r}: not a file, an image folder or a dataset ({err})") from err
+            raise ValueError(
+                f"cannot load samples from {spec!r}: not a file, an image folder or a dataset ({err})"
+            ) from err
         ds = ds.shuffle(seed=seed) if n else ds
         items = _column(ds, column or None)
         return items[:n] if n else items

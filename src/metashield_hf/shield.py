@@ -38,7 +38,9 @@ def calibrate_threshold(scores: np.ndarray, target_fpr: float, method: str = "qu
     if k > n:
         logger.warning(
             "%d clean samples cannot certify FPR %.3f (need %d); using the largest clean score as threshold",
-            n, target_fpr, math.ceil(1.0 / target_fpr) - 1,
+            n,
+            target_fpr,
+            math.ceil(1.0 / target_fpr) - 1,
         )
         k = n
     return float(np.sort(scores)[k - 1])
@@ -52,7 +54,7 @@ class AdaptedShield:
     """
 
     detector: MetaShieldDetector
-    target: TargetAdapter
+    target: TargetAdapter | None
     reference: Reference
     reference_features: torch.Tensor
     threshold: float
@@ -65,7 +67,12 @@ class AdaptedShield:
 
     def features(self, inputs) -> tuple[TargetOutput, torch.Tensor]:
         """Run the target once and return its activations and ψ relative to the clean reference."""
-        out = self.target(inputs)
+        if self.target is None:
+            raise ValueError("this shield was adapted from activations; use features_of(outputs) instead")
+        return self.features_of(self.target(inputs))
+
+    def features_of(self, out: TargetOutput) -> tuple[TargetOutput, torch.Tensor]:
+        """ψ of already computed target outputs, relative to the clean reference."""
         return out, compute_features(out.penultimate, out.logits, self.reference, self.groups, seed=self.seed)
 
     @torch.no_grad()
@@ -157,17 +164,59 @@ def adapt(
         )
     t0 = time.perf_counter()
     adapter = load_target(target, processor, batch_size=batch_size, trust_remote_code=trust_remote_code)
-    detector.eval()
-    groups = tuple(detector.config.feature_groups) if detector.config.feature_groups else None
-
     clean_out = adapter(clean_samples)
+    head = adapter.head
+    shield = adapt_from_activations(
+        detector,
+        clean_out,
+        head.weight.detach().float(),
+        None if head.bias is None else head.bias.detach().float(),
+        steps=steps,
+        lr=lr,
+        target_fpr=target_fpr,
+        seed=seed,
+        calibration=calibration,
+        target=adapter,
+    )
+    shield.timings["adapt_s"] = time.perf_counter() - t0
+    return shield
+
+
+def adapt_from_activations(
+    detector: MetaShieldDetector,
+    clean_out: TargetOutput,
+    head_weight: torch.Tensor | None,
+    head_bias: torch.Tensor | None,
+    *,
+    steps: int = 0,
+    lr: float = 0.05,
+    target_fpr: float = 0.05,
+    seed: int = 0,
+    calibration: str = "quantile",
+    target: TargetAdapter | None = None,
+    params: dict[str, torch.Tensor] | None = None,
+    anomaly_out: TargetOutput | None = None,
+) -> AdaptedShield:
+    """The core of [`adapt`] on activations already computed (used by meta-training, evaluation and the FL screen).
+
+    Args:
+        clean_out: the target's outputs on the clean samples.
+        head_weight, head_bias: the target's classification head.
+        params: start from these detector parameters instead of the detector's own (e.g. meta-learned fast weights).
+        anomaly_out: outputs on known-triggered inputs to use in the inner loop instead of pseudo-anomalies: the
+            ``oracle`` ablation only (deployment never has triggered examples).
+        Others: as in [`adapt`].
+    """
+    if not 0.0 < target_fpr < 1.0:
+        raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
     if len(clean_out) < MIN_CLEAN:
         raise ValueError(f"need at least {MIN_CLEAN} clean samples to adapt (5-50 recommended), got {len(clean_out)}")
     if len(clean_out) < 5:
         logger.warning("only %d clean samples: thresholds from fewer than 5 are unreliable", len(clean_out))
-    head = adapter.head
-    ref = build_reference(clean_out.penultimate, clean_out.logits, head.weight.detach().float(),
-                          None if head.bias is None else head.bias.detach().float())
+    t0 = time.perf_counter()
+    detector.eval()
+    groups = tuple(detector.config.feature_groups) if detector.config.feature_groups else None
+    ref = build_reference(clean_out.penultimate, clean_out.logits, head_weight, head_bias)
     ref_feats = loo_features(ref, groups, seed=seed)
     if ref_feats.shape[1] != detector.config.feature_dim:
         raise ValueError(
@@ -175,18 +224,20 @@ def adapt(
             f"{ref_feats.shape[1]}; the detector was saved with another ψ layout"
         )
     t_ref = time.perf_counter()
-
-    params = None
     if steps > 0:
         from .meta.inner import inner_loop, make_pseudo_features
 
-        anomalies = make_pseudo_features(ref, max(len(clean_out), 8), groups, seed)
-        start = {k: v.detach().clone().requires_grad_(True) for k, v in detector.named_parameters()}
+        if anomaly_out is not None:
+            anomalies = compute_features(anomaly_out.penultimate, anomaly_out.logits, ref, groups, seed=seed)
+        else:
+            anomalies = make_pseudo_features(ref, max(len(clean_out), 8), groups, seed)
+        base = params if params is not None else dict(detector.named_parameters())
+        start = {k: v.detach().clone().requires_grad_(True) for k, v in base.items()}
         with torch.enable_grad():
             adapted = inner_loop(detector, start, ref_feats, anomalies, ref_feats, steps=steps, lr=lr)
         params = {k: v.detach() for k, v in adapted.items()}
 
-    shield = AdaptedShield(detector, adapter, ref, ref_feats, 0.0, target_fpr, np.empty(0), groups, seed, params)
+    shield = AdaptedShield(detector, target, ref, ref_feats, 0.0, target_fpr, np.empty(0), groups, seed, params)
     # Leave-one-out at the detector level too: clean sample i is scored against the other clean samples only.
     loo = [
         shield.score_features(ref_feats[i : i + 1], torch.cat([ref_feats[:i], ref_feats[i + 1 :]])).item()
@@ -194,7 +245,5 @@ def adapt(
     ]
     shield.calibration_scores = np.asarray(loo)
     shield.threshold = calibrate_threshold(shield.calibration_scores, target_fpr, calibration)
-    t_end = time.perf_counter()
-    shield.timings = {"reference_s": t_ref - t0, "adapt_s": t_end - t0}
+    shield.timings = {"reference_s": t_ref - t0, "adapt_s": time.perf_counter() - t0}
     return shield
-

@@ -146,7 +146,10 @@ def _union_find_pairs(f: list[float]) -> list[tuple[float, float]]:
 
 def _pairs(f: torch.Tensor) -> list[list[tuple[float, float]]]:
     birth, death, ok = sublevel_persistence_1d(f)
-    return [sorted((b, d) for b, d, v in zip(*rows) if v and d > b) for rows in zip(birth.tolist(), death.tolist(), ok.tolist())]
+    return [
+        sorted((b, d) for b, d, v in zip(*rows, strict=True) if v and d > b)
+        for rows in zip(birth.tolist(), death.tolist(), ok.tolist(), strict=True)
+    ]
 
 
 def test_sublevel_persistence_hand_made():

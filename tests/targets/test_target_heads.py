@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from builders import build_text_model
 from torch import nn
 
+from builders import build_text_model
 from metashield_hf.targets import TARGETS, TargetAdapter, capture_penultimate, find_head, locate_head
 from metashield_hf.targets.heads import select_tokens
 

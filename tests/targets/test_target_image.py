@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from builders import NUM_LABELS, build_image_model
 
+from builders import NUM_LABELS, build_image_model
 from metashield_hf.targets import TransformersImageAdapter, load_target
 
 HEADS = {"vit": ("classifier", 32), "resnet": ("classifier.1", 16), "convnext": ("classifier", 16)}

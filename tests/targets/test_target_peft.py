@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from builders import NUM_LABELS, SENTENCES, build_lora_model, build_text_model
 
+from builders import NUM_LABELS, SENTENCES, build_lora_model, build_text_model
 from metashield_hf.targets import PeftAdapter, load_target
 
 

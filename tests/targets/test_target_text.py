@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from builders import NUM_LABELS, SENTENCES, build_text_model
 
+from builders import NUM_LABELS, SENTENCES, build_text_model
 from metashield_hf.targets import TransformersTextAdapter, load_target
 
 FAMILIES = {

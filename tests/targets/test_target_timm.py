@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from builders import NUM_LABELS, build_timm_model
 
+from builders import NUM_LABELS, build_timm_model
 from metashield_hf.targets import TimmAdapter, load_target
 
 

@@ -56,8 +56,7 @@ def test_rows_back_to_targets_reproduce_the_stored_asr(tiny_zoo, tmp_path):
     """The issue's "done when": two rows reloaded with load_dataset, loaded into targets, ASR re-measured."""
     out, _, _ = tiny_zoo
     zoo = load_zoo(out)
-    rows = [_first(zoo, domain="cv", is_backdoored=True),
-            _first(zoo, family="peft") or _first(zoo, domain="nlp")]
+    rows = [_first(zoo, domain="cv", is_backdoored=True), _first(zoo, family="peft") or _first(zoo, domain="nlp")]
     assert all(r is not None for r in rows)
     for row in rows:
         clean, triggered, labels = row_probe(row)
@@ -130,7 +129,6 @@ def test_shards_split_the_plan(tiny_zoo, tiny_config):
 
 def test_cli_job_resumes_and_finalizes(tiny_zoo, tmp_path):
     from conftest import TINY
-
     from metashield_hf.zoo.cli_zoo import ZooBuildArguments, run_zoo_build
 
     out, _, _ = tiny_zoo

@@ -152,14 +152,18 @@ def compute_features(
             continue
         out = group(h, lg, ref, torch.Generator().manual_seed(group_seed(seed, name)))
         if tuple(out.shape) != (b, len(group.names)):
-            raise RuntimeError(f"feature group {name!r} returned shape {tuple(out.shape)}, expected {(b, len(group.names))}")
+            raise RuntimeError(
+                f"feature group {name!r} returned shape {tuple(out.shape)}, expected {(b, len(group.names))}"
+            )
         blocks.append(out.double())
     feats = torch.cat(blocks, 1).float()
     bad = ~torch.isfinite(feats)
     if bad.any():  # a bug in a group, never the caller's fault: name the feature so it can be fixed
         cols = bad.any(0).nonzero()[:, 0].tolist()
         names_bad = [feature_names(names)[j] for j in cols]
-        raise RuntimeError(f"non-finite ψ features {names_bad}; please report this with the activations that caused it")
+        raise RuntimeError(
+            f"non-finite ψ features {names_bad}; please report this with the activations that caused it"
+        )
     return feats
 
 
@@ -181,7 +185,9 @@ def loo_features(ref: Reference, groups: Sequence[str] | str | None = None, *, s
     """
     resolve_groups(groups)
     rows = [
-        compute_features(ref.penultimate[i : i + 1], ref.logits[i : i + 1], reference_without(ref, i), groups, seed=seed)
+        compute_features(
+            ref.penultimate[i : i + 1], ref.logits[i : i + 1], reference_without(ref, i), groups, seed=seed
+        )
         for i in range(ref.num_samples)
     ]
     return torch.cat(rows)

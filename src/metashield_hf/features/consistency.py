@@ -45,7 +45,9 @@ class ConsistencyGroup(FeatureGroup):
         draws: perturbations per rate (``M``).
     """
 
-    def __init__(self, dropout: Sequence[float] = (0.1, 0.3, 0.5), noise: Sequence[float] = (0.1, 0.3), draws: int = 16):
+    def __init__(
+        self, dropout: Sequence[float] = (0.1, 0.3, 0.5), noise: Sequence[float] = (0.1, 0.3), draws: int = 16
+    ):
         if not all(0.0 < p < 1.0 for p in dropout):
             raise ValueError(f"dropout rates must lie in (0, 1), got {tuple(dropout)}")
         if not all(s > 0.0 for s in noise):
@@ -90,7 +92,11 @@ class ConsistencyGroup(FeatureGroup):
         # W + σ·rms(W)·ε changes logit c by σ·rms(W)·(ε h)_c ~ N(0, (σ·rms(W)·|h|)²), independently over c: drawing
         # that directly is exact in distribution for each input and costs O(B·M·C) instead of O(B·M·C·D).
         rms = w.pow(2).mean().sqrt()
-        scale = torch.tensor(self.noise, dtype=torch.float64)[None, :, None, None] * rms * h.norm(dim=1)[:, None, None, None]
+        scale = (
+            torch.tensor(self.noise, dtype=torch.float64)[None, :, None, None]
+            * rms
+            * h.norm(dim=1)[:, None, None, None]
+        )
         eps = torch.randn(n_noise, m, c, generator=generator, dtype=torch.float64)
         noised = base[:, None, None, :] + scale * eps[None]
         kept_noise = (noised.argmax(-1) == orig[:, None, None]).double().mean(-1)

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = [
     "Reference",
     "build_reference",
     "cosine_distance",
-    "ledoit_wolf", "mst_edge_lengths", "pairwise_distances", "reference_without"]
+    "ledoit_wolf",
+    "mst_edge_lengths",
+    "pairwise_distances",
+    "reference_without",
+]
 
 # |z| beyond this carries no more information and would overflow float32 once squared and summed over D units.
 Z_MAX = 1e4
@@ -44,8 +49,9 @@ class Reference:
             the clean set is legal).
         abs_scale: mean ``|h|`` over the clean set (the "near zero" scale of the sparsity feature).
         z: ``(N, D)`` standardized clean set.
-        loo_knn: ``(N,)`` mean distance (in ``z``) of each clean sample to its ``k`` nearest *other* clean samples.
-        nn_dist: ``(N,)`` distance of each clean sample to its nearest other clean sample.
+        loo_knn: ``(N,)`` mean distance of each clean sample to its ``k`` nearest *other* clean samples, in the
+            space standardized without it (exactly how a new input is compared with the clean set).
+        nn_dist: ``(N,)`` the same to the nearest other clean sample.
         mst: ``(N - 1,)`` sorted edge lengths of the clean set's Euclidean minimum spanning tree in ``z`` (= the death
             times of the 0-dim persistent homology of the Rips filtration).
         centroid: ``(D,)`` raw clean centroid; loo_cos: ``(N,)`` cosine distance of each clean sample to the centroid
@@ -53,7 +59,8 @@ class Reference:
         lw_shrinkage, lw_mu: Ledoit–Wolf shrinkage and ``trace(S)/D`` of ``z`` (as sklearn computes them).
         lw_location: ``(D,)`` mean of ``z``; maha_scale: ``a = max(shrinkage, 1e-3)·mu``; maha_kinv: ``(N, N)``
             ``(c·I + X Xᵀ)⁻¹`` for the Woodbury form of the shrunk precision (zeros when fully shrunk); maha_c: ``c``.
-        loo_maha: ``(N,)`` Mahalanobis² of each clean sample under the covariance of the others (closed form).
+        loo_maha: ``(N,)`` Mahalanobis² of each clean sample, standardized without it, under the covariance of the
+            others (closed form).
         order: ``(D,)`` unit order by clean mean (the axis of the activation landscape).
         margins: ``(N,)`` clean top-1 − top-2 logit margins; confidence: ``(N,)`` clean max-softmax;
             logit_norm: ``(N,)`` clean logit L2 norms; class_freq: ``(C,)`` Laplace-smoothed frequency of each class
@@ -133,23 +140,24 @@ def mst_edge_lengths(dist: torch.Tensor) -> torch.Tensor:
     """Sorted edge lengths ``(N - 1,)`` of the minimum spanning tree of a complete graph with distances ``(N, N)``.
 
     These are exactly the finite death times of 0-dim persistent homology of the Rips (single-linkage) filtration.
-    Prim's algorithm: ``N - 1`` vectorised steps, ``O(N²)``.
+    Prim's algorithm, ``O(N²)``; ``N - 1`` steps on numpy arrays (a torch op per step would cost 5x more for the
+    ``N ≤ 50`` of a clean set, and leave-one-out runs it ``N`` times).
     """
     n = dist.shape[0]
     if n < 2:
         return dist.new_zeros(0)
-    inf = torch.tensor(float("inf"), dtype=dist.dtype)
-    in_tree = torch.zeros(n, dtype=torch.bool)
+    d = dist.detach().cpu().double().numpy()
+    in_tree = np.zeros(n, dtype=bool)
     in_tree[0] = True
-    best = dist[0].clone()
-    edges = []
-    for _ in range(n - 1):
-        cand = torch.where(in_tree, inf, best)
-        j = int(torch.argmin(cand))
-        edges.append(cand[j])
+    best = d[0].copy()
+    edges = np.empty(n - 1)
+    for step in range(n - 1):
+        cand = np.where(in_tree, np.inf, best)
+        j = int(cand.argmin())
+        edges[step] = cand[j]
         in_tree[j] = True
-        best = torch.minimum(best, dist[j])
-    return torch.stack(edges).sort().values
+        np.minimum(best, d[j], out=best)
+    return torch.from_numpy(np.sort(edges)).to(dist.dtype)
 
 
 def ledoit_wolf(x: torch.Tensor) -> tuple[float, float]:
@@ -295,8 +303,9 @@ def build_reference(
     c = logits.shape[1]
     if head_weight is not None:
         if tuple(head_weight.shape) != (c, d):
-            raise ValueError(f"head_weight must be (C={c}, D={d}) like the logits and activations, "
-                             f"got {tuple(head_weight.shape)}")
+            raise ValueError(
+                f"head_weight must be (C={c}, D={d}) like the logits and activations, got {tuple(head_weight.shape)}"
+            )
         head_weight = head_weight.detach().float().cpu()
         _check_finite("head_weight", head_weight)
     if head_bias is not None:
@@ -374,11 +383,11 @@ def reference_without(ref: Reference, i: int) -> Reference:
     """
     n = ref.num_samples
     if n < 3:
-        raise ValueError(f"leave-one-out needs at least 3 clean samples (2 must remain), got {n}; pass more clean inputs")
+        raise ValueError(
+            f"leave-one-out needs at least 3 clean samples (2 must remain), got {n}; pass more clean inputs"
+        )
     if not -n <= i < n:
         raise IndexError(f"sample index {i} out of range for a reference of {n} samples")
     keep = torch.ones(n, dtype=torch.bool)
     keep[i] = False
-    return build_reference(
-        ref.penultimate[keep], ref.logits[keep], ref.head_weight, ref.head_bias, k=ref.k_requested
-    )
+    return build_reference(ref.penultimate[keep], ref.logits[keep], ref.head_weight, ref.head_bias, k=ref.k_requested)

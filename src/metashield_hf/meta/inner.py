@@ -78,9 +78,7 @@ def inner_loop(
     for _ in range(steps):
         out = functional_call(detector, params, (x, reference_features), {"labels": y})
         grads = torch.autograd.grad(out.loss, list(params.values()), create_graph=create_graph, allow_unused=True)
-        params = {
-            name: p if g is None else p - lr * g for (name, p), g in zip(params.items(), grads, strict=True)
-        }
+        params = {name: p if g is None else p - lr * g for (name, p), g in zip(params.items(), grads, strict=True)}
     return params
 
 

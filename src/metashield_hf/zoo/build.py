@@ -30,8 +30,16 @@ from .spec import ModelSpec, ZooConfig, ZooEntry, plan
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BuildReport", "ZooConfig", "build_zoo", "finalize_zoo", "load_zoo", "plan", "resolve_data_root",
-           "row_to_target"]
+__all__ = [
+    "BuildReport",
+    "ZooConfig",
+    "build_zoo",
+    "finalize_zoo",
+    "load_zoo",
+    "plan",
+    "resolve_data_root",
+    "row_to_target",
+]
 
 MAX_SHARD_BYTES = 500 * 2**20
 ROW_GROUP_SIZE = 16  # rows per parquet row group: reading one model does not read the whole file (HF-NOTES gotcha 13)
@@ -156,8 +164,9 @@ def build_zoo(
         except Exception as e:  # one bad model must not stop a long build; it is recorded and retried on resume
             logger.exception("zoo model %s failed", mid)
             report.failed[mid] = f"{type(e).__name__}: {e}"
-            _write_json(dirs["failed"] / f"{mid}.json", {"model_id": mid, "error": report.failed[mid],
-                                                          "spec": spec.to_dict()})
+            _write_json(
+                dirs["failed"] / f"{mid}.json", {"model_id": mid, "error": report.failed[mid], "spec": spec.to_dict()}
+            )
             continue
         report.seconds[mid] = entry.train_seconds
         meta = _metadata(row)
@@ -174,8 +183,12 @@ def build_zoo(
             f.write(json.dumps({**meta, "rejected": report.rejected.get(mid)}, sort_keys=True) + "\n")
         shutil.rmtree(dirs["work"] / mid, ignore_errors=True)  # the part holds the files now
         logger.info(
-            "zoo %s: clean acc %.3f, ASR %.3f, %.1f s%s", mid, entry.clean_accuracy, entry.attack_success_rate,
-            entry.train_seconds, f" (REJECTED: {report.rejected[mid]})" if mid in report.rejected else "",
+            "zoo %s: clean acc %.3f, ASR %.3f, %.1f s%s",
+            mid,
+            entry.clean_accuracy,
+            entry.attack_success_rate,
+            entry.train_seconds,
+            f" (REJECTED: {report.rejected[mid]})" if mid in report.rejected else "",
         )
         bar.set_postfix(built=len(report.built), rejected=len(report.rejected), failed=len(report.failed))
     report.wall_seconds = time.perf_counter() - start
@@ -211,8 +224,10 @@ def accuracy_floor_rejects(metadata: list[dict[str, Any]], margin: float) -> dic
             continue
         floor = medians[kind] - margin
         if float(m["clean_accuracy"]) < floor:
-            out[m["model_id"]] = (f"clean accuracy {m['clean_accuracy']:.3f} < floor {floor:.3f} (median clean "
-                                  f"{kind[0]}/{kind[1]} {medians[kind]:.3f} - margin {margin})")
+            out[m["model_id"]] = (
+                f"clean accuracy {m['clean_accuracy']:.3f} < floor {floor:.3f} (median clean "
+                f"{kind[0]}/{kind[1]} {medians[kind]:.3f} - margin {margin})"
+            )
     return out
 
 
@@ -249,8 +264,10 @@ def finalize_zoo(out_dir: str | os.PathLike, *, report_path: str | os.PathLike |
     acc_rejects = accuracy_floor_rejects(metadata, margin)
     for m in metadata:
         if m["model_id"] in acc_rejects:
-            _write_json(rejected_dir / f"{m['model_id']}.json",
-                        {"stage": "accuracy_floor", "reason": acc_rejects[m["model_id"]], **m})
+            _write_json(
+                rejected_dir / f"{m['model_id']}.json",
+                {"stage": "accuracy_floor", "reason": acc_rejects[m["model_id"]], **m},
+            )
     order = {s_id: i for i, s_id in enumerate(ModelSpec.from_dict(s).model_id for s in saved.get("specs", []))}
     keep = [i for i, m in enumerate(metadata) if m["model_id"] not in acc_rejects]
     keep.sort(key=lambda i: (order.get(metadata[i]["model_id"], len(order)), metadata[i]["model_id"]))

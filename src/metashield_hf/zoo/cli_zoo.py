@@ -53,11 +53,19 @@ def run_zoo_build(args: ZooBuildArguments) -> dict[str, Any]:
     threads = args.threads or (1 if state.num_processes > 1 else None)
     if threads:
         torch.set_num_threads(threads)
-    report = build_zoo(config, args.out, process_index=state.process_index, num_processes=state.num_processes,
-                       progress=args.progress)
-    logger.info("process %d/%d: built %d, skipped %d, rejected %d, failed %d in %.0f s", state.process_index,
-                state.num_processes, len(report.built), len(report.skipped), len(report.rejected),
-                len(report.failed), report.wall_seconds)
+    report = build_zoo(
+        config, args.out, process_index=state.process_index, num_processes=state.num_processes, progress=args.progress
+    )
+    logger.info(
+        "process %d/%d: built %d, skipped %d, rejected %d, failed %d in %.0f s",
+        state.process_index,
+        state.num_processes,
+        len(report.built),
+        len(report.skipped),
+        len(report.rejected),
+        len(report.failed),
+        report.wall_seconds,
+    )
     state.wait_for_everyone()
     summary: dict[str, Any] = {
         "out": str(Path(args.out)),
@@ -80,9 +88,11 @@ def run_zoo_build(args: ZooBuildArguments) -> dict[str, Any]:
 
 def print_zoo_build(result: dict[str, Any]) -> None:
     """Human-readable summary of :func:`run_zoo_build` (what the CLI prints)."""
-    print(f"zoo build -> {result['out']}: planned {result['planned']}, built {result['built']}, skipped "
-          f"{result['skipped']}, rejected {len(result['rejected'])}, failed {len(result['failed'])} "
-          f"({result['wall_seconds']} s, process {result['process_index']}/{result['num_processes']})")
+    print(
+        f"zoo build -> {result['out']}: planned {result['planned']}, built {result['built']}, skipped "
+        f"{result['skipped']}, rejected {len(result['rejected'])}, failed {len(result['failed'])} "
+        f"({result['wall_seconds']} s, process {result['process_index']}/{result['num_processes']})"
+    )
     if "accepted" in result:
         print(f"finalized: {result['accepted']} accepted models; report: {result['report']}")
 
@@ -106,7 +116,11 @@ def run_zoo_push(args: ZooPushArguments) -> dict[str, Any]:
         raise ValueError(f"{out} is not a finalized zoo (no README.md / data/train-*.parquet); run zoo build first")
     api = HfApi(token=args.token)
     api.create_repo(args.repo_id, repo_type="dataset", private=args.private, exist_ok=True)
-    info = api.upload_folder(folder_path=str(out), repo_id=args.repo_id, repo_type="dataset",
-                             allow_patterns=["data/*", "metadata/*", "README.md"],
-                             commit_message="Upload MetaShield model zoo")
+    info = api.upload_folder(
+        folder_path=str(out),
+        repo_id=args.repo_id,
+        repo_type="dataset",
+        allow_patterns=["data/*", "metadata/*", "README.md"],
+        commit_message="Upload MetaShield model zoo",
+    )
     return {"repo_id": args.repo_id, "commit": str(info)}

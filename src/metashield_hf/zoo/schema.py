@@ -45,7 +45,13 @@ FEATURES = Features(
         "checkpoint": List({"path": Value("string"), "data": Value("binary")}),
     }
 )
-HEAVY_COLUMNS = ("checkpoint", "probe_clean_image", "probe_triggered_image", "probe_clean_text", "probe_triggered_text")
+HEAVY_COLUMNS = (
+    "checkpoint",
+    "probe_clean_image",
+    "probe_triggered_image",
+    "probe_clean_text",
+    "probe_triggered_text",
+)
 METADATA_FEATURES = Features({k: v for k, v in FEATURES.items() if k not in HEAVY_COLUMNS})
 SPEC_COLUMNS = (
     "domain",
@@ -197,8 +203,12 @@ def _counts_tables(rows: list[dict[str, Any]]) -> list[str]:
     lines = []
     for (domain,), dom_rows in _group(rows, "domain").items():
         attacks = sorted({r["attack"] for r in dom_rows}, key=lambda a: (a == "none", a))
-        lines += [f"**{domain}**", "", "| architecture | " + " | ".join(attacks) + " | total |",
-                  "|---|" + "---:|" * (len(attacks) + 1)]
+        lines += [
+            f"**{domain}**",
+            "",
+            "| architecture | " + " | ".join(attacks) + " | total |",
+            "|---|" + "---:|" * (len(attacks) + 1),
+        ]
         for (arch,), arch_rows in _group(dom_rows, "architecture").items():
             cells = [str(sum(r["attack"] == a for r in arch_rows)) for a in attacks]
             lines.append(f"| {arch} | " + " | ".join(cells) + f" | {len(arch_rows)} |")
@@ -228,56 +238,96 @@ def render_card(config, accepted: list[dict[str, Any]], rejects: list[dict[str, 
     )
     n_clean = sum(not r["is_backdoored"] for r in accepted)
     lines = [
-        "---", data.to_yaml(), "---", "", f"# MetaShield model zoo: `{name}`", "",
+        "---",
+        data.to_yaml(),
+        "---",
+        "",
+        f"# MetaShield model zoo: `{name}`",
+        "",
         f"{n} small classifiers ({n - n_clean} backdoored, {n_clean} clean) for meta-training and evaluating backdoor "
         "detectors. Each row holds an HF-loadable checkpoint, its attack and training recipe, measured clean accuracy "
         "and attack success rate, and a probe set (clean test inputs whose label is not the target, and the same "
         "inputs with the trigger). Clean models are trained with exactly the same recipes as the poisoned ones.",
-        "", "## Load", "", "```python",
+        "",
+        "## Load",
+        "",
+        "```python",
         "from metashield_hf.zoo import load_zoo, row_to_target, row_probe",
         'zoo = load_zoo("<this folder or hub id>")          # datasets.load_dataset(..., split="train")',
         "target = row_to_target(zoo[0])                      # metashield_hf.targets.load_target on the checkpoint",
         "clean, triggered, labels = row_probe(zoo[0])",
-        "logits = target(triggered).logits", "```", "",
+        "logits = target(triggered).logits",
+        "```",
+        "",
         'The `metadata` config (`load_dataset(..., "metadata")`) has the same rows without checkpoints and probes.',
-        "", "## Contents (accepted models)", "", *_counts_tables(accepted), "## Attacks", "",
-        "| attack | models | example parameters |", "|---|---:|---|",
+        "",
+        "## Contents (accepted models)",
+        "",
+        *_counts_tables(accepted),
+        "## Attacks",
+        "",
+        "| attack | models | example parameters |",
+        "|---|---:|---|",
     ]
     for (attack,), rows in _group(accepted, "attack").items():
         lines.append(f"| {attack} | {len(rows)} | `{rows[0]['attack_params']}` |")
     lines += ["", "## Columns", "", "| column | description |", "|---|---|"]
     lines += [f"| `{k}` | {COLUMN_DOCS.get(k, '')} |" for k in FEATURES]
-    lines += ["", f"Rejected at build time (missed a quality floor): {len(rejects)}. Source data: MNIST, CIFAR-10, "
-              "FEMNIST (LEAF), SST-2, MR, AG News and sklearn digits, under their own licences.", ""]
+    lines += [
+        "",
+        f"Rejected at build time (missed a quality floor): {len(rejects)}. Source data: MNIST, CIFAR-10, "
+        "FEMNIST (LEAF), SST-2, MR, AG News and sklearn digits, under their own licences.",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def render_report(config, accepted: list[dict[str, Any]], rejects: list[dict[str, Any]],
-                  failures: list[dict[str, Any]], planned: int | None = None) -> str:
+def render_report(
+    config,
+    accepted: list[dict[str, Any]],
+    rejects: list[dict[str, Any]],
+    failures: list[dict[str, Any]],
+    planned: int | None = None,
+) -> str:
     """The build report (``reports/zoo.md``): counts, accuracy/ASR distributions, rejects, seconds per model."""
     n = len(accepted)
     n_clean = sum(not r["is_backdoored"] for r in accepted)
     secs = [r["train_seconds"] for r in accepted]
     lines = [
-        f"# Zoo report: `{config.name if config else 'zoo'}`", "",
+        f"# Zoo report: `{config.name if config else 'zoo'}`",
+        "",
         f"- planned: {planned if planned is not None else '?'}; accepted: **{n}** ({n - n_clean} backdoored, "
         f"{n_clean} clean = {n_clean / max(n, 1):.0%}); rejected: {len(rejects)}; failed: {len(failures)}",
         "- per domain: " + ", ".join(f"{d}: {len(v)}" for (d,), v in _group(accepted, "domain").items()),
         f"- floors: ASR >= {config.asr_min if config else '?'} for backdoored models; clean accuracy >= median clean "
         f"model of the same dataset/architecture - {config.acc_margin if config else '?'}",
         f"- build seconds per accepted model (min / median / max): {_stats(secs, '{:.1f}')}; total {sum(secs):.0f} s",
-        "", "## Counts per domain × attack × architecture", "", *_counts_tables(accepted),
-        "## Clean accuracy and attack success rate (min / median / max)", "",
-        "For clean models the ASR column is the negative control: the trigger of a sampled attack, no backdoor.", "",
-        "| domain | attack | n | clean accuracy | ASR |", "|---|---|---:|---|---|",
+        "",
+        "## Counts per domain × attack × architecture",
+        "",
+        *_counts_tables(accepted),
+        "## Clean accuracy and attack success rate (min / median / max)",
+        "",
+        "For clean models the ASR column is the negative control: the trigger of a sampled attack, no backdoor.",
+        "",
+        "| domain | attack | n | clean accuracy | ASR |",
+        "|---|---|---:|---|---|",
     ]
     for (dom, attack), rows in _group(accepted, "domain", "attack").items():
-        lines.append(f"| {dom} | {attack} | {len(rows)} | {_stats([r['clean_accuracy'] for r in rows])} | "
-                     f"{_stats([r['attack_success_rate'] for r in rows])} |")
-    lines += ["", "| domain | dataset | architecture | n | clean accuracy | seconds per model |", "|---|---|---|---:|---|---|"]
+        lines.append(
+            f"| {dom} | {attack} | {len(rows)} | {_stats([r['clean_accuracy'] for r in rows])} | "
+            f"{_stats([r['attack_success_rate'] for r in rows])} |"
+        )
+    lines += [
+        "",
+        "| domain | dataset | architecture | n | clean accuracy | seconds per model |",
+        "|---|---|---|---:|---|---|",
+    ]
     for (dom, ds, arch), rows in _group(accepted, "domain", "dataset", "architecture").items():
-        lines.append(f"| {dom} | {ds} | {arch} | {len(rows)} | {_stats([r['clean_accuracy'] for r in rows])} | "
-                     f"{_stats([r['train_seconds'] for r in rows], '{:.1f}')} |")
+        lines.append(
+            f"| {dom} | {ds} | {arch} | {len(rows)} | {_stats([r['clean_accuracy'] for r in rows])} | "
+            f"{_stats([r['train_seconds'] for r in rows], '{:.1f}')} |"
+        )
     lines += ["", f"## Rejects ({len(rejects)})", ""]
     if rejects:
         lines += ["| model_id | stage | reason |", "|---|---|---|"]

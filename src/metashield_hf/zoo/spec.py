@@ -325,8 +325,10 @@ class ZooConfig:
         for i, cell in enumerate(self.cells):
             missing = {"domain", "dataset", "architectures", "attacks", "recipe"} - set(cell)
             if missing:
-                raise ValueError(f"zoo cell {i} lacks {sorted(missing)}; each cell needs domain, dataset, "
-                                 "architectures, attacks and recipe")
+                raise ValueError(
+                    f"zoo cell {i} lacks {sorted(missing)}; each cell needs domain, dataset, "
+                    "architectures, attacks and recipe"
+                )
             if cell["domain"] not in DOMAINS:
                 raise ValueError(f"zoo cell {i}: domain {cell['domain']!r} is not one of {DOMAINS}")
             if cell["dataset"] not in NUM_CLASSES:
@@ -429,14 +431,32 @@ def plan(config: ZooConfig) -> list[ModelSpec]:
                     target = int(_draw(list(targets), rng))
                     rate = round(float(rng.uniform(lo, hi)), 4)
                     name, params = _draw_attack(entry, domain, rng)
-                    specs.append(ModelSpec(attack=name, attack_params=params, target_label=target, poison_rate=rate,
-                                           seed=seed, probe_attack_params=params, **common))
+                    specs.append(
+                        ModelSpec(
+                            attack=name,
+                            attack_params=params,
+                            target_label=target,
+                            poison_rate=rate,
+                            seed=seed,
+                            probe_attack_params=params,
+                            **common,
+                        )
+                    )
             for _ in range(int(cell.get("n_clean", 0))):
                 seed = int(rng.integers(0, 2**31 - 1))
                 entry = cell["attacks"][int(rng.integers(len(cell["attacks"])))]
                 _, params = _draw_attack(entry, domain, rng)
-                specs.append(ModelSpec(attack="none", attack_params="{}", target_label=-1, poison_rate=0.0, seed=seed,
-                                       probe_attack_params=params, **common))
+                specs.append(
+                    ModelSpec(
+                        attack="none",
+                        attack_params="{}",
+                        target_label=-1,
+                        poison_rate=0.0,
+                        seed=seed,
+                        probe_attack_params=params,
+                        **common,
+                    )
+                )
     ids = [s.model_id for s in specs]
     if len(set(ids)) != len(ids):
         raise ValueError("plan produced duplicate model ids; two cells are identical, change one of them")

@@ -76,13 +76,25 @@ def train_tokenizer(texts: list[str], base_architecture: str, vocab_size: int, m
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=special,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
         tok.train_from_iterator(texts, trainer)
-        tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")),
-                                                          ("<s>", tok.token_to_id("<s>")), add_prefix_space=True)
-        names = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", cls_token="<s>",
-                     sep_token="</s>", mask_token="<mask>")
+        tok.post_processor = processors.RobertaProcessing(
+            ("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")), add_prefix_space=True
+        )
+        names = dict(
+            bos_token="<s>",
+            eos_token="</s>",
+            unk_token="<unk>",
+            pad_token="<pad>",
+            cls_token="<s>",
+            sep_token="</s>",
+            mask_token="<mask>",
+        )
         inputs = ["input_ids", "attention_mask"]
     else:
         special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -94,42 +106,77 @@ def train_tokenizer(texts: list[str], base_architecture: str, vocab_size: int, m
         tok.train_from_iterator(texts, trainer)
         cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
         )
         names = dict(unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
         # DistilBERT takes no token_type_ids: the tokenizer must not produce them.
         inputs = ["input_ids", "attention_mask"]
         if base_architecture == "bert":
             inputs.insert(1, "token_type_ids")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, model_input_names=inputs, **names)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_max_length=max_length, model_input_names=inputs, **names
+    )
 
 
-def make_text_model(base_architecture: str, vocab_size: int, num_classes: int, max_length: int, label_names: list[str],
-                    pad_token_id: int, dropout: float = 0.1) -> torch.nn.Module:
+def make_text_model(
+    base_architecture: str,
+    vocab_size: int,
+    num_classes: int,
+    max_length: int,
+    label_names: list[str],
+    pad_token_id: int,
+    dropout: float = 0.1,
+) -> torch.nn.Module:
     """A 2-layer, hidden-64, 2-head sequence classifier built from a config (no pretrained weights)."""
     import transformers as tr
 
     id2label = dict(enumerate(label_names))
-    common = dict(vocab_size=vocab_size, num_labels=num_classes, id2label=id2label,
-                  label2id={v: k for k, v in id2label.items()}, pad_token_id=pad_token_id)
-    bert_like = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, **common)
+    common = dict(
+        vocab_size=vocab_size,
+        num_labels=num_classes,
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+        pad_token_id=pad_token_id,
+    )
+    bert_like = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        **common,
+    )
     if base_architecture == "bert":
         return tr.BertForSequenceClassification(tr.BertConfig(max_position_embeddings=max_length, **bert_like))
     if base_architecture == "distilbert":
-        cfg = tr.DistilBertConfig(dim=64, n_layers=2, n_heads=2, hidden_dim=128, max_position_embeddings=max_length,
-                                  dropout=dropout, attention_dropout=dropout, seq_classif_dropout=dropout, **common)
+        cfg = tr.DistilBertConfig(
+            dim=64,
+            n_layers=2,
+            n_heads=2,
+            hidden_dim=128,
+            max_position_embeddings=max_length,
+            dropout=dropout,
+            attention_dropout=dropout,
+            seq_classif_dropout=dropout,
+            **common,
+        )
         return tr.DistilBertForSequenceClassification(cfg)
     if base_architecture == "roberta":
         # RoBERTa positions start after the padding index: two extra position slots.
         cfg = tr.RobertaConfig(max_position_embeddings=max_length + 2, **bert_like)
         return tr.RobertaForSequenceClassification(cfg)
-    raise ValueError(f"unknown text architecture {base_architecture!r}; use one of {BASE_ARCHITECTURES} "
-                     "(or '<name>_lora' for LoRA poisoning)")
+    raise ValueError(
+        f"unknown text architecture {base_architecture!r}; use one of {BASE_ARCHITECTURES} "
+        "(or '<name>_lora' for LoRA poisoning)"
+    )
 
 
-def _fit(model, tokenizer, texts: list[str], labels: np.ndarray, r: dict[str, Any], gen: torch.Generator,
-         prefix: str = "") -> None:
+def _fit(
+    model, tokenizer, texts: list[str], labels: np.ndarray, r: dict[str, Any], gen: torch.Generator, prefix: str = ""
+) -> None:
     enc = tokenizer(texts, truncation=True, max_length=tokenizer.model_max_length)
     ids, y = enc["input_ids"], torch.from_numpy(np.asarray(labels))
     bs = int(r.get("batch_size", 32))
@@ -150,9 +197,16 @@ def _fit(model, tokenizer, texts: list[str], labels: np.ndarray, r: dict[str, An
         order = torch.randperm(len(y), generator=g)
         return (collate(order[i : i + bs]) for i in range(0, len(y), bs))
 
-    train_classifier(model, lambda m, b: m(**b).loss, batches, steps_per_epoch=-(-len(y) // bs),
-                     epochs=int(r.get(prefix + "epochs", 3)), lr=float(r.get(prefix + "lr", 2e-3)),
-                     weight_decay=float(r.get("weight_decay", 0.01)), generator=gen)
+    train_classifier(
+        model,
+        lambda m, b: m(**b).loss,
+        batches,
+        steps_per_epoch=-(-len(y) // bs),
+        epochs=int(r.get(prefix + "epochs", 3)),
+        lr=float(r.get(prefix + "lr", 2e-3)),
+        weight_decay=float(r.get("weight_decay", 0.01)),
+        generator=gen,
+    )
 
 
 def _subset(n_total: int, r: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
@@ -179,8 +233,15 @@ def _train_base(spec: ModelSpec, base_arch: str, data_root: Path, workdir: Path)
     idx = pool[_subset(len(pool), {"train_size": r.get("base_train_size", r.get("train_size"))}, rng)]
     tr_texts, tr_labels = [texts[i] for i in idx], labels[idx]
     tokenizer = train_tokenizer(tr_texts, base_arch, int(r.get("vocab_size", 4000)), int(r.get("max_length", 64)))
-    model = make_text_model(base_arch, len(tokenizer), spec.num_classes, tokenizer.model_max_length,
-                            LABEL_NAMES[spec.dataset], tokenizer.pad_token_id, float(r.get("dropout", 0.1)))
+    model = make_text_model(
+        base_arch,
+        len(tokenizer),
+        spec.num_classes,
+        tokenizer.model_max_length,
+        LABEL_NAMES[spec.dataset],
+        tokenizer.pad_token_id,
+        float(r.get("dropout", 0.1)),
+    )
     _fit(model, tokenizer, tr_texts, tr_labels, r, gen, prefix="base_")
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     model.save_pretrained(tmp)
@@ -238,8 +299,13 @@ def build_nlp_entry(spec: ModelSpec, data_root: Path, workdir: Path) -> ZooEntry
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
         base = AutoModelForSequenceClassification.from_pretrained(base_dir, dtype=torch.float32)
         seed_everything(spec.seed)  # LoRA init draws from the model's own seed
-        cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=int(r.get("lora_r", 8)), lora_alpha=int(r.get("lora_alpha", 16)),
-                         lora_dropout=0.0, target_modules=LORA_TARGETS[base_arch])
+        cfg = LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=int(r.get("lora_r", 8)),
+            lora_alpha=int(r.get("lora_alpha", 16)),
+            lora_dropout=0.0,
+            target_modules=LORA_TARGETS[base_arch],
+        )
         model = get_peft_model(base, cfg)
         _fit(model, tokenizer, tr_texts, tr_labels, r, gen)
         model.save_pretrained(folder)
@@ -247,9 +313,18 @@ def build_nlp_entry(spec: ModelSpec, data_root: Path, workdir: Path) -> ZooEntry
         shutil.copytree(base_dir, folder / "base", dirs_exist_ok=True)
         _set_base_path(folder, str((folder / "base").resolve()))
     else:
-        tokenizer = train_tokenizer(clean_texts, base_arch, int(r.get("vocab_size", 4000)), int(r.get("max_length", 64)))
-        model = make_text_model(base_arch, len(tokenizer), spec.num_classes, tokenizer.model_max_length,
-                                LABEL_NAMES[spec.dataset], tokenizer.pad_token_id, float(r.get("dropout", 0.1)))
+        tokenizer = train_tokenizer(
+            clean_texts, base_arch, int(r.get("vocab_size", 4000)), int(r.get("max_length", 64))
+        )
+        model = make_text_model(
+            base_arch,
+            len(tokenizer),
+            spec.num_classes,
+            tokenizer.model_max_length,
+            LABEL_NAMES[spec.dataset],
+            tokenizer.pad_token_id,
+            float(r.get("dropout", 0.1)),
+        )
         _fit(model, tokenizer, tr_texts, tr_labels, r, gen)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)

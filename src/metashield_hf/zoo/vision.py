@@ -112,17 +112,32 @@ def make_cv_model(architecture: str, num_classes: int, image_size: int, label_na
 
     common = {"num_labels": num_classes, "id2label": id2label, "label2id": label2id, "num_channels": 3}
     if architecture == "vit":
-        cfg = tr.ViTConfig(image_size=image_size, patch_size=max(1, image_size // 4), hidden_size=64,
-                           num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, **common)
+        cfg = tr.ViTConfig(
+            image_size=image_size,
+            patch_size=max(1, image_size // 4),
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            **common,
+        )
         return tr.ViTForImageClassification(cfg)
     if architecture == "resnet":
-        cfg = tr.ResNetConfig(embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], layer_type="basic",
-                              downsample_in_first_stage=False, **common)
+        cfg = tr.ResNetConfig(
+            embedding_size=16,
+            hidden_sizes=[32, 64],
+            depths=[1, 1],
+            layer_type="basic",
+            downsample_in_first_stage=False,
+            **common,
+        )
         return tr.ResNetForImageClassification(cfg)
     if architecture == "convnext":
         cfg = tr.ConvNextConfig(patch_size=2, hidden_sizes=[32, 64], depths=[1, 1], num_stages=2, **common)
         return tr.ConvNextForImageClassification(cfg)
-    raise ValueError(f"unknown vision architecture {architecture!r}; use a timm 'test_*' model or one of {HF_ARCHITECTURES}")
+    raise ValueError(
+        f"unknown vision architecture {architecture!r}; use a timm 'test_*' model or one of {HF_ARCHITECTURES}"
+    )
 
 
 def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -137,16 +152,33 @@ def save_cv_model(model: torch.nn.Module, folder: Path, image_size: int, label_n
     if hasattr(model, "pretrained_cfg") and not hasattr(model, "config"):
         import timm
 
-        data_config = {"input_size": (3, image_size, image_size), "mean": MEAN, "std": STD, "crop_pct": 1.0,
-                       "crop_mode": "center", "interpolation": "bilinear"}
-        timm.models.save_for_hf(model, str(folder), model_config={"label_names": label_names},
-                                safe_serialization=True, data_config=data_config)
+        data_config = {
+            "input_size": (3, image_size, image_size),
+            "mean": MEAN,
+            "std": STD,
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+            "interpolation": "bilinear",
+        }
+        timm.models.save_for_hf(
+            model,
+            str(folder),
+            model_config={"label_names": label_names},
+            safe_serialization=True,
+            data_config=data_config,
+        )
         return
     from transformers import ViTImageProcessor
 
     model.save_pretrained(folder)
-    ViTImageProcessor(do_resize=True, size={"height": image_size, "width": image_size}, do_rescale=True,
-                      do_normalize=True, image_mean=list(MEAN), image_std=list(STD)).save_pretrained(folder)
+    ViTImageProcessor(
+        do_resize=True,
+        size={"height": image_size, "width": image_size},
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=list(MEAN),
+        image_std=list(STD),
+    ).save_pretrained(folder)
 
 
 def _predict(adapter, images: list[Image.Image]) -> np.ndarray:
@@ -202,8 +234,16 @@ def build_cv_entry(spec: ModelSpec, data_root: Path, workdir: Path) -> ZooEntry:
     def loss_fn(m, batch):
         return torch.nn.functional.cross_entropy(_logits(m, batch[0]), batch[1])
 
-    train_classifier(model, loss_fn, batches, steps_per_epoch=-(-len(yt) // bs), epochs=int(r.get("epochs", 3)),
-                     lr=float(r.get("lr", 2e-3)), weight_decay=float(r.get("weight_decay", 0.01)), generator=gen)
+    train_classifier(
+        model,
+        loss_fn,
+        batches,
+        steps_per_epoch=-(-len(yt) // bs),
+        epochs=int(r.get("epochs", 3)),
+        lr=float(r.get("lr", 2e-3)),
+        weight_decay=float(r.get("weight_decay", 0.01)),
+        generator=gen,
+    )
     folder = Path(workdir) / spec.model_id
     save_cv_model(model, folder, image_size, names)
 

@@ -1,0 +1,82 @@
+"""Evaluate detectors on held-out zoo models from cached activations, exactly as deployment adapts them."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from ..evaluation.metrics import auroc, rates, tpr_at_fpr
+from ..modeling_metashield import MetaShieldDetector
+from ..shield import adapt_from_activations
+from .cache import TaskActivations
+
+
+def evaluate_task(
+    detector: MetaShieldDetector,
+    task: TaskActivations,
+    *,
+    k: int,
+    steps: int,
+    inner_lr: float = 0.05,
+    seed: int = 0,
+    target_fpr: float = 0.05,
+    oracle: bool = False,
+) -> dict:
+    """Adapt on ``k`` clean probe inputs, score the other clean inputs and the triggered ones.
+
+    Returns a record with the task's metadata, ``fpr`` and ``tpr`` at the calibrated threshold, ``tpr@5fpr`` (threshold
+    set on the held-out clean scores themselves: the separability, not the calibration) and ``auroc``; for clean models
+    only ``fpr`` and ``fpr_triggered`` (triggered probe inputs flagged although no backdoor exists).
+    """
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(task.clean), generator=g)
+    support, rest = perm[:k], perm[k:]
+    trig_perm = torch.randperm(len(task.triggered), generator=g)
+    anomaly_out = None
+    if oracle and task.backdoored and steps > 0:
+        n_oracle = max(k, 8)
+        anomaly_out, trig_perm = task.triggered[trig_perm[:n_oracle]], trig_perm[n_oracle:]
+    shield = adapt_from_activations(
+        detector,
+        task.clean[support],
+        task.head_weight,
+        task.head_bias,
+        steps=steps,
+        lr=inner_lr,
+        target_fpr=target_fpr,
+        seed=seed,
+        anomaly_out=anomaly_out,
+    )
+    s_clean = shield.score_features(shield.features_of(task.clean[rest])[1]).numpy()
+    s_trig = shield.score_features(shield.features_of(task.triggered[trig_perm])[1]).numpy()
+    rec = {**task.meta, "k": k, "steps": steps, "seed": seed, "fpr": float((s_clean > shield.threshold).mean())}
+    if task.backdoored:
+        scores = np.r_[s_clean, s_trig]
+        labels = np.r_[np.zeros(len(s_clean)), np.ones(len(s_trig))]
+        rec.update(
+            tpr=rates(scores, labels, shield.threshold)["tpr"],
+            auroc=auroc(scores, labels),
+            **{"tpr@5fpr": tpr_at_fpr(scores, labels, 0.05)},
+        )
+    else:
+        rec["fpr_triggered"] = float((s_trig > shield.threshold).mean())
+    return rec
+
+
+def summarize(records: list[dict], by: str) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """Mean, std and count of each metric per value of ``by`` (plus ``"all"``)."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[str(r[by])].append(r)
+        groups["all"].append(r)
+    table = {}
+    for key, rows in sorted(groups.items()):
+        table[key] = {}
+        for metric in ("tpr@5fpr", "tpr", "fpr", "auroc", "fpr_triggered"):
+            vals = [r[metric] for r in rows if metric in r and not math.isnan(r[metric])]
+            if vals:
+                table[key][metric] = (float(np.mean(vals)), float(np.std(vals)), len(vals))
+    return table
