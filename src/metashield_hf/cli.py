@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 logger = logging.getLogger("metashield_hf")
 
@@ -33,6 +33,9 @@ def _parse(cls, argv: list[str]):
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(cls)
+    if "config" in {f.name for f in fields(cls)}:
+        # The command has its own --config (e.g. the zoo config of `zoo build`): that flag is not a run YAML.
+        return parser.parse_args_into_dataclasses(args=argv)[0]
     if len(argv) == 2 and argv[0] == "--config":
         return parser.parse_yaml_file(argv[1])[0]
     if "--config" in argv:
@@ -133,14 +136,20 @@ def _zoo_push():
     return ZooPushArguments, run_zoo_push, lambda r: print(json.dumps(r, indent=2, default=str))
 
 
+def _print_train(result: dict) -> None:
+    print(f"detector saved to {result['detector_dir']}")
+    print(
+        f"  {result['steps']} steps, {result['episodes']} episodes in {result['seconds']:.1f} s "
+        f"({result['episodes_per_s']:.2f} episodes/s on {result['num_processes']} process(es)); "
+        f"final outer loss {result['final_loss']:.4f}"
+    )
+    print(f"  split: {result['train_models']} training / {result['test_models']} held-out models")
+
+
 def _train():
     from .meta.train import MetaTrainArguments, train
 
-    return (
-        MetaTrainArguments,
-        lambda a: {"detector": str(train(a))},
-        lambda r: print(f"detector saved to {r['detector']}"),
-    )
+    return MetaTrainArguments, lambda a: asdict(train(a)), _print_train
 
 
 # Lazy: each command imports its job only when it runs (importing torch + transformers alone costs seconds).
