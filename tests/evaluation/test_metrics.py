@@ -1,7 +1,17 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from metashield_hf.evaluation.metrics import auroc, rates, tpr_at_fpr
+from metashield_hf.evaluation.metrics import (
+    accuracy,
+    auroc,
+    detection_metrics,
+    load_metric,
+    metric_path,
+    rates,
+    tpr_at_fpr,
+)
 
 
 def test_auroc_known_answers():
@@ -33,3 +43,43 @@ def test_tpr_at_fpr_and_rates():
 def test_metrics_reject_one_class():
     with pytest.raises(ValueError, match="at least one clean"):
         auroc([0.1, 0.2], [1, 1])
+
+
+def test_accuracy_known_answers():
+    # scan: 3 backdoored models (1) and 3 clean ones (0); one backdoored model missed, one clean one flagged
+    scores, labels = [0.9, 0.7, 0.2, 0.1, 0.3, 0.6], [1, 1, 1, 0, 0, 0]
+    assert accuracy(scores, labels, 0.5) == pytest.approx(4 / 6)
+    assert accuracy(scores, labels, 0.95) == 0.5  # nothing flagged: every clean model right, every backdoored wrong
+
+
+def test_detection_metrics_known_answers():
+    # 100 clean scores 0.00..0.99 and 4 triggered ones, as in test_tpr_at_fpr_and_rates
+    s = np.r_[np.arange(100) / 100.0, [0.5, 0.96, 0.97, 2.0]]
+    y = np.r_[np.zeros(100), np.ones(4)]
+    out = detection_metrics(s, y, threshold=0.955)
+    # at 1% FPR the threshold is the 2nd largest clean score (0.98): only 2.0 is above it
+    assert out["tpr@1fpr"] == 0.25
+    assert out["tpr@5fpr"] == 0.75
+    assert out["tpr"] == 0.75 and out["fpr"] == 0.04
+    assert out["accuracy"] == pytest.approx((96 + 3) / 104)
+    # AUROC: 0.5, 0.96 and 0.97 each beat 50, 96 and 97 clean scores and tie one (a half each); 2.0 beats all 100
+    assert out["auroc"] == pytest.approx((50.5 + 96.5 + 97.5 + 100) / 400)
+    assert set(detection_metrics(s, y)) == {"auroc", "tpr@1fpr", "tpr@5fpr"}  # no threshold: no thresholded metrics
+    assert set(detection_metrics(s, y, fprs=(0.1,))) == {"auroc", "tpr@10fpr"}
+
+
+def test_evaluate_module_ships_in_the_package_and_loads_offline(tmp_path, monkeypatch):
+    import metashield_hf
+
+    folder = metric_path()
+    assert folder.parent.parent == Path(metashield_hf.__file__).resolve().parent  # inside the installed package
+    assert (folder / "backdoor_detection.py").is_file()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a Hub lookup would fail loudly
+    metric = load_metric(cache_dir=str(tmp_path))
+    assert metric.name == "backdoor_detection"
+    out = metric.compute(predictions=[0.1, 0.4, 0.35, 0.8], references=[0, 0, 1, 1], threshold=0.5)
+    assert out == {"auroc": 0.75, "tpr@1fpr": 0.5, "tpr@5fpr": 0.5, "tpr": 0.5, "fpr": 0.0, "accuracy": 0.75}
+    # add_batch + compute, numpy inputs, as with any evaluate metric
+    metric.add_batch(predictions=np.array([0.1, 0.9]), references=np.array([0, 1]))
+    metric.add_batch(predictions=np.array([0.2]), references=np.array([1]))
+    assert metric.compute(threshold=0.5) == detection_metrics([0.1, 0.9, 0.2], [0, 1, 1], threshold=0.5)

@@ -1,6 +1,8 @@
-"""Detection metrics as plain functions (the `evaluate` module wraps these)."""
+"""Detection metrics as plain functions (the `evaluate` module ``metrics/backdoor_detection`` wraps these)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
@@ -42,3 +44,69 @@ def rates(scores, labels, threshold: float) -> dict[str, float]:
     """TPR (detection rate on triggered inputs) and FPR (on clean inputs) when flagging ``score > threshold``."""
     neg, pos = _split(scores, labels)
     return {"tpr": float((pos > threshold).mean()), "fpr": float((neg > threshold).mean())}
+
+
+def accuracy(scores, labels, threshold: float) -> float:
+    """Fraction of examples whose decision ``score > threshold`` equals the label (for scans: one row per model)."""
+    neg, pos = _split(scores, labels)
+    correct = (pos > threshold).sum() + (neg <= threshold).sum()
+    return float(correct / (len(neg) + len(pos)))
+
+
+def fpr_key(fpr: float) -> str:
+    """The result key of ``tpr_at_fpr(…, fpr)``: ``0.05`` → ``"tpr@5fpr"`` (as in the meta-evaluation tables)."""
+    return f"tpr@{fpr * 100:g}fpr"
+
+
+def detection_metrics(
+    scores, labels, threshold: float | None = None, fprs: tuple[float, ...] = (0.01, 0.05)
+) -> dict[str, float]:
+    """All DESIGN §4 metrics at once; the `evaluate` module ``metrics/backdoor_detection`` returns exactly this.
+
+    Inputs: one score per example (higher = more likely triggered) and labels ``1`` = triggered input (or backdoored
+    model, for scans), ``0`` = clean.
+
+    Args:
+        scores: ``(N,)`` detector scores.
+        labels: ``(N,)`` 0/1 labels.
+        threshold: the detector's decision threshold (flag ``score > threshold``); ``None`` omits the thresholded
+            metrics.
+        fprs: clean false-positive rates at which to report the TPR (threshold set on the clean scores themselves).
+
+    Returns:
+        ``{"auroc", "tpr@1fpr", "tpr@5fpr"}`` and, with a threshold, ``"tpr"`` (detection rate on triggered inputs),
+        ``"fpr"`` (on clean inputs) and ``"accuracy"`` (for scans: over models).
+
+    Example:
+        ```python
+        >>> detection_metrics([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1], threshold=0.5)
+        {'auroc': 0.75, 'tpr@1fpr': 0.5, 'tpr@5fpr': 0.5, 'tpr': 0.5, 'fpr': 0.0, 'accuracy': 0.75}
+        ```
+    """
+    out = {"auroc": auroc(scores, labels)}
+    for fpr in fprs:
+        out[fpr_key(fpr)] = tpr_at_fpr(scores, labels, fpr)
+    if threshold is not None:
+        out.update(rates(scores, labels, threshold))
+        out["accuracy"] = accuracy(scores, labels, threshold)
+    return out
+
+
+def metric_path() -> Path:
+    """Folder of the `evaluate` metric module shipped in the package (``evaluate.load(str(metric_path()))``)."""
+    return Path(__file__).resolve().parents[1] / "metrics" / "backdoor_detection"
+
+
+def load_metric(**kwargs):
+    """``evaluate.load`` of the shipped ``backdoor_detection`` metric: a local folder, so no Hub access at all.
+
+    Example:
+        ```python
+        >>> metric = load_metric()
+        >>> metric.compute(predictions=[0.1, 0.9], references=[0, 1], threshold=0.5)["accuracy"]
+        1.0
+        ```
+    """
+    import evaluate
+
+    return evaluate.load(str(metric_path()), **kwargs)
