@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 from dataclasses import asdict, dataclass, field, fields
+from typing import ClassVar
 
 logger = logging.getLogger("metashield_hf")
 
@@ -36,6 +37,9 @@ def _parse(cls, argv: list[str]):
     if "config" in {f.name for f in fields(cls)}:
         # The command has its own --config (e.g. the zoo config of `zoo build`): that flag is not a run YAML.
         return parser.parse_args_into_dataclasses(args=argv)[0]
+    positional = getattr(cls, "positional", ())
+    if positional and argv and not argv[0].startswith("-"):  # `metashield scan CHECKPOINT ...`
+        argv = [f"--{positional[0]}", *argv]
     if len(argv) == 2 and argv[0] == "--config":
         return parser.parse_yaml_file(argv[1])[0]
     if "--config" in argv:
@@ -124,6 +128,78 @@ def _print_detect(result: dict) -> None:
     print(f"  TPR {result['tpr']:.3f}  FPR {result['fpr']:.3f}  AUROC {result['auroc']:.3f}")
 
 
+@dataclass
+class ScanArguments:
+    """Scan a checkpoint for a backdoor: ``metashield scan CHECKPOINT --clean-samples SPEC``. Exit code 0 = clean,
+    1 = backdoored, 2 = error."""
+
+    positional: ClassVar[tuple[str, ...]] = ("checkpoint",)
+
+    checkpoint: str | None = field(
+        default=None, metadata={"help": "Hub id or folder of the classifier (transformers, timm, PEFT adapter)."}
+    )
+    clean_samples: str | None = field(
+        default=None,
+        metadata={"help": "Clean inputs: text file, image folder, CSV/JSONL/parquet, or dataset[:split[:column]]."},
+    )
+    n: int = field(default=20, metadata={"help": "Number of clean samples to use (at least 5)."})
+    detector: str | None = field(default=None, metadata={"help": "Detector folder or Hub id (default: embedded)."})
+    steps: int = field(default=60, metadata={"help": "Adam steps of the per-class trigger synthesis."})
+    seed: int = field(default=0, metadata={"help": "Seed for everything random."})
+    scan_head: str | None = field(
+        default=None, metadata={"help": "JSON of a refit model-level head (fit_scan_head); default: the shipped one."}
+    )
+    neural_cleanse: bool = field(default=False, metadata={"help": "Also run the Neural Cleanse baseline."})
+    json: bool = field(default=False, metadata={"help": "Print the report as JSON instead of text."})
+    allow_pickle: bool = field(default=False, metadata={"help": "Accept pickle-only (.bin) checkpoints."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow the checkpoint's own code to run."})
+
+
+def run_scan(args: ScanArguments) -> dict:
+    """The job behind ``metashield scan``; returns the report as a dict (``exit_code`` 1 when backdoored)."""
+    from .scan import neural_cleanse_scan, scan_model
+
+    if not args.checkpoint:
+        raise ValueError("name the checkpoint to scan: metashield scan CHECKPOINT --clean-samples FILE")
+    if not args.clean_samples:
+        raise ValueError("--clean-samples is required (a text file, image folder, table or dataset[:split[:column]])")
+    if args.n < 5:
+        raise ValueError(f"--n must be at least 5 clean samples, got {args.n}")
+    common = {"n": args.n, "steps": args.steps, "seed": args.seed}
+    common |= {"allow_pickle": args.allow_pickle, "trust_remote_code": args.trust_remote_code}
+    report = scan_model(args.checkpoint, args.clean_samples, args.detector, head=args.scan_head, **common).to_dict()
+    if args.neural_cleanse:
+        report["neural_cleanse"] = neural_cleanse_scan(args.checkpoint, args.clean_samples, **common).to_dict()
+    report["exit_code"] = 1 if report["verdict"] == "backdoored" else 0
+    return report
+
+
+def _print_scan(report: dict) -> None:
+    print(
+        f"{report['checkpoint']}: {report['verdict'].upper()} (score {report['score']:.3f}, threshold "
+        f"{report['threshold']:.2f})"
+    )
+    print(
+        f"  suspected target class {report['suspected_target']} ({report['suspected_target_label']}), anomaly index "
+        f"{report['anomaly_index']:.2f}; {report['n_clean_samples']} clean samples, triggers synthesized in the "
+        f"{report['space']} space in {report['timings']['total_s']:.1f} s"
+    )
+    print(f"  {'class':>5} {'label':<12} {'trigger size':>12} {'flip rate':>9} {'anomaly':>8} {'detector':>8}")
+    for c in report["per_class"]:
+        det = "-" if c["detector_score"] is None else f"{c['detector_score']:.3f}"
+        mark = " <" if c["class_index"] == report["suspected_target"] else ""
+        print(
+            f"  {c['class_index']:>5} {str(c['label'])[:12]:<12} {c['trigger_size']:>12.4f} {c['flip_rate']:>9.2f} "
+            f"{c['anomaly_index']:>8.2f} {det:>8}{mark}"
+        )
+    nc = report.get("neural_cleanse")
+    if nc:
+        print(
+            f"  Neural Cleanse: {nc['verdict']} (anomaly index {nc['anomaly_index']:.2f}, threshold "
+            f"{nc['threshold']:.1f}, suspected target {nc['suspected_target']})"
+        )
+
+
 def _zoo_build():
     from .zoo.cli_zoo import ZooBuildArguments, print_zoo_build, run_zoo_build
 
@@ -149,7 +225,13 @@ def _print_train(result: dict) -> None:
 def _train():
     from .meta.train import MetaTrainArguments, train
 
-    return MetaTrainArguments, lambda a: asdict(train(a)), _print_train
+    def job(args):
+        from accelerate import PartialState
+
+        result = asdict(train(args))
+        return result if PartialState().is_main_process else None  # under accelerate launch, one process reports
+
+    return MetaTrainArguments, job, _print_train
 
 
 # Lazy: each command imports its job only when it runs (importing torch + transformers alone costs seconds).
@@ -158,6 +240,7 @@ COMMANDS = {
     "zoo build": _zoo_build,
     "zoo push": _zoo_push,
     "train": _train,
+    "scan": lambda: (ScanArguments, run_scan, _print_scan),
 }
 
 
@@ -177,11 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, KeyError) as err:
         print(f"metashield {name}: error: {err}", file=sys.stderr)
         return 2
+    if result is None:  # a non-main process of a distributed job: the main process prints
+        return 0
+    # A command that reports a finding (scan: backdoored) sets exit_code 1 in its result.
+    code = result.pop("exit_code", 0) if isinstance(result, dict) else 0
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2, default=str))
     else:
         show(result)
-    return 0
+    return code
 
 
 if __name__ == "__main__":

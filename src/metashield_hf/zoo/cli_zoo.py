@@ -38,8 +38,10 @@ def run_zoo_build(args: ZooBuildArguments) -> dict[str, Any]:
     Returns:
         A summary dict (this process's build report, and on the main process the finalized counts).
     """
+    import os
+    import time
+
     import torch
-    from accelerate import PartialState
 
     from .build import build_zoo, finalize_zoo
     from .spec import ZooConfig
@@ -47,30 +49,28 @@ def run_zoo_build(args: ZooBuildArguments) -> dict[str, Any]:
     config = ZooConfig.from_yaml(args.config)
     if args.data_dir is not None:
         config.data_dir = args.data_dir
-    # cpu=True: with `accelerate launch --multi_gpu` on a CPU machine this gives one gloo group instead of N
-    # independent world-size-1 processes (HF-NOTES gotcha 16).
-    state = PartialState(cpu=not torch.cuda.is_available())
-    threads = args.threads or (1 if state.num_processes > 1 else None)
+    # Shard from the launcher's environment (RANK / WORLD_SIZE, set by `accelerate launch` and torchrun) and do NOT
+    # start a torch.distributed group: with one initialized, transformers' save_pretrained writes only on rank 0,
+    # so every transformers model of the other ranks came out as an empty folder.
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    threads = args.threads or (1 if world > 1 else None)
     if threads:
         torch.set_num_threads(threads)
-    report = build_zoo(
-        config, args.out, process_index=state.process_index, num_processes=state.num_processes, progress=args.progress
-    )
+    report = build_zoo(config, args.out, process_index=rank, num_processes=world, progress=args.progress)
     logger.info(
         "process %d/%d: built %d, skipped %d, rejected %d, failed %d in %.0f s",
-        state.process_index,
-        state.num_processes,
+        rank,
+        world,
         len(report.built),
         len(report.skipped),
         len(report.rejected),
         len(report.failed),
         report.wall_seconds,
     )
-    state.wait_for_everyone()
     summary: dict[str, Any] = {
         "out": str(Path(args.out)),
-        "process_index": state.process_index,
-        "num_processes": state.num_processes,
+        "process_index": rank,
+        "num_processes": world,
         "planned": report.planned,
         "built": len(report.built),
         "skipped": len(report.skipped),
@@ -78,11 +78,16 @@ def run_zoo_build(args: ZooBuildArguments) -> dict[str, Any]:
         "failed": report.failed,
         "wall_seconds": round(report.wall_seconds, 1),
     }
-    if args.finalize and state.is_main_process:
+    # A file barrier instead of a process group: the processes of one launch share the launcher as parent.
+    done = Path(args.out) / "logs" / f".done-{os.getppid() if world > 1 else os.getpid()}"
+    done.mkdir(parents=True, exist_ok=True)
+    (done / str(rank)).touch()
+    if args.finalize and rank == 0:
+        while len(list(done.iterdir())) < world:
+            time.sleep(2)
         ds = finalize_zoo(args.out, report_path=args.report)
         summary["accepted"] = len(ds)
         summary["report"] = args.report
-    state.wait_for_everyone()
     return summary
 
 

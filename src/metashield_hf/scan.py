@@ -1,0 +1,387 @@
+"""Model-level scan: "is this checkpoint backdoored, and which class is the target?" (DESIGN §2.6).
+
+[`scan_model`] needs a few clean samples and no triggered input. It synthesizes one candidate trigger per class
+([`metashield_hf.synthesis`]), measures how easily each class can be forced (Neural Cleanse's anomaly index over the
+classes), feeds the perturbed clean samples to the adapted input-level detector, and combines these signals with a
+small logistic head ([`ScanHead`]) into a score in ``[0, 1]``. [`neural_cleanse_scan`] is the Neural Cleanse baseline
+on the same synthesis machinery, so both can be compared on the same models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .scan_head import DEFAULT_SCAN_HEAD, SIGNALS, ScanHead, fit_scan_head
+from .synthesis import anomaly_indices, synthesis_space, synthesize_triggers
+from .targets import load_target
+from .targets.base import TargetAdapter, TargetOutput
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_SCAN_HEAD",
+    "SIGNALS",
+    "ClassEvidence",
+    "ScanHead",
+    "ScanReport",
+    "fit_scan_head",
+    "neural_cleanse_scan",
+    "scan_model",
+]
+
+MIN_SCAN_SAMPLES = 5
+NEURAL_CLEANSE_THRESHOLD = 2.0  # Wang et al. 2019: anomaly index > 2 ⇒ backdoored (≈ 95% for a normal distribution)
+
+
+# ---- the report -------------------------------------------------------------------------------------------------
+@dataclass
+class ClassEvidence:
+    """What the scan found for one class.
+
+    Attributes:
+        class_index / label: the class and its name (``config.id2label`` where the model has one).
+        trigger_size: smallest effective mask size (fraction of the perturbed space's entries).
+        reached: whether a mask flipped at least ``flip_threshold`` of the clean samples.
+        flip_rate: fraction of clean samples (not already of this class) the recorded trigger flips.
+        anomaly_index: ``(median - size) / (1.4826 * MAD)`` over classes; large = suspiciously easy to force.
+        detector_score: mean input-level detector score of the perturbed clean samples (``None`` without detector).
+    """
+
+    class_index: int
+    label: str
+    trigger_size: float
+    reached: bool
+    flip_rate: float
+    anomaly_index: float
+    detector_score: float | None = None
+
+
+@dataclass
+class ScanReport:
+    """Result of [`scan_model`] (or [`neural_cleanse_scan`]).
+
+    Attributes:
+        verdict: ``"backdoored"`` or ``"clean"``.
+        score: backdoor score (MetaShield: probability in ``[0, 1]``; Neural Cleanse: the anomaly index).
+        threshold: the score above which the verdict is ``"backdoored"``.
+        suspected_target: the class whose trigger was smallest.
+        anomaly_index: the suspected target's anomaly index.
+        signals: the model-level signals the head combines (see [`SIGNALS`]).
+        per_class: one [`ClassEvidence`] per class.
+        timings: seconds per stage (``load_s``, ``synthesis_s``, ``detector_s``, ``total_s``).
+    """
+
+    checkpoint: str
+    method: str
+    verdict: str
+    score: float
+    threshold: float
+    suspected_target: int
+    suspected_target_label: str
+    anomaly_index: float
+    signals: dict[str, float]
+    per_class: list[ClassEvidence]
+    n_clean_samples: int
+    space: str
+    timings: dict[str, float] = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+
+    @property
+    def is_backdoored(self) -> bool:
+        return self.verdict == "backdoored"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """The report as JSON (what ``metashield scan --json`` prints)."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+
+# ---- scanning ---------------------------------------------------------------------------------------------------
+def _name(checkpoint) -> str:
+    if isinstance(checkpoint, (str, os.PathLike)):
+        return str(checkpoint)
+    if isinstance(checkpoint, TargetAdapter):
+        checkpoint = checkpoint.model
+    path = getattr(getattr(checkpoint, "config", None), "_name_or_path", None)
+    return path or type(checkpoint).__name__
+
+
+def _clean_items(adapter: TargetAdapter, clean_samples, n: int | None, seed: int) -> list:
+    if isinstance(clean_samples, (str, os.PathLike)):
+        from .samples import load_samples
+
+        clean_samples = load_samples(clean_samples, n, seed=seed)
+    items = list(adapter.iter_items(clean_samples))
+    if n is not None:
+        items = items[:n]
+    if len(items) < MIN_SCAN_SAMPLES:
+        raise ValueError(
+            f"need at least {MIN_SCAN_SAMPLES} clean samples to scan a model (10-50 recommended), got {len(items)}; "
+            "pass more clean inputs of the model's modality"
+        )
+    return items
+
+
+def _labels(adapter: TargetAdapter, k: int) -> list[str]:
+    from .targets.transformers_models import unwrap
+
+    id2label = getattr(getattr(unwrap(adapter.model), "config", None), "id2label", None) or {}
+    return [str(id2label.get(i, id2label.get(str(i), i))) for i in range(k)]
+
+
+def _synthesize(adapter, items, *, steps, lr, flip_threshold, class_batch, seed):
+    """Clean outputs, synthesis result and per-class anomaly indices (shared by both scans)."""
+    clean_out = adapter(items)
+    num_classes = clean_out.logits.shape[1]
+    if num_classes < 2:
+        raise ValueError(f"the model has {num_classes} output; a scan needs a classifier with at least 2 classes")
+    if num_classes < 3:
+        logger.warning("only %d classes: the anomaly index (MAD over classes) cannot single out a target", num_classes)
+    space = synthesis_space(adapter, items)
+    torch.manual_seed(seed)
+    result = synthesize_triggers(
+        space,
+        clean_out.logits.argmax(-1),
+        num_classes,
+        steps=steps,
+        lr=lr,
+        flip_threshold=flip_threshold,
+        class_batch=class_batch,
+        seed=seed,
+    )
+    return clean_out, result, anomaly_indices(result.sizes)
+
+
+def _evidence(adapter, result, anomaly, detector_scores=None) -> list[ClassEvidence]:
+    labels = _labels(adapter, len(result.sizes))
+    return [
+        ClassEvidence(
+            class_index=k,
+            label=labels[k],
+            trigger_size=float(result.sizes[k]),
+            reached=bool(result.reached[k]),
+            flip_rate=float(result.flip_rates[k]),
+            anomaly_index=float(anomaly[k]),
+            detector_score=None if detector_scores is None else float(detector_scores[k]),
+        )
+        for k in range(len(result.sizes))
+    ]
+
+
+def _detector_scores(detector, adapter, clean_out: TargetOutput, result, *, adapt_steps: int, seed: int):
+    from .hub import load_detector
+    from .shield import adapt_from_activations
+
+    if detector is None or isinstance(detector, (str, os.PathLike)):
+        detector = load_detector(detector)
+    head = adapter.head
+    shield = adapt_from_activations(
+        detector,
+        clean_out,
+        head.weight.detach().float().cpu(),
+        None if head.bias is None else head.bias.detach().float().cpu(),
+        steps=adapt_steps,
+        seed=seed,
+    )
+    k, n = result.logits.shape[:2]
+    _, feats = shield.features_of(
+        TargetOutput(result.logits.reshape(k * n, -1), result.penultimate.reshape(k * n, -1))
+    )
+    return shield.score_features(feats).view(k, n).mean(1).numpy().astype(np.float64)
+
+
+def scan_model(
+    checkpoint,
+    clean_samples,
+    detector=None,
+    *,
+    processor=None,
+    n: int | None = None,
+    steps: int = 60,
+    lr: float = 0.3,
+    flip_threshold: float = 0.9,
+    class_batch: int = 16,
+    adapt_steps: int = 0,
+    use_detector: bool = True,
+    head: ScanHead | str | os.PathLike | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> ScanReport:
+    """Scan a classifier for a backdoor from a few clean samples, without any triggered input.
+
+    Args:
+        checkpoint: a Hub id, a local folder (transformers, timm, PEFT adapter), a model object or a target adapter.
+        clean_samples: at least 5 clean inputs of the model's modality (list, tensor batch, `datasets` column), or a
+            spec for [`load_samples`] (text file, image folder, CSV/JSONL/parquet, ``dataset[:split[:column]]``).
+        detector: the input-level [`MetaShieldDetector`] (or its folder / Hub id); default: the embedded one.
+        processor: tokenizer / image processor when ``checkpoint`` is a model object that needs one.
+        n: use at most this many clean samples.
+        steps / lr: Adam steps and learning rate of the trigger synthesis (all classes optimised together).
+        flip_threshold: fraction of clean samples a synthesized trigger must flip to count as effective.
+        class_batch: classes optimised in one batch (memory: ``class_batch * n`` rows per forward pass).
+        adapt_steps: inner-loop steps when adapting the detector (0 = reference statistics only).
+        use_detector: feed the synthesized inputs to the adapted detector (False: the detector signals are 0).
+        head: the model-level [`ScanHead`] (or its JSON path); default: the shipped one.
+        seed: seeds the synthesis and the detector's features; the same seed gives the same report.
+        batch_size: batch size of the clean forward pass.
+        trust_remote_code / allow_pickle: loading safety switches, both off by default.
+
+    Returns:
+        A [`ScanReport`] with the verdict, score, suspected target and per-class evidence.
+
+    Example:
+        ```python
+        >>> from metashield_hf import scan_model
+        >>> report = scan_model("path/to/checkpoint", clean_images[:20])
+        >>> report.verdict, report.suspected_target, round(report.score, 3)
+        ('backdoored', 0, 0.981)
+        >>> print(report.to_json())
+        ```
+    """
+    t0 = time.perf_counter()
+    adapter = load_target(
+        checkpoint,
+        processor,
+        batch_size=batch_size,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+    )
+    head = head if isinstance(head, ScanHead) else ScanHead.load(head)
+    items = _clean_items(adapter, clean_samples, n, seed)
+    t_load = time.perf_counter()
+    clean_out, result, anomaly = _synthesize(
+        adapter, items, steps=steps, lr=lr, flip_threshold=flip_threshold, class_batch=class_batch, seed=seed
+    )
+    t_syn = time.perf_counter()
+    det = None
+    if use_detector:
+        det = _detector_scores(detector, adapter, clean_out, result, adapt_steps=adapt_steps, seed=seed)
+    t_det = time.perf_counter()
+    target = int(np.argmax(anomaly))
+    sizes = result.sizes
+    response = det if det is not None else np.zeros(len(sizes))
+    signals = {
+        "anomaly_index": float(anomaly[target]),
+        "log_size_ratio": float(np.log(max(sizes[target], 1e-12) / max(float(np.median(sizes)), 1e-12))),
+        "detector_response": float(response[target]),
+        "detector_response_gap": float(response[target] - np.median(response)),
+    }
+    score = head.score(signals)
+    evidence = _evidence(adapter, result, anomaly, det)
+    t1 = time.perf_counter()
+    report = ScanReport(
+        checkpoint=_name(checkpoint),
+        method="metashield",
+        verdict="backdoored" if score > head.threshold else "clean",
+        score=score,
+        threshold=head.threshold,
+        suspected_target=target,
+        suspected_target_label=evidence[target].label,
+        anomaly_index=float(anomaly[target]),
+        signals=signals,
+        per_class=evidence,
+        n_clean_samples=len(items),
+        space=result.kind,
+        timings={
+            "load_s": t_load - t0,
+            "synthesis_s": t_syn - t_load,
+            "detector_s": t_det - t_syn,
+            "total_s": t1 - t0,
+        },
+        options={"steps": steps, "lr": lr, "flip_threshold": flip_threshold, "seed": seed, "head": head.source},
+    )
+    logger.info(
+        "scan of %s: %s (score %.3f, suspected target %d, anomaly index %.2f) in %.1f s",
+        report.checkpoint,
+        report.verdict,
+        score,
+        target,
+        report.anomaly_index,
+        report.timings["total_s"],
+    )
+    return report
+
+
+def neural_cleanse_scan(
+    checkpoint,
+    clean_samples,
+    *,
+    processor=None,
+    n: int | None = None,
+    steps: int = 60,
+    lr: float = 0.3,
+    flip_threshold: float = 0.99,
+    class_batch: int = 16,
+    threshold: float = NEURAL_CLEANSE_THRESHOLD,
+    seed: int = 0,
+    batch_size: int = 32,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> ScanReport:
+    """Neural Cleanse baseline: per-class mask + pattern reverse engineering and the MAD anomaly index.
+
+    Wang et al., "Neural Cleanse: Identifying and Mitigating Backdoor Attacks in Neural Networks", IEEE S&P 2019
+    (https://doi.org/10.1109/SP.2019.00031). The trigger of each class is the smallest mask (with its pattern) that
+    flips ``flip_threshold`` (the paper: 99%) of the clean samples; the model is flagged when the smallest mask's
+    anomaly index exceeds ``threshold`` (the paper: 2). It runs the same synthesis as [`scan_model`] (so the two
+    compare on equal terms) without the detector and the learned head.
+
+    Args:
+        checkpoint / clean_samples / processor / n / seed / batch_size / trust_remote_code / allow_pickle: as in
+            [`scan_model`].
+        steps / lr / flip_threshold / class_batch: the synthesis settings.
+        threshold: anomaly index above which the verdict is ``"backdoored"``.
+
+    Returns:
+        A [`ScanReport`] with ``method="neural_cleanse"`` and ``score`` = the anomaly index (unbounded).
+
+    Example:
+        ```python
+        >>> nc = neural_cleanse_scan(model, clean_images[:20])
+        >>> nc.verdict, nc.suspected_target, nc.anomaly_index
+        ('backdoored', 0, 3.7)
+        ```
+    """
+    t0 = time.perf_counter()
+    adapter = load_target(
+        checkpoint, processor, batch_size=batch_size, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
+    items = _clean_items(adapter, clean_samples, n, seed)
+    t_load = time.perf_counter()
+    _, result, anomaly = _synthesize(
+        adapter, items, steps=steps, lr=lr, flip_threshold=flip_threshold, class_batch=class_batch, seed=seed
+    )
+    t1 = time.perf_counter()
+    target = int(np.argmax(anomaly))
+    evidence = _evidence(adapter, result, anomaly)
+    sizes = result.sizes
+    return ScanReport(
+        checkpoint=_name(checkpoint),
+        method="neural_cleanse",
+        verdict="backdoored" if anomaly[target] > threshold else "clean",
+        score=float(anomaly[target]),
+        threshold=threshold,
+        suspected_target=target,
+        suspected_target_label=evidence[target].label,
+        anomaly_index=float(anomaly[target]),
+        signals={
+            "anomaly_index": float(anomaly[target]),
+            "log_size_ratio": float(np.log(max(sizes[target], 1e-12) / max(float(np.median(sizes)), 1e-12))),
+        },
+        per_class=evidence,
+        n_clean_samples=len(items),
+        space=result.kind,
+        timings={"load_s": t_load - t0, "synthesis_s": t1 - t_load, "total_s": t1 - t0},
+        options={"steps": steps, "lr": lr, "flip_threshold": flip_threshold, "seed": seed},
+    )

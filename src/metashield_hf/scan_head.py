@@ -1,0 +1,120 @@
+"""The model-level head of the scan (DESIGN §2.6): a tiny logistic model over the scan signals, and its fit."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+SIGNALS = ("anomaly_index", "log_size_ratio", "detector_response", "detector_response_gap")
+DEFAULT_SCAN_HEAD = Path(__file__).parent / "default_detector" / "scan_head.json"
+
+
+# ---- the model-level head ---------------------------------------------------------------------------------------
+@dataclass
+class ScanHead:
+    """A tiny logistic model over the scan signals: ``score = sigmoid(bias + Σ weights[s] * signals[s])``.
+
+    The shipped default (``default_detector/scan_head.json``) is a hand-set prior equivalent to Neural Cleanse's rule
+    (anomaly index > 2 ⇒ score > 0.5) until it is refit on the zoo with [`fit_scan_head`].
+
+    Attributes:
+        weights: one weight per name in [`SIGNALS`] (missing names weigh 0).
+        bias: the intercept.
+        threshold: score above which the verdict is ``"backdoored"``.
+        source: where the weights come from (``"prior"`` or a description of the fit).
+    """
+
+    weights: dict[str, float]
+    bias: float
+    threshold: float = 0.5
+    source: str = "prior"
+
+    def logit(self, signals: dict[str, float]) -> float:
+        unknown = sorted(set(self.weights) - set(SIGNALS))
+        if unknown:
+            raise ValueError(f"scan head has weights for unknown signals {unknown}; known: {list(SIGNALS)}")
+        return self.bias + sum(w * float(signals[name]) for name, w in self.weights.items() if w)
+
+    def score(self, signals: dict[str, float]) -> float:
+        """The backdoor probability in ``[0, 1]`` for one model's signals."""
+        z = self.logit(signals)
+        return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None) -> ScanHead:
+        """Read a head saved with [`save`] (the shipped default when ``path`` is None)."""
+        path = DEFAULT_SCAN_HEAD if path is None else Path(path)
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(**data)
+        except (OSError, json.JSONDecodeError, TypeError) as err:
+            raise ValueError(f"cannot read a scan head from {path}: {err}") from err
+
+
+def _signal_matrix(reports: Sequence, names: Sequence[str]) -> np.ndarray:
+    rows = []
+    for r in reports:
+        r = getattr(r, "signals", r)  # a ScanReport
+        if isinstance(r, dict):
+            missing = [n for n in names if n not in r]
+            if missing:
+                raise ValueError(f"signals {missing} missing from a report; it has {sorted(r)}")
+            rows.append([float(r[n]) for n in names])
+        else:
+            rows.append([float(v) for v in np.asarray(r, dtype=np.float64).ravel()])
+    x = np.asarray(rows, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != len(names):
+        raise ValueError(f"signal vectors must have {len(names)} values ({list(names)}), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("signal vectors contain NaN/inf; rerun the scans that produced them")
+    return x
+
+
+def fit_scan_head(
+    reports: Sequence, labels: Sequence[int], *, c: float = 1.0, signals: Sequence[str] = SIGNALS
+) -> ScanHead:
+    """Fit the model-level head on scans of zoo models with known labels (1 = backdoored, 0 = clean).
+
+    Signals are standardized for the fit (L2-regularized logistic regression, scikit-learn) and the weights mapped
+    back to raw signal units, so the saved head is a plain logistic model on the report's ``signals``.
+
+    Args:
+        reports: [`ScanReport`]s, ``signals`` dicts, or vectors in the order of ``signals``.
+        labels: 1 for backdoored models, 0 for clean ones (both must occur).
+        c: inverse regularization strength.
+        signals: the signal names used as features.
+
+    Returns:
+        A [`ScanHead`] (threshold 0.5).
+
+    Example:
+        ```python
+        >>> head = fit_scan_head([scan_model(m, clean) for m in zoo_models], zoo_labels)
+        >>> head.save("scan_head.json")
+        ```
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    x = _signal_matrix(reports, signals)
+    y = np.asarray(labels, dtype=int).ravel()
+    if len(y) != len(x):
+        raise ValueError(f"{len(x)} reports but {len(y)} labels")
+    if set(np.unique(y)) != {0, 1}:
+        raise ValueError(f"labels must contain both 0 (clean) and 1 (backdoored), got {sorted(set(y.tolist()))}")
+    mean, sd = x.mean(0), x.std(0)
+    sd[sd < 1e-12] = 1.0  # a constant signal carries no information; keep its weight at 0
+    clf = LogisticRegression(C=c, max_iter=1000).fit((x - mean) / sd, y)
+    w = clf.coef_[0] / sd
+    b = float(clf.intercept_[0] - (clf.coef_[0] * mean / sd).sum())
+    return ScanHead(
+        {n: float(v) for n, v in zip(signals, w, strict=True)}, b, 0.5, f"fit on {len(y)} models ({int(y.sum())} bd)"
+    )

@@ -1,0 +1,245 @@
+"""Model-level scan: backdoored vs clean digits models, text models through embedding space, the model-level head,
+and `metashield scan` with every clean-sample source and every bad input (exit code 2)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from builders import NUM_LABELS, build_image_model, build_text_model
+from metashield_hf.cli import main
+from metashield_hf.scan import ScanHead, ScanReport, fit_scan_head, neural_cleanse_scan, scan_model
+from metashield_hf.synthesis import anomaly_indices
+from test_pipeline import clean_sentences
+
+FAST = ["--steps", "5"]  # the CLI tests check plumbing, not detection quality
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models: a second intra-op thread costs more than it saves (20x slower on a busy 2-core machine).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def digits_models():
+    """(backdoored example, clean example): the bundled digits TinyCNN with a BadNets patch (target 0), and the same
+    recipe with no poisoning. Both are cached by `digits_badnets_example` (about a minute each the first time)."""
+    from metashield_hf.examples import digits_badnets_example
+
+    return digits_badnets_example(seed=0), digits_badnets_example(seed=0, poison_rate=0.0)
+
+
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory, wordpiece_tokenizer):
+    folder = tmp_path_factory.mktemp("scan") / "bert"
+    build_text_model("bert", len(wordpiece_tokenizer)).save_pretrained(folder)
+    wordpiece_tokenizer.save_pretrained(folder)
+    return folder
+
+
+# ---- the scan itself ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_scan_tells_backdoored_from_clean_digits(digits_models):
+    backdoored, clean = digits_models
+    assert backdoored.attack_success_rate > 0.9 and clean.attack_success_rate < 0.2
+    bd = scan_model(backdoored.model, backdoored.clean_pool[:20], seed=0)
+    ok = scan_model(clean.model, clean.clean_pool[:20], seed=0)
+    assert bd.score > ok.score
+    assert bd.suspected_target == backdoored.target_label
+    assert bd.verdict == "backdoored" and ok.verdict == "clean"
+    assert bd.anomaly_index > 2.0 > ok.anomaly_index
+    assert bd.space == "pixels" and len(bd.per_class) == 10 and bd.n_clean_samples == 20
+    target = bd.per_class[bd.suspected_target]
+    assert target.reached and target.flip_rate >= 0.9
+    assert target.trigger_size == min(c.trigger_size for c in bd.per_class)
+    assert all(0.0 <= c.detector_score <= 1.0 for c in bd.per_class)
+    assert set(bd.timings) == {"load_s", "synthesis_s", "detector_s", "total_s"}
+    again = json.loads(bd.to_json())
+    assert again["verdict"] == "backdoored" and again["per_class"][0]["class_index"] == 0
+
+
+@pytest.mark.slow
+def test_neural_cleanse_baseline_on_the_same_models(digits_models):
+    backdoored, clean = digits_models
+    bd = neural_cleanse_scan(backdoored.model, backdoored.clean_pool[:20], seed=0)
+    ok = neural_cleanse_scan(clean.model, clean.clean_pool[:20], seed=0)
+    assert bd.method == "neural_cleanse" and bd.score == bd.anomaly_index and bd.threshold == 2.0
+    assert bd.suspected_target == backdoored.target_label
+    assert bd.anomaly_index > ok.anomaly_index
+    assert bd.per_class[0].detector_score is None
+
+
+def test_text_model_scans_in_embedding_space(wordpiece_tokenizer):
+    model = build_text_model("bert", len(wordpiece_tokenizer))
+    report = scan_model(model, clean_sentences(12, 0), processor=wordpiece_tokenizer, steps=20, seed=0)
+    assert isinstance(report, ScanReport) and report.space == "embeddings"
+    assert len(report.per_class) == NUM_LABELS and report.verdict in {"clean", "backdoored"}
+    assert 0.0 <= report.score <= 1.0 and 0 <= report.suspected_target < NUM_LABELS
+    assert all(np.isfinite(c.trigger_size) and np.isfinite(c.anomaly_index) for c in report.per_class)
+    assert not any(p.grad is not None for p in model.parameters())  # synthesis leaves the model untouched
+
+
+def test_scan_is_seeded(wordpiece_tokenizer):
+    model = build_text_model("bert", len(wordpiece_tokenizer))
+    runs = [
+        scan_model(model, clean_sentences(8, 1), processor=wordpiece_tokenizer, steps=10, seed=3) for _ in range(2)
+    ]
+    a, b = (json.loads(r.to_json()) for r in runs)
+    for r in (a, b):
+        r.pop("timings")
+    assert a == b
+
+
+def test_scan_refuses_too_few_samples_and_headless_models(wordpiece_tokenizer):
+    model = build_text_model("bert", len(wordpiece_tokenizer))
+    with pytest.raises(ValueError, match="at least 5 clean samples"):
+        scan_model(model, clean_sentences(4, 0), processor=wordpiece_tokenizer)
+    with pytest.raises(ValueError, match="no classification head"):
+        scan_model(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU()), torch.rand(6, 1, 8, 8))
+
+
+# ---- anomaly index and the model-level head ------------------------------------------------------------------------
+def test_anomaly_index_known_answer():
+    sizes = np.array([0.1, 0.5, 0.6, 0.4, 0.5])
+    # median 0.5; |s - 0.5| = [0.4, 0, 0.1, 0.1, 0] → MAD 0.1 → scale 0.14826
+    expected = (0.5 - sizes) / (1.4826 * 0.1)
+    np.testing.assert_allclose(anomaly_indices(sizes), expected)
+    assert np.all(anomaly_indices(np.full(4, 0.3)) == 0.0)  # all equal: no outlier, no NaN
+
+
+def test_default_head_is_the_neural_cleanse_prior():
+    head = ScanHead.load()
+    zeros = {"log_size_ratio": 0.0, "detector_response": 0.0, "detector_response_gap": 0.0}
+    assert head.score({"anomaly_index": 3.0, **zeros}) > 0.5 > head.score({"anomaly_index": 1.0, **zeros})
+    assert head.score({"anomaly_index": 2.0, **zeros}) == pytest.approx(0.5)
+
+
+def test_fit_scan_head_on_synthetic_signals(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 80
+    y = np.r_[np.zeros(n // 2), np.ones(n // 2)].astype(int)
+    # backdoored: larger anomaly index, smaller triggers, higher detector response; one signal is pure noise
+    x = np.c_[
+        rng.normal(1.0, 0.6, n) + 2.5 * y,
+        rng.normal(-0.2, 0.2, n) - 0.6 * y,
+        rng.normal(0.5, 0.1, n),
+        rng.normal(0.0, 0.05, n) + 0.1 * y,
+    ]
+    head = fit_scan_head(x, y)
+    scores = np.array([head.score(dict(zip(head.weights, row, strict=True))) for row in x])
+    assert ((scores > head.threshold) == y).mean() > 0.9
+    assert head.weights["anomaly_index"] > 0 and head.weights["log_size_ratio"] < 0
+    head.save(tmp_path / "head.json")
+    assert ScanHead.load(tmp_path / "head.json") == head
+    with pytest.raises(ValueError, match="both 0"):
+        fit_scan_head(x, np.ones(n, dtype=int))
+    with pytest.raises(ValueError, match="4 values"):
+        fit_scan_head(x[:, :3], y)
+
+
+# ---- the CLI ----------------------------------------------------------------------------------------------------
+def _scan(argv, capsys) -> tuple[int, str, str]:
+    code = main(["scan", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("source", ["txt", "csv", "jsonl", "parquet", "dataset"])
+def test_cli_clean_sample_sources(source, bert_folder, tmp_path, capsys):
+    import pandas as pd
+
+    sentences = clean_sentences(10, 0)
+    table = pd.DataFrame({"label": list(range(10)), "text": sentences})
+    if source == "txt":
+        spec = tmp_path / "clean.txt"
+        spec.write_text("\n".join(sentences))
+    elif source == "csv":
+        spec = tmp_path / "clean.csv"
+        table.to_csv(spec, index=False)
+    elif source == "jsonl":
+        spec = tmp_path / "clean.jsonl"
+        table.to_json(spec, orient="records", lines=True)
+    elif source == "parquet":
+        spec = tmp_path / "clean.parquet"
+        table.to_parquet(spec)
+    else:
+        (tmp_path / "ds").mkdir()
+        table.to_csv(tmp_path / "ds" / "train.csv", index=False)
+        spec = f"{tmp_path / 'ds'}:train:text"
+    code, out, err = _scan([str(bert_folder), "--clean-samples", str(spec), "--n", "8", "--json", *FAST], capsys)
+    assert code in (0, 1), err
+    report = json.loads(out)
+    assert report["n_clean_samples"] == 8 and report["space"] == "embeddings"
+    assert code == (1 if report["verdict"] == "backdoored" else 0) and "exit_code" not in report
+
+
+def test_cli_image_folder_and_text_output(tmp_path, pil_images, capsys):
+    model, processor = build_image_model("vit")
+    model.save_pretrained(tmp_path / "vit")
+    processor.save_pretrained(tmp_path / "vit")
+    (tmp_path / "images").mkdir()
+    for i in range(6):
+        pil_images[i % len(pil_images)].save(tmp_path / "images" / f"{i}.png")
+    code, out, err = _scan([str(tmp_path / "vit"), "--clean-samples", str(tmp_path / "images"), *FAST], capsys)
+    assert code in (0, 1), err
+    assert "suspected target class" in out and "anomaly" in out and "pixels" in out
+
+
+def test_cli_exit_code_1_when_backdoored(bert_folder, tmp_path, capsys):
+    # A head that calls everything backdoored checks the exit-code plumbing without a real backdoor.
+    ScanHead({"anomaly_index": 0.0}, 10.0, source="always").save(tmp_path / "head.json")
+    (tmp_path / "clean.txt").write_text("\n".join(clean_sentences(6, 0)))
+    argv = [
+        str(bert_folder),
+        "--clean-samples",
+        str(tmp_path / "clean.txt"),
+        "--scan-head",
+        str(tmp_path / "head.json"),
+    ]
+    code, out, _ = _scan([*argv, *FAST, "--neural-cleanse"], capsys)
+    assert code == 1 and "BACKDOORED" in out and "Neural Cleanse" in out
+
+
+def test_cli_bad_inputs_exit_2(bert_folder, tmp_path, capsys, wordpiece_tokenizer):
+    from transformers import BertConfig, BertModel
+
+    good = tmp_path / "clean.txt"
+    good.write_text("\n".join(clean_sentences(8, 0)))
+    cases = {}
+    cases["missing"] = ([str(tmp_path / "missing"), "--clean-samples", str(good)], "does not exist")
+    cases["no samples arg"] = ([str(bert_folder)], "--clean-samples is required")
+    cases["no checkpoint"] = (["--clean-samples", str(good)], "name the checkpoint")
+    cases["missing samples"] = ([str(bert_folder), "--clean-samples", str(tmp_path / "nope.txt")], "nope.txt")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81" * 20)
+    cases["unreadable samples"] = ([str(bert_folder), "--clean-samples", str(tmp_path / "binary.txt")], "UTF-8")
+    (tmp_path / "few.txt").write_text("\n".join(clean_sentences(3, 0)))
+    cases["few samples"] = ([str(bert_folder), "--clean-samples", str(tmp_path / "few.txt")], "at least 5")
+    cases["n below 5"] = ([str(bert_folder), "--clean-samples", str(good), "--n", "3"], "at least 5")
+    headless = tmp_path / "headless"
+    BertModel(
+        BertConfig(
+            vocab_size=len(wordpiece_tokenizer),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=37,
+        )
+    ).save_pretrained(headless)
+    wordpiece_tokenizer.save_pretrained(headless)
+    cases["no classification head"] = ([str(headless), "--clean-samples", str(good)], "not a classifier")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((bert_folder / "config.json").read_text())
+    torch.save({}, pickled / "pytorch_model.bin")
+    cases["pickle only"] = ([str(pickled), "--clean-samples", str(good)], "allow_pickle")
+    for name, (argv, message) in cases.items():
+        code, _, err = _scan([*argv, *FAST], capsys)
+        assert code == 2, name
+        assert message in err, (name, err)
