@@ -1,6 +1,8 @@
 """Session-wide test set-up: offline before any Hugging Face import, so a test that would download fails loudly."""
 
 import os
+import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -14,6 +16,9 @@ import numpy as np  # noqa: E402  (after the offline environment is set)
 import pytest  # noqa: E402
 
 from builders import SENTENCES  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "zoo" / "tiny.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -82,3 +87,25 @@ def pil_images():
     rng = np.random.default_rng(0)
     sizes = [(40, 36), (32, 32), (50, 30), (28, 28)]
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """The tiny zoo's config (configs/zoo/tiny.yaml)."""
+    from metashield_hf.zoo import ZooConfig
+
+    return ZooConfig.from_yaml(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory, tiny_config):
+    """``(out_dir, build_report, build_seconds)`` of the tiny zoo, finalized; built once per session (about 1 min),
+    shared by tests/zoo and tests/meta."""
+    from metashield_hf.zoo import build_zoo, finalize_zoo
+
+    out = tmp_path_factory.mktemp("zoo") / "tiny"
+    start = time.perf_counter()
+    report = build_zoo(tiny_config, out, progress=False)
+    seconds = time.perf_counter() - start
+    finalize_zoo(out)
+    return out, report, seconds

@@ -29,6 +29,7 @@ META_KEYS = (
     "family",
     "architecture",
     "attack",
+    "is_backdoored",
     "target_label",
     "poison_rate",
     "clean_accuracy",
@@ -54,11 +55,18 @@ class TaskActivations:
 
     @property
     def backdoored(self) -> bool:
-        return self.meta["attack"] != "none"
+        return bool(self.meta.get("is_backdoored", self.meta["attack"] != "none"))
 
 
 def cache_path(cache_dir: str | Path, model_id: str) -> Path:
+    """The cache file of one zoo model: ``<cache_dir>/<model_id>.safetensors``."""
     return Path(cache_dir) / f"{model_id}.safetensors"
+
+
+def read_meta(path: str | Path) -> dict:
+    """A cache file's metadata (domain, attack, ...) from its header only, without loading the tensors."""
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["meta"])
 
 
 def cache_activations(
@@ -69,10 +77,18 @@ def cache_activations(
     Args:
         zoo: the zoo `datasets.Dataset` (see `metashield_hf.zoo.load_zoo`).
         cache_dir: folder of ``<model_id>.safetensors`` files.
+        progress: show a tqdm bar.
         rows: only these row indices (e.g. this process's shard).
 
     Returns:
-        The cache files of the requested rows.
+        The cache files of the requested rows (existing files are kept as they are: a ``model_id`` names one trained
+        checkpoint, so its activations never change).
+
+    Example:
+        ```python
+        >>> paths = cache_activations(load_zoo("zoo_tiny"), "cache")   # a second call computes nothing
+        >>> task = load_task(paths[0])
+        ```
     """
     from ..zoo import row_probe, row_to_target
 
@@ -110,6 +126,7 @@ def cache_activations(
 
 
 def load_task(path: str | Path) -> TaskActivations:
+    """One cached task."""
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["meta"])
         t = {k: f.get_tensor(k) for k in f.keys()}
