@@ -13,8 +13,21 @@ from PIL import Image
 from metashield_hf.attacks import ATTACKS, NOISE_COLUMN, POISONED_COLUMN, Attack, attack_from_dict
 
 EXPECTED = {"badnets", "blend", "trojan_watermark", "wanet", "rare_word", "char_substitution", "syntactic_template"}
+EXPECTED_FL = {
+    "fl_data_poisoning",
+    "dba",
+    "model_replacement",
+    "model_replacement_constrained",
+    "neurotoxin",
+    "targeted_weight_modification",
+}
 CV = [n for n in ATTACKS.list() if ATTACKS.get(n).domain == "cv"]
 NLP = [n for n in ATTACKS.list() if ATTACKS.get(n).domain == "nlp"]
+# fl attacks train malicious clients, but what a model is probed with is their cv trigger: ``apply`` and ``poison``
+# take images, so every vision contract below holds for them too.
+FL = [n for n in ATTACKS.list() if ATTACKS.get(n).domain == "fl"]
+IMAGE = CV + FL
+ALL = IMAGE + NLP
 
 
 def _images(seed: int = 0, shape: tuple[int, ...] = (4, 3, 16, 16)) -> torch.Tensor:
@@ -22,7 +35,7 @@ def _images(seed: int = 0, shape: tuple[int, ...] = (4, 3, 16, 16)) -> torch.Ten
 
 
 def _inputs(name: str, sentences: list[str]):
-    return _images() if name in CV else list(sentences[:6])
+    return _images() if name in IMAGE else list(sentences[:6])
 
 
 def _same(a, b) -> bool:
@@ -36,15 +49,17 @@ def _same(a, b) -> bool:
 
 
 def test_registry_holds_the_issue_attacks():
-    assert EXPECTED <= set(ATTACKS.list())
+    assert EXPECTED | EXPECTED_FL <= set(ATTACKS.list())
     assert set(CV) | set(NLP) >= EXPECTED
-    for name in EXPECTED:
+    assert set(FL) >= EXPECTED_FL
+    assert set(ALL) == set(ATTACKS.list()), "every attack must be in a domain the contract tests cover"
+    for name in EXPECTED | EXPECTED_FL:
         cls = ATTACKS.get(name)
         assert issubclass(cls, Attack) and cls.name == name
         assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen
 
 
-@pytest.mark.parametrize("name", CV + NLP)
+@pytest.mark.parametrize("name", ALL)
 def test_frozen_and_validated(name):
     attack = ATTACKS.build(name)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -55,7 +70,7 @@ def test_frozen_and_validated(name):
         ATTACKS.build(name, seed=1.5)
 
 
-@pytest.mark.parametrize("name", CV + NLP)
+@pytest.mark.parametrize("name", ALL)
 def test_deterministic_under_seed(name, sentences):
     x = _inputs(name, sentences)
     out = ATTACKS.build(name, seed=3).apply(x)
@@ -65,12 +80,12 @@ def test_deterministic_under_seed(name, sentences):
     assert _same(out, other) != ATTACKS.build(name, seed=3).seed_dependent
 
 
-@pytest.mark.parametrize("name", CV + NLP)
+@pytest.mark.parametrize("name", ALL)
 def test_batch_equals_items(name, sentences):
     attack = ATTACKS.build(name, seed=1)
     x = _inputs(name, sentences)
     batch = attack.apply(x)
-    if name in CV:
+    if name in IMAGE:
         items = torch.stack([attack.apply(x[i]) for i in range(len(x))])
         torch.testing.assert_close(batch, items, atol=1e-6, rtol=0)
         torch.testing.assert_close(attack.apply(x.flip(0)), batch.flip(0), atol=1e-6, rtol=0)
@@ -79,7 +94,7 @@ def test_batch_equals_items(name, sentences):
         assert attack.apply(x[::-1]) == batch[::-1]  # the same text gets the same trigger in any batch order
 
 
-@pytest.mark.parametrize("name", CV)
+@pytest.mark.parametrize("name", IMAGE)
 def test_vision_types_shapes_and_range(name):
     attack = ATTACKS.build(name, seed=2)
     for x in (_images(), _images(1, (2, 1, 12, 20)), _images(2, (3, 16, 16)), _images(3, (1, 3, 16, 16)).double()):
@@ -117,7 +132,7 @@ def test_text_types(name, sentences):
         attack.apply(_images())
 
 
-@pytest.mark.parametrize("name", CV + NLP)
+@pytest.mark.parametrize("name", ALL)
 def test_to_dict_round_trip(name):
     attack = ATTACKS.build(name, seed=7)
     params = attack.to_dict()
@@ -137,10 +152,10 @@ def test_attack_from_dict_errors():
         attack_from_dict({"name": "nope"})
 
 
-@pytest.mark.parametrize("name", CV + NLP)
+@pytest.mark.parametrize("name", ALL)
 def test_poison_contract(name, digits_dataset, sentences_dataset):
-    ds = digits_dataset if name in CV else sentences_dataset
-    column = "image" if name in CV else "text"
+    ds = digits_dataset if name in IMAGE else sentences_dataset
+    column = "image" if name in IMAGE else "text"
     attack = ATTACKS.build(name, seed=5)
     rate, target = 0.25, 1
     out = attack.poison(ds, rate=rate, target=target)
@@ -156,8 +171,8 @@ def test_poison_contract(name, digits_dataset, sentences_dataset):
     assert (new_labels[~poisoned] == labels[~poisoned]).all()
 
     noise = np.asarray(out[NOISE_COLUMN]) if NOISE_COLUMN in out.column_names else np.zeros(len(ds), dtype=bool)
-    raw_in = ds.cast_column(column, type(ds.features[column])(decode=False)) if name in CV else ds
-    raw_out = out.cast_column(column, type(ds.features[column])(decode=False)) if name in CV else out
+    raw_in = ds.cast_column(column, type(ds.features[column])(decode=False)) if name in IMAGE else ds
+    raw_out = out.cast_column(column, type(ds.features[column])(decode=False)) if name in IMAGE else out
     for i in np.flatnonzero(~poisoned & ~noise):  # untouched rows are stored exactly as before
         assert raw_out[int(i)][column] == raw_in[int(i)][column]
     for i in np.flatnonzero(poisoned):  # poisoned rows hold exactly the trigger applied to the original input
@@ -169,11 +184,11 @@ def test_poison_contract(name, digits_dataset, sentences_dataset):
     assert other[POISONED_COLUMN] != out[POISONED_COLUMN]  # the rows picked depend on the seed
 
 
-@pytest.mark.parametrize("name", [CV[0], NLP[0]])
+@pytest.mark.parametrize("name", [CV[0], NLP[0], FL[0]])
 def test_poison_errors(name, digits_dataset, sentences_dataset):
-    ds, wrong = (digits_dataset, sentences_dataset) if name in CV else (sentences_dataset, digits_dataset)
+    ds, wrong = (digits_dataset, sentences_dataset) if name in IMAGE else (sentences_dataset, digits_dataset)
     attack = ATTACKS.build(name)
-    eligible = 18 if name in CV else 10
+    eligible = 18 if name in IMAGE else 10
     with pytest.raises(ValueError, match=f"only {eligible} of 20 rows have a label other than target=1"):
         attack.poison(ds, rate=0.95, target=1)
     with pytest.raises(ValueError, match="rate must be a finite number in"):

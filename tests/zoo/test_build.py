@@ -26,13 +26,13 @@ pytestmark = pytest.mark.slow
 
 def test_tiny_zoo_builds_within_budget(tiny_zoo, tiny_config):
     out, report, seconds = tiny_zoo
-    assert report.planned == 10 and report.assigned == 10
+    assert report.planned == 12 and report.assigned == 12
     assert not report.failed, report.failed
-    assert len(report.built) + len(report.rejected) == 10
+    assert len(report.built) + len(report.rejected) == 12
     assert seconds < 180, f"tiny zoo took {seconds:.0f} s; it must stay under 3 minutes"
     zoo = load_zoo(out)
     rejected = {p.stem for p in (out / "rejected").glob("*.json")}
-    assert len(zoo) == 10 - len(rejected) and len(zoo) >= 6
+    assert len(zoo) == 12 - len(rejected) and len(zoo) >= 8
     assert zoo.features == FEATURES
     assert set(zoo["model_id"]) == {s.model_id for s in plan(tiny_config)} - rejected
     for row in zoo.select_columns([c for c in zoo.column_names if c not in HEAVY_COLUMNS]):
@@ -57,6 +57,7 @@ def test_rows_back_to_targets_reproduce_the_stored_asr(tiny_zoo, tmp_path):
     out, _, _ = tiny_zoo
     zoo = load_zoo(out)
     rows = [_first(zoo, domain="cv", is_backdoored=True), _first(zoo, family="peft") or _first(zoo, domain="nlp")]
+    rows.append(_first(zoo, domain="fl", is_backdoored=True) or _first(zoo, domain="fl"))  # a federated global model
     assert all(r is not None for r in rows)
     for row in rows:
         clean, triggered, labels = row_probe(row)
@@ -122,7 +123,7 @@ def test_shards_split_the_plan(tiny_zoo, tiny_config):
     out, _, _ = tiny_zoo
     specs = plan(tiny_config)
     second = build_zoo(tiny_config, out, process_index=1, num_processes=2, progress=False)
-    assert second.assigned == 5 and second.skipped == [s.model_id for s in specs[1::2]]
+    assert second.assigned == 6 and second.skipped == [s.model_id for s in specs[1::2]]
     with pytest.raises(ValueError, match="process_index 2 must be in \\[0, 2\\)"):
         build_zoo(tiny_config, out, process_index=2, num_processes=2)
 
@@ -161,3 +162,18 @@ def test_accuracy_floor_known_answer():
     rejects = accuracy_floor_rejects(rows, margin=0.05)
     assert sorted(rejects) == ["c3", "p2"] and "median clean d/a 0.800" in rejects["p2"]
     assert np.isclose(0.80 - 0.05, 0.75)
+
+
+def test_chance_floor_rejects_collapsed_models():
+    from metashield_hf.zoo.build import accuracy_floor_rejects
+
+    # sst2 has 2 classes: chance 0.5, floor 0.6 with margin 0.1. Every clean model collapsed too (median 0.51, so the
+    # median floor alone would accept the collapsed poisoned one with its meaningless ASR).
+    rows = [
+        {"model_id": "c1", "dataset": "sst2", "architecture": "a", "is_backdoored": False, "clean_accuracy": 0.51},
+        {"model_id": "p1", "dataset": "sst2", "architecture": "a", "is_backdoored": True, "clean_accuracy": 0.50},
+        {"model_id": "p2", "dataset": "sst2", "architecture": "b", "is_backdoored": True, "clean_accuracy": 0.62},
+    ]
+    assert accuracy_floor_rejects(rows, margin=0.05) == {}
+    rejects = accuracy_floor_rejects(rows, margin=0.05, chance_margin=0.1)
+    assert sorted(rejects) == ["c1", "p1"] and "< chance 0.500 + margin 0.1" in rejects["p1"]

@@ -31,13 +31,18 @@ def test_clean_models_are_drawn_like_poisoned(tiny_config):
     specs = plan(tiny_config)
     clean = [s for s in specs if s.attack == "none"]
     # tiny: per cell and architecture, one poisoned model per attack and one clean model
-    assert len(clean) == 4 and len(specs) == 10
+    # (cv: 2 archs x (2 + 1), nlp: 2 x (1 + 1), fl: 1 x (1 + 1))
+    assert len(clean) == 5 and len(specs) == 12
+    assert {s.domain for s in specs} == {"cv", "nlp", "fl"}
+    assert {s.architecture for s in specs if s.domain == "fl"} == {"cnn_fedavg"}
     for s in specs:
         recipe_of_kind = {t.recipe for t in specs if (t.dataset, t.architecture) == (s.dataset, s.architecture)}
         assert len(recipe_of_kind) == 1, "clean and poisoned models of a kind must share the recipe"
         if s.is_backdoored:
             assert 0 <= s.target_label < s.num_classes
-            assert 0.10 <= s.poison_rate <= 0.15
+            cell = next(c for c in tiny_config.cells if (c["domain"], c["dataset"]) == (s.domain, s.dataset))
+            lo, hi = cell.get("poison_rate_range", tiny_config.poison_rate_range)
+            assert lo <= s.poison_rate <= hi
             assert s.probe_attack_params == s.attack_params
             assert s.attack_object().to_dict() == json.loads(s.attack_params)
         else:

@@ -2,6 +2,8 @@
 
 Vision (``domain="cv"``): ``badnets``, ``blend``, ``trojan_watermark``, ``wanet``.
 Text (``domain="nlp"``): ``rare_word``, ``char_substitution``, ``syntactic_template``.
+Federated (``domain="fl"``): ``fl_data_poisoning``, ``dba``, ``model_replacement``, ``model_replacement_constrained``,
+``neurotoxin``, ``targeted_weight_modification``.
 
 Example:
     ```python
@@ -15,6 +17,15 @@ Example:
 from __future__ import annotations
 
 from .base import ATTACKS, POISONED_COLUMN, Attack, attack_from_dict
+from .federated import (
+    DBA,
+    FederatedAttack,
+    FLDataPoisoning,
+    ModelReplacement,
+    ModelReplacementConstrained,
+    Neurotoxin,
+    TargetedWeightModification,
+)
 from .text import CharSubstitution, RareWordInsertion, SyntacticTemplate
 from .vision import NOISE_COLUMN, BadNets, Blend, TrojanWatermark, WaNet
 
@@ -23,7 +34,14 @@ __all__ = [
     "NOISE_COLUMN",
     "POISONED_COLUMN",
     "Attack",
+    "DBA",
     "BadNets",
+    "FLDataPoisoning",
+    "FederatedAttack",
+    "ModelReplacement",
+    "ModelReplacementConstrained",
+    "Neurotoxin",
+    "TargetedWeightModification",
     "Blend",
     "CharSubstitution",
     "RareWordInsertion",

@@ -582,7 +582,7 @@ class DBA(FederatedAttack):
     whole trigger (:meth:`apply`), which no single client ever used.
 
     Args:
-        num_parts: number of trigger parts (the paper uses 4).
+        num_parts: number of trigger parts (the paper uses 4); at least 2, since one part is plain data poisoning.
 
     Example:
         ```python
@@ -598,7 +598,8 @@ class DBA(FederatedAttack):
     num_parts: int = 4
 
     def __post_init__(self) -> None:
-        check_int("num_parts", self.num_parts, minimum=1)
+        # One part would be the whole trigger: every client would train on it whole, which DBA is defined against.
+        check_int("num_parts", self.num_parts, minimum=2)
         super().__post_init__()
 
     def part_masks(self, channels: int, height: int, width: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ Sharding: process ``i`` of ``n`` builds ``specs[i::n]``; parts of all processes 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -206,10 +207,19 @@ def _read_parts(out: Path):
     return pa.concat_tables([pq.read_table(p) for p in parts])
 
 
-def accuracy_floor_rejects(metadata: list[dict[str, Any]], margin: float) -> dict[str, str]:
+def accuracy_floor_rejects(
+    metadata: list[dict[str, Any]], margin: float, chance_margin: float = 0.0
+) -> dict[str, str]:
     """Models whose clean accuracy is below the median clean model of the same (dataset, architecture) minus
-    ``margin``; returns ``{model_id: reason}``. Kinds without clean models are not judged (a warning is logged)."""
+    ``margin``, or below chance (``1 / classes``) plus ``chance_margin``; returns ``{model_id: reason}``.
+
+    The chance floor matters because the median floor is relative: when the clean models of a kind collapsed too, a
+    collapsed backdoored model passes it with a meaningless ASR of 1.0. Kinds without clean models get only the chance
+    floor (a warning is logged).
+    """
     import numpy as np
+
+    from .spec import NUM_CLASSES
 
     clean: dict[tuple[str, str], list[float]] = {}
     for m in metadata:
@@ -219,13 +229,18 @@ def accuracy_floor_rejects(metadata: list[dict[str, Any]], margin: float) -> dic
     out = {}
     for m in metadata:
         kind = (m["dataset"], m["architecture"])
+        acc = float(m["clean_accuracy"])
+        chance = 1.0 / NUM_CLASSES[m["dataset"]] if m["dataset"] in NUM_CLASSES else None
+        if chance is not None and acc < chance + chance_margin:
+            out[m["model_id"]] = f"clean accuracy {acc:.3f} < chance {chance:.3f} + margin {chance_margin}"
+            continue
         if kind not in medians:
-            logger.warning("no clean %s/%s model: accuracy floor not applied to %s", *kind, m["model_id"])
+            logger.warning("no clean %s/%s model: median accuracy floor not applied to %s", *kind, m["model_id"])
             continue
         floor = medians[kind] - margin
-        if float(m["clean_accuracy"]) < floor:
+        if acc < floor:
             out[m["model_id"]] = (
-                f"clean accuracy {m['clean_accuracy']:.3f} < floor {floor:.3f} (median clean "
+                f"clean accuracy {acc:.3f} < floor {floor:.3f} (median clean "
                 f"{kind[0]}/{kind[1]} {medians[kind]:.3f} - margin {margin})"
             )
     return out
@@ -261,7 +276,7 @@ def finalize_zoo(out_dir: str | os.PathLike, *, report_path: str | os.PathLike |
         if json.loads(p.read_text()).get("stage") == "accuracy_floor":
             p.unlink()
     margin = config.acc_margin if config else 0.05
-    acc_rejects = accuracy_floor_rejects(metadata, margin)
+    acc_rejects = accuracy_floor_rejects(metadata, margin, config.chance_margin if config else 0.0)
     for m in metadata:
         if m["model_id"] in acc_rejects:
             _write_json(
@@ -312,9 +327,18 @@ def load_zoo(path_or_hub_id: str | os.PathLike, split: str = "train", *, config_
         target = row_to_target(zoo[0])
         ```
     """
-    from datasets import load_dataset
+    import datasets
 
-    return load_dataset(str(path_or_hub_id), config_name, split=split)
+    kwargs: dict[str, Any] = {}
+    folder = Path(path_or_hub_id)
+    if folder.is_dir():
+        # datasets caches a local folder under its name only (.../datasets/tiny/default/0.0.0/<fixed hash>), so a
+        # rebuilt zoo, or another zoo folder of the same name, would silently load the old rows: key the cache by
+        # the data files themselves (resolved path, size, mtime).
+        stamp = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*.parquet"))]
+        key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
+        kwargs["cache_dir"] = str(Path(datasets.config.HF_DATASETS_CACHE) / "metashield_zoo" / key)
+    return datasets.load_dataset(str(path_or_hub_id), config_name, split=split, **kwargs)
 
 
 def row_to_target(row: dict[str, Any], workdir: str | os.PathLike | None = None, **load_kwargs: Any):

@@ -300,7 +300,8 @@ def render_report(
         f"{n_clean} clean = {n_clean / max(n, 1):.0%}); rejected: {len(rejects)}; failed: {len(failures)}",
         "- per domain: " + ", ".join(f"{d}: {len(v)}" for (d,), v in _group(accepted, "domain").items()),
         f"- floors: ASR >= {config.asr_min if config else '?'} for backdoored models; clean accuracy >= median clean "
-        f"model of the same dataset/architecture - {config.acc_margin if config else '?'}",
+        f"model of the same dataset/architecture - {config.acc_margin if config else '?'}, and >= chance + "
+        f"{config.chance_margin if config else '?'}",
         f"- build seconds per accepted model (min / median / max): {_stats(secs, '{:.1f}')}; total {sum(secs):.0f} s",
         "",
         "## Counts per domain × attack × architecture",

@@ -293,6 +293,8 @@ class ZooConfig:
         asr_min: a poisoned model is accepted only with an attack success rate at least this.
         acc_margin: a model is accepted only if its clean accuracy is at least the median clean accuracy of the clean
             models of the same (dataset, architecture) minus this margin.
+        chance_margin: a model is also accepted only if its clean accuracy is at least chance (``1 / classes``) plus
+            this: a model that collapsed onto one class "reaches" ASR 1.0 without having learned any trigger.
         poison_rate_range: poison rates are drawn uniformly from this range.
         cells: a list of dicts ``{domain, dataset, architectures, attacks, n_poisoned_per_attack, n_clean, recipe}``
             plus optional ``recipe_overrides`` (``{architecture: {key: value}}``), ``families``
@@ -314,6 +316,7 @@ class ZooConfig:
     probe_size: int = 128
     asr_min: float = 0.85
     acc_margin: float = 0.05
+    chance_margin: float = 0.1
     poison_rate_range: tuple[float, float] = (0.05, 0.10)
     cells: list[dict[str, Any]] = field(default_factory=list)
 
@@ -338,7 +341,7 @@ class ZooConfig:
     def from_dict(cls, d: dict[str, Any]) -> ZooConfig:
         d = dict(d)
         floors = d.pop("floors", None) or {}
-        d.update({k: floors[k] for k in ("asr_min", "acc_margin") if k in floors})
+        d.update({k: floors[k] for k in ("asr_min", "acc_margin", "chance_margin") if k in floors})
         if "poison_rate_range" in d:
             d["poison_rate_range"] = tuple(d["poison_rate_range"])
         unknown = set(d) - {f.name for f in fields(cls)}
