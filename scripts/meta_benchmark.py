@@ -89,7 +89,9 @@ def render(records: list[dict], meta: dict) -> str:
     for by, title in (("domain", "domain"), ("attack", "attack")):
         for k in ks:
             lines += [f"## Per {title}, k = {k} clean samples", ""]
-            header = "| variant | " + " | ".join(f"{key}: TPR@5%FPR / FPR / AUROC" for key in _keys(records, by)) + " |"
+            header = (
+                "| variant | " + " | ".join(f"{key}: TPR@5%FPR / FPR / AUROC" for key in _keys(records, by)) + " |"
+            )
             lines += [header, "|---|" + "---|" * len(_keys(records, by))]
             for v in variants:
                 table = summarize([r for r in records if r["variant"] == v and r["k"] == k], by)
@@ -133,7 +135,9 @@ def main() -> None:
     start = time.perf_counter()
     records = run(args)
     Path(f"{out}.shard{args.shard.replace('/', 'of')}.json").write_text(json.dumps(records, indent=1))
-    print(f"{len(records)} records in {time.perf_counter() - start:.0f} s; mean {np.mean([r['seconds'] for r in records]):.2f} s")
+    print(
+        f"{len(records)} records in {time.perf_counter() - start:.0f} s; mean {np.mean([r['seconds'] for r in records]):.2f} s"
+    )
 
 
 if __name__ == "__main__":

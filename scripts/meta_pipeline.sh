@@ -5,6 +5,7 @@
 #   bash scripts/meta_pipeline.sh            # after: metashield zoo build --config configs/zoo/standard.yaml --out artifacts/zoo/standard
 set -euo pipefail
 cd "$(dirname "$0")/.."
+[ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ] && . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 ZOO=${ZOO:-artifacts/zoo/standard}
 OUT=${OUT:-artifacts/meta}
@@ -22,12 +23,13 @@ $LAUNCH --cache_dir "$OUT/cache" --out "$OUT/oracle" --inner_mode oracle $COMMON
 rm -rf "$OUT/throughput-1proc"
 metashield train --cache_dir "$OUT/cache" --out "$OUT/throughput-1proc" --steps 10 --meta_batch 8 --k_choices 5,10,20 --inner_steps 3
 
+python scripts/make_default_detector.py --out "$OUT/prior"   # the untrained prior, for comparison
 # 4. held-out evaluation: every variant on the same episodes, two processes sharing the records.
 V=(--variant "MAML + adaptation (metashield-base)=$OUT/maml/detector:3"
    --variant "MAML, no adaptation=$OUT/maml/detector:0"
    --variant "pooled, no meta-learning=$OUT/pooled/detector:0"
    --variant "oracle inner loop (ablation)=$OUT/oracle/detector:3:oracle"
-   --variant "untrained prior (previous default)=src/metashield_hf/default_detector:0")
+   --variant "untrained prior (previous default)=$OUT/prior:0")
 for i in 0 1; do
   python scripts/meta_benchmark.py --cache_dir "$OUT/cache" --split "$OUT/maml/split.json" "${V[@]}" \
       --k 10,20 --seeds 3 --shard "$i/2" --out "$OUT/bench" &

@@ -101,11 +101,20 @@ def tiny_config():
 def tiny_zoo(tmp_path_factory, tiny_config):
     """``(out_dir, build_report, build_seconds)`` of the tiny zoo, finalized; built once per session (about 1 min),
     shared by tests/zoo and tests/meta."""
+    import torch
+
     from metashield_hf.zoo import build_zoo, finalize_zoo
 
     out = tmp_path_factory.mktemp("zoo") / "tiny"
-    start = time.perf_counter()
-    report = build_zoo(tiny_config, out, progress=False)
-    seconds = time.perf_counter() - start
+    # One thread: these models are too small to gain from two, and on a busy 2-core machine two threads per process
+    # made the FL rows 20x slower (oversubscription).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        report = build_zoo(tiny_config, out, progress=False)
+        seconds = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
     finalize_zoo(out)
     return out, report, seconds

@@ -24,7 +24,9 @@ class DetectArguments:
     detector: str | None = field(default=None, metadata={"help": "Detector folder or Hub id (default: embedded)."})
     n: int = field(default=20, metadata={"help": "Number of clean samples to use."})
     target_fpr: float = field(default=0.05, metadata={"help": "False-positive rate for the calibrated threshold."})
-    adapt_steps: int = field(default=0, metadata={"help": "Deployable inner-loop steps at adaptation."})
+    adapt_steps: int | None = field(
+        default=None, metadata={"help": "Deployable inner-loop steps at adaptation (default: the detector's own)."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed for everything random."})
     json: bool = field(default=False, metadata={"help": "Print JSON instead of a table."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the target's own code to run."})

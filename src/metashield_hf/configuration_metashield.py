@@ -30,6 +30,11 @@ class MetaShieldConfig(PretrainedConfig):
             Dropout in the encoder (meta-training only).
         threshold (`float`, *optional*, defaults to 0.5):
             Score threshold used when no clean calibration set is available.
+        adapt_steps (`int`, *optional*, defaults to 0):
+            Inner-loop steps that adaptation runs when the caller does not say (meta-training records the number it
+            was trained with, so a meta-learned detector adapts the way it learned to).
+        adapt_lr (`float`, *optional*, defaults to 0.05):
+            Inner-loop learning rate of that default adaptation.
 
     Example:
         ```python
@@ -50,6 +55,8 @@ class MetaShieldConfig(PretrainedConfig):
         z_clip: float = 8.0,
         dropout: float = 0.0,
         threshold: float = 0.5,
+        adapt_steps: int = 0,
+        adapt_lr: float = 0.05,
         **kwargs,
     ):
         if feature_names is not None:
@@ -72,6 +79,8 @@ class MetaShieldConfig(PretrainedConfig):
         self.z_clip = float(z_clip)
         self.dropout = float(dropout)
         self.threshold = float(threshold)
+        self.adapt_steps = int(adapt_steps)
+        self.adapt_lr = float(adapt_lr)
         kwargs.setdefault("id2label", {0: "clean", 1: "backdoored"})
         kwargs.setdefault("label2id", {"clean": 0, "backdoored": 1})  # not derived from id2label in v5
         super().__init__(**kwargs)

@@ -41,7 +41,7 @@ class BackdoorDetectionPipeline(Pipeline):
         target_model: the classifier to protect: Hub id, local folder, model object or target adapter.
         clean_samples: 5–50 clean inputs of the target's modality; the threshold is calibrated on them.
         target_fpr: false-positive rate for the calibrated threshold (default 0.05).
-        adapt_steps: deployable inner-loop steps (default 0).
+        adapt_steps: deployable inner-loop steps (default: the detector's ``config.adapt_steps``).
         target_processor: tokenizer / image processor when ``target_model`` is an object that needs one.
         seed: seed of the feature perturbations.
 
@@ -69,7 +69,7 @@ class BackdoorDetectionPipeline(Pipeline):
         target_model=None,
         clean_samples=None,
         target_fpr: float = 0.05,
-        adapt_steps: int = 0,
+        adapt_steps: int | None = None,
         target_processor=None,
         seed: int = 0,
         **kwargs,

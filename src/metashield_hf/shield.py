@@ -117,8 +117,8 @@ def adapt(
     target,
     clean_samples,
     *,
-    steps: int = 0,
-    lr: float = 0.05,
+    steps: int | None = None,
+    lr: float | None = None,
     target_fpr: float = 0.05,
     seed: int = 0,
     processor=None,
@@ -132,8 +132,9 @@ def adapt(
         detector: a (meta-trained) [`MetaShieldDetector`].
         target: anything `load_target` accepts: a Hub id, a local folder, a model object or a target adapter.
         clean_samples: 5–50 clean inputs of the target's modality (list, tensor batch, `datasets.Dataset` or column).
-        steps: inner-loop steps on the clean support and generic pseudo-anomalies (0 = reference statistics only).
-        lr: inner-loop learning rate.
+        steps: inner-loop steps on the clean support and generic pseudo-anomalies (0 = reference statistics only;
+            ``None`` = ``detector.config.adapt_steps``, what the detector was meta-trained with).
+        lr: inner-loop learning rate (``None`` = ``detector.config.adapt_lr``).
         target_fpr: false-positive rate the threshold is calibrated for.
         seed: seeds the features' perturbations and the pseudo-anomalies.
         processor: tokenizer / image processor when ``target`` is a model object that needs one.
@@ -154,6 +155,8 @@ def adapt(
     """
     if not 0.0 < target_fpr < 1.0:
         raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
+    steps = detector.config.adapt_steps if steps is None else steps
+    lr = detector.config.adapt_lr if lr is None else lr
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     n = _count(clean_samples)

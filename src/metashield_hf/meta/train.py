@@ -294,6 +294,9 @@ def train(args: MetaTrainArguments, accelerator: Accelerator | None = None) -> M
         weights_sha256=weights_sha256(detector),
     )
     if acc.is_main_process:
+        # Deployment adapts the way meta-training adapted (pooled training has no inner loop).
+        detector.config.adapt_steps = 0 if args.algorithm == "pooled" else args.inner_steps
+        detector.config.adapt_lr = args.inner_lr
         detector.save_pretrained(folder)
         for code in folder.glob("*.py"):  # a local folder loads through the registered classes; save_for_hub adds code
             code.unlink()

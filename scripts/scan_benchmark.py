@@ -1,0 +1,266 @@
+"""Model-level scan benchmark on the standard zoo (held-out split); writes ``reports/scan.md`` + ``reports/scan.json``.
+
+For every model of the zoo, [`scan_model`] runs once (default head) on the first 20 clean probe inputs, seed 0, and
+its signals are kept. The scan head is fit with [`fit_scan_head`] on the *train* models of the meta-training split
+(``artifacts/meta/maml/split.json``) and saved to ``artifacts/meta/scan_head.json``; the held-out (*test*) models are
+re-scored with it from the stored signals (the head is a function of the signals only, so no re-synthesis), and
+[`neural_cleanse_scan`] runs on the same 20 clean inputs of each test model. The fitted head replaces the shipped
+default (``src/metashield_hf/default_detector/scan_head.json``) only if it has a strictly higher held-out AUROC
+(``--ship``).
+
+Per-model records are appended to ``OUT.jsonl`` as they are computed; a rerun skips the model ids already there.
+
+Usage:
+
+    python scripts/scan_benchmark.py --zoo artifacts/zoo/standard --split artifacts/meta/maml/split.json \\
+        --steps 30 --out reports/scan --ship
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from metashield_hf.evaluation.metrics import auroc
+from metashield_hf.scan import NEURAL_CLEANSE_THRESHOLD, neural_cleanse_scan, scan_model
+from metashield_hf.scan_head import DEFAULT_SCAN_HEAD, ScanHead, fit_scan_head
+from metashield_hf.zoo import load_zoo, row_probe, row_to_target
+
+N_CLEAN = 20
+SEED = 0
+META_COLUMNS = ["model_id", "domain", "dataset", "architecture", "attack", "target_label", "is_backdoored"]
+
+
+def scan_row(row: dict, split: str, workdir: Path, steps: int) -> dict:
+    """Scan one zoo row (MetaShield default head; plus Neural Cleanse on test models) and return its record."""
+    target = row_to_target(row, workdir)
+    clean, _, _ = row_probe(row)
+    clean = clean[:N_CLEAN]
+    rec = {k: row[k] for k in META_COLUMNS}
+    rec["split"] = split
+    ms = scan_model(target, clean, steps=steps, seed=SEED)
+    rec["num_classes"] = len(ms.per_class)
+    rec["metashield"] = {
+        "signals": ms.signals,
+        "score_default": ms.score,
+        "suspected_target": ms.suspected_target,
+        "seconds": ms.timings["total_s"],
+        "timings": ms.timings,
+        "space": ms.space,
+    }
+    if split == "test":
+        nc = neural_cleanse_scan(target, clean, steps=steps, seed=SEED)
+        rec["neural_cleanse"] = {
+            "score": nc.score,
+            "suspected_target": nc.suspected_target,
+            "seconds": nc.timings["total_s"],
+            "timings": nc.timings,
+        }
+    shutil.rmtree(workdir / row["model_id"], ignore_errors=True)
+    return rec
+
+
+def _total_s(rec: dict) -> float:
+    return rec["metashield"]["seconds"] + rec.get("neural_cleanse", {}).get("seconds", 0.0)
+
+
+def _auroc(scores: list[float], labels: list[int]) -> float | None:
+    try:
+        return auroc(scores, labels)
+    except ValueError:  # only one class present
+        return None
+
+
+def summarize(records: list[dict], score_key: str, threshold: float, method: str) -> dict:
+    """AUROC / accuracy / target accuracy / seconds of one method over a group of test records."""
+    labels = [int(r["is_backdoored"]) for r in records]
+    if method == "neural_cleanse":
+        scores = [r["neural_cleanse"]["score"] for r in records]
+        targets = [r["neural_cleanse"]["suspected_target"] for r in records]
+        secs = [r["neural_cleanse"]["seconds"] for r in records]
+    else:
+        scores = [r["metashield"][score_key] for r in records]
+        targets = [r["metashield"]["suspected_target"] for r in records]
+        secs = [r["metashield"]["seconds"] for r in records]
+    preds = [int(s > threshold) for s in scores]
+    bd = [(t, r["target_label"]) for t, r in zip(targets, records, strict=True) if r["is_backdoored"]]
+    return {
+        "n": len(records),
+        "n_backdoored": int(sum(labels)),
+        "auroc": _auroc(scores, labels),
+        "accuracy": float(np.mean([p == y for p, y in zip(preds, labels, strict=True)])) if records else None,
+        "target_accuracy": float(np.mean([t == y for t, y in bd])) if bd else None,
+        "mean_seconds": float(np.mean(secs)) if secs else None,
+    }
+
+
+def groups(records: list[dict]) -> dict[str, list[dict]]:
+    """Per domain (nlp split into ≥3-class and 2-class models) and overall."""
+    out: dict[str, list[dict]] = {}
+    for r in records:
+        out.setdefault(r["domain"], []).append(r)
+        if r["domain"] == "nlp":
+            out.setdefault("nlp (2-class)" if r["num_classes"] == 2 else "nlp (≥3-class)", []).append(r)
+    keys = sorted(k for k in out if not k.startswith("nlp (")) + sorted(k for k in out if k.startswith("nlp ("))
+    result = {k: out[k] for k in keys}
+    result["all"] = records
+    result["all except 2-class"] = [r for r in records if r["num_classes"] > 2]
+    return result
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def render(summary: dict, meta: dict) -> str:
+    methods = list(summary["methods"])
+    lines = [
+        "# Model-level scan: held-out zoo models",
+        "",
+        "Written by `scripts/scan_benchmark.py` from one run on this machine; nothing here is hand-typed. Reproduce:",
+        "",
+        "```bash",
+        meta["command"],
+        "```",
+        "",
+        *[f"- {k}: {v}" for k, v in meta.items() if k != "command"],
+        "",
+        "Columns: AUROC of the model-level score over held-out models (backdoored vs clean); accuracy of the verdict "
+        "at the method's default threshold (MetaShield heads: 0.5 on the probability; Neural Cleanse: anomaly "
+        f"index > {NEURAL_CLEANSE_THRESHOLD:g}); target accuracy = suspected target equals the row's `target_label`, "
+        "over backdoored models only; seconds = mean wall time of one scan on an already loaded model "
+        "(`timings.total_s`, 1 CPU thread). 2-class nlp models are listed separately: with two classes the anomaly "
+        "index (MAD over classes) is degenerate, so neither method can single out a target there.",
+        "",
+    ]
+    lines += ["## Headline: per domain, held-out models", ""]
+    lines += [
+        "| group | method | AUROC | accuracy | target accuracy | s / scan |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for group, table in summary["groups"].items():
+        for m in methods:
+            s = table[m]
+            lines.append(
+                f"| {group} ({s['n']}, {s['n_backdoored']} bd) | {m} | {_fmt(s['auroc'])} | {_fmt(s['accuracy'])} | "
+                f"{_fmt(s['target_accuracy'])} | {_fmt(s['mean_seconds'], 2)} |"
+            )
+    lines.append("")
+    lines += ["## Scan heads", ""]
+    for name, head in summary["heads"].items():
+        lines.append(f"- {name}: `{json.dumps(head, sort_keys=True)}`")
+    lines += ["", f"Shipped: {summary['shipped']}", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoo", default="artifacts/zoo/standard")
+    parser.add_argument("--split", default="artifacts/meta/maml/split.json")
+    parser.add_argument("--steps", type=int, default=60, help="trigger-synthesis steps (scan_model default: 60)")
+    parser.add_argument("--out", default="reports/scan", help="writes OUT.jsonl (records), OUT.json and OUT.md")
+    parser.add_argument("--head_out", default="artifacts/meta/scan_head.json")
+    parser.add_argument("--workdir", default="artifacts/meta/scan_work", help="where checkpoints are unpacked")
+    parser.add_argument("--ship", action="store_true", help="copy the fitted head over the default if it is better")
+    parser.add_argument("--report_only", action="store_true", help="scan nothing; report on the records in OUT.jsonl")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    jsonl = out.with_suffix(".jsonl")
+    workdir = Path(args.workdir)
+    split = json.loads(Path(args.split).read_text())
+    split_of = {m: "train" for m in split["train"]} | {m: "test" for m in split["test"]}
+
+    done: dict[str, dict] = {}
+    if jsonl.exists():
+        for line in jsonl.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                done[rec["model_id"]] = rec
+    zoo = load_zoo(args.zoo)
+    ids = zoo["model_id"]
+    # held-out models first, so a partial run already has the comparison
+    order = [i for i, m in enumerate(ids) if split_of.get(m) == "test"]
+    order += [i for i, m in enumerate(ids) if split_of.get(m) == "train"]
+    todo = [] if args.report_only else [i for i in order if ids[i] not in done]
+    # the head the scans ran with (kept so that a rerun after --ship still compares against the prior default)
+    prior_path = out.with_name(out.name + ".prior_head.json")
+    if not prior_path.exists():
+        shutil.copyfile(DEFAULT_SCAN_HEAD, prior_path)
+    start = time.perf_counter()
+    with jsonl.open("a") as fh:
+        for i in tqdm(todo, desc="scan", file=sys.stdout, mininterval=5):
+            rec = scan_row(zoo[i], split_of[ids[i]], workdir, args.steps)
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+            done[rec["model_id"]] = rec
+    run_s = time.perf_counter() - start
+
+    records = [done[ids[i]] for i in order if ids[i] in done]
+    train = [r for r in records if r["split"] == "train"]
+    test = [r for r in records if r["split"] == "test"]
+    default_head = ScanHead.load(prior_path)
+    fitted = fit_scan_head([r["metashield"]["signals"] for r in train], [int(r["is_backdoored"]) for r in train])
+    Path(args.head_out).parent.mkdir(parents=True, exist_ok=True)
+    fitted.save(args.head_out)
+    for r in test:
+        r["metashield"]["score_fitted"] = fitted.score(r["metashield"]["signals"])
+        r["metashield"]["score_default_rescored"] = default_head.score(r["metashield"]["signals"])
+
+    methods = {
+        "MetaShield scan (default head)": ("score_default_rescored", default_head.threshold, "metashield"),
+        "MetaShield scan (fitted head)": ("score_fitted", fitted.threshold, "metashield"),
+        "Neural Cleanse": ("score", NEURAL_CLEANSE_THRESHOLD, "neural_cleanse"),
+    }
+    table = {
+        g: {name: summarize(rs, key, thr, m) for name, (key, thr, m) in methods.items()}
+        for g, rs in groups(test).items()
+    }
+    auc_default = table["all"]["MetaShield scan (default head)"]["auroc"] or 0.0
+    auc_fitted = table["all"]["MetaShield scan (fitted head)"]["auroc"] or 0.0
+    better = auc_fitted > auc_default
+    if better and args.ship:
+        shutil.copyfile(args.head_out, DEFAULT_SCAN_HEAD)
+        shipped = f"the fitted head (held-out AUROC {auc_fitted:.3f} > default {auc_default:.3f}); copied to {DEFAULT_SCAN_HEAD.name}"
+    elif better:
+        shipped = (
+            f"nothing (the fitted head is better, {auc_fitted:.3f} > {auc_default:.3f}, but --ship was not given)"
+        )
+    else:
+        shipped = (
+            f"the prior default head kept (fitted head held-out AUROC {auc_fitted:.3f} <= default {auc_default:.3f})"
+        )
+    meta = {
+        "command": "python " + " ".join(a for a in sys.argv if a != "--report_only"),
+        "zoo": f"{args.zoo} ({len(ids)} models; {len(train)} train / {len(test)} held-out scanned)",
+        "clean inputs": f"first {N_CLEAN} clean probe inputs per model, seed {SEED}",
+        "synthesis steps": f"{args.steps} (scan_model default 60)"
+        + ("; reduced so the whole run fits in ~15 minutes on 2 CPU cores" if args.steps < 60 else ""),
+        **({"wall time of this invocation": f"{run_s:.0f} s for {len(todo)} newly scanned models"} if todo else {}),
+        "scan head fit": f"fit_scan_head on the {len(train)} train models' signals -> {args.head_out}",
+        "scan seconds summed over all records": f"{sum(_total_s(r) for r in records):.0f} s",
+    }
+    summary = {
+        "meta": meta,
+        "methods": list(methods),
+        "groups": table,
+        "heads": {"default (prior)": default_head.__dict__, "fitted": fitted.__dict__},
+        "shipped": shipped,
+        "records": records,
+    }
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    out.with_suffix(".md").write_text(render(summary, meta))
+    print(out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
