@@ -282,7 +282,7 @@ def build_nlp_entry(spec: ModelSpec, data_root: Path, workdir: Path) -> ZooEntry
     attack = spec.attack_object()
     if attack is not None:
         p = poison_indices(tr_labels, spec.poison_rate, spec.target_label, rng)
-        for i, t in zip(p, attack.apply([tr_texts[i] for i in p])):
+        for i, t in zip(p, attack.apply([tr_texts[i] for i in p]), strict=True):
             tr_texts[i] = t
         tr_labels[p] = spec.target_label
 
