@@ -176,4 +176,4 @@ def test_chance_floor_rejects_collapsed_models():
     ]
     assert accuracy_floor_rejects(rows, margin=0.05) == {}
     rejects = accuracy_floor_rejects(rows, margin=0.05, chance_margin=0.1)
-    assert sorted(rejects) == ["c1", "p1"] and "< chance 0.500 + margin 0.1" in rejects["p1"]
+    assert sorted(rejects) == ["c1", "p1"] and "< chance floor 0.600 (chance 0.500 + margin 0.1)" in rejects["p1"]

@@ -232,7 +232,10 @@ def accuracy_floor_rejects(
         acc = float(m["clean_accuracy"])
         chance = 1.0 / NUM_CLASSES[m["dataset"]] if m["dataset"] in NUM_CLASSES else None
         if chance is not None and acc < chance + chance_margin:
-            out[m["model_id"]] = f"clean accuracy {acc:.3f} < chance {chance:.3f} + margin {chance_margin}"
+            out[m["model_id"]] = (
+                f"clean accuracy {acc:.3f} < chance floor {chance + chance_margin:.3f} (chance {chance:.3f} + margin "
+                f"{chance_margin})"
+            )
             continue
         if kind not in medians:
             logger.warning("no clean %s/%s model: median accuracy floor not applied to %s", *kind, m["model_id"])
