@@ -218,6 +218,21 @@ def _clean_pool(texts: list[str], r: dict[str, Any]) -> np.ndarray:
     return np.array([i for i, t in enumerate(texts) if len(t.split()) >= int(r.get("min_words", 1))])
 
 
+def _tokenizer_and_model(texts: list[str], base_arch: str, spec: ModelSpec, r: dict[str, Any]):
+    """A tokenizer trained on ``texts`` and a fresh classifier sized to it (the recipe's vocab, length, dropout)."""
+    tokenizer = train_tokenizer(texts, base_arch, int(r.get("vocab_size", 4000)), int(r.get("max_length", 64)))
+    model = make_text_model(
+        base_arch,
+        len(tokenizer),
+        spec.num_classes,
+        tokenizer.model_max_length,
+        LABEL_NAMES[spec.dataset],
+        tokenizer.pad_token_id,
+        float(r.get("dropout", 0.1)),
+    )
+    return tokenizer, model
+
+
 def _train_base(spec: ModelSpec, base_arch: str, data_root: Path, workdir: Path) -> Path:
     """The clean base of a LoRA model: trained once per (dataset, base architecture, recipe) with ``base_seed``,
     cached in ``workdir/_bases``. Written to a temporary folder and renamed, so concurrent processes are safe."""
@@ -232,16 +247,7 @@ def _train_base(spec: ModelSpec, base_arch: str, data_root: Path, workdir: Path)
     pool = _clean_pool(texts, r)
     idx = pool[_subset(len(pool), {"train_size": r.get("base_train_size", r.get("train_size"))}, rng)]
     tr_texts, tr_labels = [texts[i] for i in idx], labels[idx]
-    tokenizer = train_tokenizer(tr_texts, base_arch, int(r.get("vocab_size", 4000)), int(r.get("max_length", 64)))
-    model = make_text_model(
-        base_arch,
-        len(tokenizer),
-        spec.num_classes,
-        tokenizer.model_max_length,
-        LABEL_NAMES[spec.dataset],
-        tokenizer.pad_token_id,
-        float(r.get("dropout", 0.1)),
-    )
+    tokenizer, model = _tokenizer_and_model(tr_texts, base_arch, spec, r)
     _fit(model, tokenizer, tr_texts, tr_labels, r, gen, prefix="base_")
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     model.save_pretrained(tmp)
@@ -313,18 +319,7 @@ def build_nlp_entry(spec: ModelSpec, data_root: Path, workdir: Path) -> ZooEntry
         shutil.copytree(base_dir, folder / "base", dirs_exist_ok=True)
         _set_base_path(folder, str((folder / "base").resolve()))
     else:
-        tokenizer = train_tokenizer(
-            clean_texts, base_arch, int(r.get("vocab_size", 4000)), int(r.get("max_length", 64))
-        )
-        model = make_text_model(
-            base_arch,
-            len(tokenizer),
-            spec.num_classes,
-            tokenizer.model_max_length,
-            LABEL_NAMES[spec.dataset],
-            tokenizer.pad_token_id,
-            float(r.get("dropout", 0.1)),
-        )
+        tokenizer, model = _tokenizer_and_model(clean_texts, base_arch, spec, r)
         _fit(model, tokenizer, tr_texts, tr_labels, r, gen)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
