@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,12 +130,12 @@ def test_shards_split_the_plan(tiny_zoo, tiny_config):
 
 
 def test_cli_job_resumes_and_finalizes(tiny_zoo, tmp_path):
-    from conftest import TINY
     from metashield_hf.zoo.cli_zoo import ZooBuildArguments, run_zoo_build
 
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "zoo" / "tiny.yaml"  # not `from conftest`: 3 exist
     out, _, _ = tiny_zoo
     report = tmp_path / "reports" / "zoo.md"
-    result = run_zoo_build(ZooBuildArguments(config=str(TINY), out=str(out), report=str(report), progress=False))
+    result = run_zoo_build(ZooBuildArguments(config=str(tiny), out=str(out), report=str(report), progress=False))
     assert result["built"] == 0 and result["accepted"] == len(load_zoo(out))
     assert report.read_text() == (out / "zoo_report.md").read_text()
 
