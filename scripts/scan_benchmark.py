@@ -13,7 +13,7 @@ Per-model records are appended to ``OUT.jsonl`` as they are computed; a rerun sk
 Usage:
 
     python scripts/scan_benchmark.py --zoo artifacts/zoo/standard --split artifacts/meta/maml/split.json \\
-        --steps 30 --out reports/scan --ship
+        --steps 30 --out reports/scan   # add --ship to copy a better fitted head over the default
 """
 
 from __future__ import annotations

@@ -17,6 +17,16 @@ SENTENCES = [
 NUM_LABELS = 3
 
 
+def build_headless_bert(vocab_size: int):
+    """A BERT backbone with no classification head: what every "not a classifier" error test needs."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37
+    )
+    return BertModel(config)
+
+
 def build_text_model(family: str, vocab_size: int, seed: int = 0):
     """A tiny (hidden 32, 2 layers) sequence classifier with NUM_LABELS labels, in eval mode."""
     from transformers import (

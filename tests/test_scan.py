@@ -212,7 +212,7 @@ def test_cli_exit_code_1_when_backdoored(bert_folder, tmp_path, capsys):
 
 
 def test_cli_bad_inputs_exit_2(bert_folder, tmp_path, capsys, wordpiece_tokenizer):
-    from transformers import BertConfig, BertModel
+    from builders import build_headless_bert
 
     good = tmp_path / "clean.txt"
     good.write_text("\n".join(clean_sentences(8, 0)))
@@ -227,15 +227,7 @@ def test_cli_bad_inputs_exit_2(bert_folder, tmp_path, capsys, wordpiece_tokenize
     cases["few samples"] = ([str(bert_folder), "--clean-samples", str(tmp_path / "few.txt")], "at least 5")
     cases["n below 5"] = ([str(bert_folder), "--clean-samples", str(good), "--n", "3"], "at least 5")
     headless = tmp_path / "headless"
-    BertModel(
-        BertConfig(
-            vocab_size=len(wordpiece_tokenizer),
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=37,
-        )
-    ).save_pretrained(headless)
+    build_headless_bert(len(wordpiece_tokenizer)).save_pretrained(headless)
     wordpiece_tokenizer.save_pretrained(headless)
     cases["no classification head"] = ([str(headless), "--clean-samples", str(good)], "not a classifier")
     pickled = tmp_path / "pickled"

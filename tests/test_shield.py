@@ -99,17 +99,9 @@ def test_wrong_tensor_shape_for_a_torch_model(detector, cnn):
 
 
 def test_model_without_classification_head(detector, wordpiece_tokenizer):
-    from transformers import BertConfig, BertModel
+    from builders import build_headless_bert
 
-    backbone = BertModel(
-        BertConfig(
-            vocab_size=len(wordpiece_tokenizer),
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=37,
-        )
-    )
+    backbone = build_headless_bert(len(wordpiece_tokenizer))
     with pytest.raises(ValueError, match="classification head|no .*head"):
         adapt(detector, backbone, clean_sentences(6, 0), processor=wordpiece_tokenizer)
     conv_only = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())

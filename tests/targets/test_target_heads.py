@@ -67,17 +67,9 @@ def test_no_head_with_the_right_width():
 
 
 def test_bert_model_without_head_error_lists_what_was_tried(wordpiece_tokenizer):
-    from transformers import BertConfig, BertModel
+    from builders import build_headless_bert
 
-    model = BertModel(
-        BertConfig(
-            vocab_size=len(wordpiece_tokenizer),
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=37,
-        )
-    )
+    model = build_headless_bert(len(wordpiece_tokenizer))
     with pytest.raises(ValueError, match=r"model_type 'bert' rule → 'classifier': not found.*pooler.dense"):
         find_head(model, 3)
 

@@ -15,17 +15,9 @@ def test_adapter_is_returned_as_is(wordpiece_tokenizer):
 
 
 def test_transformers_model_without_head_is_refused(wordpiece_tokenizer, tmp_path):
-    from transformers import BertConfig, BertModel
+    from builders import build_headless_bert
 
-    model = BertModel(
-        BertConfig(
-            vocab_size=len(wordpiece_tokenizer),
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=37,
-        )
-    )
+    model = build_headless_bert(len(wordpiece_tokenizer))
     with pytest.raises(
         ValueError,
         match=r"no target adapter accepts BertModel; tried peft .*transformers_text.*torch.*"
