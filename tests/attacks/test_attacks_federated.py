@@ -91,9 +91,9 @@ def _ctx(
     x, y = _data(24, seed=99)
     gen = torch.Generator().manual_seed(0)
 
-    def real_train(xx, yy, *, epochs=None, grad_mask=None, trainable=None):
+    def real_train(xx, yy, *, epochs=None, grad_mask=None, trainable=None, lr=None):
         return local_train(
-            model, state, xx, yy, lr=0.1, epochs=epochs or 1, batch_size=8, generator=gen, grad_mask=grad_mask,
+            model, state, xx, yy, lr=lr or 0.1, epochs=epochs or 1, batch_size=8, generator=gen, grad_mask=grad_mask,
             trainable=trainable,
         )  # fmt: skip
 
@@ -434,6 +434,20 @@ def test_targeted_weight_modification_edits_only_the_last_layers():
     default = TargetedWeightModification(trigger_params={"patch_size": 2}, num_modules=2)  # γ = n / (η m) = 8
     scaled = default.malicious_update(_ctx(num_selected=4, server_lr=0.5))
     torch.testing.assert_close(scaled["6.weight"], 8.0 * plain["6.weight"])
+
+
+def test_targeted_weight_modification_own_learning_rate():
+    kw = {"trigger_params": {"patch_size": 2}, "num_modules": 2, "scale": 1.0}
+    plain = TargetedWeightModification(**kw).malicious_update(_ctx())  # the clients' lr (0.1 in _ctx)
+    same = TargetedWeightModification(**kw, lr=0.1).malicious_update(_ctx())
+    faster = TargetedWeightModification(**kw, lr=0.3).malicious_update(_ctx())
+    torch.testing.assert_close(same["6.weight"], plain["6.weight"])
+    assert faster["6.weight"].norm() > 1.5 * plain["6.weight"].norm()
+    assert (faster["0.weight"] == 0).all()
+    # lr=None is left out of the params so that zoo ids planned before the field existed do not change
+    assert "lr" not in TargetedWeightModification().to_dict()
+    d = TargetedWeightModification(lr=0.3).to_dict()
+    assert d["lr"] == 0.3 and attack_from_dict(d) == TargetedWeightModification(lr=0.3)
 
 
 def test_fl_attack_defaults_are_valid():

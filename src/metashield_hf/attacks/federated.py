@@ -280,7 +280,7 @@ class MaliciousContext:
     """What a malicious client knows when it builds its update (passed to ``FederatedAttack.malicious_update``).
 
     ``rank`` is the client's index among all ``num_attackers`` malicious clients.
-    ``train(x, y, *, epochs=None, grad_mask=None, trainable=None) -> Δ`` runs the client's normal local training
+    ``train(x, y, *, epochs=None, grad_mask=None, trainable=None, lr=None) -> Δ`` runs the client's normal local training
     from the global model on any data. ``reference_update`` is the previous round's aggregated update (``None`` in
     the first round): Neurotoxin's estimate of where benign clients move.
     """
@@ -383,9 +383,9 @@ def run_federated(
                 continue
             gen = torch.Generator().manual_seed(int(np.random.default_rng([config.seed, rnd, cid]).integers(2**62)))
 
-            def train(x, y, *, epochs=None, grad_mask=None, trainable=None, _gen=gen, _state=global_state):
+            def train(x, y, *, epochs=None, grad_mask=None, trainable=None, lr=None, _gen=gen, _state=global_state):
                 return local_train(
-                    model, _state, x, y, lr=config.lr, epochs=epochs or config.local_epochs,
+                    model, _state, x, y, lr=lr or config.lr, epochs=epochs or config.local_epochs,
                     batch_size=config.batch_size, generator=_gen, mu=mu, preprocess=preprocess,
                     grad_mask=grad_mask, trainable=trainable,
                 )  # fmt: skip
@@ -780,6 +780,8 @@ class TargetedWeightModification(FederatedAttack):
     Args:
         num_modules: how many of the model's last parameter-owning modules are edited.
         scale: γ; ``None`` uses the model-replacement scale ``n / (η m)``.
+        lr: the attacker's SGD step for the edit (``None``: the clients' ``lr``). Fitting only the last layers to a
+            trigger on frozen features needs larger steps than the clients' normal training.
 
     Example:
         ```python
@@ -792,12 +794,21 @@ class TargetedWeightModification(FederatedAttack):
 
     num_modules: int = 3
     scale: float | None = None
+    lr: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("num_modules", self.num_modules, minimum=1)
         if self.scale is not None:
             check_float("scale", self.scale, 0.0)
+        if self.lr is not None:
+            check_float("lr", self.lr, 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.lr is None:  # keep the zoo ids planned before ``lr`` existed (the spec id hashes these params)
+            out.pop("lr")
+        return out
 
     def edited_modules(self, model: nn.Module) -> list[str]:
         owners = [n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
@@ -812,7 +823,7 @@ class TargetedWeightModification(FederatedAttack):
         names = self.edited_parameters(ctx.model)
         prefixes = tuple(f"{m}." for m in self.edited_modules(ctx.model))
         x, y = self._poison(ctx)
-        update = ctx.train(x, y, epochs=self.local_epochs, trainable=names)
+        update = ctx.train(x, y, epochs=self.local_epochs, trainable=names, lr=self.lr)
         gamma = (
             self.scale if self.scale is not None else ctx.num_selected / (ctx.server_lr * max(1, ctx.num_malicious))
         )
