@@ -1,0 +1,252 @@
+"""Screening federated client updates with the model-level scan (DESIGN §2.7).
+
+For every client update ``Δk`` of a round the server builds the candidate model ``global + Δk`` and runs
+[`scan_model`] on it with its own few clean samples: no triggered input and no client data. Because the server sees
+all the round's clients at once, each client is also scored *relative to the round*: a robust z-score (median and
+MAD over the round's clients) of its scan score and of how easily each class of its candidate can be forced compared
+with the same class in the other candidates. A backdoored update makes its target class an outlier on both, while
+the benign non-IID drift that moves an absolute threshold moves every candidate alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+MAD_CONSISTENCY = 1.4826  # MAD -> standard deviation for normal data
+MIN_CLIENTS_FOR_RELATIVE = 3  # below this a median/MAD over the round says nothing; the scan's own verdict is used
+DEFAULT_SIGNALS = ("scan_score", "class_size_shift")
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass
+class ClientScore:
+    """The screen's verdict on one client update.
+
+    Attributes:
+        client: the client's id (``client_ids[k]``, or its index in ``updates``).
+        index: position of the update in the list that was scored.
+        score: the screening score (larger = more suspicious); for the MetaShield screen the largest robust z-score
+            of the chosen signals over the round (or the scan score when the round is too small).
+        flagged: whether ``score`` passed the threshold.
+        evidence: JSON-able per-signal numbers (raw values, z-scores, the scan's suspected target, ...).
+        seconds: wall time spent on this client.
+    """
+
+    client: Any
+    index: int
+    score: float
+    flagged: bool
+    evidence: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def robust_z(values: Sequence[float] | np.ndarray, *, min_scale: float = 1e-6) -> np.ndarray:
+    """``(v - median) / max(1.4826 * MAD, min_scale)``: how far each value sits from the round's bulk.
+
+    ``min_scale`` keeps a round of near-identical values from turning tiny differences into huge scores.
+
+    Example:
+        ```python
+        robust_z([1.0, 1.1, 0.9, 1.0, 5.0]).round(1)   # array([ 0. ,  0.7, -0.7,  0. , 27. ])
+        ```
+    """
+    v = np.asarray(values, dtype=np.float64)
+    med = float(np.median(v))
+    scale = max(MAD_CONSISTENCY * float(np.median(np.abs(v - med))), float(min_scale))
+    return (v - med) / scale
+
+
+def _as_tensor(value: Any) -> torch.Tensor:
+    return value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+
+
+def state_of(model: nn.Module | Mapping[str, Any]) -> StateDict:
+    """A detached ``name -> tensor`` copy of a module's state dict or of any mapping of arrays."""
+    items = model.state_dict().items() if isinstance(model, nn.Module) else model.items()
+    return {k: _as_tensor(v).clone() for k, v in items}
+
+
+def to_deltas(
+    global_state: Mapping[str, torch.Tensor], updates: Sequence[Any], *, as_deltas: bool = True
+) -> list[StateDict]:
+    """Client updates as float deltas ``Δk = local − global``.
+
+    An ``nn.Module`` is always a client *model*. A mapping is a delta when ``as_deltas`` (the default, what
+    ``local_train`` and most FL loops produce), else a client model's state dict (what a Flower reply's
+    ``ArrayRecord`` holds). Keys missing from a delta mean "unchanged"; non-float entries are ignored.
+    """
+    out = []
+    for k, upd in enumerate(updates):
+        is_model = isinstance(upd, nn.Module) or not as_deltas
+        state = state_of(upd)
+        unknown = sorted(set(state) - set(global_state))
+        if unknown:
+            raise ValueError(f"update {k} has keys the global model lacks: {unknown[:5]}; pass matching state dicts")
+        delta = {}
+        for name, ref in global_state.items():
+            if not ref.is_floating_point() or name not in state:
+                continue
+            value = state[name].to(ref.dtype).reshape(ref.shape)
+            delta[name] = value - ref if is_model else value
+        out.append(delta)
+    return out
+
+
+def flatten(delta: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """All float entries of an update in one ``float64`` vector (sorted keys, so every client lines up)."""
+    return np.concatenate([delta[k].detach().double().flatten().numpy() for k in sorted(delta)])
+
+
+def candidate_state(global_state: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> StateDict:
+    """``global + Δ`` (integer buffers such as BatchNorm counters are kept from the global model)."""
+    return {k: (v + delta[k].to(v.dtype)) if k in delta else v.clone() for k, v in global_state.items()}
+
+
+def score_client_updates(
+    global_model: nn.Module,
+    updates: Sequence[Any],
+    clean_samples: Any,
+    detector: Any = None,
+    *,
+    client_ids: Sequence[Any] | None = None,
+    as_deltas: bool = True,
+    relative: bool = True,
+    signals: Sequence[str] = DEFAULT_SIGNALS,
+    z_threshold: float = 3.5,
+    min_log_scale: float = 0.5,
+    steps: int = 40,
+    lr: float = 0.3,
+    flip_threshold: float = 0.9,
+    use_detector: bool = True,
+    n: int | None = None,
+    seed: int = 0,
+    **scan_options: Any,
+) -> list[ClientScore]:
+    """Score each client update of one round for a backdoor, from the server's few clean samples only.
+
+    For client ``k`` the candidate model ``global + Δk`` is scanned with [`scan_model`] (trigger synthesis per class,
+    Neural Cleanse anomaly index, the adapted input-level detector, the model-level head). With ``relative=True`` and
+    at least 3 clients, each client is then compared with the round:
+
+    - ``scan_score``: robust z-score of the candidate's scan score over the round's candidates;
+    - ``class_size_shift``: for every class ``c``, how much smaller (in log) the candidate's synthesized trigger for
+      ``c`` is than the round's median for ``c``, in units of the round's spread for ``c``; the maximum over classes.
+      A backdoor opens a shortcut to its target class that no benign update opens;
+    - ``anomaly_index``: robust z-score of the scan's anomaly index (off by default; noisier on young FL models).
+
+    The client's score is the largest z of ``signals``; it is flagged when the score exceeds ``z_threshold``. With
+    ``relative=False`` (or fewer than 3 clients) the score is the scan score and the flag the scan's own verdict.
+
+    Args:
+        global_model: the round's global model (not modified; a copy is loaded with each candidate).
+        updates: one entry per client: a delta mapping ``name -> tensor/ndarray`` (``Δk = local − global``), a
+            client state dict (with ``as_deltas=False``) or a client ``nn.Module``.
+        clean_samples: at least 5 clean inputs in the model's input format (e.g. an ``(N, C, H, W)`` tensor).
+        detector: the input-level detector for the scan (``None``: the embedded default).
+        client_ids: ids reported in [`ClientScore.client`] (default ``0..K-1``).
+        as_deltas: whether mappings are deltas (default) or client state dicts.
+        relative: compare the clients of the round with each other (robust z-scores).
+        signals: the relative signals that make up the score (see above).
+        z_threshold: flag above this score in relative mode.
+        min_log_scale: floor of the per-class spread of log trigger sizes (a round of near-identical candidates
+            would otherwise turn noise into large z-scores).
+        steps / lr / flip_threshold / use_detector / n / seed: passed to [`scan_model`]; ``seed`` is used for every
+            candidate, so candidates differ only by their weights.
+        **scan_options: any other [`scan_model`] keyword (``class_batch``, ``head``, ``adapt_steps``, ...).
+
+    Returns:
+        One [`ClientScore`] per update, in input order; ``evidence`` holds the scan signals, the suspected target,
+        the per-class log trigger sizes, the update norm and every z-score.
+
+    Example:
+        ```python
+        >>> scores = score_client_updates(global_model, deltas, clean_images[:10], client_ids=[3, 8, 11, 14, 19])
+        >>> [(s.client, round(s.score, 1), s.flagged) for s in scores]
+        [(3, 0.4, False), (8, 11.2, True), (11, 0.0, False), (14, -0.7, False), (19, 0.9, False)]
+        ```
+    """
+    from ..scan import scan_model
+
+    if len(updates) == 0:
+        return []
+    ids = list(range(len(updates))) if client_ids is None else list(client_ids)
+    if len(ids) != len(updates):
+        raise ValueError(f"got {len(updates)} updates but {len(ids)} client_ids; pass one id per update")
+    unknown = sorted(set(signals) - {"scan_score", "class_size_shift", "anomaly_index"})
+    if unknown or not signals:
+        raise ValueError(
+            f"unknown signals {unknown or list(signals)}; use 'scan_score', 'class_size_shift', 'anomaly_index'"
+        )
+    if use_detector and (detector is None or isinstance(detector, (str, os.PathLike))):
+        from ..hub import load_detector
+
+        detector = load_detector(detector)  # once per round, not once per candidate
+    global_state = state_of(global_model)
+    deltas = to_deltas(global_state, updates, as_deltas=as_deltas)
+    candidate = copy.deepcopy(global_model).eval()
+    reports, seconds = [], []
+    for delta in deltas:
+        t0 = time.perf_counter()
+        candidate.load_state_dict(candidate_state(global_state, delta))
+        reports.append(
+            scan_model(
+                candidate, clean_samples, detector, steps=steps, lr=lr, flip_threshold=flip_threshold,
+                use_detector=use_detector, n=n, seed=seed, **scan_options,
+            )
+        )  # fmt: skip
+        seconds.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    scan_scores = np.array([r.score for r in reports])
+    anomaly = np.array([r.anomaly_index for r in reports])
+    log_sizes = np.log(np.array([[max(c.trigger_size, 1e-12) for c in r.per_class] for r in reports]))
+    norms = np.array([math.sqrt(float(flatten(d) @ flatten(d))) if d else 0.0 for d in deltas])
+    use_relative = relative and len(deltas) >= MIN_CLIENTS_FOR_RELATIVE
+    z: dict[str, np.ndarray] = {}
+    if use_relative:
+        z["scan_score"] = robust_z(scan_scores, min_scale=0.02)
+        z["anomaly_index"] = robust_z(anomaly, min_scale=0.25)
+        med = np.median(log_sizes, axis=0)
+        spread = np.maximum(MAD_CONSISTENCY * np.median(np.abs(log_sizes - med), axis=0), min_log_scale)
+        shift = (med - log_sizes) / spread  # (K, C): positive = class c is easier to force in candidate k
+        z["class_size_shift"] = shift.max(axis=1)
+        shift_class = shift.argmax(axis=1)
+        total = np.max(np.stack([z[s] for s in signals]), axis=0)
+    overhead = (time.perf_counter() - t0) / len(deltas)
+    out = []
+    for k, report in enumerate(reports):
+        evidence: dict[str, Any] = {
+            "scan_score": float(report.score),
+            "scan_verdict": report.verdict,
+            "suspected_target": int(report.suspected_target),
+            "anomaly_index": float(report.anomaly_index),
+            "signals": {s: float(v) for s, v in report.signals.items()},
+            "log_trigger_sizes": [float(x) for x in log_sizes[k]],
+            "update_norm": float(norms[k]),
+            "relative": use_relative,
+        }
+        if use_relative:
+            evidence["z"] = {s: float(v[k]) for s, v in z.items()}
+            evidence["shift_class"] = int(shift_class[k])
+            score, flagged = float(total[k]), bool(total[k] > z_threshold)
+        else:
+            score, flagged = float(report.score), report.is_backdoored
+        out.append(ClientScore(ids[k], k, score, flagged, evidence, seconds[k] + overhead))
+    logger.info("screened %d client updates: flagged %s", len(out), [s.client for s in out if s.flagged] or "none")
+    return out

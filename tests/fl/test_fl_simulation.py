@@ -1,0 +1,95 @@
+"""One real Flower simulation (Ray): 5 supernodes, one malicious, 3 rounds, MetaShieldStrategy around FedAvg.
+
+Ray's start-up on a 2-core machine takes tens of seconds and the first round may lose replies while workers start,
+so a round with fewer replies is accepted; but the malicious client must have replied in at least one round, and
+in every round where it replied it must be flagged and left out of the aggregate.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="Flower is the optional 'fl' extra: pip install -e '.[fl]'")
+pytest.importorskip("ray", reason="flwr.simulation needs Ray: pip install 'flwr[simulation]'")
+
+from fl_helpers import MALICIOUS, digits_federation, warm_global  # noqa: E402
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+from flwr.serverapp.strategy import FedAvg  # noqa: E402
+
+from metashield_hf.fl import MetaShieldStrategy  # noqa: E402
+from metashield_hf.fl.simulate import SmallCNN  # noqa: E402
+
+client = ClientApp()
+
+
+@client.train()
+def train(msg: Message, ctx: Context) -> Message:
+    from metashield_hf.attacks import FLDataPoisoning
+    from metashield_hf.attacks.federated import local_train
+
+    torch.set_num_threads(1)
+    pid = int(ctx.node_config["partition-id"])
+    clients, _ = digits_federation(num_clients=5)
+    data = clients[pid]
+    g = msg.content["arrays"].to_torch_state_dict()
+    x, y, epochs = data.x, data.y, 2
+    if pid == MALICIOUS:
+        x, y = FLDataPoisoning(poison_fraction=0.5, seed=0).poison_local(x, y, 0, client_id=pid)
+        epochs = 4
+    gen = torch.Generator().manual_seed(pid)
+    delta = local_train(SmallCNN(), g, x, y, lr=0.1, epochs=epochs, batch_size=16, generator=gen)
+    local = {k: g[k] + delta[k] if k in delta else g[k] for k in g}
+    metrics = MetricRecord({"num-examples": len(data), "partition-id": pid})
+    return Message(content=RecordDict({"arrays": ArrayRecord(local), "metrics": metrics}), reply_to=msg)
+
+
+RESULT: dict = {}
+
+
+def _server_app(warm: dict, clean: torch.Tensor) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, ctx: Context) -> None:
+        strategy = MetaShieldStrategy(
+            FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=3, min_available_nodes=5),
+            clean, SmallCNN, seed=0,
+        )  # fmt: skip
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(warm), num_rounds=3, timeout=120)
+        RESULT["history"], RESULT["metrics"], RESULT["arrays"] = (
+            strategy.history,
+            result.train_metrics_clientapp,
+            result.arrays,
+        )
+
+    return app
+
+
+@pytest.mark.slow
+def test_run_simulation_flags_the_malicious_supernode():
+    from flwr.simulation import run_simulation
+
+    clients, test = digits_federation(num_clients=5)
+    warm = warm_global(clients).state_dict()
+    run_simulation(
+        server_app=_server_app(warm, test.x[:10]), client_app=client, num_supernodes=5,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )  # fmt: skip
+    history = RESULT["history"]
+    assert history, "no round was aggregated"
+    # node ids are random; the malicious node is the one whose reply carried partition-id MALICIOUS: it is the
+    # client whose candidate the screen scored highest in every round it took part in, and must be flagged there.
+    rounds_with_malicious = 0
+    for rnd, scores in history.items():
+        assert len(scores) >= 3, f"round {rnd}: only {len(scores)} replies"
+        flagged = [s for s in scores if s.flagged]
+        metrics = RESULT["metrics"][rnd]
+        assert metrics["metashield-num-flagged"] == len(flagged)
+        if flagged:
+            rounds_with_malicious += 1
+            assert len(flagged) == 1 and flagged[0].score == max(s.score for s in scores)
+            assert flagged[0].evidence["shift_class"] == 0  # the backdoor target
+    assert rounds_with_malicious >= 1
