@@ -109,6 +109,21 @@ def test_finalize_writes_hub_layout_card_and_report(tiny_zoo):
     report = (out / "zoo_report.md").read_text()
     assert "## Counts per domain × attack × architecture" in report and "| test_resnet |" in report
     assert "seconds per model" in report and "## Rejects" in report
+    if any(r["domain"] == "fl" and r["is_backdoored"] for r in light):
+        assert "## FL backdoor durability" in report
+
+
+def test_report_durability_table_known_answer():
+    from metashield_hf.zoo.schema import _durability_table
+
+    def row(after, later, domain="fl", bd=True):
+        extra = {"asr_after_attack": after, "asr_durability": later, "durability_rounds": 2}
+        return {"domain": domain, "dataset": "mnist", "attack": "dba", "is_backdoored": bd,
+                "extra_metrics": json.dumps(extra)}  # fmt: skip
+
+    lines = _durability_table([row(0.9, 0.5), row(1.0, 0.7), row(0.1, 0.1, bd=False), row(0.2, 0.2, domain="cv")])
+    assert "| mnist | dba | 2 | 2 | 0.900 / 0.950 / 1.000 | 0.500 / 0.600 / 0.700 |" in lines
+    assert _durability_table([row(0.1, 0.1, bd=False)]) == []
 
 
 def test_resume_skips_everything(tiny_zoo, tiny_config):

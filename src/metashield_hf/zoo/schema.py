@@ -282,6 +282,36 @@ def render_card(config, accepted: list[dict[str, Any]], rejects: list[dict[str, 
     return "\n".join(lines)
 
 
+def _durability_table(accepted: list[dict[str, Any]]) -> list[str]:
+    """FL backdoored rows: ASR right after the last malicious round and ``durability_rounds`` attack-free rounds later."""
+    fl = []
+    for r in accepted:
+        if r["domain"] != "fl" or not r["is_backdoored"]:
+            continue
+        extra = json.loads(r.get("extra_metrics") or "{}")
+        if "asr_after_attack" in extra and "asr_durability" in extra:
+            fl.append({**r, "_after": extra["asr_after_attack"], "_later": extra["asr_durability"],
+                       "_rounds": extra.get("durability_rounds")})  # fmt: skip
+    if not fl:
+        return []
+    lines = [
+        "",
+        "## FL backdoor durability (min / median / max)",
+        "",
+        "ASR of the global model right after the last malicious round, and after N more rounds without any attacker.",
+        "",
+        "| dataset | attack | n | N | ASR after last attack | ASR N rounds later |",
+        "|---|---|---:|---:|---|---|",
+    ]
+    for (ds, attack), rows in _group(fl, "dataset", "attack").items():
+        ns = sorted({r["_rounds"] for r in rows if r["_rounds"] is not None})
+        lines.append(
+            f"| {ds} | {attack} | {len(rows)} | {'/'.join(map(str, ns)) or '?'} | "
+            f"{_stats([r['_after'] for r in rows])} | {_stats([r['_later'] for r in rows])} |"
+        )
+    return lines
+
+
 def render_report(
     config,
     accepted: list[dict[str, Any]],
@@ -329,6 +359,7 @@ def render_report(
             f"| {dom} | {ds} | {arch} | {len(rows)} | {_stats([r['clean_accuracy'] for r in rows])} | "
             f"{_stats([r['train_seconds'] for r in rows], '{:.1f}')} |"
         )
+    lines += _durability_table(accepted)
     lines += ["", f"## Rejects ({len(rejects)})", ""]
     if rejects:
         lines += ["| model_id | stage | reason |", "|---|---|---|"]
