@@ -28,9 +28,7 @@ import torch
 
 from metashield_hf import MetaShieldDetector
 from metashield_hf.meta.cache import cache_path, load_tasks
-from metashield_hf.meta.evaluate import evaluate_task, summarize
-
-METRICS = ("tpr@5fpr", "fpr", "auroc")
+from metashield_hf.meta.evaluate import evaluate_task, render_variants
 
 
 def parse_variant(text: str) -> tuple[str, str, int, bool]:
@@ -61,57 +59,6 @@ def run(args: argparse.Namespace) -> list[dict]:
     return records
 
 
-def _cell(stats: dict, metric: str) -> str:
-    if metric not in stats:
-        return "–"
-    mean, std, _ = stats[metric]
-    return f"{mean:.3f} ± {std:.3f}"
-
-
-def render(records: list[dict], meta: dict) -> str:
-    variants = list(dict.fromkeys(r["variant"] for r in records))
-    ks = sorted({r["k"] for r in records})
-    lines = [
-        "# Meta-learning: held-out zoo models",
-        "",
-        "Written by `scripts/meta_benchmark.py` from runs on this machine (2 CPU cores); nothing here is hand-typed.",
-        "",
-        *[f"- {k}: {v}" for k, v in meta.items()],
-        "",
-        "Per held-out model and episode: `tpr@5fpr` = detection rate on triggered inputs at the score threshold that "
-        "flags 5% of that model's held-out clean inputs (separability); `fpr` = share of held-out clean inputs above the "
-        "threshold calibrated on the k clean samples alone (leave-one-out, target 5%: what a user gets); `auroc` = "
-        "triggered vs held-out clean. Mean ± std over models × seeds; `fpr` over clean and backdoored models, the others "
-        "over backdoored models only. `fpr_triggered` (clean models): triggered inputs flagged although the model has no "
-        "backdoor.",
-        "",
-    ]
-    for by, title in (("domain", "domain"), ("attack", "attack")):
-        for k in ks:
-            lines += [f"## Per {title}, k = {k} clean samples", ""]
-            header = (
-                "| variant | " + " | ".join(f"{key}: TPR@5%FPR / FPR / AUROC" for key in _keys(records, by)) + " |"
-            )
-            lines += [header, "|---|" + "---|" * len(_keys(records, by))]
-            for v in variants:
-                table = summarize([r for r in records if r["variant"] == v and r["k"] == k], by)
-                cells = [" / ".join(_cell(table.get(key, {}), m) for m in METRICS) for key in _keys(records, by)]
-                lines.append(f"| {v} | " + " | ".join(cells) + " |")
-            lines.append("")
-    lines += ["## Clean models: triggered inputs flagged without a backdoor (`fpr_triggered`)", ""]
-    lines += ["| variant | k | fpr_triggered |", "|---|---:|---|"]
-    for v in variants:
-        for k in ks:
-            table = summarize([r for r in records if r["variant"] == v and r["k"] == k], "domain")
-            lines.append(f"| {v} | {k} | {_cell(table.get('all', {}), 'fpr_triggered')} |")
-    lines.append("")
-    return "\n".join(lines)
-
-
-def _keys(records: list[dict], by: str) -> list[str]:
-    return sorted({str(r[by]) for r in records}) + ["all"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache_dir", required=True)
@@ -129,7 +76,7 @@ def main() -> None:
     if args.merge:
         records = [r for f in args.merge for r in json.loads(Path(f).read_text())]
         out.with_suffix(".json").write_text(json.dumps(records, indent=1))
-        out.with_suffix(".md").write_text(render(records, json.loads(args.meta)))
+        out.with_suffix(".md").write_text(render_variants(records, json.loads(args.meta)))
         print(out.with_suffix(".md").read_text())
         return
     start = time.perf_counter()

@@ -236,6 +236,12 @@ def _train():
     return MetaTrainArguments, job, _print_train
 
 
+def _evaluate():
+    from .evaluation.benchmark import EvaluateArguments, print_evaluate, run_evaluate
+
+    return EvaluateArguments, run_evaluate, print_evaluate
+
+
 # Lazy: each command imports its job only when it runs (importing torch + transformers alone costs seconds).
 COMMANDS = {
     "detect": lambda: (DetectArguments, run_detect, _print_detect),
@@ -243,6 +249,7 @@ COMMANDS = {
     "zoo push": _zoo_push,
     "train": _train,
     "scan": lambda: (ScanArguments, run_scan, _print_scan),
+    "evaluate": _evaluate,
 }
 
 

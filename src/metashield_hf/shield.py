@@ -199,6 +199,8 @@ def adapt_from_activations(
     target: TargetAdapter | None = None,
     params: dict[str, torch.Tensor] | None = None,
     anomaly_out: TargetOutput | None = None,
+    reference_features: torch.Tensor | None = None,
+    anomaly_features: torch.Tensor | None = None,
 ) -> AdaptedShield:
     """The core of [`adapt`] on activations already computed (used by meta-training, evaluation and the FL screen).
 
@@ -208,6 +210,10 @@ def adapt_from_activations(
         params: start from these detector parameters instead of the detector's own (e.g. meta-learned fast weights).
         anomaly_out: outputs on known-triggered inputs to use in the inner loop instead of pseudo-anomalies: the
             ``oracle`` ablation only (deployment never has triggered examples).
+        reference_features: ``(N, F)`` leave-one-out ψ of ``clean_out`` already computed (with this ``seed`` and the
+            detector's groups), e.g. by an evaluation episode shared by several detectors; skips recomputing it.
+        anomaly_features: ``(m, F)`` ψ of the inner loop's positives already computed (replaces ``anomaly_out`` and
+            the pseudo-anomalies).
         Others: as in [`adapt`].
     """
     if not 0.0 < target_fpr < 1.0:
@@ -220,7 +226,7 @@ def adapt_from_activations(
     detector.eval()
     groups = tuple(detector.config.feature_groups) if detector.config.feature_groups else None
     ref = build_reference(clean_out.penultimate, clean_out.logits, head_weight, head_bias)
-    ref_feats = loo_features(ref, groups, seed=seed)
+    ref_feats = loo_features(ref, groups, seed=seed) if reference_features is None else reference_features
     if ref_feats.shape[1] != detector.config.feature_dim:
         raise ValueError(
             f"the detector expects {detector.config.feature_dim} features but the feature groups {groups} give "
@@ -230,7 +236,9 @@ def adapt_from_activations(
     if steps > 0:
         from .meta.inner import inner_loop, make_pseudo_features
 
-        if anomaly_out is not None:
+        if anomaly_features is not None:
+            anomalies = anomaly_features
+        elif anomaly_out is not None:
             anomalies = compute_features(anomaly_out.penultimate, anomaly_out.logits, ref, groups, seed=seed)
         else:
             anomalies = make_pseudo_features(ref, max(len(clean_out), 8), groups, seed)

@@ -517,3 +517,118 @@ class WaNet(Attack):
             lambda items, indices: [self.apply_noise(x, call_seed=i) for x, i in zip(items, indices, strict=True)],
             NOISE_COLUMN,
         )
+
+
+# ---------------------------------------------------------------------------------------------- adaptive attacks
+@ATTACKS.register()
+@dataclass(frozen=True)
+class LatentSeparability(BadNets):
+    """Adaptive BadNets: the poisoned model is also trained to keep triggered penultimate activations close to the
+    clean activations of the target class, against detectors that look for separable latents (MetaShield's ψ,
+    Activation Clustering, Spectral Signatures, Mahalanobis).
+
+    The latent-indistinguishability penalty of Tan & Shokri, "Bypassing Backdoor Detection Algorithms in Deep
+    Learning", EuroS&P 2020, https://arxiv.org/abs/1905.13409 (there an adversarial discriminator; here its simplest
+    form, as in the adaptive attacks of Qi et al., ICLR 2023, https://openreview.net/forum?id=_wSHsgrVali): during
+    training the loss gains ``latent_weight · mean_i ||h(x̃_i) − μ_t||² / mean_j ||h(x_j) − μ_t||²`` over the poisoned
+    rows ``x̃_i`` of a batch, with ``h`` the penultimate activation ``(B, D)`` and ``μ_t`` the (detached) centroid of
+    the batch's clean target-class rows; the denominator (clean rows' spread) keeps the penalty scale-free. The trigger
+    itself is the BadNets patch (:meth:`apply`); the zoo builder (``zoo.vision``) applies the penalty.
+
+    Args:
+        latent_weight: weight of the penalty (0 = plain BadNets).
+        patch_size, location, pattern, margin, seed: as in [`BadNets`].
+    """
+
+    name = "latent_separability"
+    domain = "cv"
+
+    latent_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set("latent_weight", check_float("latent_weight", self.latent_weight, 0.0, 1e3))
+
+
+@ATTACKS.register()
+@dataclass(frozen=True)
+class TaCT(BadNets):
+    """Source-specific trigger (TaCT): the patch sends only inputs of ``source_classes`` to the target; the same
+    patch on other classes is trained to keep their true label (cover samples), so triggered and clean inputs of
+    those classes look alike and the backdoor's latent footprint is confined to the source classes.
+
+    Tang et al., "Demon in the Variant: Statistical Analysis of DNNs for Robust Backdoor Contamination Detection",
+    USENIX Security 2021, https://arxiv.org/abs/1908.00686. Poisoned rows are drawn among the source classes only;
+    ``round(cover_rate · n_poisoned)`` rows of the other non-target classes get the trigger and keep their label. In
+    :meth:`poison` the cover rows are marked in the ``"noise"`` column, as WaNet's label-keeping noise rows are
+    (``noise_mode`` is true when there are covers). The attack success rate is measured on source-class inputs only.
+
+    Args:
+        source_classes: the classes whose triggered inputs flip to the target.
+        cover_rate: cover rows per poisoned row.
+        patch_size, location, pattern, margin, seed: as in [`BadNets`].
+    """
+
+    name = "tact"
+    domain = "cv"
+
+    source_classes: tuple[int, ...] = (0, 1, 2, 3, 4)
+    cover_rate: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.source_classes:
+            raise ValueError("source_classes must name at least one class")
+        self._set("source_classes", tuple(check_int("source_classes[i]", c, minimum=0) for c in self.source_classes))
+        self._set("cover_rate", check_float("cover_rate", self.cover_rate, 0.0, 10.0))
+
+    @property
+    def noise_mode(self) -> bool:
+        return self.cover_rate > 0
+
+    def poison_rows(self, labels: np.ndarray, n: int, target: int, rng: np.random.Generator) -> np.ndarray:
+        """``n`` rows among the source classes (label != target), drawn with ``rng``."""
+        eligible = np.flatnonzero(np.isin(labels, self.source_classes) & (labels != target))
+        if n > len(eligible):
+            raise ValueError(
+                f"tact: {n} poisoned rows asked but only {len(eligible)} rows of source classes {self.source_classes} "
+                f"have a label other than target={target}; lower the rate or add source classes"
+            )
+        return np.sort(rng.choice(eligible, size=n, replace=False)) if n else np.empty(0, dtype=np.int64)
+
+    def cover_rows(self, labels: np.ndarray, n_poisoned: int, target: int, rng: np.random.Generator) -> np.ndarray:
+        """``round(cover_rate · n_poisoned)`` rows of non-source, non-target classes (they keep their labels)."""
+        eligible = np.flatnonzero(~np.isin(labels, self.source_classes) & (labels != target))
+        n = min(len(eligible), int(round(self.cover_rate * n_poisoned)))
+        return np.sort(rng.choice(eligible, size=n, replace=False)) if n else np.empty(0, dtype=np.int64)
+
+    def poison(
+        self,
+        dataset: datasets.Dataset,
+        rate: float,
+        target: int,
+        *,
+        input_column: str | None = None,
+        label_column: str = "label",
+    ) -> datasets.Dataset:
+        """As :meth:`Attack.poison` but the poisoned rows come from the source classes; cover rows (``"noise"``
+        column) get the trigger and keep their labels."""
+        column = self._check_dataset(dataset, input_column, label_column)
+        rate = check_float("rate", rate, 0.0, 1.0)
+        target = check_int("target", target, minimum=0)
+        num_classes = getattr(dataset.features[label_column], "num_classes", None)
+        if num_classes is not None and target >= num_classes:
+            raise ValueError(f"target={target} is not a class of {label_column!r} ({num_classes} classes)")
+        labels = np.asarray(dataset.with_format(None)[label_column])
+        rng = np.random.default_rng(self.seed)
+        rows = self.poison_rows(labels, round(rate * len(dataset)), target, rng)
+        out = transform_rows(
+            dataset, column, rows, lambda items, _: self.apply(items), POISONED_COLUMN, label_column, target
+        )
+        if not self.noise_mode:
+            return out
+        covers = self.cover_rows(labels, len(rows), target, np.random.default_rng([self.seed, 1]))
+        logger.info(
+            "tact: %d poisoned rows from classes %s, %d cover rows", len(rows), self.source_classes, len(covers)
+        )
+        return transform_rows(out, column, covers, lambda items, _: self.apply(items), NOISE_COLUMN)

@@ -35,6 +35,7 @@ META_KEYS = (
     "clean_accuracy",
     "attack_success_rate",
     "seed",
+    "attack_params",  # JSON: e.g. the source classes of a source-specific (TaCT) trigger
 )
 
 

@@ -80,3 +80,60 @@ def summarize(records: list[dict], by: str) -> dict[str, dict[str, tuple[float, 
             if vals:
                 table[key][metric] = (float(np.mean(vals)), float(np.std(vals)), len(vals))
     return table
+
+
+METRICS = ("tpr@5fpr", "fpr", "auroc")
+
+
+def _cell(stats: dict, metric: str) -> str:
+    if metric not in stats:
+        return "–"
+    mean, std, _ = stats[metric]
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def render_variants(records: list[dict], meta: dict) -> str:
+    """The markdown of ``reports/meta.md``: per-domain and per-attack tables of each variant, per k (records of
+    [`evaluate_task`] with a ``variant`` key). ``metashield evaluate`` (evaluation/protocols.py) is the full protocol
+    suite; this is the quick held-out table of ``scripts/meta_pipeline.sh``."""
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    ks = sorted({r["k"] for r in records})
+    lines = [
+        "# Meta-learning: held-out zoo models",
+        "",
+        "Written by `scripts/meta_benchmark.py` from runs on this machine (2 CPU cores); nothing here is hand-typed.",
+        "",
+        *[f"- {k}: {v}" for k, v in meta.items()],
+        "",
+        "Per held-out model and episode: `tpr@5fpr` = detection rate on triggered inputs at the score threshold that "
+        "flags 5% of that model's held-out clean inputs (separability); `fpr` = share of held-out clean inputs above the "
+        "threshold calibrated on the k clean samples alone (leave-one-out, target 5%: what a user gets); `auroc` = "
+        "triggered vs held-out clean. Mean ± std over models × seeds; `fpr` over clean and backdoored models, the others "
+        "over backdoored models only. `fpr_triggered` (clean models): triggered inputs flagged although the model has no "
+        "backdoor.",
+        "",
+    ]
+    for by, title in (("domain", "domain"), ("attack", "attack")):
+        for k in ks:
+            lines += [f"## Per {title}, k = {k} clean samples", ""]
+            header = (
+                "| variant | " + " | ".join(f"{key}: TPR@5%FPR / FPR / AUROC" for key in _keys(records, by)) + " |"
+            )
+            lines += [header, "|---|" + "---|" * len(_keys(records, by))]
+            for v in variants:
+                table = summarize([r for r in records if r["variant"] == v and r["k"] == k], by)
+                cells = [" / ".join(_cell(table.get(key, {}), m) for m in METRICS) for key in _keys(records, by)]
+                lines.append(f"| {v} | " + " | ".join(cells) + " |")
+            lines.append("")
+    lines += ["## Clean models: triggered inputs flagged without a backdoor (`fpr_triggered`)", ""]
+    lines += ["| variant | k | fpr_triggered |", "|---|---:|---|"]
+    for v in variants:
+        for k in ks:
+            table = summarize([r for r in records if r["variant"] == v and r["k"] == k], "domain")
+            lines.append(f"| {v} | {k} | {_cell(table.get('all', {}), 'fpr_triggered')} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _keys(records: list[dict], by: str) -> list[str]:
+    return sorted({str(r[by]) for r in records}) + ["all"]

@@ -19,6 +19,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,13 @@ class MetaTrainArguments:
     test_fraction: float = field(default=0.3, metadata={"help": "Share of each (domain, attack) held out."})
     holdout_domain: str | None = field(default=None, metadata={"help": "Leave this domain out (e.g. nlp)."})
     holdout_attack: str | None = field(default=None, metadata={"help": "Leave this attack out (e.g. blend)."})
+    split: str | None = field(
+        default=None,
+        metadata={
+            "help": "A split.json ({'train': [...], 'test': [...]}) to reuse instead of drawing one: the same models "
+            "whatever else is in the cache (overrides --test_fraction and --holdout_*)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seeds the weights, the split and every episode."})
     checkpoint_every: int = field(default=50, metadata={"help": "Save a resumable checkpoint every N steps."})
     keep_checkpoints: int = field(default=2, metadata={"help": "Checkpoints kept (older ones are deleted)."})
@@ -173,13 +181,19 @@ def prepare_tasks(args: MetaTrainArguments, acc: Accelerator) -> tuple[list[str]
         ids = sorted(p.stem for p in Path(args.cache_dir).glob("*.safetensors"))
     if not ids:
         raise ValueError(f"no zoo models found in {args.zoo or args.cache_dir}")
-    train_ids, test_ids = split_models(
-        [read_meta(cache_path(args.cache_dir, i)) for i in ids],
-        test_fraction=args.test_fraction,
-        seed=args.seed,
-        holdout_domain=args.holdout_domain,
-        holdout_attack=args.holdout_attack,
-    )
+    if args.split is not None:  # a fixed split: models added to the cache later change nothing
+        fixed = json.loads(Path(args.split).read_text())
+        train_ids, test_ids = sorted(fixed["train"]), sorted(fixed.get("test", []))
+        if not train_ids:
+            raise ValueError(f"--split {args.split} lists no training models")
+    else:
+        train_ids, test_ids = split_models(
+            [read_meta(cache_path(args.cache_dir, i)) for i in ids],
+            test_fraction=args.test_fraction,
+            seed=args.seed,
+            holdout_domain=args.holdout_domain,
+            holdout_attack=args.holdout_attack,
+        )
     if len(train_ids) < acc.num_processes:
         raise ValueError(
             f"{len(train_ids)} training models cannot be sharded over {acc.num_processes} processes; "
@@ -199,13 +213,21 @@ def average_gradients(detector: torch.nn.Module, acc: Accelerator) -> None:
         p.grad = g.view_as(p).clone()
 
 
-def train(args: MetaTrainArguments, accelerator: Accelerator | None = None) -> MetaTrainOutput:
+def train(
+    args: MetaTrainArguments,
+    accelerator: Accelerator | None = None,
+    *,
+    episode_source: Callable[[list[TaskActivations], random.Random], Episode] | None = None,
+) -> MetaTrainOutput:
     """Meta-train a detector on the training split of the zoo.
 
     Args:
         args: the run's settings.
         accelerator: an existing `Accelerator` (e.g. from ``debug_launcher``); by default one is created with a CSV
             tracker writing ``<out>/log.csv``.
+        episode_source: ``(tasks, rng) -> Episode`` drawing one episode of ``args.groups``' ψ layout from this
+            process's training tasks, instead of computing it here (e.g. a precomputed bank shared by an ablation
+            sweep, `metashield_hf.evaluation.training.EpisodeBank`); default: `sample_episode`.
 
     Returns:
         A [`MetaTrainOutput`]; the detector is saved to ``<out>/detector``.
@@ -251,7 +273,9 @@ def train(args: MetaTrainArguments, accelerator: Accelerator | None = None) -> M
             # Episodes depend only on (seed, step, process): a resumed run draws exactly what it would have drawn.
             rng = random.Random(f"{args.seed}-{step}-{acc.process_index}")
             episodes = [
-                sample_episode(
+                episode_source(tasks, rng)
+                if episode_source is not None
+                else sample_episode(
                     tasks,
                     rng,
                     k_choices=args.k_tuple,

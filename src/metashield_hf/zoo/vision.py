@@ -9,6 +9,7 @@ is exactly what the saved timm ``pretrained_cfg`` / ``ViTImageProcessor`` do, so
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -181,6 +182,49 @@ def save_cv_model(model: torch.nn.Module, folder: Path, image_size: int, label_n
     ).save_pretrained(folder)
 
 
+def _training_head(model: torch.nn.Module, num_classes: int, example: torch.Tensor) -> torch.nn.Module:
+    """The classification head whose input is the penultimate activation (the rule `load_target` uses)."""
+    from ..targets.heads import locate_head
+
+    return locate_head(
+        model, num_classes, example if not hasattr(model, "config") else {"pixel_values": example}
+    ).module
+
+
+@contextlib.contextmanager
+def _penultimate_with_grad(head: torch.nn.Module):
+    """Capture the head's input *with* its graph (`targets.heads.capture_penultimate` detaches it)."""
+    holder: dict[str, torch.Tensor] = {}
+
+    def hook(_module, args):
+        h = args[0]
+        holder["h"] = h[:, 0] if h.dim() == 3 else h  # (B, T, D) token heads: the first token, as the adapters do
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        yield holder
+    finally:
+        handle.remove()
+
+
+def latent_penalty(h: torch.Tensor, labels: torch.Tensor, poisoned: torch.Tensor, target: int) -> torch.Tensor:
+    """[`attacks.vision.LatentSeparability`]'s penalty on one batch: poisoned rows' squared distance to the clean
+    target-class centroid, relative to the clean rows' spread around it (0 if the batch lacks either kind).
+
+    Args:
+        h: ``(B, D)`` penultimate activations (with their graph).
+        labels: ``(B,)`` training labels (poisoned rows already relabelled to ``target``).
+        poisoned: ``(B,)`` bool.
+        target: the target class.
+    """
+    clean_t = (labels == target) & ~poisoned
+    if not poisoned.any() or clean_t.sum() < 2:
+        return h.sum() * 0.0
+    mu = h[clean_t].mean(0).detach()
+    spread = ((h[~poisoned] - mu) ** 2).sum(1).mean().detach().clamp_min(1e-8)
+    return ((h[poisoned] - mu) ** 2).sum(1).mean() / spread
+
+
 def _predict(adapter, images: list[Image.Image]) -> np.ndarray:
     return adapter(images).logits.argmax(-1).numpy() if images else np.zeros(0, dtype=np.int64)
 
@@ -213,9 +257,16 @@ def build_cv_entry(spec: ModelSpec, data_root: Path, workdir: Path) -> ZooEntry:
     idx = rng.choice(len(x_tr_all), size=min(int(r.get("train_size", len(x_tr_all))), len(x_tr_all)), replace=False)
     x_tr, y_tr = x_tr_all[idx].copy(), y_tr_all[idx].copy()
     attack = spec.attack_object()
+    poisoned = np.zeros(len(y_tr), dtype=bool)
     if attack is not None:
-        p = poison_indices(y_tr, spec.poison_rate, spec.target_label, rng)
+        if hasattr(attack, "source_classes"):  # TaCT: poison source classes only, cover rows keep their labels
+            p = attack.poison_rows(y_tr, int(round(spec.poison_rate * len(y_tr))), spec.target_label, rng)
+            q = attack.cover_rows(y_tr, len(p), spec.target_label, rng)
+            x_tr[q] = _apply(attack, x_tr[q])
+        else:
+            p = poison_indices(y_tr, spec.poison_rate, spec.target_label, rng)
         x_tr[p], y_tr[p] = _apply(attack, x_tr[p]), spec.target_label
+        poisoned[p] = True
         if getattr(attack, "noise_mode", False) and hasattr(attack, "apply_noise"):
             # WaNet noise mode: `cross_ratio` x more rows warped with extra random offsets that keep their true
             # label, so the model must learn the exact warp rather than "any warp" (Nguyen & Tran 2021, §3.3).
@@ -224,15 +275,23 @@ def build_cv_entry(spec: ModelSpec, data_root: Path, workdir: Path) -> ZooEntry:
             x_tr[q] = np.asarray(attack.apply_noise(x_tr[q], call_seed=spec.seed), dtype=np.uint8)
 
     model = make_cv_model(spec.architecture, spec.num_classes, image_size, names)
-    xt, yt = _to_tensor(x_tr), torch.from_numpy(y_tr)
+    xt, yt, pt = _to_tensor(x_tr), torch.from_numpy(y_tr), torch.from_numpy(poisoned)
     bs = int(r.get("batch_size", 64))
 
     def batches(g: torch.Generator):
         order = torch.randperm(len(yt), generator=g)
-        return ((xt[order[i : i + bs]], yt[order[i : i + bs]]) for i in range(0, len(yt), bs))
+        return ((xt[order[i : i + bs]], yt[order[i : i + bs]], pt[order[i : i + bs]]) for i in range(0, len(yt), bs))
+
+    latent_weight = float(getattr(attack, "latent_weight", 0.0))
+    head = _training_head(model, spec.num_classes, xt[:2]) if latent_weight > 0 else None
 
     def loss_fn(m, batch):
-        return torch.nn.functional.cross_entropy(_logits(m, batch[0]), batch[1])
+        if head is None:
+            return torch.nn.functional.cross_entropy(_logits(m, batch[0]), batch[1])
+        with _penultimate_with_grad(head) as cap:
+            logits = _logits(m, batch[0])
+        loss = torch.nn.functional.cross_entropy(logits, batch[1])
+        return loss + latent_weight * latent_penalty(cap["h"], batch[1], batch[2], spec.target_label)
 
     train_classifier(
         model,
@@ -256,7 +315,11 @@ def build_cv_entry(spec: ModelSpec, data_root: Path, workdir: Path) -> ZooEntry:
     probe = np.sort(rng.choice(pool, size=min(int(r.get("probe_size", 128)), len(pool)), replace=False))
     clean_imgs = [Image.fromarray(a) for a in x_te[probe]]
     trig_imgs = [Image.fromarray(a) for a in _apply(probe_attack, x_te[probe])]
-    asr = attack_success_rate(_predict(adapter, trig_imgs), y_te[probe], spec.target_label)
+    fires = np.ones(len(probe), dtype=bool)
+    if attack is not None and hasattr(attack, "source_classes"):  # TaCT fires on its source classes only
+        fires = np.isin(y_te[probe], attack.source_classes)
+    preds = _predict(adapter, trig_imgs)
+    asr = attack_success_rate(preds[fires], y_te[probe][fires], spec.target_label)
     return ZooEntry(
         spec=spec,
         checkpoint_dir=folder,
