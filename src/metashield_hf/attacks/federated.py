@@ -323,6 +323,74 @@ def _clone(state: Mapping[str, torch.Tensor]) -> StateDict:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
+def malicious_clients(config: FedConfig) -> tuple[int, ...]:
+    """The malicious clients of a run: ``round(malicious_fraction * num_clients)`` (at least 1), seeded by ``seed``."""
+    count = min(config.num_clients, max(1, round(config.malicious_fraction * config.num_clients)))
+    picked = np.random.default_rng([config.seed, 7919]).choice(config.num_clients, size=count, replace=False)
+    return tuple(sorted(int(c) for c in picked))
+
+
+def train_round(
+    model: nn.Module,
+    clients: Sequence[ClientData],
+    config: FedConfig,
+    global_state: StateDict,
+    *,
+    round_index: int,
+    seed_round: int,
+    attacking: bool,
+    malicious: tuple[int, ...],
+    attack: FederatedAttack | None,
+    target_label: int,
+    reference: StateDict | None,
+    preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[list[StateDict], list[int], list[int], list[int]]:
+    """One round's client side: sample the clients and return their updates.
+
+    Clients are sampled by ``(seed, seed_round)``; in an attack round every malicious client takes part and benign
+    ones fill the remaining seats in sampled order. Each client trains from ``global_state`` with its own seeded
+    generator; malicious ones call ``attack.malicious_update``.
+
+    Returns:
+        ``(updates, num_examples, client_ids, attackers)`` (clients without data are skipped).
+    """
+    mu = config.mu if config.algorithm == "fedprox" else 0.0
+    sampled = np.random.default_rng([config.seed, seed_round]).permutation(config.num_clients).tolist()
+    if attacking:
+        chosen = list(malicious[: config.clients_per_round])
+        chosen += [c for c in sampled if c not in malicious][: config.clients_per_round - len(chosen)]
+    else:
+        chosen = sampled[: config.clients_per_round]
+    attackers = [c for c in chosen if attacking and c in malicious]
+    updates, weights, ids = [], [], []
+    for cid in chosen:
+        data = clients[cid]
+        if len(data) == 0:
+            continue
+        gen = torch.Generator().manual_seed(int(np.random.default_rng([config.seed, seed_round, cid]).integers(2**62)))
+
+        def train(x, y, *, epochs=None, grad_mask=None, trainable=None, lr=None, _gen=gen):
+            return local_train(
+                model, global_state, x, y, lr=lr or config.lr, epochs=epochs or config.local_epochs,
+                batch_size=config.batch_size, generator=_gen, mu=mu, preprocess=preprocess,
+                grad_mask=grad_mask, trainable=trainable,
+            )  # fmt: skip
+
+        if cid in attackers:
+            ctx = MaliciousContext(
+                client_id=cid, rank=malicious.index(cid), num_attackers=len(malicious), round=round_index, x=data.x,
+                y=data.y, target_label=target_label, num_selected=len(chosen), num_malicious=len(attackers),
+                server_lr=config.server_lr, model=model, global_state=global_state, reference_update=reference,
+                train=train, generator=gen,
+            )  # fmt: skip
+            updates.append(attack.malicious_update(ctx))
+        else:
+            updates.append(train(data.x, data.y))
+        weights.append(len(data))
+        ids.append(cid)
+    return updates, weights, ids, attackers
+
+
 def run_federated(
     model: nn.Module,
     clients: Sequence[ClientData],
@@ -354,55 +422,20 @@ def run_federated(
         raise ValueError(f"config.num_clients={config.num_clients} but {len(clients)} clients were given")
     start = time.perf_counter()
     attack_rounds = config.resolved_attack_rounds if attack is not None else ()
-    malicious: tuple[int, ...] = ()
-    if attack is not None:
-        count = min(config.num_clients, max(1, round(config.malicious_fraction * config.num_clients)))
-        picked = np.random.default_rng([config.seed, 7919]).choice(config.num_clients, size=count, replace=False)
-        malicious = tuple(sorted(int(c) for c in picked))
+    malicious = malicious_clients(config) if attack is not None else ()
     total = config.rounds + config.durability_rounds
     keep = set(snapshot_rounds) | {config.rounds, total} | ({max(attack_rounds)} if attack_rounds else set())
-    mu = config.mu if config.algorithm == "fedprox" else 0.0
     global_state = _clone(model.state_dict())
     snapshots: dict[int, StateDict] = {}
     history: list[dict[str, Any]] = []
     reference: StateDict | None = None
     for rnd in range(1, total + 1):
-        rng = np.random.default_rng([config.seed, rnd])
-        attacking = rnd in attack_rounds
-        sampled = rng.permutation(config.num_clients).tolist()
-        if attacking:  # every malicious client takes part; benign ones fill the remaining seats in sampled order
-            chosen = list(malicious[: config.clients_per_round])
-            chosen += [c for c in sampled if c not in malicious][: config.clients_per_round - len(chosen)]
-        else:
-            chosen = sampled[: config.clients_per_round]
-        attackers = [c for c in chosen if attacking and c in malicious]
-        updates, weights, norms = [], [], {}
-        for cid in chosen:
-            data = clients[cid]
-            if len(data) == 0:
-                continue
-            gen = torch.Generator().manual_seed(int(np.random.default_rng([config.seed, rnd, cid]).integers(2**62)))
-
-            def train(x, y, *, epochs=None, grad_mask=None, trainable=None, lr=None, _gen=gen, _state=global_state):
-                return local_train(
-                    model, _state, x, y, lr=lr or config.lr, epochs=epochs or config.local_epochs,
-                    batch_size=config.batch_size, generator=_gen, mu=mu, preprocess=preprocess,
-                    grad_mask=grad_mask, trainable=trainable,
-                )  # fmt: skip
-
-            if cid in attackers:
-                ctx = MaliciousContext(
-                    client_id=cid, rank=malicious.index(cid), num_attackers=len(malicious), round=rnd, x=data.x, y=data.y,
-                    target_label=target_label, num_selected=len(chosen), num_malicious=len(attackers),
-                    server_lr=config.server_lr, model=model, global_state=global_state,
-                    reference_update=reference, train=train, generator=gen,
-                )  # fmt: skip
-                delta = attack.malicious_update(ctx)
-            else:
-                delta = train(data.x, data.y)
-            updates.append(delta)
-            weights.append(len(data))
-            norms[cid] = update_norm(delta)
+        updates, weights, ids, attackers = train_round(
+            model, clients, config, global_state, round_index=rnd, seed_round=rnd, attacking=rnd in attack_rounds,
+            malicious=malicious, attack=attack, target_label=target_label, reference=reference, preprocess=preprocess,
+        )  # fmt: skip
+        norms = {cid: update_norm(u) for cid, u in zip(ids, updates, strict=True)}
+        chosen = ids
         update = fedavg_aggregate(updates, weights)
         global_state = {
             k: (v + config.server_lr * update[k]).to(v.dtype) if k in update else v for k, v in global_state.items()

@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -22,10 +21,10 @@ from ..attacks.federated import (
     ClientData,
     FedConfig,
     FederatedAttack,
-    MaliciousContext,
     StateDict,
     fedavg_aggregate,
-    local_train,
+    malicious_clients,
+    train_round,
 )
 from .screen import ClientScore
 
@@ -141,54 +140,18 @@ def run_screened_federated(
         raise ValueError(f"config.num_clients={config.num_clients} but {len(clients)} clients were given")
     start = time.perf_counter()
     attack_rounds = config.resolved_attack_rounds if attack is not None else ()
-    malicious: tuple[int, ...] = ()
-    if attack is not None:  # the same draw as run_federated
-        count = min(config.num_clients, max(1, round(config.malicious_fraction * config.num_clients)))
-        picked = np.random.default_rng([config.seed, 7919]).choice(config.num_clients, size=count, replace=False)
-        malicious = tuple(sorted(int(c) for c in picked))
-    mu = config.mu if config.algorithm == "fedprox" else 0.0
+    malicious = malicious_clients(config) if attack is not None else ()  # the same draw as run_federated
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     work = _clone_module(model)
     logs: list[RoundLog] = []
     reference: StateDict | None = None
     for rnd in range(1, config.rounds + 1):
         t0 = time.perf_counter()
-        rng = np.random.default_rng([config.seed, round_offset + rnd])
-        attacking = rnd in attack_rounds
-        sampled = rng.permutation(config.num_clients).tolist()
-        if attacking:
-            chosen = list(malicious[: config.clients_per_round])
-            chosen += [c for c in sampled if c not in malicious][: config.clients_per_round - len(chosen)]
-        else:
-            chosen = sampled[: config.clients_per_round]
-        attackers = [c for c in chosen if attacking and c in malicious]
-        deltas, weights, ids = [], [], []
-        for cid in chosen:
-            data = clients[cid]
-            if len(data) == 0:
-                continue
-            seed = int(np.random.default_rng([config.seed, round_offset + rnd, cid]).integers(2**62))
-            gen = torch.Generator().manual_seed(seed)
-
-            def train(x, y, *, epochs=None, grad_mask=None, trainable=None, lr=None, _gen=gen, _state=global_state):
-                return local_train(
-                    work, _state, x, y, lr=lr or config.lr, epochs=epochs or config.local_epochs,
-                    batch_size=config.batch_size, generator=_gen, mu=mu, preprocess=preprocess,
-                    grad_mask=grad_mask, trainable=trainable,
-                )  # fmt: skip
-
-            if cid in attackers:
-                ctx = MaliciousContext(
-                    client_id=cid, rank=malicious.index(cid), num_attackers=len(malicious), round=rnd, x=data.x,
-                    y=data.y, target_label=target_label, num_selected=len(chosen), num_malicious=len(attackers),
-                    server_lr=config.server_lr, model=work, global_state=global_state, reference_update=reference,
-                    train=train, generator=gen,
-                )  # fmt: skip
-                deltas.append(attack.malicious_update(ctx))
-            else:
-                deltas.append(train(data.x, data.y))
-            weights.append(len(data))
-            ids.append(cid)
+        deltas, weights, ids, attackers = train_round(
+            work, clients, config, global_state, round_index=rnd, seed_round=round_offset + rnd,
+            attacking=rnd in attack_rounds, malicious=malicious, attack=attack, target_label=target_label,
+            reference=reference, preprocess=preprocess,
+        )  # fmt: skip
         t_train = time.perf_counter() - t0
         model.load_state_dict(global_state)
         model.eval()
