@@ -118,3 +118,15 @@ def tiny_zoo(tmp_path_factory, tiny_config):
         torch.set_num_threads(threads)
     finalize_zoo(out)
     return out, report, seconds
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch at one intra-op thread for a module (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny models gain nothing from a second thread, and on a busy 2-core machine it made them 20x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

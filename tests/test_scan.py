@@ -18,13 +18,7 @@ from test_pipeline import clean_sentences
 FAST = ["--steps", "5"]  # the CLI tests check plumbing, not detection quality
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: a second intra-op thread costs more than it saves (20x slower on a busy 2-core machine).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

@@ -9,13 +9,7 @@ from fl_helpers import MALICIOUS, screened_round
 from metashield_hf.fl import ClientScore, cosine_clusters, norm_outliers, robust_z, score_client_updates, to_deltas
 from metashield_hf.fl.screen import candidate_state
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_robust_z_known_answer():

@@ -34,12 +34,7 @@ class SpyFedAvg(FedAvg):
         return super().aggregate_train(server_round, replies)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _replies(model, deltas, counts):
