@@ -264,8 +264,13 @@ def write_markdown(result: dict, path: Path) -> None:
         "- Training time is the in-process simulation's (all clients of a round trained one after another on one "
         "core); in a real deployment clients train in parallel on their own devices, so the screen's share of the "
         "server's wall time is what the ratio shows, not of the round's duration.",
-        "- Not run here (the script takes `--datasets femnist --algorithms fedprox`): FEMNIST and FedProx, the DP "
-        "clipping wrappers, the input-level detector on FEMNIST global models.",
+        "- Not in this run: "
+        + ", ".join(
+            [f"{d} (`--datasets {d}`)" for d in ("mnist", "femnist") if d not in a["datasets"]]
+            + [f"{g} (`--algorithms {g}`)" for g in ("fedavg", "fedprox") if g not in a["algorithms"]]
+            + ["Flower's DP clipping wrappers (not wired in: they need Flower's own round accounting)"]
+        )
+        + "; the input-level detector on the FEMNIST zoo models is in `reports/femnist_detector/benchmark.md`.",
         "",
     ]
     path.write_text("\n".join(lines))
