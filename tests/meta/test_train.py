@@ -158,7 +158,9 @@ def test_accelerate_launch_module(tiny_cache, tmp_path):
     )
     flags = ["--cache_dir", str(cache_dir), "--out", str(tmp_path), "--steps", "1", "--meta_batch", "2"]
     flags += ["--k_choices", "5", "--n_query", "4", "--inner_steps", "1", "--json"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # the interpreter's own bin first, so the `accelerate` script is found without an activated virtualenv
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "PATH": path}
     execute_subprocess_async([*cmd, "-m", "metashield_hf.meta.train", *flags], env=env)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["episodes"] == 2
