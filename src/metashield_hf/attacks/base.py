@@ -160,20 +160,24 @@ class Attack:
         if num_classes is not None and target >= num_classes:
             raise ValueError(f"target={target} is not a class of {label_column!r} ({num_classes} classes)")
         labels = np.asarray(dataset.with_format(None)[label_column])
-        eligible = np.flatnonzero(labels != target)
         n = round(rate * len(dataset))
-        if n > len(eligible):
-            raise ValueError(
-                f"rate={rate} asks for {n} poisoned rows but only {len(eligible)} of {len(dataset)} rows have a label "
-                f"other than target={target}; lower the rate"
-            )
-        rng = np.random.default_rng(self.seed)
-        rows = np.sort(rng.choice(eligible, size=n, replace=False)) if n else np.empty(0, dtype=np.int64)
+        rows = self.poison_rows(labels, n, target, np.random.default_rng(self.seed))
         out = transform_rows(
             dataset, column, rows, lambda items, _: self.apply(items), POISONED_COLUMN, label_column, target
         )
         logger.info("%s: poisoned %d/%d rows of %r with label -> %d", self.name, n, len(dataset), column, target)
         return out
+
+    def poison_rows(self, labels: np.ndarray, n: int, target: int, rng: np.random.Generator) -> np.ndarray:
+        """The ``n`` rows :meth:`poison` triggers and relabels: drawn with ``rng`` among rows whose label is not
+        ``target`` (attacks that poison only some classes override this)."""
+        eligible = np.flatnonzero(labels != target)
+        if n > len(eligible):
+            raise ValueError(
+                f"{n} poisoned rows asked but only {len(eligible)} of {len(labels)} rows have a label other than "
+                f"target={target}; lower the rate"
+            )
+        return np.sort(rng.choice(eligible, size=n, replace=False)) if n else np.empty(0, dtype=np.int64)
 
     def _check_dataset(self, dataset: Any, input_column: str | None, label_column: str) -> str:
         """Validate ``dataset`` for :meth:`poison` and return the input column to trigger."""

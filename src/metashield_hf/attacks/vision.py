@@ -611,24 +611,16 @@ class TaCT(BadNets):
         input_column: str | None = None,
         label_column: str = "label",
     ) -> datasets.Dataset:
-        """As :meth:`Attack.poison` but the poisoned rows come from the source classes; cover rows (``"noise"``
+        """As :meth:`Attack.poison` (rows from :meth:`poison_rows`: source classes only); cover rows (``"noise"``
         column) get the trigger and keep their labels."""
-        column = self._check_dataset(dataset, input_column, label_column)
-        rate = check_float("rate", rate, 0.0, 1.0)
-        target = check_int("target", target, minimum=0)
-        num_classes = getattr(dataset.features[label_column], "num_classes", None)
-        if num_classes is not None and target >= num_classes:
-            raise ValueError(f"target={target} is not a class of {label_column!r} ({num_classes} classes)")
-        labels = np.asarray(dataset.with_format(None)[label_column])
-        rng = np.random.default_rng(self.seed)
-        rows = self.poison_rows(labels, round(rate * len(dataset)), target, rng)
-        out = transform_rows(
-            dataset, column, rows, lambda items, _: self.apply(items), POISONED_COLUMN, label_column, target
-        )
+        out = super().poison(dataset, rate, target, input_column=input_column, label_column=label_column)
         if not self.noise_mode:
             return out
-        covers = self.cover_rows(labels, len(rows), target, np.random.default_rng([self.seed, 1]))
+        column = self._check_dataset(dataset, input_column, label_column)
+        labels = np.asarray(dataset.with_format(None)[label_column])
+        n_poisoned = int(np.asarray(out.with_format(None)[POISONED_COLUMN], dtype=bool).sum())
+        covers = self.cover_rows(labels, n_poisoned, target, np.random.default_rng([self.seed, 1]))
         logger.info(
-            "tact: %d poisoned rows from classes %s, %d cover rows", len(rows), self.source_classes, len(covers)
+            "tact: %d poisoned rows from classes %s, %d cover rows", n_poisoned, self.source_classes, len(covers)
         )
         return transform_rows(out, column, covers, lambda items, _: self.apply(items), NOISE_COLUMN)
