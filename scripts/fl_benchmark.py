@@ -7,8 +7,9 @@ one malicious client (of ``--num-clients``) attacks every round.
    updates — MetaShield (``score_client_updates``), update-norm outliers, FLAME-style cosine clustering, and the
    selections of Flower's Krum / Multi-Krum / Bulyan (not selected = flagged). Malicious-client TPR and benign FPR.
 2. Outcome: one trajectory per defence (MetaShield drop, norm drop, cosine drop, Flower Krum, Multi-Krum, Bulyan,
-   FedTrimmedAvg, FedMedian) and the undefended one; final global model's clean accuracy and ASR (whole trigger, on
-   non-target test images), next to an attack-free run.
+   FedTrimmedAvg, FedMedian, FedAvg inside Flower's server-side DP fixed- and adaptive-clipping wrappers) and the
+   undefended one; final global model's clean accuracy and ASR (whole trigger, on non-target test images), next to
+   an attack-free run.
 3. Cost: MetaShield's screen seconds per round next to the round's client-training seconds (same run).
 
 Writes ``reports/fl.json`` and ``reports/fl.md``. Every number comes from the run.
@@ -54,20 +55,53 @@ ATTACK_NAMES = [
     "targeted_weight_modification",
 ]  # fmt: skip
 SELECTION_RULES = ("krum", "multikrum", "bulyan")
-AGGREGATORS = ("trimmed_mean", "median")
+AGGREGATORS = ("trimmed_mean", "median", "dp_fixed", "dp_adaptive")  # keep everyone: no TPR/FPR, outcome only
+# Flower's server-side DP wrappers get fixed constants: the server sees no benign-update statistics before the run,
+# so nothing is fitted per run, dataset or attack. The clipping norm was set once, from a benign pilot of the default
+# MNIST setting (SmallCNN, 2 local epochs at lr 0.05, after the 15 warm-up rounds: benign update L2 norms 0.23-0.61,
+# boosted model replacement ~8.8, 10-epoch poisoners ~1.2, norm-constrained replacement ~0.3, i.e. inside the benign
+# range), near the top of the benign range, so most benign updates pass unclipped and boosted ones are scaled down
+# (Sun et al. 2019, "Can you really backdoor FL?", norm bounding). The adaptive wrapper starts there too: Flower's
+# default 0.1 would shrink every benign update ~4x, and its rule moves the norm by about exp(+-lr/2) at most per
+# round, so over a few screened rounds the start value is what counts. Not re-tuned for FEMNIST or FedProx.
+# Noise: "weak DP" (Sun et al.), not a privacy guarantee: the noise stdev is multiplier * norm / clients per round
+# (0.05 * 0.5 / 7 ~ 0.0036 per weight); the adaptive wrapper also needs multiplier < 2 * clients/20 (0.7 for 7).
+DP_CLIPPING_NORM = 0.5
+DP_NOISE_MULTIPLIER = 0.05
 
 
-def flower_strategies(num_clients_per_round: int) -> dict:
-    from flwr.serverapp.strategy import Bulyan, FedMedian, FedTrimmedAvg, Krum, MultiKrum
+def flower_strategies(num_clients_per_round: int, seed: int = 0) -> dict:
+    from flwr.serverapp.strategy import (
+        Bulyan,
+        DifferentialPrivacyServerSideAdaptiveClipping,
+        DifferentialPrivacyServerSideFixedClipping,
+        FedAvg,
+        FedMedian,
+        FedTrimmedAvg,
+        Krum,
+        MultiKrum,
+    )
 
     logging.getLogger("flwr").setLevel(logging.WARNING)  # flwr configures its logger on import
     f = 1
+
+    def dp(wrapper, **kwargs):
+        def make():
+            np.random.seed(seed)  # Flower draws the DP noise from NumPy's global RNG: same noise in every trajectory
+            return wrapper(
+                FedAvg(), noise_multiplier=DP_NOISE_MULTIPLIER, num_sampled_clients=num_clients_per_round, **kwargs
+            )
+
+        return make
+
     return {
         "krum": lambda: Krum(num_malicious_nodes=f),
         "multikrum": lambda: MultiKrum(num_malicious_nodes=f, num_nodes_to_select=num_clients_per_round - 2 * f),
         "bulyan": lambda: Bulyan(num_malicious_nodes=f),
         "trimmed_mean": lambda: FedTrimmedAvg(beta=0.2),
         "median": lambda: FedMedian(),
+        "dp_fixed": dp(DifferentialPrivacyServerSideFixedClipping, clipping_norm=DP_CLIPPING_NORM),
+        "dp_adaptive": dp(DifferentialPrivacyServerSideAdaptiveClipping, initial_clipping_norm=DP_CLIPPING_NORM),
     }
 
 
@@ -141,7 +175,7 @@ def run_setting(dataset: str, algorithm: str, args, on_progress=None) -> dict:
                 time.perf_counter() - t0, warm_eval)  # fmt: skip
     config = FedConfig(rounds=args.rounds, malicious_fraction=1.0 / n, attack_rounds=tuple(range(1, args.rounds + 1)),
                        **base)  # fmt: skip
-    strategies = flower_strategies(cpr)
+    strategies = flower_strategies(cpr, seed=args.seed)
 
     def trajectory(attack, defence, screens=None):
         model.load_state_dict(warm)
@@ -193,6 +227,7 @@ def fmt(x, digits=2):
 
 def write_markdown(result: dict, path: Path) -> None:
     a = result["args"]
+    dp = result.get("dp", {"clipping_norm": DP_CLIPPING_NORM, "noise_multiplier": DP_NOISE_MULTIPLIER})
     lines = [
         "# Federated learning: screening client updates (issue #9 §3–4)",
         "",
@@ -213,7 +248,11 @@ def write_markdown(result: dict, path: Path) -> None:
         "Detection is measured on the same rounds for every screen (an undefended FedAvg trajectory); Krum / "
         "Multi-Krum / Bulyan are Flower's strategies (`flwr.serverapp.strategy`), a client they do not select "
         "counts as flagged. Outcome: one separate trajectory per defence (flagged clients dropped; Flower's "
-        "strategies aggregate with their own rule).",
+        "strategies aggregate with their own rule). DP: FedAvg inside Flower's server-side DP wrappers "
+        "(`DifferentialPrivacyServerSideFixedClipping` / `...AdaptiveClipping`), every update clipped to L2 norm "
+        f"{fmt(dp['clipping_norm'])} (the adaptive one's start; its target clipped quantile 0.5, "
+        f"learning rate 0.2, Flower's defaults), Gaussian noise multiplier {fmt(dp['noise_multiplier'])} "
+        "(weak DP against backdoors, not a privacy guarantee); fixed constants, see `DP_CLIPPING_NORM` in the script.",
         "",
     ]
     for setting in result["settings"]:
@@ -236,12 +275,13 @@ def write_markdown(result: dict, path: Path) -> None:
             "",
             "### Final global model: clean accuracy / ASR",
             "",
-            "| attack | no defence | MetaShield | norm | cosine | Krum | Multi-Krum | Bulyan | trimmed mean | median |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| attack | no defence | MetaShield | norm | cosine | Krum | Multi-Krum | Bulyan | trimmed mean | median "
+            "| DP fixed clip | DP adaptive clip |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in setting["attacks"].items():
             o = r["outcome"]
-            keys = ("none", "metashield", "norm", "cosine", "krum", "multikrum", "bulyan", "trimmed_mean", "median")
+            keys = ("none", "metashield", "norm", "cosine") + SELECTION_RULES + AGGREGATORS
             lines.append(
                 f"| {name} | " + " | ".join(f"{fmt(o[k]['clean_accuracy'])} / {fmt(o[k]['asr'])}" for k in keys) + " |"
             )
@@ -268,7 +308,7 @@ def write_markdown(result: dict, path: Path) -> None:
         + ", ".join(
             [f"{d} (`--datasets {d}`)" for d in ("mnist", "femnist") if d not in a["datasets"]]
             + [f"{g} (`--algorithms {g}`)" for g in ("fedavg", "fedprox") if g not in a["algorithms"]]
-            + ["Flower's DP clipping wrappers (not wired in: they need Flower's own round accounting)"]
+            + ["Flower's client-side DP wrappers (they need client mods, which the in-process clients lack)"]
         )
         + "; the input-level detector on the FEMNIST zoo models is in `reports/femnist_detector/benchmark.md`.",
         "",
@@ -319,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         "argv": sys.argv[1:] if argv is None else list(argv), "args": {k: (str(v) if isinstance(v, Path) else v)
         for k, v in vars(args).items()}, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "seconds": time.perf_counter() - t0, "complete": final,
+        "dp": {"clipping_norm": DP_CLIPPING_NORM, "noise_multiplier": DP_NOISE_MULTIPLIER},
         "settings": settings + ([partial] if partial is not None else []),
         }  # fmt: skip
         (args.out / "fl.json").write_text(json.dumps(result, indent=1, default=float))

@@ -5,21 +5,31 @@ Krum, Multi-Krum, Bulyan, trimmed mean and median are *Flower's* implementations
 nothing is re-implemented. Which clients a selection rule kept is read from what the strategy hands to its
 ``train_metrics_aggr_fn`` (Krum, Multi-Krum and Bulyan pass exactly the selected replies).
 
+Each round runs Flower's own round protocol, ``configure_train`` then ``aggregate_train``, so strategies that keep
+per-round state work too: the server-side DP clipping wrappers (``DifferentialPrivacyServerSideFixedClipping``,
+``...AdaptiveClipping``) take the round's global model from ``configure_train`` and clip each reply's difference to
+it; the adaptive one updates its clipping norm in ``aggregate_train``, so reuse one instance across rounds
+(``flower_defence`` does). Their Gaussian noise is drawn from NumPy's global RNG: seed it for a repeatable run.
+
 Requires ``flwr`` (``pip install "metashield-hf[fl]"``).
 """
 
 from __future__ import annotations
 
+import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 try:
-    from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+    from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+    from flwr.serverapp import Grid
     from flwr.serverapp.strategy import Strategy
     from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+    from flwr.supercore.task_identity import TaskIdentity
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "metashield_hf.fl.flower needs Flower: pip install 'metashield-hf[fl]' (or pip install 'flwr>=1.20')"
@@ -75,6 +85,48 @@ def build_replies(
     return out
 
 
+class _RoundGrid(Grid):
+    """The round's clients as the ``Grid`` a strategy's ``configure_train`` samples nodes from. Nothing is sent
+    through it: the replies are built from the in-process clients' updates."""
+
+    def __init__(self, node_ids: Sequence[int]):
+        self.node_ids = [int(i) for i in node_ids]
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+    def _no_messaging(self, *args, **kwargs):
+        raise NotImplementedError("_RoundGrid only lists the round's nodes; replies come from build_replies")
+
+    set_run = create_message = push_messages = pull_messages = send_and_receive = _no_messaging
+    run = property(_no_messaging)
+
+
+@contextmanager
+def _task_identity() -> Iterator[None]:
+    """Instruction ``Message``\\ s (what ``configure_train`` builds) are stamped with the process's task identity,
+    which Flower's runtime sets for a run; outside one, set placeholders as ``run_simulation``'s legacy path does
+    (run 0 and server node 0, as ``build_replies`` addresses them), and put back what was there."""
+    saved = {name: getattr(TaskIdentity, f"_{name}") for name in ("run_id", "node_id", "task_id")}
+    for name, placeholder in (("run_id", 0), ("node_id", 0), ("task_id", 1)):
+        if saved[name] is None:
+            setattr(TaskIdentity, name, placeholder)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(TaskIdentity, name, value)
+
+
+def _min_nodes(strategy: Strategy) -> int:
+    """The most nodes a strategy (or one it wraps, via ``.strategy``) waits for in ``configure_train``."""
+    need, s = 0, strategy
+    while s is not None:
+        need = max(need, getattr(s, "min_available_nodes", 0) or 0, getattr(s, "min_train_nodes", 0) or 0)
+        s = getattr(s, "strategy", None)
+    return need
+
+
 def flower_aggregate(
     strategy: Strategy,
     global_state: Mapping[str, torch.Tensor],
@@ -92,18 +144,35 @@ def flower_aggregate(
         deltas: one update per client (float entries; missing keys = unchanged).
         num_examples: each client's weight.
         client_ids: node ids (default ``1..K``); the selection is reported with these ids.
-        server_round: passed to ``aggregate_train``.
+        server_round: passed to ``configure_train`` and ``aggregate_train``.
+
+    ``strategy.configure_train(server_round, global arrays, ConfigRecord(), grid of the round's clients)`` is called
+    first, as Flower's ``Strategy.start`` does each round; the messages it builds are discarded (the replies come
+    from ``deltas``), and Python's ``random`` state, which its node sampling draws from, is restored afterwards.
 
     Returns:
         ``(new global state or None when the strategy declined, e.g. Bulyan with too few replies; the selected
         client ids, or None when the strategy keeps everyone (median, trimmed mean); seconds)``.
     """
     ids = list(range(1, len(deltas) + 1)) if client_ids is None else list(client_ids)
+    if len(ids) < _min_nodes(strategy):
+        # Flower's node sampling would wait forever for the missing nodes
+        raise ValueError(
+            f"{type(strategy).__name__} waits for at least {_min_nodes(strategy)} nodes but the round has {len(ids)} "
+            "clients; lower its min_available_nodes / min_train_nodes or pass more updates"
+        )
     models = [candidate_state(global_state, d) for d in deltas]
     float_keys = [k for k, v in global_state.items() if v.is_floating_point()]
     replies = build_replies(
         [{k: m[k] for k in float_keys} for m in models], num_examples, ids, server_round=server_round
     )
+    arrays = ArrayRecord({k: global_state[k].detach().cpu() for k in float_keys})  # same keys and order as replies
+    rng_state = random.getstate()
+    try:
+        with _task_identity():
+            list(strategy.configure_train(server_round, arrays, ConfigRecord(), _RoundGrid(ids)))
+    finally:
+        random.setstate(rng_state)
     seen: list[list[RecordDict]] = []
     original = getattr(strategy, "train_metrics_aggr_fn", None)
 
@@ -132,7 +201,11 @@ def flower_aggregate(
 
 
 def flower_defence(strategy: Strategy):
-    """A ``simulate.Defence`` that aggregates with a Flower strategy (falls back to keeping the global model)."""
+    """A ``simulate.Defence`` that aggregates with a Flower strategy (falls back to keeping the global model).
+
+    The same ``strategy`` instance serves every round (rounds numbered 1, 2, ...), so state it keeps across rounds
+    (the adaptive DP wrapper's clipping norm, a privacy accountant) carries over as in a Flower run.
+    """
     state = {"round": 0}
 
     def defence(model: torch.nn.Module, deltas, weights, ids) -> tuple[StateDict, list[int] | None, dict[str, Any]]:
