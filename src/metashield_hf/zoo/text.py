@@ -65,6 +65,25 @@ def load_text(dataset: str, data_root: str) -> tuple[list[str], np.ndarray, list
     return [texts[i] for i in tr], labels[tr], [texts[i] for i in te], labels[te]
 
 
+def _canonical_ids(tok, special: list[str]):
+    """The same tokenizer with token ids in a fixed order (special tokens first, then sorted by string).
+
+    The ``tokenizers`` trainers learn the same vocabulary in every process but number it in hash-map order, which
+    changes from process to process; a model trained on those ids then differs from run to run despite every seed.
+    """
+    import json
+
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    order = [t for t in special if t in vocab] + sorted(t for t in vocab if t not in special)
+    spec["model"]["vocab"] = {t: i for i, t in enumerate(order)}
+    for added in spec.get("added_tokens") or []:
+        added["id"] = spec["model"]["vocab"][added["content"]]
+    return Tokenizer.from_str(json.dumps(spec))
+
+
 def train_tokenizer(texts: list[str], base_architecture: str, vocab_size: int, max_length: int):
     """A fast tokenizer trained on ``texts``: WordPiece (BERT, DistilBERT) or byte-level BPE (RoBERTa), wrapped in
     ``PreTrainedTokenizerFast`` with the model's special tokens and input names, ``model_max_length=max_length``."""
@@ -83,6 +102,7 @@ def train_tokenizer(texts: list[str], base_architecture: str, vocab_size: int, m
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
         tok.train_from_iterator(texts, trainer)
+        tok = _canonical_ids(tok, special)
         tok.post_processor = processors.RobertaProcessing(
             ("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")), add_prefix_space=True
         )
@@ -104,6 +124,7 @@ def train_tokenizer(texts: list[str], base_architecture: str, vocab_size: int, m
         tok.decoder = decoders.WordPiece()
         trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False)
         tok.train_from_iterator(texts, trainer)
+        tok = _canonical_ids(tok, special)
         cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]",
