@@ -31,7 +31,7 @@ try:
     from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "metashield_hf.fl.flower needs Flower: pip install 'metashield-hf[fl]' (or pip install 'flwr>=1.20')"
+        "metashield_hf.fl.flower needs Flower: pip install 'metashield-hf[fl]' (or pip install 'flwr>=1.42')"
     ) from err
 try:  # flwr >= 1.42 stamps instruction Messages with the run's task identity; older releases have no such thing
     from flwr.supercore.task_identity import TaskIdentity

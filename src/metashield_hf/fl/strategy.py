@@ -17,7 +17,7 @@ try:
     from flwr.serverapp.strategy import Strategy
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "MetaShieldStrategy needs Flower: pip install 'metashield-hf[fl]' (or pip install 'flwr>=1.20')"
+        "MetaShieldStrategy needs Flower: pip install 'metashield-hf[fl]' (or pip install 'flwr>=1.42')"
     ) from err
 
 from .screen import ClientScore, score_client_updates
