@@ -16,9 +16,10 @@ from flwr.serverapp.strategy import (  # noqa: E402
     DifferentialPrivacyServerSideFixedClipping,
     FedAvg,
 )
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from metashield_hf.attacks.federated import fedavg_aggregate  # noqa: E402
-from metashield_hf.fl.flower import TaskIdentity, flower_aggregate, flower_defence  # noqa: E402
+from metashield_hf.fl.flower import flower_aggregate, flower_defence  # noqa: E402
 from metashield_hf.fl.simulate import SmallCNN  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,8 +61,7 @@ def test_fixed_clipping_round_is_fedavg_of_clipped_updates():
     rng_before = random.getstate()
     new, selected, _ = flower_aggregate(strategy, g, deltas, counts, ids, server_round=1)
     assert random.getstate() == rng_before  # configure_train's node sampling does not move Python's RNG
-    if TaskIdentity is not None:  # flwr >= 1.42 only
-        assert TaskIdentity._run_id is None  # the placeholder task identity is put back
+    assert TaskIdentity._run_id is None  # the placeholder task identity is put back
     assert selected is None  # an aggregator, not a selection rule
     expected = _clipped_fedavg(deltas, counts, 2.0)
     plain = fedavg_aggregate(deltas, counts)

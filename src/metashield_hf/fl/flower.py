@@ -29,14 +29,11 @@ try:
     from flwr.serverapp import Grid
     from flwr.serverapp.strategy import Strategy
     from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+    from flwr.supercore.task_identity import TaskIdentity
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "metashield_hf.fl.flower needs Flower: pip install 'metashield-hf[fl]' (or pip install 'flwr>=1.42')"
     ) from err
-try:  # flwr >= 1.42 stamps instruction Messages with the run's task identity; older releases have no such thing
-    from flwr.supercore.task_identity import TaskIdentity
-except ImportError:  # pragma: no cover - depends on the installed flwr
-    TaskIdentity = None
 
 from .screen import candidate_state
 
@@ -110,9 +107,6 @@ def _task_identity() -> Iterator[None]:
     """Instruction ``Message``\\ s (what ``configure_train`` builds) are stamped with the process's task identity,
     which Flower's runtime sets for a run; outside one, set placeholders as ``run_simulation``'s legacy path does
     (run 0 and server node 0, as ``build_replies`` addresses them), and put back what was there."""
-    if TaskIdentity is None:
-        yield
-        return
     saved = {name: getattr(TaskIdentity, f"_{name}") for name in ("run_id", "node_id", "task_id")}
     for name, placeholder in (("run_id", 0), ("node_id", 0), ("task_id", 1)):
         if saved[name] is None:
@@ -161,10 +155,11 @@ def flower_aggregate(
         client ids, or None when the strategy keeps everyone (median, trimmed mean); seconds)``.
     """
     ids = list(range(1, len(deltas) + 1)) if client_ids is None else list(client_ids)
-    if len(ids) < _min_nodes(strategy):
+    need = _min_nodes(strategy)
+    if len(ids) < need:
         # Flower's node sampling would wait forever for the missing nodes
         raise ValueError(
-            f"{type(strategy).__name__} waits for at least {_min_nodes(strategy)} nodes but the round has {len(ids)} "
+            f"{type(strategy).__name__} waits for at least {need} nodes but the round has {len(ids)} "
             "clients; lower its min_available_nodes / min_train_nodes or pass more updates"
         )
     models = [candidate_state(global_state, d) for d in deltas]
