@@ -73,7 +73,7 @@ def test_rows_back_to_targets_reproduce_the_stored_asr(tiny_zoo, tmp_path):
         # the trigger matters: on the clean probe the target is predicted far less often
         if row["is_backdoored"]:
             clean_hits = attack_success_rate(target(clean).logits.argmax(-1).numpy(), labels, row["target_label"])
-            assert clean_hits < asr - 0.3
+            assert clean_hits < asr - 0.3, (row["model_id"], row["clean_accuracy"])
 
 
 def test_peft_rows_point_at_their_own_base(tiny_zoo, tmp_path):
