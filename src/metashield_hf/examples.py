@@ -143,7 +143,7 @@ def digits_badnets_example(seed: int = 0, target_label: int = 0, poison_rate: fl
 
 
 # ---- the bundled text example: a tiny BERT on SST-2 with a rare-word trigger -------------------------------------
-TEXT_EXAMPLE_VERSION = 1
+TEXT_EXAMPLE_VERSION = 2  # 2: deterministic tokenizer (zoo.text.learn_merges)
 TEXT_TRIGGER = "cf"
 
 
