@@ -19,6 +19,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import shutil
 import sys
@@ -37,6 +38,7 @@ from metashield_hf.zoo import load_zoo, row_probe, row_to_target
 N_CLEAN = 20
 SEED = 0
 META_COLUMNS = ["model_id", "domain", "dataset", "architecture", "attack", "target_label", "is_backdoored"]
+DEFAULT_STEPS = inspect.signature(scan_model).parameters["steps"].default
 
 
 def scan_row(row: dict, split: str, workdir: Path, steps: int) -> dict:
@@ -165,7 +167,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", default="artifacts/zoo/standard")
     parser.add_argument("--split", default="artifacts/meta/maml/split.json")
-    parser.add_argument("--steps", type=int, default=60, help="trigger-synthesis steps (scan_model default: 60)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULT_STEPS,
+        help=f"trigger-synthesis steps (scan_model default: {DEFAULT_STEPS})",
+    )
+    # 0.1: the best of 0.1 / 1 / 10 in 20 repeats of 5-fold cross-validation on the train models' 120-step signals
+    # (mean AUROC over the >=3-class models 0.933 / 0.918 / 0.901); chosen on train models only.
+    parser.add_argument("--head_c", type=float, default=0.1, help="inverse L2 strength of the head's logistic fit")
     parser.add_argument("--out", default="reports/scan", help="writes OUT.jsonl (records), OUT.json and OUT.md")
     parser.add_argument("--head_out", default="artifacts/meta/scan_head.json")
     parser.add_argument("--workdir", default="artifacts/meta/scan_work", help="where checkpoints are unpacked")
@@ -209,7 +219,9 @@ def main() -> None:
     train = [r for r in records if r["split"] == "train"]
     test = [r for r in records if r["split"] == "test"]
     default_head = ScanHead.load(prior_path)
-    fitted = fit_scan_head([r["metashield"]["signals"] for r in train], [int(r["is_backdoored"]) for r in train])
+    fitted = fit_scan_head(
+        [r["metashield"]["signals"] for r in train], [int(r["is_backdoored"]) for r in train], c=args.head_c
+    )
     Path(args.head_out).parent.mkdir(parents=True, exist_ok=True)
     fitted.save(args.head_out)
     for r in test:
@@ -243,10 +255,10 @@ def main() -> None:
         "command": "python " + " ".join(a for a in sys.argv if a != "--report_only"),
         "zoo": f"{args.zoo} ({len(ids)} models; {len(train)} train / {len(test)} held-out scanned)",
         "clean inputs": f"first {N_CLEAN} clean probe inputs per model, seed {SEED}",
-        "synthesis steps": f"{args.steps} (scan_model default 60)"
-        + ("; reduced so the whole run fits in ~15 minutes on 2 CPU cores" if args.steps < 60 else ""),
+        "synthesis steps": f"{args.steps} (scan_model default {DEFAULT_STEPS})"
+        + ("; reduced so the whole run fits in ~15 minutes on 2 CPU cores" if args.steps < DEFAULT_STEPS else ""),
         **({"wall time of this invocation": f"{run_s:.0f} s for {len(todo)} newly scanned models"} if todo else {}),
-        "scan head fit": f"fit_scan_head on the {len(train)} train models' signals -> {args.head_out}",
+        "scan head fit": f"fit_scan_head (C={args.head_c}) on the {len(train)} train models' signals -> {args.head_out}",
         "scan seconds summed over all records": f"{sum(_total_s(r) for r in records):.0f} s",
     }
     summary = {

@@ -206,7 +206,7 @@ def scan_model(
     *,
     processor=None,
     n: int | None = None,
-    steps: int = 60,
+    steps: int = 120,
     lr: float = 0.3,
     flip_threshold: float = 0.9,
     class_batch: int = 16,
@@ -227,7 +227,8 @@ def scan_model(
         detector: the input-level [`MetaShieldDetector`] (or its folder / Hub id); default: the embedded one.
         processor: tokenizer / image processor when ``checkpoint`` is a model object that needs one.
         n: use at most this many clean samples.
-        steps / lr: Adam steps and learning rate of the trigger synthesis (all classes optimised together).
+        steps / lr: Adam steps and learning rate of the trigger synthesis (all classes optimised together). The
+            shipped scan head was fit on 120-step signals; fewer steps give larger trigger sizes than it expects.
         flip_threshold: fraction of clean samples a synthesized trigger must flip to count as effective.
         class_batch: classes optimised in one batch (memory: ``class_batch * n`` rows per forward pass).
         adapt_steps: inner-loop steps when adapting the detector (0 = reference statistics only).

@@ -20,8 +20,9 @@ DEFAULT_SCAN_HEAD = Path(__file__).parent / "default_detector" / "scan_head.json
 class ScanHead:
     """A tiny logistic model over the scan signals: ``score = sigmoid(bias + Σ weights[s] * signals[s])``.
 
-    The shipped default (``default_detector/scan_head.json``) is a hand-set prior equivalent to Neural Cleanse's rule
-    (anomaly index > 2 ⇒ score > 0.5) until it is refit on the zoo with [`fit_scan_head`].
+    The shipped default (``default_detector/scan_head.json``) is fit with [`fit_scan_head`] on the 120-step scans of
+    the standard zoo's train models (``scripts/scan_benchmark.py``); the hand-set prior it replaced was Neural
+    Cleanse's rule (anomaly index > 2 ⇒ score > 0.5), kept in ``reports/scan.prior_head.json``.
 
     Attributes:
         weights: one weight per name in [`SIGNALS`] (missing names weigh 0).
