@@ -12,6 +12,7 @@ import torch
 from builders import NUM_LABELS, build_image_model, build_text_model
 from metashield_hf.cli import main
 from metashield_hf.scan import SIGNALS, ScanHead, ScanReport, fit_scan_head, neural_cleanse_scan, scan_model
+from metashield_hf.scan_head import NEURAL_CLEANSE_RULE_HEAD
 from metashield_hf.synthesis import anomaly_indices
 from test_pipeline import clean_sentences
 
@@ -113,10 +114,11 @@ def test_default_head_loads_and_scores():
     head = ScanHead.load()
     assert set(head.weights) <= set(SIGNALS) and 0.0 < head.threshold < 1.0
     assert 0.0 <= head.score(dict.fromkeys(SIGNALS, 0.0)) <= 1.0
-    if head.source.startswith("prior"):
-        zeros = {"log_size_ratio": 0.0, "detector_response": 0.0, "detector_response_gap": 0.0}
-        assert head.score({"anomaly_index": 3.0, **zeros}) > 0.5 > head.score({"anomaly_index": 1.0, **zeros})
-        assert head.score({"anomaly_index": 2.0, **zeros}) == pytest.approx(0.5)
+    # Neural Cleanse's rule (the FL screen's head): anomaly index > 2 <=> score > 0.5, whatever the other signals
+    rule = NEURAL_CLEANSE_RULE_HEAD
+    others = {"log_size_ratio": -3.0, "detector_response": 0.9, "detector_response_gap": 0.5}
+    assert rule.score({"anomaly_index": 3.0, **others}) > 0.5 > rule.score({"anomaly_index": 1.0, **others})
+    assert rule.score({"anomaly_index": 2.0, **others}) == pytest.approx(0.5)
 
 
 def test_fit_scan_head_on_synthetic_signals(tmp_path):

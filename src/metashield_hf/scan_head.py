@@ -61,6 +61,16 @@ class ScanHead:
             raise ValueError(f"cannot read a scan head from {path}: {err}") from err
 
 
+# Neural Cleanse's rule as a head (anomaly index > 2 => score > 0.5): the shipped default before it was refit on the
+# zoo, and still the FL screen's head, whose short scans (40 steps) the refit head was not fit on.
+NEURAL_CLEANSE_RULE_HEAD = ScanHead(
+    {"anomaly_index": 2.0, "log_size_ratio": 0.0, "detector_response": 0.0, "detector_response_gap": 0.0},
+    -4.0,
+    0.5,
+    "prior: Neural Cleanse rule (anomaly index > 2 => backdoored)",
+)
+
+
 def _signal_matrix(reports: Sequence, names: Sequence[str]) -> np.ndarray:
     rows = []
     for r in reports:
