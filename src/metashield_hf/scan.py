@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .scan_head import DEFAULT_SCAN_HEAD, SIGNALS, ScanHead, fit_scan_head
-from .synthesis import anomaly_indices, synthesis_space, synthesize_triggers
+from .synthesis import SynthesisResult, anomaly_indices, synthesis_space, synthesize_triggers
 from .targets import load_target
 from .targets.base import TargetAdapter, TargetOutput
 
@@ -260,6 +260,31 @@ def scan_model(
     )
     head = head if isinstance(head, ScanHead) else ScanHead.load(head)
     items = _clean_items(adapter, clean_samples, n, seed)
+    report, _ = _scan_loaded(
+        adapter, items, _name(checkpoint), detector, head, steps=steps, lr=lr, flip_threshold=flip_threshold,
+        class_batch=class_batch, adapt_steps=adapt_steps, use_detector=use_detector, seed=seed, t0=t0,
+    )  # fmt: skip
+    return report
+
+
+def _scan_loaded(
+    adapter: TargetAdapter,
+    items: list,
+    name: str,
+    detector,
+    head: ScanHead,
+    *,
+    steps: int,
+    lr: float,
+    flip_threshold: float,
+    class_batch: int,
+    adapt_steps: int,
+    use_detector: bool,
+    seed: int,
+    t0: float,
+) -> tuple[ScanReport, SynthesisResult]:
+    """[`scan_model`] on an already loaded target and clean items; also returns the synthesis (masks, patterns),
+    which the FL screen compares between candidates and the global model."""
     t_load = time.perf_counter()
     clean_out, result, anomaly = _synthesize(
         adapter, items, steps=steps, lr=lr, flip_threshold=flip_threshold, class_batch=class_batch, seed=seed
@@ -282,7 +307,7 @@ def scan_model(
     evidence = _evidence(adapter, result, anomaly, det)
     t1 = time.perf_counter()
     report = ScanReport(
-        checkpoint=_name(checkpoint),
+        checkpoint=name,
         method="metashield",
         verdict="backdoored" if score > head.threshold else "clean",
         score=score,
@@ -311,7 +336,7 @@ def scan_model(
         report.anomaly_index,
         report.timings["total_s"],
     )
-    return report
+    return report, result
 
 
 def neural_cleanse_scan(

@@ -29,6 +29,10 @@ def test_deltas_from_models_and_state_dicts_agree():
         to_deltas(g, [module])
     with pytest.raises(ValueError, match="client_ids"):
         score_client_updates(torch.nn.Linear(2, 2), [{}], torch.zeros(5, 2), client_ids=[1, 2])
+    with pytest.raises(ValueError, match="unknown signals"):
+        score_client_updates(torch.nn.Linear(2, 2), [{}], torch.zeros(5, 2), signals=["mask_size"])
+    with pytest.raises(TypeError, match="unknown scan options"):
+        score_client_updates(torch.nn.Linear(2, 2), [{}], torch.zeros(5, 2), stepz=3)
 
 
 def test_score_client_updates_flags_the_poisoned_client():
@@ -40,7 +44,11 @@ def test_score_client_updates_flags_the_poisoned_client():
     assert bad.flagged and bad.score == max(s.score for s in scores)
     assert not any(s.flagged for i, s in enumerate(scores) if i != MALICIOUS)
     assert bad.evidence["shift_class"] == 0 and bad.evidence["relative"]
-    assert set(bad.evidence["z"]) == {"scan_score", "class_size_shift", "anomaly_index"}
+    assert set(bad.evidence["z"]) == {"trigger_drift", "scan_score", "class_size_shift", "anomaly_index"}
+    # the default score is the trigger drift, and it points at the poisoned target class (0)
+    assert bad.score == bad.evidence["z"]["trigger_drift"] and bad.evidence["drift_class"] == 0
+    cos = bad.evidence["mask_cosine_to_global"]
+    assert len(cos) == 10 and cos[0] == min(cos) and all(-1.0 <= c <= 1.0 for c in cos)
     assert all(s.seconds > 0 for s in scores)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the global model is untouched
     # same seed, same scores

@@ -27,7 +27,12 @@ logger = logging.getLogger(__name__)
 
 MAD_CONSISTENCY = 1.4826  # MAD -> standard deviation for normal data
 MIN_CLIENTS_FOR_RELATIVE = 3  # below this a median/MAD over the round says nothing; the scan's own verdict is used
-DEFAULT_SIGNALS = ("scan_score", "class_size_shift")
+# trigger_drift alone: on captured MNIST rounds (3 captures, 6 attacks) it caught data poisoning, DBA and Neurotoxin
+# where scan_score / class_size_shift caught none, and adding those mostly adds false alarms (see reports/fl.md).
+DEFAULT_SIGNALS = ("trigger_drift",)
+KNOWN_SIGNALS = ("trigger_drift", "scan_score", "class_size_shift", "anomaly_index")
+DRIFT_MIN_SCALE = 0.02  # floor of the per-class spread of mask cosines (identical candidates would divide by ~0)
+SCAN_OPTIONS = ("class_batch", "adapt_steps", "processor", "batch_size")
 StateDict = dict[str, torch.Tensor]
 
 
@@ -145,6 +150,11 @@ def score_client_updates(
     Neural Cleanse anomaly index, the adapted input-level detector, the model-level head). With ``relative=True`` and
     at least 3 clients, each client is then compared with the round:
 
+    - ``trigger_drift`` (the default): the global model is scanned too, and for every class ``c`` the cosine between
+      the candidate's synthesized mask for ``c`` and the global model's is compared with the round's other
+      candidates (how much lower than the round's median, in units of the round's spread); the maximum over classes.
+      A benign update, even one whose labels lean towards ``c``, makes the *existing* route to ``c`` easier, so its
+      mask keeps the global model's shape; a backdoor opens a *new* route (the trigger) and the mask moves to it;
     - ``scan_score``: robust z-score of the candidate's scan score over the round's candidates;
     - ``class_size_shift``: for every class ``c``, how much smaller (in log) the candidate's synthesized trigger for
       ``c`` is than the round's median for ``c``, in units of the round's spread for ``c``; the maximum over classes.
@@ -186,37 +196,52 @@ def score_client_updates(
         [(3, 0.4, False), (8, 11.2, True), (11, 0.0, False), (14, -0.7, False), (19, 0.9, False)]
         ```
     """
-    from ..scan import scan_model
-    from ..scan_head import NEURAL_CLEANSE_RULE_HEAD
+    from ..scan import _clean_items, _scan_loaded, _synthesize
+    from ..scan_head import NEURAL_CLEANSE_RULE_HEAD, ScanHead
+    from ..targets import load_target
 
     if len(updates) == 0:
         return []
     ids = list(range(len(updates))) if client_ids is None else list(client_ids)
     if len(ids) != len(updates):
         raise ValueError(f"got {len(updates)} updates but {len(ids)} client_ids; pass one id per update")
-    unknown = sorted(set(signals) - {"scan_score", "class_size_shift", "anomaly_index"})
+    unknown = sorted(set(signals) - set(KNOWN_SIGNALS))
     if unknown or not signals:
-        raise ValueError(
-            f"unknown signals {unknown or list(signals)}; use 'scan_score', 'class_size_shift', 'anomaly_index'"
-        )
+        raise ValueError(f"unknown signals {unknown or list(signals)}; use any of {list(KNOWN_SIGNALS)}")
+    extra = sorted(set(scan_options) - set(SCAN_OPTIONS))
+    if extra:
+        raise TypeError(f"unknown scan options {extra}; score_client_updates passes on {list(SCAN_OPTIONS)}")
     if use_detector and (detector is None or isinstance(detector, (str, os.PathLike))):
         from ..hub import load_detector
 
         detector = load_detector(detector)  # once per round, not once per candidate
-    head = NEURAL_CLEANSE_RULE_HEAD if head is None else head
+    head = NEURAL_CLEANSE_RULE_HEAD if head is None else head if isinstance(head, ScanHead) else ScanHead.load(head)
     global_state = state_of(global_model)
     deltas = to_deltas(global_state, updates, as_deltas=as_deltas)
+    use_relative = relative and len(deltas) >= MIN_CLIENTS_FOR_RELATIVE
+    # One adapter around one copy of the global model; each candidate is loaded into it in turn.
     candidate = copy.deepcopy(global_model).eval()
-    reports, seconds = [], []
+    adapter = load_target(candidate, scan_options.get("processor"), batch_size=int(scan_options.get("batch_size", 32)))
+    items = _clean_items(adapter, clean_samples, n, seed)
+    synth = dict(steps=steps, lr=lr, flip_threshold=flip_threshold, class_batch=int(scan_options.get("class_batch", 16)),
+                 seed=seed)  # fmt: skip
+    t0 = time.perf_counter()
+    reference = None
+    if use_relative and "trigger_drift" in signals:
+        candidate.load_state_dict(global_state)
+        reference = _synthesize(adapter, items, **synth)[1].masks.flatten(1).float()
+    reference_s = time.perf_counter() - t0
+    reports, seconds, cosines = [], [], []
     for delta in deltas:
         t0 = time.perf_counter()
         candidate.load_state_dict(candidate_state(global_state, delta))
-        reports.append(
-            scan_model(
-                candidate, clean_samples, detector, steps=steps, lr=lr, flip_threshold=flip_threshold,
-                use_detector=use_detector, n=n, seed=seed, head=head, **scan_options,
-            )
+        report, result = _scan_loaded(
+            adapter, items, type(global_model).__name__, detector, head, adapt_steps=int(scan_options.get("adapt_steps", 0)),
+            use_detector=use_detector, t0=t0, **synth,
         )  # fmt: skip
+        reports.append(report)
+        if reference is not None:
+            cosines.append(torch.nn.functional.cosine_similarity(result.masks.flatten(1).float(), reference, dim=1))
         seconds.append(time.perf_counter() - t0)
 
     t0 = time.perf_counter()
@@ -224,9 +249,14 @@ def score_client_updates(
     anomaly = np.array([r.anomaly_index for r in reports])
     log_sizes = np.log(np.array([[max(c.trigger_size, 1e-12) for c in r.per_class] for r in reports]))
     norms = np.array([math.sqrt(float(flatten(d) @ flatten(d))) if d else 0.0 for d in deltas])
-    use_relative = relative and len(deltas) >= MIN_CLIENTS_FOR_RELATIVE
     z: dict[str, np.ndarray] = {}
     if use_relative:
+        if cosines:
+            cos = torch.stack(cosines).numpy()  # (K, C)
+            med = np.median(cos, axis=0)
+            spread = MAD_CONSISTENCY * np.median(np.abs(cos - med), axis=0) + DRIFT_MIN_SCALE
+            drift = (med - cos) / spread  # positive = candidate k's route to class c moved away from the global's
+            z["trigger_drift"] = drift.max(axis=1)
         z["scan_score"] = robust_z(scan_scores, min_scale=0.02)
         z["anomaly_index"] = robust_z(anomaly, min_scale=0.25)
         med = np.median(log_sizes, axis=0)
@@ -235,7 +265,7 @@ def score_client_updates(
         z["class_size_shift"] = shift.max(axis=1)
         shift_class = shift.argmax(axis=1)
         total = np.max(np.stack([z[s] for s in signals]), axis=0)
-    overhead = (time.perf_counter() - t0) / len(deltas)
+    overhead = (time.perf_counter() - t0 + reference_s) / len(deltas)  # the global model's scan is shared
     out = []
     for k, report in enumerate(reports):
         evidence: dict[str, Any] = {
@@ -251,6 +281,9 @@ def score_client_updates(
         if use_relative:
             evidence["z"] = {s: float(v[k]) for s, v in z.items()}
             evidence["shift_class"] = int(shift_class[k])
+            if cosines:
+                evidence["mask_cosine_to_global"] = [float(x) for x in cos[k]]
+                evidence["drift_class"] = int(drift[k].argmax())
             score, flagged = float(total[k]), bool(total[k] > z_threshold)
         else:
             score, flagged = float(report.score), report.is_backdoored
