@@ -163,6 +163,29 @@ def render(summary: dict, meta: dict) -> str:
     return "\n".join(lines)
 
 
+def cv_head_c(train: list[dict], cs=(0.1, 1.0, 10.0), repeats: int = 20, folds: int = 5) -> dict[float, float]:
+    """Mean AUROC over the >=3-class train models of heads fit on the other folds (repeated stratified k-fold), per C.
+
+    Uses train models only, so the held-out models play no part in choosing C.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.array([int(r["is_backdoored"]) for r in train])
+    multi = np.array([r["num_classes"] > 2 for r in train])
+    signals = [r["metashield"]["signals"] for r in train]
+    out = {}
+    for c in cs:
+        aucs = []
+        for rep in range(repeats):
+            scores = np.zeros(len(train))
+            for fit, held in StratifiedKFold(folds, shuffle=True, random_state=rep).split(signals, 2 * y + multi):
+                head = fit_scan_head([signals[i] for i in fit], y[fit], c=c)
+                scores[held] = [head.score(signals[i]) for i in held]
+            aucs.append(auroc(scores[multi], y[multi]))
+        out[c] = float(np.mean(aucs))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", default="artifacts/zoo/standard")
@@ -173,8 +196,7 @@ def main() -> None:
         default=DEFAULT_STEPS,
         help=f"trigger-synthesis steps (scan_model default: {DEFAULT_STEPS})",
     )
-    # 0.1: the best of 0.1 / 1 / 10 in 20 repeats of 5-fold cross-validation on the train models' 120-step signals
-    # (mean AUROC over the >=3-class models 0.933 / 0.918 / 0.901); chosen on train models only.
+    # 0.1: the best of 0.1 / 1 / 10 in cv_head_c on the train models' 120-step signals (the report lists the figures).
     parser.add_argument("--head_c", type=float, default=0.1, help="inverse L2 strength of the head's logistic fit")
     parser.add_argument("--out", default="reports/scan", help="writes OUT.jsonl (records), OUT.json and OUT.md")
     parser.add_argument("--head_out", default="artifacts/meta/scan_head.json")
@@ -260,6 +282,9 @@ def main() -> None:
         **({"wall time of this invocation": f"{run_s:.0f} s for {len(todo)} newly scanned models"} if todo else {}),
         "scan head fit": f"fit_scan_head (C={args.head_c}) on the {len(train)} train models' signals -> {args.head_out}",
         "scan seconds summed over all records": f"{sum(_total_s(r) for r in records):.0f} s",
+        "head C by cross-validation on train models (mean AUROC, >=3-class)": ", ".join(
+            f"C={c}: {a:.3f}" for c, a in cv_head_c(train).items()
+        ),
     }
     summary = {
         "meta": meta,

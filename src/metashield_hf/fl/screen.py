@@ -11,17 +11,21 @@ the benign non-IID drift that moves an absolute threshold moves every candidate 
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..scan_head import ScanHead
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +145,7 @@ def score_client_updates(
     use_detector: bool = True,
     n: int | None = None,
     seed: int = 0,
-    head: Any = None,
+    head: ScanHead | str | os.PathLike | None = None,
     **scan_options: Any,
 ) -> list[ClientScore]:
     """Score each client update of one round for a backdoor, from the server's few clean samples only.
@@ -183,7 +187,8 @@ def score_client_updates(
             (anomaly index > 2), not the shipped head: that one was fit on 120-step scans of whole zoo models and
             does not transfer to these short scans (measured: on the 5-client digits round of the tests it ranked the
             malicious client's candidate below benign ones, where the rule put it on top).
-        **scan_options: any other [`scan_model`] keyword (``class_batch``, ``adapt_steps``, ...).
+        **scan_options: the [`scan_model`] keywords ``class_batch``, ``adapt_steps``, ``processor``, ``batch_size``
+            (``scan_model``'s defaults where not given).
 
     Returns:
         One [`ClientScore`] per update, in input order; ``evidence`` holds the scan signals, the suspected target,
@@ -196,7 +201,7 @@ def score_client_updates(
         [(3, 0.4, False), (8, 11.2, True), (11, 0.0, False), (14, -0.7, False), (19, 0.9, False)]
         ```
     """
-    from ..scan import _clean_items, _scan_loaded, _synthesize
+    from ..scan import _clean_items, _scan_loaded, _synthesize, scan_model
     from ..scan_head import NEURAL_CLEANSE_RULE_HEAD, ScanHead
     from ..targets import load_target
 
@@ -211,6 +216,8 @@ def score_client_updates(
     extra = sorted(set(scan_options) - set(SCAN_OPTIONS))
     if extra:
         raise TypeError(f"unknown scan options {extra}; score_client_updates passes on {list(SCAN_OPTIONS)}")
+    defaults = inspect.signature(scan_model).parameters
+    opts = {k: defaults[k].default for k in SCAN_OPTIONS} | scan_options
     if use_detector and (detector is None or isinstance(detector, (str, os.PathLike))):
         from ..hub import load_detector
 
@@ -221,14 +228,13 @@ def score_client_updates(
     use_relative = relative and len(deltas) >= MIN_CLIENTS_FOR_RELATIVE
     # One adapter around one copy of the global model; each candidate is loaded into it in turn.
     candidate = copy.deepcopy(global_model).eval()
-    adapter = load_target(candidate, scan_options.get("processor"), batch_size=int(scan_options.get("batch_size", 32)))
+    adapter = load_target(candidate, opts["processor"], batch_size=opts["batch_size"])
     items = _clean_items(adapter, clean_samples, n, seed)
-    synth = dict(steps=steps, lr=lr, flip_threshold=flip_threshold, class_batch=int(scan_options.get("class_batch", 16)),
+    synth = dict(steps=steps, lr=lr, flip_threshold=flip_threshold, class_batch=opts["class_batch"],
                  seed=seed)  # fmt: skip
     t0 = time.perf_counter()
     reference = None
-    if use_relative and "trigger_drift" in signals:
-        candidate.load_state_dict(global_state)
+    if use_relative and "trigger_drift" in signals:  # the copy still holds the global weights here
         reference = _synthesize(adapter, items, **synth)[1].masks.flatten(1).float()
     reference_s = time.perf_counter() - t0
     reports, seconds, cosines = [], [], []
@@ -236,7 +242,7 @@ def score_client_updates(
         t0 = time.perf_counter()
         candidate.load_state_dict(candidate_state(global_state, delta))
         report, result = _scan_loaded(
-            adapter, items, type(global_model).__name__, detector, head, adapt_steps=int(scan_options.get("adapt_steps", 0)),
+            adapter, items, type(global_model).__name__, detector, head, adapt_steps=opts["adapt_steps"],
             use_detector=use_detector, t0=t0, **synth,
         )  # fmt: skip
         reports.append(report)
