@@ -1,7 +1,7 @@
 """FL benchmark: MetaShield's client screen vs update-level and Flower baselines, per attack (issue #9 §3-4).
 
-For each dataset × algorithm × attack: benign warm-up rounds (``run_federated``), then ``--rounds`` rounds in which
-one malicious client (of ``--num-clients``) attacks every round.
+For each dataset × algorithm × attack: benign warm-up rounds (``run_federated``), then ``--rounds`` rounds in every
+one of which the ``--malicious`` clients (of ``--num-clients``) attack (defaults per dataset: ``DATASET_DEFAULTS``).
 
 1. Detection, on the *same* rounds: an undefended (FedAvg) trajectory in which every screen scores every round's
    updates — MetaShield (``score_client_updates``), update-norm outliers, FLAME-style cosine clustering, and the
@@ -14,9 +14,8 @@ one malicious client (of ``--num-clients``) attacks every round.
 
 Writes ``reports/fl.json`` and ``reports/fl.md``. Every number comes from the run.
 
-    OMP_NUM_THREADS=1 nice -n 19 python scripts/fl_benchmark.py                  # MNIST, FedAvg, all attacks
-    python scripts/fl_benchmark.py --jobs 2              # every dataset x algorithm x attack -> reports/fl.md
-    python scripts/fl_benchmark.py --datasets mnist --algorithms fedavg --rounds 5
+    python scripts/fl_benchmark.py --jobs 2            # every dataset x algorithm x attack -> reports/fl.md (~50 min)
+    python scripts/fl_benchmark.py --datasets mnist --algorithms fedavg --out /tmp/fl     # one setting (~10 min)
 """
 
 from __future__ import annotations
@@ -240,11 +239,11 @@ def run_setting(dataset: str, algorithm: str, args) -> dict:
 
 def _run_setting_process(dataset: str, algorithm: str, args) -> dict:
     """``run_setting`` in a worker process (logging and one torch thread set up as in ``main``)."""
-    _setup_logging()
+    _setup_process()
     return run_setting(dataset, algorithm, args)
 
 
-def _setup_logging() -> None:
+def _setup_process() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("metashield_hf").setLevel(logging.WARNING)
     logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -403,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("reports"))
     p.add_argument("--jobs", type=int, default=1, help="settings (dataset x algorithm) run in parallel processes")
     args = p.parse_args(argv)
-    _setup_logging()
+    _setup_process()
     t0 = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     settings: list[dict] = []
