@@ -256,7 +256,7 @@ def fmt(x, digits=2):
 
 def write_markdown(result: dict, path: Path) -> None:
     a = result["args"]
-    dp = result.get("dp", {"clipping_norm": DP_CLIPPING_NORM, "noise_multiplier": DP_NOISE_MULTIPLIER})
+    dp = result["dp"]
     lines = [
         "# Federated learning: screening client updates (issue #9 §3–4)",
         "",
@@ -268,10 +268,10 @@ def write_markdown(result: dict, path: Path) -> None:
         f"Setting: {a['num_clients']} clients, {a['clients_per_round']} per round; benign warm-up rounds, then "
         "screened rounds in every one of which the malicious clients take part and attack (the numbers are given per "
         f"setting; defaults in `DATASET_DEFAULTS`); SmallCNN (LeNet-5-style), {a['local_epochs']} local epochs of SGD (lr {a['lr']}; the malicious "
-        f"client {a.get('attacker_epochs', a['local_epochs'])}); target class {a['target']}; FedProx μ {a['mu']}. "
+        f"client {a['attacker_epochs']}); target class {a['target']}; FedProx μ {a['mu']}. "
         f"MNIST: Dirichlet(α={a['alpha']}) split of {a['train_size']} training images. FEMNIST: a seeded choice of "
         f"{a['num_clients']} LEAF writers (dark ink on white, 62 classes) among those with at least "
-        f"{a.get('min_samples', 1)} training samples, each writer one client (FedAvg weighs clients by sample count, "
+        f"{a['min_samples']} training samples, each writer one client (FedAvg weighs clients by sample count, "
         "so a writer with a handful of samples could not plant anything, whatever it sends). The server "
         f"holds {a['clean_samples']} clean test images (MetaShield's only input besides the updates); accuracy and "
         f"ASR are measured on the other test images. MetaShield: `score_client_updates` (scan of each candidate "
@@ -291,8 +291,8 @@ def write_markdown(result: dict, path: Path) -> None:
         lines += [
             f"## {setting['dataset']} / {setting['algorithm']}",
             "",
-            f"{setting.get('malicious', 1)} malicious client(s) of {setting['num_clients']}, attacking in each of "
-            f"{setting.get('rounds', a['rounds'])} screened rounds after {setting.get('warmup_rounds', a['warmup_rounds'])} "
+            f"{setting['malicious']} malicious client(s) of {setting['num_clients']}, attacking in each of "
+            f"{setting['rounds']} screened rounds after {setting['warmup_rounds']} "
             f"benign warm-up rounds. Warm-up global model: clean accuracy "
             f"{fmt(setting['warmup']['clean_accuracy'], 3)}. Attack-free run "
             f"after the screened rounds: clean accuracy {fmt(setting['attack_free']['clean_accuracy'], 3)}.",
