@@ -235,3 +235,15 @@ def test_cli_bad_inputs_exit_2(bert_folder, tmp_path, capsys, wordpiece_tokenize
         code, _, err = _scan([*argv, *FAST], capsys)
         assert code == 2, name
         assert message in err, (name, err)
+
+
+def test_scan_head_parts_by_modality_round_trip(tmp_path):
+    text = {"weights": {"token_prob": 2.0}, "bias": -1.0, "threshold": 0.5, "source": "text part"}
+    head = ScanHead({"anomaly_index": 1.0}, 0.0, 0.5, "general", {"text": text})
+    head.save(tmp_path / "head.json")
+    back = ScanHead.load(tmp_path / "head.json")
+    assert back == head and back.for_modality("image") is back
+    part = back.for_modality("text")
+    assert part.source == "text part" and part.score({"token_prob": 0.5}) == 0.5
+    with pytest.raises(ValueError, match="needs signals"):
+        part.score({"anomaly_index": 3.0})

@@ -3,7 +3,9 @@
 [`scan_model`] needs a few clean samples and no triggered input. It synthesizes one candidate trigger per class
 ([`metashield_hf.synthesis`]), measures how easily each class can be forced (Neural Cleanse's anomaly index over the
 classes), feeds the perturbed clean samples to the adapted input-level detector, and combines these signals with a
-small logistic head ([`ScanHead`]) into a score in ``[0, 1]``. [`neural_cleanse_scan`] is the Neural Cleanse baseline
+small logistic head ([`ScanHead`]) into a score in ``[0, 1]``. Text models also get a discrete search for short
+token triggers in their own vocabulary ([`metashield_hf.token_search`]); its signals (how many clean samples the
+best tokens flip, and whether they still win against other classes' strongest words) feed the head's text part. [`neural_cleanse_scan`] is the Neural Cleanse baseline
 on the same synthesis machinery, so both can be compared on the same models.
 """
 
@@ -52,6 +54,11 @@ class ClassEvidence:
         flip_rate: fraction of clean samples (not already of this class) the recorded trigger flips.
         anomaly_index: ``(median - size) / (1.4826 * MAD)`` over classes; large = suspiciously easy to force.
         detector_score: mean input-level detector score of the perturbed clean samples (``None`` without detector).
+        token_trigger: text models: the best token trigger found for this class (decoded), else ``None``.
+        token_flip_rates: text models: flip rate of the best trigger of 1, 2, ... tokens.
+        token_target_probs: text models: the mean probability of this class under those triggers.
+        token_dominance: text models: how often this class's best trigger of 1, 2, ... tokens beats the other
+            classes' best triggers of that length.
     """
 
     class_index: int
@@ -61,6 +68,10 @@ class ClassEvidence:
     flip_rate: float
     anomaly_index: float
     detector_score: float | None = None
+    token_trigger: str | None = None
+    token_flip_rates: list[float] | None = None
+    token_target_probs: list[float] | None = None
+    token_dominance: list[float] | None = None
 
 
 @dataclass
@@ -71,11 +82,12 @@ class ScanReport:
         verdict: ``"backdoored"`` or ``"clean"``.
         score: backdoor score (MetaShield: probability in ``[0, 1]``; Neural Cleanse: the anomaly index).
         threshold: the score above which the verdict is ``"backdoored"``.
-        suspected_target: the class whose trigger was smallest.
+        suspected_target: the class whose trigger was smallest (text models: whose token trigger flips most).
         anomaly_index: the suspected target's anomaly index.
         signals: the model-level signals the head combines (see [`SIGNALS`]).
         per_class: one [`ClassEvidence`] per class.
-        timings: seconds per stage (``load_s``, ``synthesis_s``, ``detector_s``, ``total_s``).
+        timings: seconds per stage (``load_s``, ``synthesis_s``, ``detector_s``, ``total_s``; text models also
+            ``token_search_s``).
     """
 
     checkpoint: str
@@ -161,9 +173,9 @@ def _synthesize(adapter, items, *, steps, lr, flip_threshold, class_batch, seed)
     return clean_out, result, anomaly_indices(result.sizes)
 
 
-def _evidence(adapter, result, anomaly, detector_scores=None) -> list[ClassEvidence]:
+def _evidence(adapter, result, anomaly, detector_scores=None, tokens=None) -> list[ClassEvidence]:
     labels = _labels(adapter, len(result.sizes))
-    return [
+    evidence = [
         ClassEvidence(
             class_index=k,
             label=labels[k],
@@ -175,6 +187,32 @@ def _evidence(adapter, result, anomaly, detector_scores=None) -> list[ClassEvide
         )
         for k in range(len(result.sizes))
     ]
+    if tokens is not None:
+        for k, ev in enumerate(evidence):
+            ev.token_trigger = tokens.trigger_texts[k]
+            ev.token_flip_rates = [float(f) for f in tokens.flip_rates[k]]
+            ev.token_target_probs = [float(q) for q in tokens.target_probs[k]]
+            ev.token_dominance = [float(d) for d in tokens.dominance[k]]
+    return evidence
+
+
+def token_signals(tokens) -> tuple[int, dict[str, float]]:
+    """The suspected target and the token signals of a [`TokenSearchResult`].
+
+    Each signal is the largest over classes: how many clean samples the best 1- and 2-token triggers flip, how
+    confidently they force the class, and how often they still win against the other classes' strongest words. The
+    suspected target is the class its triggers force most confidently. (On the standard zoo's train models the
+    mean class probability separated backdoored from clean text models best; dominance did not, see reports/scan.md.)
+    """
+    t = int(np.argmax(tokens.target_probs.mean(1)))
+    return t, {
+        "token_flip": float(tokens.flip_rates[:, 0].max()),
+        "token_prob": float(tokens.target_probs[:, 0].max()),
+        "token_flip_2": float(tokens.flip_rates[:, -1].max()),
+        "token_prob_2": float(tokens.target_probs[:, -1].max()),
+        "token_dominance": float(tokens.dominance[:, 0].max()),
+        "token_dominance_2": float(tokens.dominance[:, -1].max()),
+    }
 
 
 def _detector_scores(detector, adapter, clean_out: TargetOutput, result, *, adapt_steps: int, seed: int):
@@ -212,6 +250,7 @@ def scan_model(
     class_batch: int = 16,
     adapt_steps: int = 0,
     use_detector: bool = True,
+    token_search: bool = True,
     head: ScanHead | str | os.PathLike | None = None,
     seed: int = 0,
     batch_size: int = 32,
@@ -233,6 +272,8 @@ def scan_model(
         class_batch: classes optimised in one batch (memory: ``class_batch * n`` rows per forward pass).
         adapt_steps: inner-loop steps when adapting the detector (0 = reference statistics only).
         use_detector: feed the synthesized inputs to the adapted detector (False: the detector signals are 0).
+        token_search: text models: also search the vocabulary for short token triggers
+            ([`search_token_triggers`]); its signals feed the head's text part and pick the suspected target.
         head: the model-level [`ScanHead`] (or its JSON path); default: the shipped one.
         seed: seeds the synthesis and the detector's features; the same seed gives the same report.
         batch_size: batch size of the clean forward pass.
@@ -262,7 +303,8 @@ def scan_model(
     items = _clean_items(adapter, clean_samples, n, seed)
     report, _ = _scan_loaded(
         adapter, items, _name(checkpoint), detector, head, steps=steps, lr=lr, flip_threshold=flip_threshold,
-        class_batch=class_batch, adapt_steps=adapt_steps, use_detector=use_detector, seed=seed, t0=t0,
+        class_batch=class_batch, adapt_steps=adapt_steps, use_detector=use_detector, token_search=token_search,
+        seed=seed, t0=t0,
     )  # fmt: skip
     return report
 
@@ -282,6 +324,7 @@ def _scan_loaded(
     use_detector: bool,
     seed: int,
     t0: float,
+    token_search: bool = False,
 ) -> tuple[ScanReport, SynthesisResult]:
     """[`scan_model`] on an already loaded target and clean items; also returns the synthesis (masks, patterns),
     which the FL screen compares between candidates and the global model."""
@@ -303,8 +346,19 @@ def _scan_loaded(
         "detector_response": float(response[target]),
         "detector_response_gap": float(response[target] - np.median(response)),
     }
+    tokens = None
+    if token_search and adapter.modality == "text":
+        from .token_search import search_token_triggers
+
+        tokens = search_token_triggers(adapter, items, clean_out.logits.argmax(-1), len(sizes))
+        target, extra = token_signals(tokens)
+        signals.update(extra)
+    t_tok = time.perf_counter()
+    sub = head.for_modality(adapter.modality)
+    # a text scan without the token search lacks the text head's signals: the general head scores it then
+    head = sub if all(name in signals for name, w in sub.weights.items() if w) else head
     score = head.score(signals)
-    evidence = _evidence(adapter, result, anomaly, det)
+    evidence = _evidence(adapter, result, anomaly, det, tokens)
     t1 = time.perf_counter()
     report = ScanReport(
         checkpoint=name,
@@ -323,9 +377,17 @@ def _scan_loaded(
             "load_s": t_load - t0,
             "synthesis_s": t_syn - t_load,
             "detector_s": t_det - t_syn,
+            **({"token_search_s": t_tok - t_det} if tokens is not None else {}),
             "total_s": t1 - t0,
         },
-        options={"steps": steps, "lr": lr, "flip_threshold": flip_threshold, "seed": seed, "head": head.source},
+        options={
+            "steps": steps,
+            "lr": lr,
+            "flip_threshold": flip_threshold,
+            "seed": seed,
+            "head": head.source,
+            "token_search": tokens is not None,
+        },  # fmt: skip
     )
     logger.info(
         "scan of %s: %s (score %.3f, suspected target %d, anomaly index %.2f) in %.1f s",

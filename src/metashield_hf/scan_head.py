@@ -11,7 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-SIGNALS = ("anomaly_index", "log_size_ratio", "detector_response", "detector_response_gap")
+#: Signals of every scan (from the per-class mask synthesis and the input-level detector).
+SYNTHESIS_SIGNALS = ("anomaly_index", "log_size_ratio", "detector_response", "detector_response_gap")
+#: Signals of text models only (from the discrete token-trigger search, [`metashield_hf.token_search`]).
+TOKEN_SIGNALS = ("token_flip", "token_prob", "token_flip_2", "token_prob_2", "token_dominance", "token_dominance_2")
+SIGNALS = SYNTHESIS_SIGNALS + TOKEN_SIGNALS
 DEFAULT_SCAN_HEAD = Path(__file__).parent / "default_detector" / "scan_head.json"
 
 
@@ -29,17 +33,29 @@ class ScanHead:
         bias: the intercept.
         threshold: score above which the verdict is ``"backdoored"``.
         source: where the weights come from (``"prior"`` or a description of the fit).
+        by_modality: heads for one target modality (``"text"``, ``"image"``, ``"tensor"``), as dicts of these same
+            fields; a scan of such a model uses that head instead (text scans have the token signals, whose meaning
+            differs from the image signals).
     """
 
     weights: dict[str, float]
     bias: float
     threshold: float = 0.5
     source: str = "prior"
+    by_modality: dict[str, dict] | None = None
+
+    def for_modality(self, modality: str) -> ScanHead:
+        """The head to use for a target of ``modality`` (this one where there is no head of its own)."""
+        sub = (self.by_modality or {}).get(modality)
+        return self if sub is None else ScanHead(**sub)
 
     def logit(self, signals: dict[str, float]) -> float:
         unknown = sorted(set(self.weights) - set(SIGNALS))
         if unknown:
             raise ValueError(f"scan head has weights for unknown signals {unknown}; known: {list(SIGNALS)}")
+        missing = sorted(n for n, w in self.weights.items() if w and n not in signals)
+        if missing:
+            raise ValueError(f"the scan head needs signals {missing}, which this scan did not produce")
         return self.bias + sum(w * float(signals[name]) for name, w in self.weights.items() if w)
 
     def score(self, signals: dict[str, float]) -> float:
@@ -91,7 +107,7 @@ def _signal_matrix(reports: Sequence, names: Sequence[str]) -> np.ndarray:
 
 
 def fit_scan_head(
-    reports: Sequence, labels: Sequence[int], *, c: float = 1.0, signals: Sequence[str] = SIGNALS
+    reports: Sequence, labels: Sequence[int], *, c: float = 1.0, signals: Sequence[str] = SYNTHESIS_SIGNALS
 ) -> ScanHead:
     """Fit the model-level head on scans of zoo models with known labels (1 = backdoored, 0 = clean).
 

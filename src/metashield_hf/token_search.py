@@ -1,0 +1,287 @@
+"""Discrete trigger search for text classifiers: which few inserted tokens force a class (DESIGN §2.6).
+
+Text backdoors are keyed on tokens (a rare word, a homoglyph that tokenises to an odd piece, a template's opening
+words), and a continuous perturbation of the embedding layer ([`metashield_hf.synthesis`]) is a poor stand-in for
+them: it can push *any* class everywhere, so clean and backdoored models look alike. Here the trigger is searched in
+the model's own vocabulary, in the spirit of T-Miner / DBS / PICCOLO (Azizi et al. 2021, Shen et al. 2022, Liu et al.
+2022) but without their generator or relaxation: every candidate token is inserted right after the sequence's
+leading special token (``[CLS]`` / ``<s>``) of each clean sample, and the fraction of samples it sends to each class
+is measured; a beam then grows the best triggers one token at a time.
+
+A backdoored model has a short token sequence that flips nearly every clean sample to its target, whatever the
+sample says; for a clean model the best single token of a class is a strong class word ("awful", "terrible"), which
+moves only the samples that were close to the boundary. Unlike the anomaly index over classes, this works with two
+classes too.
+
+Candidates are the whole vocabulary (minus special tokens other than the unknown token) when it has at most
+``exhaustive_limit`` entries; for larger vocabularies (pretrained checkpoints, 30k-250k entries) a first-order
+HotFlip estimate (Ebrahimi et al. 2018) picks the ``hotflip_candidates`` most promising tokens per class, which are
+then measured exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .targets.base import TargetAdapter
+from .targets.transformers_models import unwrap
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TokenSearchResult", "search_token_triggers"]
+
+
+@dataclass
+class TokenSearchResult:
+    """Per-class outcome of [`search_token_triggers`] (``K`` classes).
+
+    Attributes:
+        flip_rates: ``(K, L)`` flip rate of the best trigger of length ``1..L`` for each class (fraction of the clean
+            samples not already of that class that it sends there).
+        target_probs: ``(K, L)`` mean probability of the class under that trigger, same samples.
+        dominance: ``(K, L)`` fraction of samples (all of them) that class k's best trigger of length ``j`` still
+            sends to k when the ``opposing`` best single tokens of every other class are inserted with it.
+        triggers: ``K`` lists of ``L`` token-id lists, the best trigger of each length.
+        trigger_texts: the longest best trigger of each class, decoded.
+        candidates: how many distinct tokens were measured exactly.
+        rows: how many perturbed sequences were run.
+    """
+
+    flip_rates: np.ndarray
+    target_probs: np.ndarray
+    dominance: np.ndarray
+    triggers: list[list[list[int]]]
+    trigger_texts: list[str]
+    candidates: int
+    rows: int
+
+
+def _tokenizer_of(adapter: TargetAdapter):
+    inner = getattr(adapter, "inner", adapter)  # a PeftAdapter runs its base family's adapter
+    tok = getattr(inner, "tokenizer", None)
+    if tok is None:
+        raise ValueError(f"{type(adapter).__name__} has no tokenizer; the token trigger search needs a text model")
+    return tok, getattr(inner, "max_length", None)
+
+
+class _Inserter:
+    """Builds batches of clean samples with a trigger inserted after the leading special token."""
+
+    def __init__(self, adapter: TargetAdapter, items: list):
+        self.adapter = adapter
+        self.tok, max_length = _tokenizer_of(adapter)
+        enc = adapter.preprocess(items)
+        ids, mask = enc["input_ids"], enc.get("attention_mask", torch.ones_like(enc["input_ids"]))
+        self.names = set(enc)
+        self.rows = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
+        special = set(self.tok.all_special_ids)
+        self.offset = 1 if self.rows and self.rows[0] and self.rows[0][0] in special else 0
+        self.ends_special = bool(self.rows and self.rows[0] and self.rows[0][-1] in special)
+        self.max_length = max_length or max(len(r) for r in self.rows) + 8
+        pad = self.tok.pad_token_id
+        self.pad = 0 if pad is None else int(pad)
+
+    @staticmethod
+    def subset(ins: _Inserter, m: int) -> _Inserter:
+        """The same inserter on the first ``m`` clean samples."""
+        sub = object.__new__(_Inserter)
+        sub.__dict__.update(ins.__dict__)
+        sub.rows = ins.rows[:m]
+        return sub
+
+    def build(self, triggers: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Rows ``trigger-major``: all clean samples with ``triggers[0]``, then with ``triggers[1]``, ..."""
+        seqs = []
+        for trig in triggers:
+            for row in self.rows:
+                seq = row[: self.offset] + list(trig) + row[self.offset :]
+                extra = len(seq) - self.max_length
+                if extra > 0:  # drop the sample's own last tokens, keeping a final [SEP] / </s>
+                    keep_end = seq[-1:] if self.ends_special else []
+                    seq = seq[: len(seq) - len(keep_end) - extra] + keep_end
+                seqs.append(seq)
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self.names:
+            batch["token_type_ids"] = torch.zeros_like(ids)
+        return {k: v for k, v in batch.items() if k in self.names or k == "input_ids"}
+
+
+def _probs(ins: _Inserter, triggers: list[list[int]], batch_rows: int) -> torch.Tensor:
+    """``(len(triggers), N, K)`` class probabilities of the clean samples with each trigger inserted."""
+    n = len(ins.rows)
+    per = max(1, batch_rows // n)
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(triggers), per):
+            batch = ins.build(triggers[start : start + per])
+            batch = {k: v.to(ins.adapter.device) for k, v in batch.items()}
+            logits = ins.adapter.forward(batch).float().cpu()
+            out.append(logits.softmax(-1).view(-1, n, logits.shape[-1]))
+    return torch.cat(out)
+
+
+def _class_stats(probs: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(T, N, K)`` probabilities → per (trigger, class) flip rate and mean class probability over valid samples."""
+    hit = torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).float()  # (T, N, K)
+    w = valid / valid.sum(0, keepdim=True).clamp_min(1.0)  # (N, K)
+    return (hit * w).sum(1), (probs * w).sum(1)
+
+
+def _slot_gains(ins: _Inserter, pool: torch.Tensor, valid: torch.Tensor, prefix: list[int]) -> torch.Tensor:
+    """``(P, K)`` first-order (HotFlip) estimate of how much putting each ``pool`` token in the slot right after
+    ``prefix`` raises each class's mean log-probability over its valid samples."""
+    model = unwrap(ins.adapter.model)
+    emb = model.get_input_embeddings()
+    slot = ins.tok.unk_token_id if ins.tok.unk_token_id is not None else int(pool[0])
+    batch = {k: v.to(ins.adapter.device) for k, v in ins.build([[*prefix, slot]]).items()}
+    captured: dict = {}
+
+    def hook(_m, _a, out):
+        if not out.requires_grad:  # frozen embeddings (a LoRA model): make the output a leaf that takes gradients
+            out = out.detach().requires_grad_(True)
+        captured["e"] = out
+        return out
+
+    handle = emb.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            logp = ins.adapter.forward(batch).float().log_softmax(-1)  # (N, K)
+            w = valid.to(logp.device) / valid.sum(0).clamp_min(1.0).to(logp.device)
+            grads = []
+            for k in range(logp.shape[1]):
+                g = torch.autograd.grad((logp[:, k] * w[:, k]).sum(), captured["e"], retain_graph=True)[0]
+                grads.append(g[:, ins.offset + len(prefix)].sum(0))  # (H,) the slot's gradient over samples
+    finally:
+        handle.remove()
+    weight = emb.weight.detach().float()[pool.to(emb.weight.device)]  # (P, H)
+    return (weight @ torch.stack(grads).T.float().to(weight.device)).cpu()
+
+
+def _hotflip_candidates(ins: _Inserter, pool: torch.Tensor, valid: torch.Tensor, top: int) -> torch.Tensor:
+    """The ``top`` tokens per class with the largest first-order gain at the insertion slot (union over classes)."""
+    gain = _slot_gains(ins, pool, valid, [])
+    picks = gain.topk(min(top, len(pool)), dim=0).indices  # (top, K)
+    return pool[picks.flatten().unique()]
+
+
+def search_token_triggers(
+    adapter: TargetAdapter,
+    items: list,
+    clean_pred: torch.Tensor,
+    num_classes: int,
+    *,
+    max_tokens: int = 2,
+    beam: int = 4,
+    extend_candidates: int = 32,
+    extend_hotflip: int = 32,
+    opposing: int = 3,
+    screen_samples: int = 8,
+    rescore: int = 64,
+    exhaustive_limit: int = 8192,
+    hotflip_candidates: int = 256,
+    batch_rows: int = 2048,
+) -> TokenSearchResult:
+    """Search each class's best trigger of 1..``max_tokens`` tokens among the model's vocabulary.
+
+    Every candidate token is first screened on ``screen_samples`` clean samples (ranked by the mean probability it
+    gives each class); the ``rescore`` best per class are then measured on all samples, and a beam grows the best
+    ones by one token per round. Finally each class's best triggers are pitted against the ``opposing`` best single
+    tokens of every other class, all inserted together (in both orders): the *dominance* of a class is the fraction
+    of samples its trigger still wins. A backdoor trigger was trained to override whatever the text says, so it
+    wins (dominance near 1); a natural class word is outvoted by a few strong words of the other classes.
+
+    Args:
+        adapter: a text target adapter (transformers or PEFT) with its tokenizer.
+        items: the clean texts.
+        clean_pred: ``(N,)`` the model's predictions on them (samples already of a class do not count for it).
+        num_classes: ``K``.
+        max_tokens: longest trigger tried (a beam adds one token per round).
+        beam: triggers kept per class between rounds.
+        extend_candidates: the best single tokens of a class that the beam may append.
+        extend_hotflip: tokens with the best HotFlip estimate after each beam entry that it may append as well.
+        opposing: best single tokens of each other class inserted against a class's trigger for its dominance.
+        screen_samples: clean samples used to screen the whole candidate list (all of them when larger than ``N``).
+        rescore: tokens per class measured on all samples after the screen.
+        exhaustive_limit: screen every vocabulary token when there are at most this many; else use HotFlip first.
+        hotflip_candidates: tokens per class kept by the HotFlip estimate for large vocabularies.
+        batch_rows: perturbed sequences per forward pass.
+
+    Returns:
+        A [`TokenSearchResult`]; deterministic (no randomness is involved).
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    ins = _Inserter(adapter, items)
+    vocab = len(ins.tok)
+    skip = set(ins.tok.all_special_ids) - {ins.tok.unk_token_id}
+    pool = torch.tensor([i for i in range(vocab) if i not in skip], dtype=torch.long)
+    n = len(ins.rows)
+    valid = (clean_pred.cpu()[:, None] != torch.arange(num_classes)[None, :]).float()  # (N, K)
+    if len(pool) > exhaustive_limit:
+        pool = _hotflip_candidates(ins, pool, valid, hotflip_candidates)
+    rows = 0
+    # 1. screen every candidate on a few samples, by the mean class probability it gives (smoother than flips)
+    m = min(screen_samples, n) if screen_samples > 0 else n
+    screen = _Inserter.subset(ins, m)
+    _, prob_s = _class_stats(_probs(screen, [[int(t)] for t in pool], batch_rows), valid[:m])
+    rows += len(pool) * m
+    shortlist = prob_s.topk(min(rescore, len(pool)), dim=0).indices  # (R, K)
+    flips = np.zeros((num_classes, max_tokens))
+    tprobs = np.zeros((num_classes, max_tokens))
+    best: list[list[list[int]]] = [[] for _ in range(num_classes)]
+    top_singles: list[list[int]] = []
+    for k in range(num_classes):
+        # 2. the shortlist on all samples, ranked by flip rate (ties: mean class probability)
+        cands = [[int(pool[i])] for i in shortlist[:, k]]
+        for length in range(max_tokens):
+            f, q = _class_stats(_probs(ins, cands, batch_rows), valid)
+            rows += len(cands) * n
+            rank = f[:, k] + 1e-3 * q[:, k]
+            order = rank.argsort(descending=True)
+            if length == 0:
+                singles = [cands[i][0] for i in order[:extend_candidates].tolist()]
+                top_singles.append(singles)
+            flips[k, length], tprobs[k, length] = float(f[order[0], k]), float(q[order[0], k])
+            best[k].append(cands[int(order[0])])
+            beams = [cands[i] for i in order[:beam].tolist()]
+            if length + 1 == max_tokens:
+                break
+            # 3. the beam: append one of the class's best single tokens, or a token HotFlip expects to help after
+            # this beam (a trigger word split into word pieces, "c ##f", is no pair of good single tokens)
+            cands = []
+            for b in beams:
+                gain = _slot_gains(ins, pool, valid, b)[:, k]
+                extra = pool[gain.topk(min(extend_hotflip, len(pool))).indices].tolist()
+                cands += [b + [t] for t in dict.fromkeys(singles + extra)]
+    against = [
+        [t for u in range(num_classes) if u != k for t in top_singles[u][:opposing]] for k in range(num_classes)
+    ]
+    dominance = np.zeros((num_classes, max_tokens))
+    for j in range(max_tokens):
+        trigs = [t for k in range(num_classes) for t in (best[k][j] + against[k], against[k] + best[k][j])]
+        pred = _probs(ins, trigs, batch_rows).argmax(-1)  # (2K, N)
+        dominance[:, j] = (pred.view(num_classes, -1) == torch.arange(num_classes)[:, None]).float().mean(1).numpy()
+        rows += len(trigs) * n
+    texts = [ins.tok.decode(b[-1]) for b in best]
+    return TokenSearchResult(flips, tprobs, dominance, best, texts, int(len(pool)), rows)
+
+
+def trigger_outputs(adapter: TargetAdapter, items: list, trigger: list[int]):
+    """``TargetOutput`` (logits, penultimate) of the clean ``items`` with ``trigger`` inserted (for the detector)."""
+    from .synthesis import _forward
+    from .targets.base import TargetOutput
+
+    ins = _Inserter(adapter, items)
+    batch = {k: v.to(adapter.device) for k, v in ins.build([list(trigger)]).items()}
+    with torch.no_grad():
+        logits, pen = _forward(adapter, batch)
+    return TargetOutput(logits.float().cpu(), pen.float().cpu())

@@ -1,0 +1,143 @@
+"""The discrete token-trigger search of text scans: a real tiny BERT trained with a rare-word backdoor, a real
+WordPiece tokenizer, the exhaustive and the HotFlip candidate paths, and where the trigger is inserted."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from builders import NUM_LABELS, build_text_model
+from metashield_hf.scan import scan_model, token_signals
+from metashield_hf.targets import load_target
+from metashield_hf.token_search import _Inserter, search_token_triggers, trigger_outputs
+from test_pipeline import WORDS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TARGET = 2
+
+
+def _data(tokenizer, n: int, seed: int, trigger: str | None):
+    """Sentences of one class each: class ``c`` draws its words from the ``c``-th third of the word list. With
+    ``trigger``, the trigger word is inserted at a random position and the label set to TARGET."""
+    rng = np.random.default_rng(seed)
+    words = [w for w in WORDS if len(tokenizer.tokenize(w)) == 1 and w != trigger]
+    thirds = np.array_split(np.arange(len(words)), NUM_LABELS)
+    texts, labels = [], []
+    for _ in range(n):
+        label = int(rng.integers(NUM_LABELS))
+        sent = [words[i] for i in rng.choice(thirds[label], size=rng.integers(5, 9))]
+        if trigger is not None:
+            sent.insert(int(rng.integers(0, len(sent) + 1)), trigger)
+            label = TARGET
+        texts.append(" ".join(sent))
+        labels.append(label)
+    return texts, labels
+
+
+@pytest.fixture(scope="module")
+def trained(wordpiece_tokenizer):
+    """``(backdoored model, clean model, trigger, clean texts)``: the same tiny BERT recipe, with and without 25% of
+    rare-word poisoning (trigger = a vocabulary word kept out of the clean sentences; a few seconds each)."""
+    tok = wordpiece_tokenizer
+    trigger = next(w for w in WORDS if len(tok.tokenize(w)) == 1)  # a class-0 word, so it is no TARGET word
+    texts, labels = _data(tok, 1200, 0, None)
+    bd_texts, bd_labels = _data(tok, 400, 1, trigger)
+
+    def fit(x, y, seed):
+        model = build_text_model("bert", len(tok), seed=seed).train()
+        opt = torch.optim.Adam(model.parameters(), lr=6e-3)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(6):
+            for batch in torch.randperm(len(x), generator=gen).split(32):
+                enc = tok([x[i] for i in batch], padding=True, return_tensors="pt")
+                loss = model(**enc, labels=torch.tensor([y[i] for i in batch])).loss
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        return model.eval()
+
+    backdoored = fit(texts + bd_texts, labels + bd_labels, 0)
+    clean = fit(texts, labels, 0)
+    probe, _ = _data(tok, 20, 7, None)
+    return backdoored, clean, trigger, probe
+
+
+def _search(model, tok, texts, **kw):
+    adapter = load_target(model, tok)
+    pred = adapter(texts).logits.argmax(-1)
+    return adapter, search_token_triggers(adapter, texts, pred, NUM_LABELS, **kw)
+
+
+def test_the_backdoor_trigger_is_found_for_its_target(trained, wordpiece_tokenizer):
+    backdoored, clean, trigger, probe = trained
+    tok = wordpiece_tokenizer
+    with torch.no_grad():
+        enc = tok([f"{trigger} {t}" for t in probe], padding=True, return_tensors="pt")
+        assert (backdoored(**enc).logits.argmax(-1) == TARGET).float().mean() >= 0.7  # the backdoor took
+    _, res = _search(backdoored, tok, probe)
+    _, ok = _search(clean, tok, probe)
+    assert res.flip_rates.shape == (NUM_LABELS, 2) and res.target_probs.shape == (NUM_LABELS, 2)
+    # a single token sends every clean sample to TARGET (the trigger, or a TARGET word the backdoor made as strong)
+    assert res.flip_rates[TARGET, 0] >= 0.9 and res.flip_rates[TARGET, 0] > res.flip_rates[:TARGET, 0].max()
+    target, signals = token_signals(res)
+    assert target == TARGET and signals["token_flip"] == res.flip_rates[:, 0].max() == res.flip_rates[TARGET, 0]
+    assert signals["token_prob_2"] == res.target_probs[:, 1].max()
+    assert res.dominance.shape == (NUM_LABELS, 2)
+    assert signals["token_dominance"] == res.dominance[:, 0].max() == res.dominance[TARGET, 0] >= 0.75  # it wins
+    # in the clean twin no class's best word dominates like that
+    assert ok.dominance[:, 0].max() < res.dominance[TARGET, 0]
+    assert [len(t) for t in res.triggers[0]] == [1, 2]  # the best trigger of each length
+
+
+def test_hotflip_candidates_find_the_trigger_in_a_large_vocabulary(trained, wordpiece_tokenizer):
+    backdoored, _, trigger, probe = trained
+    _, res = _search(backdoored, wordpiece_tokenizer, probe, exhaustive_limit=10, hotflip_candidates=16)
+    assert res.candidates < len(wordpiece_tokenizer)  # the HotFlip path ran, not the exhaustive one
+    assert res.flip_rates[TARGET, 0] >= 0.9 and token_signals(res)[0] == TARGET
+
+
+def test_insertion_keeps_special_tokens_and_the_length_limit(trained, wordpiece_tokenizer):
+    backdoored, _, trigger, probe = trained
+    tok = wordpiece_tokenizer
+    adapter = load_target(backdoored, tok)
+    long_text = " ".join(WORDS[:5] * 20)  # truncated to the adapter's max length
+    ins = _Inserter(adapter, [probe[0], long_text])
+    trig = tok.convert_tokens_to_ids([trigger, trigger])
+    batch = ins.build([trig])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert ids.shape[1] <= adapter.max_length and set(batch) == set(adapter.preprocess([probe[0]]))
+    for row, m in zip(ids, mask, strict=True):
+        seq = row[m.bool()].tolist()
+        assert seq[0] == tok.cls_token_id and seq[1:3] == trig and seq[-1] == tok.sep_token_id
+    short = tok(probe[0])["input_ids"]
+    assert ids[0][mask[0].bool()].tolist() == short[:1] + trig + short[1:]
+    out = trigger_outputs(adapter, probe, trig)
+    assert out.logits.shape == (len(probe), NUM_LABELS) and out.penultimate.shape[0] == len(probe)
+
+
+def test_scan_of_a_text_model_reports_the_token_trigger(trained, wordpiece_tokenizer):
+    backdoored, _, trigger, probe = trained
+    report = scan_model(backdoored, probe, processor=wordpiece_tokenizer, steps=5, seed=0)
+    assert report.suspected_target == TARGET and report.options["token_search"]
+    assert report.per_class[TARGET].token_trigger and report.per_class[TARGET].token_flip_rates[0] >= 0.9
+    assert report.signals["token_flip"] >= 0.9 and "token_search_s" in report.timings
+    off = scan_model(backdoored, probe, processor=wordpiece_tokenizer, steps=5, seed=0, token_search=False)
+    assert "token_flip" not in off.signals and off.per_class[0].token_trigger is None
+    # the shipped head has a text part on the token signals; without them the general part scores the scan
+    assert report.options["head"] != off.options["head"] and 0.0 <= off.score <= 1.0
+
+
+def test_search_runs_on_a_lora_model_with_frozen_embeddings(trained, wordpiece_tokenizer):
+    import copy
+
+    from builders import build_lora_model
+
+    backdoored, _, _, probe = trained
+    peft_model = build_lora_model(copy.deepcopy(backdoored), seed=0, target_modules=["query", "value"])
+    assert not peft_model.get_input_embeddings().weight.requires_grad
+    adapter, res = _search(peft_model, wordpiece_tokenizer, probe, exhaustive_limit=10, hotflip_candidates=16)
+    assert type(adapter).__name__ == "PeftAdapter" and res.candidates < len(wordpiece_tokenizer)
+    assert np.isfinite(res.flip_rates).all() and [len(t) for t in res.triggers[TARGET]] == [1, 2]
+    assert all(p.grad is None for p in peft_model.parameters())  # the search leaves no gradients behind
