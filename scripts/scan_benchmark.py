@@ -9,6 +9,8 @@ default (``src/metashield_hf/default_detector/scan_head.json``) only if it has a
 (``--ship``).
 
 Per-model records are appended to ``OUT.jsonl`` as they are computed; a rerun skips the model ids already there.
+``--shard I/N`` scans every N-th model from the I-th into ``OUT.shardIofN.jsonl`` and writes no report: run N of them
+side by side (one per core), then once without ``--shard`` to merge the records and write the report.
 
 Usage:
 
@@ -25,14 +27,15 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from metashield_hf.evaluation.metrics import auroc
-from metashield_hf.scan import NEURAL_CLEANSE_THRESHOLD, neural_cleanse_scan, scan_model
-from metashield_hf.scan_head import DEFAULT_SCAN_HEAD, ScanHead, fit_scan_head
+from metashield_hf.scan import NEURAL_CLEANSE_THRESHOLD, neural_cleanse_scan, scan_model, token_signals
+from metashield_hf.scan_head import DEFAULT_SCAN_HEAD, SYNTHESIS_SIGNALS, TOKEN_SIGNALS, ScanHead, fit_scan_head
 from metashield_hf.zoo import load_zoo, row_probe, row_to_target
 
 N_CLEAN = 20
@@ -50,6 +53,7 @@ def scan_row(row: dict, split: str, workdir: Path, steps: int) -> dict:
     rec["split"] = split
     ms = scan_model(target, clean, steps=steps, seed=SEED)
     rec["num_classes"] = len(ms.per_class)
+    rec["modality"] = "text" if ms.space == "embeddings" else "image"
     rec["metashield"] = {
         "signals": ms.signals,
         "score_default": ms.score,
@@ -58,6 +62,16 @@ def scan_row(row: dict, split: str, workdir: Path, steps: int) -> dict:
         "timings": ms.timings,
         "space": ms.space,
     }
+    if ms.options.get("token_search"):
+        rec["metashield"]["tokens"] = [
+            {
+                "trigger": c.token_trigger,
+                "flip_rates": c.token_flip_rates,
+                "target_probs": c.token_target_probs,
+                "dominance": c.token_dominance,
+            }
+            for c in ms.per_class
+        ]
     if split == "test":
         nc = neural_cleanse_scan(target, clean, steps=steps, seed=SEED)
         rec["neural_cleanse"] = {
@@ -140,7 +154,9 @@ def render(summary: dict, meta: dict) -> str:
         f"index > {NEURAL_CLEANSE_THRESHOLD:g}); target accuracy = suspected target equals the row's `target_label`, "
         "over backdoored models only; seconds = mean wall time of one scan on an already loaded model "
         "(`timings.total_s`, 1 CPU thread). 2-class nlp models are listed separately: with two classes the anomaly "
-        "index (MAD over classes) is degenerate, so neither method can single out a target there.",
+        "index (MAD over classes) is degenerate, so Neural Cleanse cannot single out a target there; MetaShield's text "
+        "scans also search the vocabulary for short token triggers (`metashield_hf.token_search`), whose signals the "
+        "text head uses.",
         "",
     ]
     lines += ["## Headline: per domain, held-out models", ""]
@@ -163,27 +179,93 @@ def render(summary: dict, meta: dict) -> str:
     return "\n".join(lines)
 
 
-def cv_head_c(train: list[dict], cs=(0.1, 1.0, 10.0), repeats: int = 20, folds: int = 5) -> dict[float, float]:
-    """Mean AUROC over the >=3-class train models of heads fit on the other folds (repeated stratified k-fold), per C.
+def refresh_token_signals(rec: dict) -> None:
+    """Recompute a text record's token signals and suspected target from its stored per-class search results
+    with the library's current [`token_signals`], so the report always matches the code (no re-search needed)."""
+    tokens = rec["metashield"].get("tokens")
+    if not tokens:
+        return
+    arrays = SimpleNamespace(
+        **{key: np.array([c[key] for c in tokens]) for key in ("flip_rates", "target_probs", "dominance")}
+    )
+    target, signals = token_signals(arrays)
+    rec["metashield"]["signals"].update(signals)
+    rec["metashield"]["suspected_target"] = target
 
-    Uses train models only, so the held-out models play no part in choosing C.
-    """
+
+def modality(rec: dict) -> str:
+    return rec.get("modality", "text" if rec["domain"] == "nlp" else "image")
+
+
+def fit_heads(train: list[dict], c: float, text_signals: tuple[str, ...], text_c: float | None = None) -> ScanHead:
+    """One head on the image/tensor models' synthesis signals, and a text head (``by_modality["text"]``) on the
+    text models' ``text_signals``: the token signals exist only for text, and mean different things there."""
+    other = [r for r in train if modality(r) != "text"]
+    text = [r for r in train if modality(r) == "text"]
+    head = fit_scan_head([r["metashield"]["signals"] for r in other], [int(r["is_backdoored"]) for r in other], c=c)
+    if text and text_signals:
+        sub = fit_scan_head(
+            [r["metashield"]["signals"] for r in text],
+            [int(r["is_backdoored"]) for r in text],
+            c=c if text_c is None else text_c,
+            signals=text_signals,
+        )
+        head.by_modality = {"text": {k: v for k, v in sub.__dict__.items() if k != "by_modality"}}
+    return head
+
+
+def score(head: ScanHead, rec: dict) -> float:
+    return head.for_modality(modality(rec)).score(rec["metashield"]["signals"])
+
+
+def cv_head_c(
+    train: list[dict],
+    text_signals: tuple[str, ...],
+    cs=(0.1, 1.0, 10.0),
+    repeats: int = 20,
+    folds: int = 5,
+    text_c: float | None = None,
+) -> dict[float, dict[str, float]]:
+    """Mean AUROC per domain over the train models of heads fit on the other folds (repeated stratified k-fold),
+    per C (``text_c``: the text head's C, fixed; default: the same C). Uses train models only, so the held-out models
+    play no part in choosing C."""
     from sklearn.model_selection import StratifiedKFold
 
     y = np.array([int(r["is_backdoored"]) for r in train])
-    multi = np.array([r["num_classes"] > 2 for r in train])
-    signals = [r["metashield"]["signals"] for r in train]
+    domains = sorted({r["domain"] for r in train})
+    strata = [f"{r['domain']}{y[i]}" for i, r in enumerate(train)]
     out = {}
     for c in cs:
-        aucs = []
+        aucs: dict[str, list[float]] = {d: [] for d in domains}
         for rep in range(repeats):
             scores = np.zeros(len(train))
-            for fit, held in StratifiedKFold(folds, shuffle=True, random_state=rep).split(signals, 2 * y + multi):
-                head = fit_scan_head([signals[i] for i in fit], y[fit], c=c)
-                scores[held] = [head.score(signals[i]) for i in held]
-            aucs.append(auroc(scores[multi], y[multi]))
-        out[c] = float(np.mean(aucs))
+            for fit, held in StratifiedKFold(folds, shuffle=True, random_state=rep).split(train, strata):
+                head = fit_heads([train[i] for i in fit], c, text_signals, text_c)
+                scores[held] = [score(head, train[i]) for i in held]
+            for d in domains:
+                m = np.array([r["domain"] == d for r in train])
+                aucs[d].append(auroc(scores[m], y[m]))
+        out[c] = {d: float(np.mean(a)) for d, a in aucs.items()}
     return out
+
+
+def text_signal_choice(train: list[dict], text_signals: tuple[str, ...], text_c: float) -> dict[str, str]:
+    """How the text head's signals were chosen, on the train text models only: each token signal's own AUROC, and
+    the cross-validated nlp AUROC of the head on the chosen signals vs on all of them."""
+    text = [r for r in train if modality(r) == "text" and "token_prob" in r["metashield"]["signals"]]
+    y = [int(r["is_backdoored"]) for r in text]
+    alone = {n: auroc([r["metashield"]["signals"][n] for r in text], y) for n in TOKEN_SIGNALS}
+
+    def cv(signals: tuple[str, ...]) -> float:
+        return cv_head_c(train, signals, cs=(text_c,), text_c=text_c)[text_c]["nlp"]
+
+    return {
+        f"token signals alone, AUROC on the {len(text)} train text models": ", ".join(
+            f"{n} {a:.3f}" for n, a in alone.items()
+        ),
+        f"text head by cross-validation on train models (nlp AUROC, C={text_c:g})": f"on {list(text_signals)}: "
+        f"{cv(text_signals):.3f}; on all {len(TOKEN_SIGNALS)} token signals: {cv(TOKEN_SIGNALS):.3f}",
+    }
 
 
 def main() -> None:
@@ -198,32 +280,60 @@ def main() -> None:
     )
     # 0.1: the best of 0.1 / 1 / 10 in cv_head_c on the train models' 120-step signals (the report lists the figures).
     parser.add_argument("--head_c", type=float, default=0.1, help="inverse L2 strength of the head's logistic fit")
+    # 1.0: the best of 0.1 / 1 / 10 for the text head in cv_head_c (nlp 0.840 vs 0.828 at 0.1)
+    parser.add_argument("--text_head_c", type=float, default=1.0, help="the same for the text head")
+    parser.add_argument(
+        "--text_signals",
+        nargs="*",
+        # the two with the best cross-validated AUROC on the train text models (0.83; all six token signals: 0.72)
+        default=["token_prob", "token_prob_2"],
+        help=f"signals of the text head (any of {list(SYNTHESIS_SIGNALS + TOKEN_SIGNALS)}; none: one head for all)",
+    )
     parser.add_argument("--out", default="reports/scan", help="writes OUT.jsonl (records), OUT.json and OUT.md")
     parser.add_argument("--head_out", default="artifacts/meta/scan_head.json")
     parser.add_argument("--workdir", default="artifacts/meta/scan_work", help="where checkpoints are unpacked")
     parser.add_argument("--ship", action="store_true", help="copy the fitted head over the default if it is better")
+    parser.add_argument(
+        "--unsplit",
+        choices=["test", "skip"],
+        default="test",
+        help="zoo models the split does not list (never seen by the detector): held out (default) or left out",
+    )
     parser.add_argument("--report_only", action="store_true", help="scan nothing; report on the records in OUT.jsonl")
+    parser.add_argument("--shard", default=None, help="I/N: scan only every N-th model from the I-th; no report")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     jsonl = out.with_suffix(".jsonl")
+    shard = None
+    if args.shard:
+        i, n = (int(v) for v in args.shard.split("/"))
+        if not 0 <= i < n:
+            parser.error(f"--shard {args.shard}: need 0 <= I < N")
+        shard = (i, n)
+        jsonl = out.with_name(f"{out.name}.shard{i}of{n}.jsonl")
     workdir = Path(args.workdir)
     split = json.loads(Path(args.split).read_text())
     split_of = {m: "train" for m in split["train"]} | {m: "test" for m in split["test"]}
+    zoo = load_zoo(args.zoo)
+    ids = zoo["model_id"]
+    unsplit = [m for m in ids if m not in split_of]
+    if args.unsplit == "test":  # never seen by the detector's meta-training nor by the head fit
+        split_of |= {m: "test" for m in unsplit}
 
     done: dict[str, dict] = {}
-    if jsonl.exists():
-        for line in jsonl.read_text().splitlines():
+    for path in [out.with_suffix(".jsonl"), *sorted(out.parent.glob(f"{out.name}.shard*.jsonl"))]:
+        for line in path.read_text().splitlines() if path.exists() else []:
             if line.strip():
                 rec = json.loads(line)
                 done[rec["model_id"]] = rec
-    zoo = load_zoo(args.zoo)
-    ids = zoo["model_id"]
     # held-out models first, so a partial run already has the comparison
     order = [i for i, m in enumerate(ids) if split_of.get(m) == "test"]
     order += [i for i, m in enumerate(ids) if split_of.get(m) == "train"]
     todo = [] if args.report_only else [i for i in order if ids[i] not in done]
+    if shard is not None:
+        todo = todo[shard[0] :: shard[1]]
     # the head the scans ran with (kept so that a rerun after --ship still compares against the prior default)
     prior_path = out.with_name(out.name + ".prior_head.json")
     if not prior_path.exists():
@@ -236,19 +346,29 @@ def main() -> None:
             fh.flush()
             done[rec["model_id"]] = rec
     run_s = time.perf_counter() - start
+    if shard is not None:
+        print(f"shard {args.shard}: {len(todo)} models scanned in {run_s:.0f} s -> {jsonl}")
+        return
 
+    shard_files = sorted(out.parent.glob(f"{out.name}.shard*.jsonl"))
+    if shard is None and shard_files:  # merge the shards' records into OUT.jsonl, once
+        with jsonl.open("w") as fh:
+            fh.writelines(json.dumps(done[m]) + "\n" for m in ids if m in done)
+        for path in shard_files:
+            path.unlink()
     records = [done[ids[i]] for i in order if ids[i] in done]
+    for r in records:
+        refresh_token_signals(r)
     train = [r for r in records if r["split"] == "train"]
     test = [r for r in records if r["split"] == "test"]
     default_head = ScanHead.load(prior_path)
-    fitted = fit_scan_head(
-        [r["metashield"]["signals"] for r in train], [int(r["is_backdoored"]) for r in train], c=args.head_c
-    )
+    text_signals = tuple(args.text_signals)
+    fitted = fit_heads(train, args.head_c, text_signals, args.text_head_c)
     Path(args.head_out).parent.mkdir(parents=True, exist_ok=True)
     fitted.save(args.head_out)
     for r in test:
-        r["metashield"]["score_fitted"] = fitted.score(r["metashield"]["signals"])
-        r["metashield"]["score_default_rescored"] = default_head.score(r["metashield"]["signals"])
+        r["metashield"]["score_fitted"] = score(fitted, r)
+        r["metashield"]["score_default_rescored"] = score(default_head, r)
 
     methods = {
         "MetaShield scan (default head)": ("score_default_rescored", default_head.threshold, "metashield"),
@@ -276,15 +396,22 @@ def main() -> None:
     meta = {
         "command": "python " + " ".join(a for a in sys.argv if a != "--report_only"),
         "zoo": f"{args.zoo} ({len(ids)} models; {len(train)} train / {len(test)} held-out scanned)",
+        "split": f"{args.split}; the {len(unsplit)} zoo models it does not list (the zoo's top-up after "
+        "meta-training, and models a rebuild accepts that the split's build rejected: neither the detector nor the "
+        "head saw them) " + ("are held out too" if args.unsplit == "test" else "are left out"),
         "clean inputs": f"first {N_CLEAN} clean probe inputs per model, seed {SEED}",
         "synthesis steps": f"{args.steps} (scan_model default {DEFAULT_STEPS})"
         + ("; reduced so the whole run fits in ~15 minutes on 2 CPU cores" if args.steps < DEFAULT_STEPS else ""),
         **({"wall time of this invocation": f"{run_s:.0f} s for {len(todo)} newly scanned models"} if todo else {}),
-        "scan head fit": f"fit_scan_head (C={args.head_c}) on the {len(train)} train models' signals -> {args.head_out}",
+        "scan head fit": f"fit_scan_head on the {len(train)} train models' signals: image/tensor models on "
+        f"{list(SYNTHESIS_SIGNALS)} (C={args.head_c}), text models on {list(text_signals)} (C={args.text_head_c}) "
+        f"-> {args.head_out}",
         "scan seconds summed over all records": f"{sum(_total_s(r) for r in records):.0f} s",
-        "head C by cross-validation on train models (mean AUROC, >=3-class)": ", ".join(
-            f"C={c}: {a:.3f}" for c, a in cv_head_c(train).items()
+        "head C by cross-validation on train models (mean AUROC per domain)": "; ".join(
+            f"C={c}: " + ", ".join(f"{d} {a:.3f}" for d, a in aucs.items())
+            for c, aucs in cv_head_c(train, text_signals).items()
         ),
+        **text_signal_choice(train, text_signals, args.text_head_c),
     }
     summary = {
         "meta": meta,
