@@ -10,7 +10,7 @@ import torch
 from builders import NUM_LABELS, build_text_model
 from metashield_hf.scan import scan_model, token_signals
 from metashield_hf.targets import load_target
-from metashield_hf.token_search import _Inserter, search_token_triggers, trigger_outputs
+from metashield_hf.token_search import _Inserter, search_token_triggers
 from test_pipeline import WORDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,8 +113,6 @@ def test_insertion_keeps_special_tokens_and_the_length_limit(trained, wordpiece_
         assert seq[0] == tok.cls_token_id and seq[1:3] == trig and seq[-1] == tok.sep_token_id
     short = tok(probe[0])["input_ids"]
     assert ids[0][mask[0].bool()].tolist() == short[:1] + trig + short[1:]
-    out = trigger_outputs(adapter, probe, trig)
-    assert out.logits.shape == (len(probe), NUM_LABELS) and out.penultimate.shape[0] == len(probe)
 
 
 def test_scan_of_a_text_model_reports_the_token_trigger(trained, wordpiece_tokenizer):

@@ -273,15 +273,3 @@ def search_token_triggers(
         rows += len(trigs) * n
     texts = [ins.tok.decode(b[-1]) for b in best]
     return TokenSearchResult(flips, tprobs, dominance, best, texts, int(len(pool)), rows)
-
-
-def trigger_outputs(adapter: TargetAdapter, items: list, trigger: list[int]):
-    """``TargetOutput`` (logits, penultimate) of the clean ``items`` with ``trigger`` inserted (for the detector)."""
-    from .synthesis import _forward
-    from .targets.base import TargetOutput
-
-    ins = _Inserter(adapter, items)
-    batch = {k: v.to(adapter.device) for k, v in ins.build([list(trigger)]).items()}
-    with torch.no_grad():
-        logits, pen = _forward(adapter, batch)
-    return TargetOutput(logits.float().cpu(), pen.float().cpu())
