@@ -215,7 +215,8 @@ def fit_heads(train: list[dict], c: float, text_signals: tuple[str, ...], text_c
 
 
 def score(head: ScanHead, rec: dict) -> float:
-    return head.for_modality(modality(rec)).score(rec["metashield"]["signals"])
+    signals = rec["metashield"]["signals"]
+    return head.for_modality(modality(rec), signals).score(signals)
 
 
 def cv_head_c(

@@ -247,3 +247,6 @@ def test_scan_head_parts_by_modality_round_trip(tmp_path):
     assert part.source == "text part" and part.score({"token_prob": 0.5}) == 0.5
     with pytest.raises(ValueError, match="needs signals"):
         part.score({"anomaly_index": 3.0})
+    # a scan without the part's signals (text without the token search) is scored by the general head
+    assert back.for_modality("text", {"anomaly_index": 3.0}) is back
+    assert back.for_modality("text", {"token_prob": 0.5}) == part

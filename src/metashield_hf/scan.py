@@ -354,9 +354,7 @@ def _scan_loaded(
         target, extra = token_signals(tokens)
         signals.update(extra)
     t_tok = time.perf_counter()
-    sub = head.for_modality(adapter.modality)
-    # a text scan without the token search lacks the text head's signals: the general head scores it then
-    head = sub if all(name in signals for name, w in sub.weights.items() if w) else head
+    head = head.for_modality(adapter.modality, signals)
     score = head.score(signals)
     evidence = _evidence(adapter, result, anomaly, det, tokens)
     t1 = time.perf_counter()

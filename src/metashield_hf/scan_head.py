@@ -44,10 +44,16 @@ class ScanHead:
     source: str = "prior"
     by_modality: dict[str, dict] | None = None
 
-    def for_modality(self, modality: str) -> ScanHead:
-        """The head to use for a target of ``modality`` (this one where there is no head of its own)."""
+    def for_modality(self, modality: str, signals: dict[str, float] | None = None) -> ScanHead:
+        """The head to use for a target of ``modality``: its own part where there is one (and, given the scan's
+        ``signals``, where they include every signal that part weighs), else this head."""
         sub = (self.by_modality or {}).get(modality)
-        return self if sub is None else ScanHead(**sub)
+        if sub is None:
+            return self
+        part = ScanHead(**sub)
+        if signals is not None and any(w and name not in signals for name, w in part.weights.items()):
+            return self  # e.g. a text scan run without the token search
+        return part
 
     def logit(self, signals: dict[str, float]) -> float:
         unknown = sorted(set(self.weights) - set(SIGNALS))

@@ -21,6 +21,7 @@ then measured exactly.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -48,7 +49,6 @@ class TokenSearchResult:
         triggers: ``K`` lists of ``L`` token-id lists, the best trigger of each length.
         trigger_texts: the longest best trigger of each class, decoded.
         candidates: how many distinct tokens were measured exactly.
-        rows: how many perturbed sequences were run.
     """
 
     flip_rates: np.ndarray
@@ -57,7 +57,6 @@ class TokenSearchResult:
     triggers: list[list[list[int]]]
     trigger_texts: list[str]
     candidates: int
-    rows: int
 
 
 def _tokenizer_of(adapter: TargetAdapter):
@@ -88,8 +87,7 @@ class _Inserter:
     @staticmethod
     def subset(ins: _Inserter, m: int) -> _Inserter:
         """The same inserter on the first ``m`` clean samples."""
-        sub = object.__new__(_Inserter)
-        sub.__dict__.update(ins.__dict__)
+        sub = copy.copy(ins)
         sub.rows = ins.rows[:m]
         return sub
 
@@ -136,9 +134,11 @@ def _class_stats(probs: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor
     return (hit * w).sum(1), (probs * w).sum(1)
 
 
-def _slot_gains(ins: _Inserter, pool: torch.Tensor, valid: torch.Tensor, prefix: list[int]) -> torch.Tensor:
-    """``(P, K)`` first-order (HotFlip) estimate of how much putting each ``pool`` token in the slot right after
-    ``prefix`` raises each class's mean log-probability over its valid samples."""
+def _slot_gains(
+    ins: _Inserter, pool: torch.Tensor, valid: torch.Tensor, prefix: list[int], classes: list[int] | None = None
+) -> torch.Tensor:
+    """``(P, len(classes))`` first-order (HotFlip) estimate of how much putting each ``pool`` token in the slot right
+    after ``prefix`` raises each class's mean log-probability over its valid samples (default: every class)."""
     model = unwrap(ins.adapter.model)
     emb = model.get_input_embeddings()
     slot = ins.tok.unk_token_id if ins.tok.unk_token_id is not None else int(pool[0])
@@ -157,7 +157,7 @@ def _slot_gains(ins: _Inserter, pool: torch.Tensor, valid: torch.Tensor, prefix:
             logp = ins.adapter.forward(batch).float().log_softmax(-1)  # (N, K)
             w = valid.to(logp.device) / valid.sum(0).clamp_min(1.0).to(logp.device)
             grads = []
-            for k in range(logp.shape[1]):
+            for k in range(logp.shape[1]) if classes is None else classes:
                 g = torch.autograd.grad((logp[:, k] * w[:, k]).sum(), captured["e"], retain_graph=True)[0]
                 grads.append(g[:, ins.offset + len(prefix)].sum(0))  # (H,) the slot's gradient over samples
     finally:
@@ -228,12 +228,10 @@ def search_token_triggers(
     valid = (clean_pred.cpu()[:, None] != torch.arange(num_classes)[None, :]).float()  # (N, K)
     if len(pool) > exhaustive_limit:
         pool = _hotflip_candidates(ins, pool, valid, hotflip_candidates)
-    rows = 0
     # 1. screen every candidate on a few samples, by the mean class probability it gives (smoother than flips)
     m = min(screen_samples, n) if screen_samples > 0 else n
     screen = _Inserter.subset(ins, m)
     _, prob_s = _class_stats(_probs(screen, [[int(t)] for t in pool], batch_rows), valid[:m])
-    rows += len(pool) * m
     shortlist = prob_s.topk(min(rescore, len(pool)), dim=0).indices  # (R, K)
     flips = np.zeros((num_classes, max_tokens))
     tprobs = np.zeros((num_classes, max_tokens))
@@ -244,7 +242,6 @@ def search_token_triggers(
         cands = [[int(pool[i])] for i in shortlist[:, k]]
         for length in range(max_tokens):
             f, q = _class_stats(_probs(ins, cands, batch_rows), valid)
-            rows += len(cands) * n
             rank = f[:, k] + 1e-3 * q[:, k]
             order = rank.argsort(descending=True)
             if length == 0:
@@ -259,7 +256,7 @@ def search_token_triggers(
             # this beam (a trigger word split into word pieces, "c ##f", is no pair of good single tokens)
             cands = []
             for b in beams:
-                gain = _slot_gains(ins, pool, valid, b)[:, k]
+                gain = _slot_gains(ins, pool, valid, b, [k])[:, 0]
                 extra = pool[gain.topk(min(extend_hotflip, len(pool))).indices].tolist()
                 cands += [b + [t] for t in dict.fromkeys(singles + extra)]
     against = [
@@ -270,6 +267,5 @@ def search_token_triggers(
         trigs = [t for k in range(num_classes) for t in (best[k][j] + against[k], against[k] + best[k][j])]
         pred = _probs(ins, trigs, batch_rows).argmax(-1)  # (2K, N)
         dominance[:, j] = (pred.view(num_classes, -1) == torch.arange(num_classes)[:, None]).float().mean(1).numpy()
-        rows += len(trigs) * n
     texts = [ins.tok.decode(b[-1]) for b in best]
-    return TokenSearchResult(flips, tprobs, dominance, best, texts, int(len(pool)), rows)
+    return TokenSearchResult(flips, tprobs, dominance, best, texts, int(len(pool)))
