@@ -37,16 +37,38 @@ def _data(tokenizer, n: int, seed: int, trigger: str | None):
 
 
 @pytest.fixture(scope="module")
-def trained(wordpiece_tokenizer):
+def word_tokenizer():
+    """A real WordPiece tokenizer over a fixed vocabulary (the special tokens, then every word of WORDS): unlike a
+    trained one, its token ids are the same on every run, so the models trained below are too."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {w: i for i, w in enumerate(special + [w for w in WORDS if w not in special])}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=64,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(word_tokenizer):
     """``(backdoored model, clean model, trigger, clean texts)``: the same tiny BERT recipe, with and without 25% of
     rare-word poisoning (trigger = a vocabulary word kept out of the clean sentences; a few seconds each)."""
-    tok = wordpiece_tokenizer
+    tok = word_tokenizer
     trigger = next(w for w in WORDS if len(tok.tokenize(w)) == 1)  # a class-0 word, so it is no TARGET word
     texts, labels = _data(tok, 1200, 0, None)
     bd_texts, bd_labels = _data(tok, 400, 1, trigger)
 
     def fit(x, y, seed):
-        model = build_text_model("bert", len(tok), seed=seed).train()
+        # trained in eval mode (no dropout), so the outcome depends on no random state but the seeds here
+        model = build_text_model("bert", len(tok), seed=seed)
         opt = torch.optim.Adam(model.parameters(), lr=6e-3)
         gen = torch.Generator().manual_seed(seed)
         for _ in range(6):
@@ -70,9 +92,9 @@ def _search(model, tok, texts, **kw):
     return adapter, search_token_triggers(adapter, texts, pred, NUM_LABELS, **kw)
 
 
-def test_the_backdoor_trigger_is_found_for_its_target(trained, wordpiece_tokenizer):
+def test_the_backdoor_trigger_is_found_for_its_target(trained, word_tokenizer):
     backdoored, clean, trigger, probe = trained
-    tok = wordpiece_tokenizer
+    tok = word_tokenizer
     with torch.no_grad():
         enc = tok([f"{trigger} {t}" for t in probe], padding=True, return_tensors="pt")
         assert (backdoored(**enc).logits.argmax(-1) == TARGET).float().mean() >= 0.7  # the backdoor took
@@ -86,21 +108,21 @@ def test_the_backdoor_trigger_is_found_for_its_target(trained, wordpiece_tokeniz
     assert signals["token_prob_2"] == res.target_probs[:, 1].max()
     assert res.dominance.shape == (NUM_LABELS, 2)
     assert signals["token_dominance"] == res.dominance[:, 0].max() == res.dominance[TARGET, 0] >= 0.75  # it wins
-    # in the clean twin no class's best word dominates like that
-    assert ok.dominance[:, 0].max() < res.dominance[TARGET, 0]
+    # the clean twin has no token that sends (nearly) every sample to TARGET
+    assert ok.flip_rates[TARGET, 0] < 0.9 <= res.flip_rates[TARGET, 0]
     assert [len(t) for t in res.triggers[0]] == [1, 2]  # the best trigger of each length
 
 
-def test_hotflip_candidates_find_the_trigger_in_a_large_vocabulary(trained, wordpiece_tokenizer):
+def test_hotflip_candidates_find_the_trigger_in_a_large_vocabulary(trained, word_tokenizer):
     backdoored, _, trigger, probe = trained
-    _, res = _search(backdoored, wordpiece_tokenizer, probe, exhaustive_limit=10, hotflip_candidates=16)
-    assert res.candidates < len(wordpiece_tokenizer)  # the HotFlip path ran, not the exhaustive one
+    _, res = _search(backdoored, word_tokenizer, probe, exhaustive_limit=10, hotflip_candidates=16)
+    assert res.candidates < len(word_tokenizer)  # the HotFlip path ran, not the exhaustive one
     assert res.flip_rates[TARGET, 0] >= 0.9 and token_signals(res)[0] == TARGET
 
 
-def test_insertion_keeps_special_tokens_and_the_length_limit(trained, wordpiece_tokenizer):
+def test_insertion_keeps_special_tokens_and_the_length_limit(trained, word_tokenizer):
     backdoored, _, trigger, probe = trained
-    tok = wordpiece_tokenizer
+    tok = word_tokenizer
     adapter = load_target(backdoored, tok)
     long_text = " ".join(WORDS[:5] * 20)  # truncated to the adapter's max length
     ins = _Inserter(adapter, [probe[0], long_text])
@@ -115,19 +137,19 @@ def test_insertion_keeps_special_tokens_and_the_length_limit(trained, wordpiece_
     assert ids[0][mask[0].bool()].tolist() == short[:1] + trig + short[1:]
 
 
-def test_scan_of_a_text_model_reports_the_token_trigger(trained, wordpiece_tokenizer):
+def test_scan_of_a_text_model_reports_the_token_trigger(trained, word_tokenizer):
     backdoored, _, trigger, probe = trained
-    report = scan_model(backdoored, probe, processor=wordpiece_tokenizer, steps=5, seed=0)
+    report = scan_model(backdoored, probe, processor=word_tokenizer, steps=5, seed=0)
     assert report.suspected_target == TARGET and report.options["token_search"]
     assert report.per_class[TARGET].token_trigger and report.per_class[TARGET].token_flip_rates[0] >= 0.9
     assert report.signals["token_flip"] >= 0.9 and "token_search_s" in report.timings
-    off = scan_model(backdoored, probe, processor=wordpiece_tokenizer, steps=5, seed=0, token_search=False)
+    off = scan_model(backdoored, probe, processor=word_tokenizer, steps=5, seed=0, token_search=False)
     assert "token_flip" not in off.signals and off.per_class[0].token_trigger is None
     # the shipped head has a text part on the token signals; without them the general part scores the scan
     assert report.options["head"] != off.options["head"] and 0.0 <= off.score <= 1.0
 
 
-def test_search_runs_on_a_lora_model_with_frozen_embeddings(trained, wordpiece_tokenizer):
+def test_search_runs_on_a_lora_model_with_frozen_embeddings(trained, word_tokenizer):
     import copy
 
     from builders import build_lora_model
@@ -135,7 +157,7 @@ def test_search_runs_on_a_lora_model_with_frozen_embeddings(trained, wordpiece_t
     backdoored, _, _, probe = trained
     peft_model = build_lora_model(copy.deepcopy(backdoored), seed=0, target_modules=["query", "value"])
     assert not peft_model.get_input_embeddings().weight.requires_grad
-    adapter, res = _search(peft_model, wordpiece_tokenizer, probe, exhaustive_limit=10, hotflip_candidates=16)
-    assert type(adapter).__name__ == "PeftAdapter" and res.candidates < len(wordpiece_tokenizer)
+    adapter, res = _search(peft_model, word_tokenizer, probe, exhaustive_limit=10, hotflip_candidates=16)
+    assert type(adapter).__name__ == "PeftAdapter" and res.candidates < len(word_tokenizer)
     assert np.isfinite(res.flip_rates).all() and [len(t) for t in res.triggers[TARGET]] == [1, 2]
     assert all(p.grad is None for p in peft_model.parameters())  # the search leaves no gradients behind
