@@ -10,7 +10,7 @@ import torch
 from builders import NUM_LABELS, build_text_model
 from metashield_hf.scan import scan_model, token_signals
 from metashield_hf.targets import load_target
-from metashield_hf.token_search import _Inserter, search_token_triggers
+from metashield_hf.token_search import _Inserter, _probs, search_token_triggers
 from test_pipeline import WORDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -111,6 +111,10 @@ def test_the_backdoor_trigger_is_found_for_its_target(trained, word_tokenizer):
     # the clean twin has no token that sends (nearly) every sample to TARGET
     assert ok.flip_rates[TARGET, 0] < 0.9 <= res.flip_rates[TARGET, 0]
     assert [len(t) for t in res.triggers[0]] == [1, 2]  # the best trigger of each length
+    # the lower quartile: the trigger also overrides the samples that resist it most, which no clean word does
+    assert res.low_probs.shape == (NUM_LABELS, 2) and ((res.low_probs >= 0) & (res.low_probs <= 1)).all()
+    assert signals["token_prob_low"] == res.low_probs[:, 0].max()
+    assert ok.low_probs[TARGET, 0] < res.low_probs[TARGET, 0]
 
 
 def test_hotflip_candidates_find_the_trigger_in_a_large_vocabulary(trained, word_tokenizer):
@@ -135,6 +139,24 @@ def test_insertion_keeps_special_tokens_and_the_length_limit(trained, word_token
         assert seq[0] == tok.cls_token_id and seq[1:3] == trig and seq[-1] == tok.sep_token_id
     short = tok(probe[0])["input_ids"]
     assert ids[0][mask[0].bool()].tolist() == short[:1] + trig + short[1:]
+
+
+def test_length_grouped_batches_and_the_screen_subset(trained, word_tokenizer):
+    backdoored, _, trigger, probe = trained
+    tok = word_tokenizer
+    adapter = load_target(backdoored, tok)
+    texts = [probe[0], " ".join(WORDS[:6] * 3), probe[1], " ".join(WORDS[:3]), " ".join(WORDS[:9] * 2)] * 2
+    ins = _Inserter(adapter, texts)
+    trigs = [tok.convert_tokens_to_ids([trigger]), tok.convert_tokens_to_ids([WORDS[0], WORDS[1]])]
+    with torch.no_grad():  # one batch of every row, padded to the longest: what the grouped batches must equal
+        ref = backdoored(**ins.build(trigs)).logits.softmax(-1).view(len(trigs), len(texts), -1)
+    assert torch.allclose(_probs(ins, trigs, batch_rows=3), ref, atol=1e-5)
+    lengths = [len(r) for r in ins.rows]
+    sub = _Inserter.subset(ins, 4, length=6)
+    assert sorted(lengths[i] for i in sub.index) == sorted(lengths)[:4]  # the 4 shortest samples
+    for i, row in zip(sub.index, sub.rows, strict=True):
+        full = ins.rows[i]
+        assert row == full if len(full) <= 6 else (len(row) == 6 and row[:5] == full[:5] and row[-1] == full[-1])
 
 
 def test_scan_of_a_text_model_reports_the_token_trigger(trained, word_tokenizer):

@@ -57,6 +57,7 @@ class ClassEvidence:
         token_trigger: text models: the best token trigger found for this class (decoded), else ``None``.
         token_flip_rates: text models: flip rate of the best trigger of 1, 2, ... tokens.
         token_target_probs: text models: the mean probability of this class under those triggers.
+        token_low_probs: text models: the lower quartile of that probability over the samples.
         token_dominance: text models: how often this class's best trigger of 1, 2, ... tokens beats the other
             classes' best triggers of that length.
     """
@@ -71,6 +72,7 @@ class ClassEvidence:
     token_trigger: str | None = None
     token_flip_rates: list[float] | None = None
     token_target_probs: list[float] | None = None
+    token_low_probs: list[float] | None = None
     token_dominance: list[float] | None = None
 
 
@@ -192,6 +194,7 @@ def _evidence(adapter, result, anomaly, detector_scores=None, tokens=None) -> li
             ev.token_trigger = tokens.trigger_texts[k]
             ev.token_flip_rates = [float(f) for f in tokens.flip_rates[k]]
             ev.token_target_probs = [float(q) for q in tokens.target_probs[k]]
+            ev.token_low_probs = [float(q) for q in tokens.low_probs[k]]
             ev.token_dominance = [float(d) for d in tokens.dominance[k]]
     return evidence
 
@@ -200,7 +203,7 @@ def token_signals(tokens) -> tuple[int, dict[str, float]]:
     """The suspected target and the token signals of a [`TokenSearchResult`].
 
     Each signal is the largest over classes: how many clean samples the best 1- and 2-token triggers flip, how
-    confidently they force the class, and how often they still win against the other classes' strongest words. The
+    confidently they force the class (mean probability, and its lower quartile: the samples that resist), and how often they still win against the other classes' strongest words. The
     suspected target is the class its triggers force most confidently. (On the standard zoo's train models the
     mean class probability separated backdoored from clean text models best; dominance did not, see reports/scan.md.)
     """
@@ -210,6 +213,8 @@ def token_signals(tokens) -> tuple[int, dict[str, float]]:
         "token_prob": float(tokens.target_probs[:, 0].max()),
         "token_flip_2": float(tokens.flip_rates[:, -1].max()),
         "token_prob_2": float(tokens.target_probs[:, -1].max()),
+        "token_prob_low": float(tokens.low_probs[:, 0].max()),
+        "token_prob_low_2": float(tokens.low_probs[:, -1].max()),
         "token_dominance": float(tokens.dominance[:, 0].max()),
         "token_dominance_2": float(tokens.dominance[:, -1].max()),
     }
@@ -267,7 +272,8 @@ def scan_model(
         processor: tokenizer / image processor when ``checkpoint`` is a model object that needs one.
         n: use at most this many clean samples.
         steps / lr: Adam steps and learning rate of the trigger synthesis (all classes optimised together). The
-            shipped scan head was fit on 120-step signals; fewer steps give larger trigger sizes than it expects.
+            shipped scan head was fit on 120-step signals; other budgets give trigger sizes it does not expect (at 40
+            steps, 3x faster, the held-out AUROC fell from 0.93-0.98 to 0.72-0.78 on images, reports/scan_steps40.md).
         flip_threshold: fraction of clean samples a synthesized trigger must flip to count as effective.
         class_batch: classes optimised in one batch (memory: ``class_batch * n`` rows per forward pass).
         adapt_steps: inner-loop steps when adapting the detector (0 = reference statistics only).

@@ -14,7 +14,16 @@ import numpy as np
 #: Signals of every scan (from the per-class mask synthesis and the input-level detector).
 SYNTHESIS_SIGNALS = ("anomaly_index", "log_size_ratio", "detector_response", "detector_response_gap")
 #: Signals of text models only (from the discrete token-trigger search, [`metashield_hf.token_search`]).
-TOKEN_SIGNALS = ("token_flip", "token_prob", "token_flip_2", "token_prob_2", "token_dominance", "token_dominance_2")
+TOKEN_SIGNALS = (
+    "token_flip",
+    "token_prob",
+    "token_flip_2",
+    "token_prob_2",
+    "token_prob_low",
+    "token_prob_low_2",
+    "token_dominance",
+    "token_dominance_2",
+)
 SIGNALS = SYNTHESIS_SIGNALS + TOKEN_SIGNALS
 DEFAULT_SCAN_HEAD = Path(__file__).parent / "default_detector" / "scan_head.json"
 

@@ -33,6 +33,8 @@ from .targets.transformers_models import unwrap
 
 logger = logging.getLogger(__name__)
 
+_LENGTH_GROUP = 5  # samples per length group in _probs
+
 __all__ = ["TokenSearchResult", "search_token_triggers"]
 
 
@@ -44,6 +46,8 @@ class TokenSearchResult:
         flip_rates: ``(K, L)`` flip rate of the best trigger of length ``1..L`` for each class (fraction of the clean
             samples not already of that class that it sends there).
         target_probs: ``(K, L)`` mean probability of the class under that trigger, same samples.
+        low_probs: ``(K, L)`` lower quartile of that probability over the same samples: how hard the trigger pushes
+            the samples that resist it most (a backdoor overrides them too; a natural class word does not).
         dominance: ``(K, L)`` fraction of samples (all of them) that class k's best trigger of length ``j`` still
             sends to k when the ``opposing`` best single tokens of every other class are inserted with it.
         triggers: ``K`` lists of ``L`` token-id lists, the best trigger of each length.
@@ -53,6 +57,7 @@ class TokenSearchResult:
 
     flip_rates: np.ndarray
     target_probs: np.ndarray
+    low_probs: np.ndarray
     dominance: np.ndarray
     triggers: list[list[list[int]]]
     trigger_texts: list[str]
@@ -85,10 +90,16 @@ class _Inserter:
         self.pad = 0 if pad is None else int(pad)
 
     @staticmethod
-    def subset(ins: _Inserter, m: int) -> _Inserter:
-        """The same inserter on the first ``m`` clean samples."""
+    def subset(ins: _Inserter, m: int, length: int | None = None) -> _Inserter:
+        """The same inserter on the ``m`` shortest clean samples, each cut to at most ``length`` tokens (a final
+        special token kept). A screen needs only a rough ranking, and these are the cheapest rows to run."""
         sub = copy.copy(ins)
-        sub.rows = ins.rows[:m]
+        sub.index = sorted(sorted(range(len(ins.rows)), key=lambda i: (len(ins.rows[i]), i))[:m])
+        rows = [ins.rows[i] for i in sub.index]
+        if length is not None:
+            end = 1 if ins.ends_special else 0  # keep a final [SEP] / </s>
+            rows = [r if len(r) <= length else r[: length - end] + r[len(r) - end :] for r in rows]
+        sub.rows = rows
         return sub
 
     def build(self, triggers: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -114,17 +125,28 @@ class _Inserter:
 
 
 def _probs(ins: _Inserter, triggers: list[list[int]], batch_rows: int) -> torch.Tensor:
-    """``(len(triggers), N, K)`` class probabilities of the clean samples with each trigger inserted."""
+    """``(len(triggers), N, K)`` class probabilities of the clean samples with each trigger inserted.
+
+    The samples run in groups of similar length (each group with every trigger), so a batch is padded to its own
+    longest sample rather than to the longest of all.
+    """
     n = len(ins.rows)
-    per = max(1, batch_rows // n)
-    out = []
+    by_length = sorted(range(n), key=lambda i: len(ins.rows[i]))
+    groups = [by_length[i : i + _LENGTH_GROUP] for i in range(0, n, _LENGTH_GROUP)]
+    out: torch.Tensor | None = None
     with torch.inference_mode():
-        for start in range(0, len(triggers), per):
-            batch = ins.build(triggers[start : start + per])
-            batch = {k: v.to(ins.adapter.device) for k, v in batch.items()}
-            logits = ins.adapter.forward(batch).float().cpu()
-            out.append(logits.softmax(-1).view(-1, n, logits.shape[-1]))
-    return torch.cat(out)
+        for group in groups:
+            sub = copy.copy(ins)
+            sub.rows = [ins.rows[i] for i in group]
+            per = max(1, batch_rows // len(group))
+            for start in range(0, len(triggers), per):
+                batch = {k: v.to(ins.adapter.device) for k, v in sub.build(triggers[start : start + per]).items()}
+                logits = ins.adapter.forward(batch).float().cpu()
+                probs = logits.softmax(-1).view(-1, len(group), logits.shape[-1])
+                if out is None:
+                    out = torch.zeros(len(triggers), n, probs.shape[-1])
+                out[start : start + probs.shape[0], group] = probs
+    return out
 
 
 def _class_stats(probs: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,10 +203,11 @@ def search_token_triggers(
     *,
     max_tokens: int = 2,
     beam: int = 4,
-    extend_candidates: int = 32,
-    extend_hotflip: int = 32,
+    extend_candidates: int = 16,
+    extend_hotflip: int = 16,
     opposing: int = 3,
     screen_samples: int = 8,
+    screen_length: int | None = 24,
     rescore: int = 64,
     exhaustive_limit: int = 8192,
     hotflip_candidates: int = 256,
@@ -209,7 +232,9 @@ def search_token_triggers(
         extend_candidates: the best single tokens of a class that the beam may append.
         extend_hotflip: tokens with the best HotFlip estimate after each beam entry that it may append as well.
         opposing: best single tokens of each other class inserted against a class's trigger for its dominance.
-        screen_samples: clean samples used to screen the whole candidate list (all of them when larger than ``N``).
+        screen_samples: the shortest clean samples used to screen the whole candidate list (all when >= ``N``).
+        screen_length: the screen's samples are cut to at most this many tokens (``None``: not cut); a screen on
+            short texts ranks tokens by how hard they push, at a fraction of the cost of full-length texts.
         rescore: tokens per class measured on all samples after the screen.
         exhaustive_limit: screen every vocabulary token when there are at most this many; else use HotFlip first.
         hotflip_candidates: tokens per class kept by the HotFlip estimate for large vocabularies.
@@ -230,24 +255,28 @@ def search_token_triggers(
         pool = _hotflip_candidates(ins, pool, valid, hotflip_candidates)
     # 1. screen every candidate on a few samples, by the mean class probability it gives (smoother than flips)
     m = min(screen_samples, n) if screen_samples > 0 else n
-    screen = _Inserter.subset(ins, m)
-    _, prob_s = _class_stats(_probs(screen, [[int(t)] for t in pool], batch_rows), valid[:m])
+    screen = _Inserter.subset(ins, m, screen_length)
+    _, prob_s = _class_stats(_probs(screen, [[int(t)] for t in pool], batch_rows), valid[screen.index])
     shortlist = prob_s.topk(min(rescore, len(pool)), dim=0).indices  # (R, K)
     flips = np.zeros((num_classes, max_tokens))
     tprobs = np.zeros((num_classes, max_tokens))
+    lows = np.zeros((num_classes, max_tokens))
     best: list[list[list[int]]] = [[] for _ in range(num_classes)]
     top_singles: list[list[int]] = []
     for k in range(num_classes):
         # 2. the shortlist on all samples, ranked by flip rate (ties: mean class probability)
         cands = [[int(pool[i])] for i in shortlist[:, k]]
         for length in range(max_tokens):
-            f, q = _class_stats(_probs(ins, cands, batch_rows), valid)
+            probs = _probs(ins, cands, batch_rows)
+            f, q = _class_stats(probs, valid)
             rank = f[:, k] + 1e-3 * q[:, k]
             order = rank.argsort(descending=True)
             if length == 0:
                 singles = [cands[i][0] for i in order[:extend_candidates].tolist()]
                 top_singles.append(singles)
             flips[k, length], tprobs[k, length] = float(f[order[0], k]), float(q[order[0], k])
+            mine = probs[order[0], valid[:, k] > 0, k]
+            lows[k, length] = float(mine.quantile(0.25)) if len(mine) else 0.0
             best[k].append(cands[int(order[0])])
             beams = [cands[i] for i in order[:beam].tolist()]
             if length + 1 == max_tokens:
@@ -268,4 +297,12 @@ def search_token_triggers(
         pred = _probs(ins, trigs, batch_rows).argmax(-1)  # (2K, N)
         dominance[:, j] = (pred.view(num_classes, -1) == torch.arange(num_classes)[:, None]).float().mean(1).numpy()
     texts = [ins.tok.decode(b[-1]) for b in best]
-    return TokenSearchResult(flips, tprobs, dominance, best, texts, int(len(pool)))
+    return TokenSearchResult(
+        flip_rates=flips,
+        target_probs=tprobs,
+        low_probs=lows,
+        dominance=dominance,
+        triggers=best,
+        trigger_texts=texts,
+        candidates=int(len(pool)),
+    )
