@@ -42,15 +42,44 @@ N_CLEAN = 20
 SEED = 0
 META_COLUMNS = ["model_id", "domain", "dataset", "architecture", "attack", "target_label", "is_backdoored"]
 DEFAULT_STEPS = inspect.signature(scan_model).parameters["steps"].default
+# Neural Cleanse runs at the scan's own budget and at a third of it, to show what a shorter synthesis costs it
+SHORT_STEPS = 40
 
 
-def scan_row(row: dict, split: str, workdir: Path, steps: int) -> dict:
-    """Scan one zoo row (MetaShield default head; plus Neural Cleanse on test models) and return its record."""
+def _nc_record(report) -> dict:
+    return {
+        "score": report.score,
+        "suspected_target": report.suspected_target,
+        "seconds": report.timings["total_s"],
+        "timings": report.timings,
+        "steps": report.options["steps"],
+    }
+
+
+def scan_row(
+    row: dict,
+    split: str,
+    workdir: Path,
+    steps: int,
+    nc_steps: list[int],
+    reuse_nc: dict | None = None,
+    reuse_ms: dict | None = None,
+) -> dict:
+    """Scan one zoo row (MetaShield default head; plus Neural Cleanse at each of ``nc_steps`` on test models) and
+    return its record. ``reuse_nc`` / ``reuse_ms``: earlier records used instead of a rescan where they exist."""
+    rec = {k: row[k] for k in META_COLUMNS}
+    rec["split"] = split
+    old = (reuse_ms or {}).get(row["model_id"])
+    ncs = {str(s): (reuse_nc or {}).get(row["model_id"], {}).get(str(s)) for s in nc_steps}
+    if old is not None and (split != "test" or all(ncs.values())):
+        rec |= {k: old[k] for k in ("num_classes", "modality", "metashield")}
+        rec["metashield"]["reused_from"] = reuse_ms["__path__"]
+        if split == "test":
+            rec["neural_cleanse"] = ncs
+        return rec
     target = row_to_target(row, workdir)
     clean, _, _ = row_probe(row)
     clean = clean[:N_CLEAN]
-    rec = {k: row[k] for k in META_COLUMNS}
-    rec["split"] = split
     ms = scan_model(target, clean, steps=steps, seed=SEED)
     rec["num_classes"] = len(ms.per_class)
     rec["modality"] = "text" if ms.space == "embeddings" else "image"
@@ -61,6 +90,14 @@ def scan_row(row: dict, split: str, workdir: Path, steps: int) -> dict:
         "seconds": ms.timings["total_s"],
         "timings": ms.timings,
         "space": ms.space,
+        "steps": steps,
+        # per-class evidence, so other model-level signals can be studied on the train records without a rescan
+        "per_class": {
+            "trigger_size": [c.trigger_size for c in ms.per_class],
+            "flip_rate": [c.flip_rate for c in ms.per_class],
+            "anomaly_index": [c.anomaly_index for c in ms.per_class],
+            "detector_score": [c.detector_score for c in ms.per_class],
+        },
     }
     if ms.options.get("token_search"):
         rec["metashield"]["tokens"] = [
@@ -68,24 +105,35 @@ def scan_row(row: dict, split: str, workdir: Path, steps: int) -> dict:
                 "trigger": c.token_trigger,
                 "flip_rates": c.token_flip_rates,
                 "target_probs": c.token_target_probs,
+                "low_probs": c.token_low_probs,
                 "dominance": c.token_dominance,
             }
             for c in ms.per_class
         ]
     if split == "test":
-        nc = neural_cleanse_scan(target, clean, steps=steps, seed=SEED)
-        rec["neural_cleanse"] = {
-            "score": nc.score,
-            "suspected_target": nc.suspected_target,
-            "seconds": nc.timings["total_s"],
-            "timings": nc.timings,
-        }
+        rec["neural_cleanse"] = {}
+        for s in nc_steps:
+            rec["neural_cleanse"][str(s)] = ncs[str(s)] or _nc_record(
+                neural_cleanse_scan(target, clean, steps=s, seed=SEED)
+            )
     shutil.rmtree(workdir / row["model_id"], ignore_errors=True)
     return rec
 
 
+def load_reuse_nc(path: Path, steps: int) -> dict[str, dict]:
+    """Neural Cleanse records of an earlier run, by model id and budget. A record without a budget (the format before
+    ``--nc_steps``) is taken to have run at ``steps``, that run's ``--steps``."""
+    out: dict[str, dict] = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line) if line.strip() else {}
+        nc = rec.get("neural_cleanse")
+        if nc:
+            out[rec["model_id"]] = {str(steps): {**nc, "steps": steps}} if "score" in nc else nc
+    return out
+
+
 def _total_s(rec: dict) -> float:
-    return rec["metashield"]["seconds"] + rec.get("neural_cleanse", {}).get("seconds", 0.0)
+    return rec["metashield"]["seconds"] + sum(nc["seconds"] for nc in rec.get("neural_cleanse", {}).values())
 
 
 def _auroc(scores: list[float], labels: list[int]) -> float | None:
@@ -98,10 +146,11 @@ def _auroc(scores: list[float], labels: list[int]) -> float | None:
 def summarize(records: list[dict], score_key: str, threshold: float, method: str) -> dict:
     """AUROC / accuracy / target accuracy / seconds of one method over a group of test records."""
     labels = [int(r["is_backdoored"]) for r in records]
-    if method == "neural_cleanse":
-        scores = [r["neural_cleanse"]["score"] for r in records]
-        targets = [r["neural_cleanse"]["suspected_target"] for r in records]
-        secs = [r["neural_cleanse"]["seconds"] for r in records]
+    if method.startswith("neural_cleanse@"):
+        ncs = [r["neural_cleanse"][method.split("@")[1]] for r in records]
+        scores = [nc["score"] for nc in ncs]
+        targets = [nc["suspected_target"] for nc in ncs]
+        secs = [nc["seconds"] for nc in ncs]
     else:
         scores = [r["metashield"][score_key] for r in records]
         targets = [r["metashield"]["suspected_target"] for r in records]
@@ -186,7 +235,7 @@ def refresh_token_signals(rec: dict) -> None:
     if not tokens:
         return
     arrays = SimpleNamespace(
-        **{key: np.array([c[key] for c in tokens]) for key in ("flip_rates", "target_probs", "dominance")}
+        **{key: np.array([c[key] for c in tokens]) for key in ("flip_rates", "target_probs", "low_probs", "dominance")}
     )
     target, signals = token_signals(arrays)
     rec["metashield"]["signals"].update(signals)
@@ -290,6 +339,27 @@ def main() -> None:
         default=["token_prob", "token_prob_2"],
         help=f"signals of the text head (any of {list(SYNTHESIS_SIGNALS + TOKEN_SIGNALS)}; none: one head for all)",
     )
+    parser.add_argument(
+        "--nc_steps",
+        type=int,
+        nargs="+",
+        default=[DEFAULT_STEPS, SHORT_STEPS],
+        help="Neural Cleanse budgets (synthesis steps) to run on the held-out models; the first is its headline row",
+    )
+    parser.add_argument(
+        "--reuse_nc",
+        default=None,
+        help="JSONL of an earlier run whose Neural Cleanse records (same zoo, same budget) are reused, not rerun",
+    )
+    parser.add_argument(
+        "--reuse_nc_steps", type=int, default=DEFAULT_STEPS, help="budget of --reuse_nc's records (older format)"
+    )
+    parser.add_argument(
+        "--reuse_image_scans",
+        default=None,
+        help="JSONL of an earlier run at the same --steps whose MetaShield records of image/tensor models are reused "
+        "(only when their scan code has not changed since; text models are always rescanned)",
+    )
     parser.add_argument("--out", default="reports/scan", help="writes OUT.jsonl (records), OUT.json and OUT.md")
     parser.add_argument("--head_out", default="artifacts/meta/scan_head.json")
     parser.add_argument("--workdir", default="artifacts/meta/scan_work", help="where checkpoints are unpacked")
@@ -332,17 +402,25 @@ def main() -> None:
     # held-out models first, so a partial run already has the comparison
     order = [i for i, m in enumerate(ids) if split_of.get(m) == "test"]
     order += [i for i, m in enumerate(ids) if split_of.get(m) == "train"]
-    todo = [] if args.report_only else [i for i in order if ids[i] not in done]
-    if shard is not None:
-        todo = todo[shard[0] :: shard[1]]
+    # a shard's share is cut from the fixed order, not from what is left: its siblings' records appear as they run
+    share = order if shard is None else order[shard[0] :: shard[1]]
+    todo = [] if args.report_only else [i for i in share if ids[i] not in done]
     # the head the scans ran with (kept so that a rerun after --ship still compares against the prior default)
     prior_path = out.with_name(out.name + ".prior_head.json")
     if not prior_path.exists():
         shutil.copyfile(DEFAULT_SCAN_HEAD, prior_path)
+    reuse_nc = load_reuse_nc(Path(args.reuse_nc), args.reuse_nc_steps) if args.reuse_nc else None
+    reuse_ms = None
+    if args.reuse_image_scans:
+        reuse_ms = {"__path__": args.reuse_image_scans}
+        for line in Path(args.reuse_image_scans).read_text().splitlines():
+            rec = json.loads(line) if line.strip() else {}
+            if rec and modality(rec) != "text":
+                reuse_ms[rec["model_id"]] = rec
     start = time.perf_counter()
     with jsonl.open("a") as fh:
         for i in tqdm(todo, desc="scan", file=sys.stdout, mininterval=5):
-            rec = scan_row(zoo[i], split_of[ids[i]], workdir, args.steps)
+            rec = scan_row(zoo[i], split_of[ids[i]], workdir, args.steps, args.nc_steps, reuse_nc, reuse_ms)
             fh.write(json.dumps(rec) + "\n")
             fh.flush()
             done[rec["model_id"]] = rec
@@ -374,7 +452,10 @@ def main() -> None:
     methods = {
         "MetaShield scan (default head)": ("score_default_rescored", default_head.threshold, "metashield"),
         "MetaShield scan (fitted head)": ("score_fitted", fitted.threshold, "metashield"),
-        "Neural Cleanse": ("score", NEURAL_CLEANSE_THRESHOLD, "neural_cleanse"),
+        **{
+            f"Neural Cleanse ({s} steps)": ("score", NEURAL_CLEANSE_THRESHOLD, f"neural_cleanse@{s}")
+            for s in args.nc_steps
+        },
     }
     table = {
         g: {name: summarize(rs, key, thr, m) for name, (key, thr, m) in methods.items()}
@@ -401,8 +482,15 @@ def main() -> None:
         "meta-training, and models a rebuild accepts that the split's build rejected: neither the detector nor the "
         "head saw them) " + ("are held out too" if args.unsplit == "test" else "are left out"),
         "clean inputs": f"first {N_CLEAN} clean probe inputs per model, seed {SEED}",
-        "synthesis steps": f"{args.steps} (scan_model default {DEFAULT_STEPS})"
-        + ("; reduced so the whole run fits in ~15 minutes on 2 CPU cores" if args.steps < DEFAULT_STEPS else ""),
+        "synthesis steps": f"MetaShield {args.steps} (scan_model default {DEFAULT_STEPS}); Neural Cleanse "
+        + " and ".join(str(s) for s in args.nc_steps)
+        + (f" (records reused from {args.reuse_nc} where it has them)" if args.reuse_nc else "")
+        + (
+            f"; the MetaShield records of image/tensor models reused from {args.reuse_image_scans} (same steps, "
+            "scan code unchanged for them)"
+            if args.reuse_image_scans
+            else ""
+        ),
         **({"wall time of this invocation": f"{run_s:.0f} s for {len(todo)} newly scanned models"} if todo else {}),
         "scan head fit": f"fit_scan_head on the {len(train)} train models' signals: image/tensor models on "
         f"{list(SYNTHESIS_SIGNALS)} (C={args.head_c}), text models on {list(text_signals)} (C={args.text_head_c}) "
