@@ -34,7 +34,13 @@ import torch
 from tqdm.auto import tqdm
 
 from metashield_hf.evaluation.metrics import auroc
-from metashield_hf.scan import NEURAL_CLEANSE_THRESHOLD, neural_cleanse_scan, scan_model, token_signals
+from metashield_hf.scan import (
+    NEURAL_CLEANSE_THRESHOLD,
+    class_count_signals,
+    neural_cleanse_scan,
+    scan_model,
+    token_signals,
+)
 from metashield_hf.scan_head import DEFAULT_SCAN_HEAD, SYNTHESIS_SIGNALS, TOKEN_SIGNALS, ScanHead, fit_scan_head
 from metashield_hf.zoo import load_zoo, row_probe, row_to_target
 
@@ -242,6 +248,13 @@ def refresh_token_signals(rec: dict) -> None:
     rec["metashield"]["suspected_target"] = target
 
 
+def refresh_class_count_signals(rec: dict) -> None:
+    """Recompute a record's class-count-corrected synthesis signals from its raw ones with the library's current
+    [`class_count_signals`] (records written before the correction existed lack them)."""
+    signals = rec["metashield"]["signals"]
+    signals.update(class_count_signals(signals["anomaly_index"], signals["log_size_ratio"], rec["num_classes"]))
+
+
 def modality(rec: dict) -> str:
     return rec.get("modality", "text" if rec["domain"] == "nlp" else "image")
 
@@ -438,6 +451,7 @@ def main() -> None:
     records = [done[ids[i]] for i in order if ids[i] in done]
     for r in records:
         refresh_token_signals(r)
+        refresh_class_count_signals(r)
     train = [r for r in records if r["split"] == "train"]
     test = [r for r in records if r["split"] == "test"]
     default_head = ScanHead.load(prior_path)
@@ -486,8 +500,8 @@ def main() -> None:
         + " and ".join(str(s) for s in args.nc_steps)
         + (f" (records reused from {args.reuse_nc} where it has them)" if args.reuse_nc else "")
         + (
-            f"; the MetaShield records of image/tensor models reused from {args.reuse_image_scans} (same steps, "
-            "scan code unchanged for them)"
+            f"; the MetaShield records of image/tensor models reused from {args.reuse_image_scans} (same steps; "
+            "synthesis and detector code unchanged since; class-count signals recomputed from their raw signals)"
             if args.reuse_image_scans
             else ""
         ),

@@ -11,9 +11,17 @@ import torch
 
 from builders import NUM_LABELS, build_image_model, build_text_model
 from metashield_hf.cli import main
-from metashield_hf.scan import SIGNALS, ScanHead, ScanReport, fit_scan_head, neural_cleanse_scan, scan_model
+from metashield_hf.scan import (
+    SIGNALS,
+    ScanHead,
+    ScanReport,
+    class_count_signals,
+    fit_scan_head,
+    neural_cleanse_scan,
+    scan_model,
+)
 from metashield_hf.scan_head import NEURAL_CLEANSE_RULE_HEAD
-from metashield_hf.synthesis import anomaly_indices
+from metashield_hf.synthesis import anomaly_indices, chance_anomaly_index
 from test_pipeline import clean_sentences
 
 FAST = ["--steps", "5"]  # the CLI tests check plumbing, not detection quality
@@ -135,7 +143,7 @@ def test_fit_scan_head_on_synthetic_signals(tmp_path):
     head = fit_scan_head(x, y)
     scores = np.array([head.score(dict(zip(head.weights, row, strict=True))) for row in x])
     assert ((scores > head.threshold) == y).mean() > 0.9
-    assert head.weights["anomaly_index"] > 0 and head.weights["log_size_ratio"] < 0
+    assert head.weights["anomaly_excess"] > 0 and head.weights["log_size_z"] < 0
     head.save(tmp_path / "head.json")
     assert ScanHead.load(tmp_path / "head.json") == head
     with pytest.raises(ValueError, match="both 0"):
@@ -250,3 +258,17 @@ def test_scan_head_parts_by_modality_round_trip(tmp_path):
     # a scan without the part's signals (text without the token search) is scored by the general head
     assert back.for_modality("text", {"anomaly_index": 3.0}) is back
     assert back.for_modality("text", {"token_prob": 0.5}) == part
+
+
+def test_class_count_correction_is_a_change_of_units_for_a_fixed_class_count():
+    # with 2 classes the larger anomaly index is always 1 / 1.4826 (each size is one MAD from the median)
+    assert chance_anomaly_index(2) == pytest.approx(1 / 1.4826, rel=1e-6)
+    assert anomaly_indices(np.array([1.0, 2.0])).max() == pytest.approx(chance_anomaly_index(2), rel=1e-6)
+    chance = [chance_anomaly_index(k) for k in (3, 10, 62)]
+    assert chance == sorted(chance) and 1.5 < chance[1] < 2.3  # a maximum over more classes is larger by chance
+    # for one K, anomaly_excess and log_size_z are affine in the raw signals (a head fit on 10-class models ranks
+    # them as one fit on the raw signals would); across K, the same raw values count for less with more classes
+    a = [class_count_signals(x, -x / 2, 10) for x in (1.0, 2.0, 3.0)]
+    assert [s["anomaly_excess"] for s in a] == sorted(s["anomaly_excess"] for s in a)
+    assert class_count_signals(3.0, -1.0, 62)["anomaly_excess"] < class_count_signals(3.0, -1.0, 10)["anomaly_excess"]
+    assert class_count_signals(3.0, -1.0, 62)["log_size_z"] > class_count_signals(3.0, -1.0, 10)["log_size_z"]

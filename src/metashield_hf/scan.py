@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .scan_head import DEFAULT_SCAN_HEAD, SIGNALS, ScanHead, fit_scan_head
-from .synthesis import SynthesisResult, anomaly_indices, synthesis_space, synthesize_triggers
+from .synthesis import SynthesisResult, anomaly_indices, chance_anomaly_index, synthesis_space, synthesize_triggers
 from .targets import load_target
 from .targets.base import TargetAdapter, TargetOutput
 
@@ -33,6 +33,7 @@ __all__ = [
     "ClassEvidence",
     "ScanHead",
     "ScanReport",
+    "class_count_signals",
     "fit_scan_head",
     "neural_cleanse_scan",
     "scan_model",
@@ -220,6 +221,27 @@ def token_signals(tokens) -> tuple[int, dict[str, float]]:
     }
 
 
+def class_count_signals(anomaly_index: float, log_size_ratio: float, num_classes: int) -> dict[str, float]:
+    """The suspected target's anomaly index and log size ratio, corrected for the number of classes.
+
+    The anomaly index is a maximum over ``K`` classes, so by chance alone it grows with ``K`` (about 1.6 for 10
+    classes, 2.3 for 62); ``anomaly_excess`` subtracts that chance level ([`chance_anomaly_index`]), and
+    ``log_size_z`` divides the log size ratio (which grows the same way) by it. For a fixed ``K`` this is a mere change of units, so
+    a head fit on the zoo's 10-class models scores them as before, but a model with many more classes is no longer
+    flagged for its class count.
+    """
+    m = chance_anomaly_index(int(num_classes))
+    return {"anomaly_excess": anomaly_index - m, "log_size_z": log_size_ratio / m}
+
+
+def _synthesis_signals(anomaly: np.ndarray, sizes: np.ndarray, target: int) -> dict[str, float]:
+    raw = {
+        "anomaly_index": float(anomaly[target]),
+        "log_size_ratio": float(np.log(max(sizes[target], 1e-12) / max(float(np.median(sizes)), 1e-12))),
+    }
+    return raw | class_count_signals(raw["anomaly_index"], raw["log_size_ratio"], len(sizes))
+
+
 def _detector_scores(detector, adapter, clean_out: TargetOutput, result, *, adapt_steps: int, seed: int):
     from .hub import load_detector
     from .shield import adapt_from_activations
@@ -273,7 +295,7 @@ def scan_model(
         n: use at most this many clean samples.
         steps / lr: Adam steps and learning rate of the trigger synthesis (all classes optimised together). The
             shipped scan head was fit on 120-step signals; other budgets give trigger sizes it does not expect (at 40
-            steps, 3x faster, the held-out AUROC fell from 0.93-0.98 to 0.72-0.78 on images, reports/scan_steps40.md).
+            steps, 2.5-3x faster, the held-out image AUROC fell from 0.93-0.995 to 0.76-0.78, reports/scan_steps40.md).
         flip_threshold: fraction of clean samples a synthesized trigger must flip to count as effective.
         class_batch: classes optimised in one batch (memory: ``class_batch * n`` rows per forward pass).
         adapt_steps: inner-loop steps when adapting the detector (0 = reference statistics only).
@@ -347,8 +369,7 @@ def _scan_loaded(
     sizes = result.sizes
     response = det if det is not None else np.zeros(len(sizes))
     signals = {
-        "anomaly_index": float(anomaly[target]),
-        "log_size_ratio": float(np.log(max(sizes[target], 1e-12) / max(float(np.median(sizes)), 1e-12))),
+        **_synthesis_signals(anomaly, sizes, target),
         "detector_response": float(response[target]),
         "detector_response_gap": float(response[target] - np.median(response)),
     }
@@ -467,10 +488,7 @@ def neural_cleanse_scan(
         suspected_target=target,
         suspected_target_label=evidence[target].label,
         anomaly_index=float(anomaly[target]),
-        signals={
-            "anomaly_index": float(anomaly[target]),
-            "log_size_ratio": float(np.log(max(sizes[target], 1e-12) / max(float(np.median(sizes)), 1e-12))),
-        },
+        signals=_synthesis_signals(anomaly, sizes, target),
         per_class=evidence,
         n_clean_samples=len(items),
         space=result.kind,

@@ -11,8 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-#: Signals of every scan (from the per-class mask synthesis and the input-level detector).
-SYNTHESIS_SIGNALS = ("anomaly_index", "log_size_ratio", "detector_response", "detector_response_gap")
+#: Signals of every scan (from the per-class mask synthesis and the input-level detector) that the head combines:
+#: the anomaly index and log size ratio of the suspected target, corrected for the number of classes (see
+#: [`class_count_signals`]), and the detector's response to the synthesized inputs.
+SYNTHESIS_SIGNALS = ("anomaly_excess", "log_size_z", "detector_response", "detector_response_gap")
+#: The two synthesis signals before that correction (Neural Cleanse's rule reads the raw anomaly index).
+RAW_SYNTHESIS_SIGNALS = ("anomaly_index", "log_size_ratio")
 #: Signals of text models only (from the discrete token-trigger search, [`metashield_hf.token_search`]).
 TOKEN_SIGNALS = (
     "token_flip",
@@ -24,7 +28,7 @@ TOKEN_SIGNALS = (
     "token_dominance",
     "token_dominance_2",
 )
-SIGNALS = SYNTHESIS_SIGNALS + TOKEN_SIGNALS
+SIGNALS = SYNTHESIS_SIGNALS + RAW_SYNTHESIS_SIGNALS + TOKEN_SIGNALS
 DEFAULT_SCAN_HEAD = Path(__file__).parent / "default_detector" / "scan_head.json"
 
 
