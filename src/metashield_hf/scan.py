@@ -242,7 +242,7 @@ def _synthesis_signals(anomaly: np.ndarray, sizes: np.ndarray, target: int) -> d
     return raw | class_count_signals(raw["anomaly_index"], raw["log_size_ratio"], len(sizes))
 
 
-def _detector_scores(detector, adapter, clean_out: TargetOutput, result, *, adapt_steps: int, seed: int):
+def _detector_scores(detector, adapter, clean_out: TargetOutput, result, *, adapt_steps: int | None, seed: int):
     from .hub import load_detector
     from .shield import adapt_from_activations
 
@@ -254,7 +254,7 @@ def _detector_scores(detector, adapter, clean_out: TargetOutput, result, *, adap
         clean_out,
         head.weight.detach().float().cpu(),
         None if head.bias is None else head.bias.detach().float().cpu(),
-        steps=adapt_steps,
+        steps=detector.config.adapt_steps if adapt_steps is None else adapt_steps,
         seed=seed,
     )
     k, n = result.logits.shape[:2]
@@ -275,7 +275,7 @@ def scan_model(
     lr: float = 0.3,
     flip_threshold: float = 0.9,
     class_batch: int = 16,
-    adapt_steps: int = 0,
+    adapt_steps: int | None = None,
     use_detector: bool = True,
     token_search: bool = True,
     head: ScanHead | str | os.PathLike | None = None,
@@ -298,7 +298,10 @@ def scan_model(
             steps, 2.5-3x faster, the held-out image AUROC fell from 0.93-0.995 to 0.76-0.78, reports/scan_steps40.md).
         flip_threshold: fraction of clean samples a synthesized trigger must flip to count as effective.
         class_batch: classes optimised in one batch (memory: ``class_batch * n`` rows per forward pass).
-        adapt_steps: inner-loop steps when adapting the detector (0 = reference statistics only).
+        adapt_steps: inner-loop steps when adapting the detector to the model (``None``: the detector's own
+            ``config.adapt_steps``, what it was meta-trained with, 3 for the shipped one; 0 = reference statistics
+            only). On 31 train cv models of the standard zoo, 3 steps made the detector's response gap a much
+            better signal than 0 (AUROC 0.95 against 0.78).
         use_detector: feed the synthesized inputs to the adapted detector (False: the detector signals are 0).
         token_search: text models: also search the vocabulary for short token triggers
             ([`search_token_triggers`]); its signals feed the head's text part and pick the suspected target.
@@ -348,7 +351,7 @@ def _scan_loaded(
     lr: float,
     flip_threshold: float,
     class_batch: int,
-    adapt_steps: int,
+    adapt_steps: int | None,
     use_detector: bool,
     seed: int,
     t0: float,
@@ -412,6 +415,7 @@ def _scan_loaded(
             "seed": seed,
             "head": head.source,
             "token_search": tokens is not None,
+            "adapt_steps": adapt_steps,
         },  # fmt: skip
     )
     logger.info(
