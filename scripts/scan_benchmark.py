@@ -69,20 +69,12 @@ def scan_row(
     steps: int,
     nc_steps: list[int],
     reuse_nc: dict | None = None,
-    reuse_ms: dict | None = None,
 ) -> dict:
-    """Scan one zoo row (MetaShield default head; plus Neural Cleanse at each of ``nc_steps`` on test models) and
-    return its record. ``reuse_nc`` / ``reuse_ms``: earlier records used instead of a rescan where they exist."""
+    """Scan one zoo row (MetaShield default head; plus Neural Cleanse at each of ``nc_steps`` on test models, or its
+    record from ``reuse_nc`` where that has one at that budget) and return its record."""
     rec = {k: row[k] for k in META_COLUMNS}
     rec["split"] = split
-    old = (reuse_ms or {}).get(row["model_id"])
     ncs = {str(s): (reuse_nc or {}).get(row["model_id"], {}).get(str(s)) for s in nc_steps}
-    if old is not None and (split != "test" or all(ncs.values())):
-        rec |= {k: old[k] for k in ("num_classes", "modality", "metashield")}
-        rec["metashield"]["reused_from"] = reuse_ms["__path__"]
-        if split == "test":
-            rec["neural_cleanse"] = ncs
-        return rec
     target = row_to_target(row, workdir)
     clean, _, _ = row_probe(row)
     clean = clean[:N_CLEAN]
@@ -367,12 +359,6 @@ def main() -> None:
     parser.add_argument(
         "--reuse_nc_steps", type=int, default=DEFAULT_STEPS, help="budget of --reuse_nc's records (older format)"
     )
-    parser.add_argument(
-        "--reuse_image_scans",
-        default=None,
-        help="JSONL of an earlier run at the same --steps whose MetaShield records of image/tensor models are reused "
-        "(only when their scan code has not changed since; text models are always rescanned)",
-    )
     parser.add_argument("--out", default="reports/scan", help="writes OUT.jsonl (records), OUT.json and OUT.md")
     parser.add_argument("--head_out", default="artifacts/meta/scan_head.json")
     parser.add_argument("--workdir", default="artifacts/meta/scan_work", help="where checkpoints are unpacked")
@@ -423,17 +409,10 @@ def main() -> None:
     if not prior_path.exists():
         shutil.copyfile(DEFAULT_SCAN_HEAD, prior_path)
     reuse_nc = load_reuse_nc(Path(args.reuse_nc), args.reuse_nc_steps) if args.reuse_nc else None
-    reuse_ms = None
-    if args.reuse_image_scans:
-        reuse_ms = {"__path__": args.reuse_image_scans}
-        for line in Path(args.reuse_image_scans).read_text().splitlines():
-            rec = json.loads(line) if line.strip() else {}
-            if rec and modality(rec) != "text":
-                reuse_ms[rec["model_id"]] = rec
     start = time.perf_counter()
     with jsonl.open("a") as fh:
         for i in tqdm(todo, desc="scan", file=sys.stdout, mininterval=5):
-            rec = scan_row(zoo[i], split_of[ids[i]], workdir, args.steps, args.nc_steps, reuse_nc, reuse_ms)
+            rec = scan_row(zoo[i], split_of[ids[i]], workdir, args.steps, args.nc_steps, reuse_nc)
             fh.write(json.dumps(rec) + "\n")
             fh.flush()
             done[rec["model_id"]] = rec
@@ -498,13 +477,7 @@ def main() -> None:
         "clean inputs": f"first {N_CLEAN} clean probe inputs per model, seed {SEED}",
         "synthesis steps": f"MetaShield {args.steps} (scan_model default {DEFAULT_STEPS}); Neural Cleanse "
         + " and ".join(str(s) for s in args.nc_steps)
-        + (f" (records reused from {args.reuse_nc} where it has them)" if args.reuse_nc else "")
-        + (
-            f"; the MetaShield records of image/tensor models reused from {args.reuse_image_scans} (same steps; "
-            "synthesis and detector code unchanged since; class-count signals recomputed from their raw signals)"
-            if args.reuse_image_scans
-            else ""
-        ),
+        + (f" (records reused from {args.reuse_nc} where it has them)" if args.reuse_nc else ""),
         **({"wall time of this invocation": f"{run_s:.0f} s for {len(todo)} newly scanned models"} if todo else {}),
         "scan head fit": f"fit_scan_head on the {len(train)} train models' signals: image/tensor models on "
         f"{list(SYNTHESIS_SIGNALS)} (C={args.head_c}), text models on {list(text_signals)} (C={args.text_head_c}) "
