@@ -152,9 +152,10 @@ def test_length_grouped_batches_and_the_screen_subset(trained, word_tokenizer):
         ref = backdoored(**ins.build(trigs)).logits.softmax(-1).view(len(trigs), len(texts), -1)
     assert torch.allclose(_probs(ins, trigs, batch_rows=3), ref, atol=1e-5)
     lengths = [len(r) for r in ins.rows]
-    sub = _Inserter.subset(ins, 4, length=6)
-    assert sorted(lengths[i] for i in sub.index) == sorted(lengths)[:4]  # the 4 shortest samples
-    for i, row in zip(sub.index, sub.rows, strict=True):
+    index = ins.shortest(4)
+    sub = ins.subset(index, length=6)
+    assert sorted(lengths[i] for i in index) == sorted(lengths)[:4]  # the 4 shortest samples
+    for i, row in zip(index, sub.rows, strict=True):
         full = ins.rows[i]
         assert row == full if len(full) <= 6 else (len(row) == 6 and row[:5] == full[:5] and row[-1] == full[-1])
 

@@ -5,8 +5,9 @@
 classes), feeds the perturbed clean samples to the adapted input-level detector, and combines these signals with a
 small logistic head ([`ScanHead`]) into a score in ``[0, 1]``. Text models also get a discrete search for short
 token triggers in their own vocabulary ([`metashield_hf.token_search`]); its signals (how many clean samples the
-best tokens flip, and whether they still win against other classes' strongest words) feed the head's text part. [`neural_cleanse_scan`] is the Neural Cleanse baseline
-on the same synthesis machinery, so both can be compared on the same models.
+best tokens flip, how confidently, and whether they still win against other classes' strongest words) feed the
+head's text part. [`neural_cleanse_scan`] is the Neural Cleanse baseline on the same synthesis machinery, so both
+can be compared on the same models.
 """
 
 from __future__ import annotations
@@ -204,9 +205,10 @@ def token_signals(tokens) -> tuple[int, dict[str, float]]:
     """The suspected target and the token signals of a [`TokenSearchResult`].
 
     Each signal is the largest over classes: how many clean samples the best 1- and 2-token triggers flip, how
-    confidently they force the class (mean probability, and its lower quartile: the samples that resist), and how often they still win against the other classes' strongest words. The
-    suspected target is the class its triggers force most confidently. (On the standard zoo's train models the
-    mean class probability separated backdoored from clean text models best; dominance did not, see reports/scan.md.)
+    confidently they force the class (mean probability, and its lower quartile: the samples that resist), and how
+    often they still win against the other classes' strongest words. The suspected target is the class its triggers
+    force most confidently. (On the standard zoo's train models the mean class probability separated backdoored from
+    clean text models best; dominance did not, see reports/scan.md.)
     """
     t = int(np.argmax(tokens.target_probs.mean(1)))
     return t, {
@@ -226,9 +228,9 @@ def class_count_signals(anomaly_index: float, log_size_ratio: float, num_classes
 
     The anomaly index is a maximum over ``K`` classes, so by chance alone it grows with ``K`` (about 1.6 for 10
     classes, 2.3 for 62); ``anomaly_excess`` subtracts that chance level ([`chance_anomaly_index`]), and
-    ``log_size_z`` divides the log size ratio (which grows the same way) by it. For a fixed ``K`` this is a mere change of units, so
-    a head fit on the zoo's 10-class models scores them as before, but a model with many more classes is no longer
-    flagged for its class count.
+    ``log_size_z`` divides the log size ratio (which grows the same way) by it. For a fixed ``K`` this is a mere
+    change of units, so a head fit on the zoo's 10-class models scores them as before, but a model with many more
+    classes is no longer flagged for its class count.
     """
     m = chance_anomaly_index(int(num_classes))
     return {"anomaly_excess": anomaly_index - m, "log_size_z": log_size_ratio / m}

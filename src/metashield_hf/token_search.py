@@ -89,15 +89,17 @@ class _Inserter:
         pad = self.tok.pad_token_id
         self.pad = 0 if pad is None else int(pad)
 
-    @staticmethod
-    def subset(ins: _Inserter, m: int, length: int | None = None) -> _Inserter:
-        """The same inserter on the ``m`` shortest clean samples, each cut to at most ``length`` tokens (a final
-        special token kept). A screen needs only a rough ranking, and these are the cheapest rows to run."""
-        sub = copy.copy(ins)
-        sub.index = sorted(sorted(range(len(ins.rows)), key=lambda i: (len(ins.rows[i]), i))[:m])
-        rows = [ins.rows[i] for i in sub.index]
+    def shortest(self, m: int) -> list[int]:
+        """Indices of the ``m`` shortest clean samples, in their original order (the cheapest rows to run)."""
+        return sorted(sorted(range(len(self.rows)), key=lambda i: (len(self.rows[i]), i))[:m])
+
+    def subset(self, index: list[int], length: int | None = None) -> _Inserter:
+        """The same inserter on the clean samples ``index``, each cut to at most ``length`` tokens (a final special
+        token kept)."""
+        sub = copy.copy(self)
+        rows = [self.rows[i] for i in index]
         if length is not None:
-            end = 1 if ins.ends_special else 0  # keep a final [SEP] / </s>
+            end = 1 if self.ends_special else 0  # keep a final [SEP] / </s>
             rows = [r if len(r) <= length else r[: length - end] + r[len(r) - end :] for r in rows]
         sub.rows = rows
         return sub
@@ -136,8 +138,7 @@ def _probs(ins: _Inserter, triggers: list[list[int]], batch_rows: int) -> torch.
     out: torch.Tensor | None = None
     with torch.inference_mode():
         for group in groups:
-            sub = copy.copy(ins)
-            sub.rows = [ins.rows[i] for i in group]
+            sub = ins.subset(group)
             per = max(1, batch_rows // len(group))
             for start in range(0, len(triggers), per):
                 batch = {k: v.to(ins.adapter.device) for k, v in sub.build(triggers[start : start + per]).items()}
@@ -255,8 +256,10 @@ def search_token_triggers(
         pool = _hotflip_candidates(ins, pool, valid, hotflip_candidates)
     # 1. screen every candidate on a few samples, by the mean class probability it gives (smoother than flips)
     m = min(screen_samples, n) if screen_samples > 0 else n
-    screen = _Inserter.subset(ins, m, screen_length)
-    _, prob_s = _class_stats(_probs(screen, [[int(t)] for t in pool], batch_rows), valid[screen.index])
+    # the shortest samples, cut short: a screen needs only a rough ranking, and these rows are the cheapest
+    index = ins.shortest(m)
+    screen = ins.subset(index, screen_length)
+    _, prob_s = _class_stats(_probs(screen, [[int(t)] for t in pool], batch_rows), valid[index])
     shortlist = prob_s.topk(min(rescore, len(pool)), dim=0).indices  # (R, K)
     flips = np.zeros((num_classes, max_tokens))
     tprobs = np.zeros((num_classes, max_tokens))
