@@ -48,6 +48,8 @@ N_CLEAN = 20
 SEED = 0
 META_COLUMNS = ["model_id", "domain", "dataset", "architecture", "attack", "target_label", "is_backdoored"]
 DEFAULT_STEPS = inspect.signature(scan_model).parameters["steps"].default
+DEFAULT_REFINE = inspect.signature(scan_model).parameters["refine"].default
+DEFAULT_SCREEN = inspect.signature(scan_model).parameters["screen_steps"].default
 # Neural Cleanse runs at the scan's own budget and at a third of it, to show what a shorter synthesis costs it
 SHORT_STEPS = 40
 
@@ -69,6 +71,8 @@ def scan_row(
     steps: int,
     nc_steps: list[int],
     reuse_nc: dict | None = None,
+    refine: int | None = DEFAULT_REFINE,
+    screen_steps: int = DEFAULT_SCREEN,
 ) -> dict:
     """Scan one zoo row (MetaShield default head; plus Neural Cleanse at each of ``nc_steps`` on test models, or its
     record from ``reuse_nc`` where that has one at that budget) and return its record."""
@@ -78,7 +82,7 @@ def scan_row(
     target = row_to_target(row, workdir)
     clean, _, _ = row_probe(row)
     clean = clean[:N_CLEAN]
-    ms = scan_model(target, clean, steps=steps, seed=SEED)
+    ms = scan_model(target, clean, steps=steps, refine=refine, screen_steps=screen_steps, seed=SEED)
     rec["num_classes"] = len(ms.per_class)
     rec["modality"] = "text" if ms.space == "embeddings" else "image"
     rec["metashield"] = {
@@ -89,6 +93,8 @@ def scan_row(
         "timings": ms.timings,
         "space": ms.space,
         "steps": steps,
+        "refine": ms.options["refine"],
+        "screen_steps": ms.options["screen_steps"],
         # per-class evidence, so other model-level signals can be studied on the train records without a rescan
         "per_class": {
             "trigger_size": [c.trigger_size for c in ms.per_class],
@@ -333,6 +339,16 @@ def main() -> None:
         default=DEFAULT_STEPS,
         help=f"trigger-synthesis steps (scan_model default: {DEFAULT_STEPS})",
     )
+    parser.add_argument(
+        "--refine",
+        type=int,
+        default=DEFAULT_REFINE,
+        help=f"classes refined to --steps after the screen (scan_model default {DEFAULT_REFINE}; 0: every class "
+        "runs the full budget)",
+    )
+    parser.add_argument(
+        "--screen_steps", type=int, default=DEFAULT_SCREEN, help=f"steps of the screen (default {DEFAULT_SCREEN})"
+    )
     # 0.1: the best of 0.1 / 1 / 10 in cv_head_c on the train models' 120-step signals (the report lists the figures).
     parser.add_argument("--head_c", type=float, default=0.1, help="inverse L2 strength of the head's logistic fit")
     # 1.0: the best of 0.1 / 1 / 10 for the text head in cv_head_c (nlp 0.840 vs 0.828 at 0.1)
@@ -412,7 +428,10 @@ def main() -> None:
     start = time.perf_counter()
     with jsonl.open("a") as fh:
         for i in tqdm(todo, desc="scan", file=sys.stdout, mininterval=5):
-            rec = scan_row(zoo[i], split_of[ids[i]], workdir, args.steps, args.nc_steps, reuse_nc)
+            rec = scan_row(
+                zoo[i], split_of[ids[i]], workdir, args.steps, args.nc_steps, reuse_nc, args.refine or None,
+                args.screen_steps,
+            )  # fmt: skip
             fh.write(json.dumps(rec) + "\n")
             fh.flush()
             done[rec["model_id"]] = rec
@@ -475,7 +494,14 @@ def main() -> None:
         "meta-training, and models a rebuild accepts that the split's build rejected: neither the detector nor the "
         "head saw them) " + ("are held out too" if args.unsplit == "test" else "are left out"),
         "clean inputs": f"first {N_CLEAN} clean probe inputs per model, seed {SEED}",
-        "synthesis steps": f"MetaShield {args.steps} (scan_model default {DEFAULT_STEPS}); Neural Cleanse "
+        "synthesis steps": f"MetaShield {args.steps} (scan_model default {DEFAULT_STEPS})"
+        + (
+            f", screen and refine: every class {args.screen_steps} steps, then the {args.refine} classes with the "
+            f"smallest triggers (at most K - 1) to {args.steps}"
+            if args.refine
+            else ", every class the full budget"
+        )
+        + "; Neural Cleanse (every class the full budget) "
         + " and ".join(str(s) for s in args.nc_steps)
         + (f" (records reused from {args.reuse_nc} where it has them)" if args.reuse_nc else ""),
         **({"wall time of this invocation": f"{run_s:.0f} s for {len(todo)} newly scanned models"} if todo else {}),

@@ -195,9 +195,15 @@ def test_cli_image_folder_and_text_output(tmp_path, pil_images, capsys):
     (tmp_path / "images").mkdir()
     for i in range(6):
         pil_images[i % len(pil_images)].save(tmp_path / "images" / f"{i}.png")
-    code, out, err = _scan([str(tmp_path / "vit"), "--clean-samples", str(tmp_path / "images"), *FAST], capsys)
+    argv = [str(tmp_path / "vit"), "--clean-samples", str(tmp_path / "images"), *FAST]
+    code, out, err = _scan(argv, capsys)
     assert code in (0, 1), err
     assert "suspected target class" in out and "anomaly" in out and "pixels" in out
+    # screen and refine: 2 steps for the 3 classes, then the most promising one to the full 5
+    code, out, err = _scan([*argv, "--refine", "1", "--screen-steps", "2", "--json"], capsys)
+    assert code in (0, 1), err
+    report = json.loads(out)
+    assert report["options"]["refine"] == 1 and report["options"]["screen_steps"] == 2
 
 
 def test_cli_exit_code_1_when_backdoored(bert_folder, tmp_path, capsys):
@@ -230,6 +236,7 @@ def test_cli_bad_inputs_exit_2(bert_folder, tmp_path, capsys, wordpiece_tokenize
     (tmp_path / "few.txt").write_text("\n".join(clean_sentences(3, 0)))
     cases["few samples"] = ([str(bert_folder), "--clean-samples", str(tmp_path / "few.txt")], "at least 5")
     cases["n below 5"] = ([str(bert_folder), "--clean-samples", str(good), "--n", "3"], "at least 5")
+    cases["negative refine"] = ([str(bert_folder), "--clean-samples", str(good), "--refine", "-1"], "--refine")
     headless = tmp_path / "headless"
     build_headless_bert(len(wordpiece_tokenizer)).save_pretrained(headless)
     wordpiece_tokenizer.save_pretrained(headless)

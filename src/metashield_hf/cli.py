@@ -147,6 +147,12 @@ class ScanArguments:
     n: int = field(default=20, metadata={"help": "Number of clean samples to use (at least 5)."})
     detector: str | None = field(default=None, metadata={"help": "Detector folder or Hub id (default: embedded)."})
     steps: int = field(default=120, metadata={"help": "Adam steps of the per-class trigger synthesis."})
+    refine: int = field(
+        default=3,
+        metadata={"help": "Classes that continue to the full --steps after a short screen of all classes (0: none, "
+                  "every class runs the full budget)."},
+    )  # fmt: skip
+    screen_steps: int = field(default=40, metadata={"help": "Adam steps of the screen that all classes get."})
     seed: int = field(default=0, metadata={"help": "Seed for everything random."})
     scan_head: str | None = field(
         default=None, metadata={"help": "JSON of a refit model-level head (fit_scan_head); default: the shipped one."}
@@ -169,7 +175,12 @@ def run_scan(args: ScanArguments) -> dict:
         raise ValueError(f"--n must be at least 5 clean samples, got {args.n}")
     common = {"n": args.n, "steps": args.steps, "seed": args.seed}
     common |= {"allow_pickle": args.allow_pickle, "trust_remote_code": args.trust_remote_code}
-    report = scan_model(args.checkpoint, args.clean_samples, args.detector, head=args.scan_head, **common).to_dict()
+    if args.refine < 0 or args.screen_steps < 1:
+        raise ValueError(f"--refine must be >= 0 and --screen_steps >= 1, got {args.refine} and {args.screen_steps}")
+    staged = {"refine": args.refine or None, "screen_steps": args.screen_steps}
+    report = scan_model(
+        args.checkpoint, args.clean_samples, args.detector, head=args.scan_head, **common, **staged
+    ).to_dict()
     if args.neural_cleanse:
         report["neural_cleanse"] = neural_cleanse_scan(args.checkpoint, args.clean_samples, **common).to_dict()
     report["exit_code"] = 1 if report["verdict"] == "backdoored" else 0

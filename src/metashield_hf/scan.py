@@ -154,7 +154,7 @@ def _labels(adapter: TargetAdapter, k: int) -> list[str]:
     return [str(id2label.get(i, id2label.get(str(i), i))) for i in range(k)]
 
 
-def _synthesize(adapter, items, *, steps, lr, flip_threshold, class_batch, seed):
+def _synthesize(adapter, items, *, steps, lr, flip_threshold, class_batch, seed, refine=None, screen_steps=None):
     """Clean outputs, synthesis result and per-class anomaly indices (shared by both scans)."""
     clean_out = adapter(items)
     num_classes = clean_out.logits.shape[1]
@@ -163,6 +163,8 @@ def _synthesize(adapter, items, *, steps, lr, flip_threshold, class_batch, seed)
     if num_classes < 3:
         logger.warning("only %d classes: the anomaly index (MAD over classes) cannot single out a target", num_classes)
     space = synthesis_space(adapter, items)
+    if refine is not None:  # at least one class is left to the screen alone, or there is nothing to save
+        refine = min(refine, num_classes - 1)
     torch.manual_seed(seed)
     result = synthesize_triggers(
         space,
@@ -172,6 +174,8 @@ def _synthesize(adapter, items, *, steps, lr, flip_threshold, class_batch, seed)
         lr=lr,
         flip_threshold=flip_threshold,
         class_batch=class_batch,
+        refine=refine,
+        screen_steps=screen_steps,
         seed=seed,
     )
     return clean_out, result, anomaly_indices(result.sizes)
@@ -274,6 +278,8 @@ def scan_model(
     processor=None,
     n: int | None = None,
     steps: int = 120,
+    refine: int | None = 3,
+    screen_steps: int = 40,
     lr: float = 0.3,
     flip_threshold: float = 0.9,
     class_batch: int = 16,
@@ -295,9 +301,14 @@ def scan_model(
         detector: the input-level [`MetaShieldDetector`] (or its folder / Hub id); default: the embedded one.
         processor: tokenizer / image processor when ``checkpoint`` is a model object that needs one.
         n: use at most this many clean samples.
-        steps / lr: Adam steps and learning rate of the trigger synthesis (all classes optimised together). The
-            shipped scan head was fit on 120-step signals; other budgets give trigger sizes it does not expect (at 40
-            steps, 2.5-3x faster, the held-out image AUROC fell from 0.93-0.995 to 0.76-0.78, reports/scan_steps40.md).
+        steps / lr: Adam steps and learning rate of the trigger synthesis (classes optimised together). The
+            shipped scan head was fit on signals of this budget; others give trigger sizes it does not expect (all
+            classes at 40 steps, 2.5-3x faster, cut the held-out image AUROC to 0.76-0.78, reports/scan_steps40.md).
+        refine / screen_steps: screen and refine: every class gets ``screen_steps`` steps, and only the ``refine``
+            classes with the smallest triggers then (at most ``K - 1``) continue to ``steps`` (``refine=None``: every
+            class runs the full budget, as Neural Cleanse does). Chosen on the standard zoo's 65 train image models
+            (cross-validated head AUROC cv 0.995 vs 0.984 for the full budget), at about half the synthesis cost for
+            10 classes and a third for 62.
         flip_threshold: fraction of clean samples a synthesized trigger must flip to count as effective.
         class_batch: classes optimised in one batch (memory: ``class_batch * n`` rows per forward pass).
         adapt_steps: inner-loop steps when adapting the detector to the model (``None``: the detector's own
@@ -336,8 +347,8 @@ def scan_model(
     items = _clean_items(adapter, clean_samples, n, seed)
     report, _ = _scan_loaded(
         adapter, items, _name(checkpoint), detector, head, steps=steps, lr=lr, flip_threshold=flip_threshold,
-        class_batch=class_batch, adapt_steps=adapt_steps, use_detector=use_detector, token_search=token_search,
-        seed=seed, t0=t0,
+        refine=refine, screen_steps=screen_steps, class_batch=class_batch, adapt_steps=adapt_steps,
+        use_detector=use_detector, token_search=token_search, seed=seed, t0=t0,
     )  # fmt: skip
     return report
 
@@ -358,13 +369,16 @@ def _scan_loaded(
     seed: int,
     t0: float,
     token_search: bool = False,
+    refine: int | None = None,
+    screen_steps: int | None = None,
 ) -> tuple[ScanReport, SynthesisResult]:
     """[`scan_model`] on an already loaded target and clean items; also returns the synthesis (masks, patterns),
     which the FL screen compares between candidates and the global model."""
     t_load = time.perf_counter()
     clean_out, result, anomaly = _synthesize(
-        adapter, items, steps=steps, lr=lr, flip_threshold=flip_threshold, class_batch=class_batch, seed=seed
-    )
+        adapter, items, steps=steps, lr=lr, flip_threshold=flip_threshold, class_batch=class_batch, seed=seed,
+        refine=refine, screen_steps=screen_steps,
+    )  # fmt: skip
     t_syn = time.perf_counter()
     det = None
     if use_detector:
@@ -412,6 +426,8 @@ def _scan_loaded(
         },
         options={
             "steps": steps,
+            "refine": refine,
+            "screen_steps": screen_steps if refine is not None else None,
             "lr": lr,
             "flip_threshold": flip_threshold,
             "seed": seed,

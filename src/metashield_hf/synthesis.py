@@ -212,6 +212,116 @@ def synthesis_space(adapter: TargetAdapter, items: list) -> SynthesisSpace:
     return _tensor_space(adapter, items)
 
 
+def _init_state(
+    classes: torch.Tensor, space: SynthesisSpace, gen: torch.Generator, init_mask: float, init_cost: float
+):
+    """Optimisation state of ``len(classes)`` classes, one row each: mask/pattern logits, their Adam moments, the
+    adaptive cost schedule and the best effective trigger so far."""
+    k = len(classes)
+    m0 = float(np.log(init_mask / (1 - init_mask)))
+    m_logit = torch.randn((k, *space.mask_shape[1:]), generator=gen) * 0.1 + m0
+    p_logit = torch.randn((k, *space.pattern_shape[1:]), generator=gen) * 0.1
+    return {
+        "classes": classes,
+        "m_logit": m_logit,
+        "p_logit": p_logit,
+        "m_avg": torch.zeros_like(m_logit),
+        "m_sq": torch.zeros_like(m_logit),
+        "p_avg": torch.zeros_like(p_logit),
+        "p_sq": torch.zeros_like(p_logit),
+        "cost": torch.full((k,), float(init_cost)),
+        "up": torch.zeros(k),
+        "down": torch.zeros(k),
+        "best_size": torch.full((k,), float("inf")),
+        "best_flip": torch.zeros(k),
+        "best_m": m_logit.clone(),
+        "best_p": p_logit.clone(),
+        "last_size": torch.ones(k),
+        "last_flip": torch.zeros(k),
+    }
+
+
+def _rows_of(state: dict, index) -> dict:
+    return {name: value[index] for name, value in state.items()}
+
+
+def _cat(states: list[dict]) -> dict:
+    return {name: torch.cat([s[name] for s in states]) for name in states[0]}
+
+
+def _optimise(
+    space: SynthesisSpace,
+    state: dict,
+    clean_pred: torch.Tensor,
+    *,
+    steps: int,
+    done: int,
+    lr: float,
+    flip_threshold: float,
+    cost_multiplier: float,
+    patience: int,
+    history: list[float],
+) -> dict:
+    """``steps`` more Adam steps (after ``done`` already taken) on one batch of classes; returns the new state.
+
+    Adam is written out (torch.optim.Adam's update, betas (0.5, 0.9)) so the state is a plain per-class row that
+    can be split and regrouped: a class's trajectory does not depend on which other classes share its batch.
+    """
+    s = {name: value.clone() for name, value in state.items()}
+    n, k = space.num_samples, len(s["classes"])
+    low, high = space.low.cpu(), space.high.cpu()
+    target = s["classes"].repeat_interleave(n)
+    # Samples already of class t say nothing about how hard t is to force; they are left out of the flip rate.
+    valid = (clean_pred.cpu()[None, :] != s["classes"][:, None]).float()  # (k, N)
+    weight = valid / valid.sum(1, keepdim=True).clamp_min(1.0)
+    beta1, beta2, eps = 0.5, 0.9, 1e-8
+    for step in range(done + 1, done + steps + 1):
+        m_logit = s["m_logit"].requires_grad_(True)
+        p_logit = s["p_logit"].requires_grad_(True)
+        m = torch.sigmoid(m_logit)
+        p = low + (high - low) * torch.sigmoid(p_logit)
+        with torch.enable_grad():
+            logits, _ = space.run(_rows(m, n, space.device), _rows(p, n, space.device), k)
+        ce = nn.functional.cross_entropy(logits.cpu(), target, reduction="none").view(k, n)
+        size = m.reshape(k, -1).mean(1)
+        loss = ((ce * weight).sum(1) + s["cost"] * size).sum()
+        # autograd.grad, not backward(): the model's own parameters must not accumulate .grad
+        g_m, g_p = torch.autograd.grad(loss, [m_logit, p_logit])
+        with torch.no_grad():
+            for name, grad in (("m", g_m), ("p", g_p)):
+                avg, sq = s[f"{name}_avg"], s[f"{name}_sq"]
+                avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+                sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denom = (sq.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+                s[f"{name}_logit"] = s[f"{name}_logit"].detach().addcdiv(avg, denom, value=-lr / (1 - beta1**step))
+            hit = (logits.detach().cpu().argmax(-1) == target).float().view(k, n)
+            flip = (hit * valid).sum(1) / valid.sum(1).clamp_min(1.0)
+            ok = flip >= flip_threshold
+            size = size.detach()
+            better = ok & (size < s["best_size"])
+            s["best_size"] = torch.where(better, size, s["best_size"])
+            s["best_flip"] = torch.where(better, flip, s["best_flip"])
+            s["best_m"][better], s["best_p"][better] = m_logit.detach()[better], p_logit.detach()[better]
+            s["last_size"], s["last_flip"] = size, flip
+            up = torch.where(ok, s["up"] + 1, torch.zeros(k))
+            down = torch.where(ok, torch.zeros(k), s["down"] + 1)
+            cost = torch.where(up >= patience, s["cost"] * cost_multiplier, s["cost"])
+            s["cost"] = torch.where(down >= patience, cost / cost_multiplier, cost)
+            s["up"], s["down"] = torch.where(up >= patience, 0, up), torch.where(down >= patience, 0, down)
+            history.append(float(loss))
+    s["m_logit"], s["p_logit"] = s["m_logit"].detach(), s["p_logit"].detach()
+    return s
+
+
+def refine_candidates(
+    sizes: torch.Tensor, reached: torch.Tensor, flip_rates: torch.Tensor, refine: int
+) -> torch.Tensor:
+    """The ``refine`` classes most likely to hold the smallest trigger after the screen: the smallest effective sizes
+    first, then the classes not yet effective by flip rate."""
+    rank = torch.where(reached, sizes, 1.0 + (1.0 - flip_rates))  # sizes are fractions, < 1
+    return rank.argsort()[:refine].sort().values
+
+
 def synthesize_triggers(
     space: SynthesisSpace,
     clean_pred: torch.Tensor,
@@ -225,6 +335,8 @@ def synthesize_triggers(
     cost_multiplier: float = 1.5,
     patience: int = 3,
     class_batch: int = 16,
+    refine: int | None = None,
+    screen_steps: int | None = None,
     seed: int = 0,
 ) -> SynthesisResult:
     """Reverse engineer one mask + pattern per class that flips the clean samples to that class.
@@ -233,17 +345,25 @@ def synthesize_triggers(
     ``t``; ``λ_t`` follows Neural Cleanse's schedule (× ``cost_multiplier`` after ``patience`` steps at or above the
     flip threshold, ÷ it after ``patience`` steps below), so the mask shrinks as long as the trigger still works.
 
+    With ``refine`` (screen and refine, as K-Arm does for Neural Cleanse: Shen et al., ICML 2021), every class is
+    optimised for ``screen_steps`` only, and just the ``refine`` most promising classes ([`refine_candidates`])
+    continue to ``steps``. A refined class follows exactly the trajectory it would have in a full run; the others
+    keep their screen result (for an effective trigger an upper bound of its full-run size, since the recorded size only
+    ever shrinks; a class not yet effective keeps its last size, as in a full run).
+
     Args:
         space: from [`synthesis_space`].
         clean_pred: ``(N,)`` the model's predictions on the unperturbed clean samples.
         num_classes: ``K``.
-        steps: Adam steps (all classes at once, batched).
+        steps: Adam steps of a fully optimised class (classes are batched).
         lr: Adam learning rate on the mask and pattern logits.
         flip_threshold: the fraction of clean samples a mask must flip to count as effective.
         init_cost: initial ``λ``.
         init_mask: initial mask value everywhere (small: the optimisation grows the mask where it helps).
         cost_multiplier / patience: the adaptive ``λ`` schedule.
         class_batch: classes optimised together (``class_batch * N`` rows per forward pass).
+        refine: classes optimised for the full ``steps`` after the screen (``None``, or ``>= K``: all of them).
+        screen_steps: steps of the screen (required with ``refine``; ``>= steps``: no screen).
         seed: seeds the initial masks and patterns.
 
     Returns:
@@ -255,78 +375,70 @@ def synthesize_triggers(
         raise ValueError(f"flip_threshold must be in (0, 1], got {flip_threshold}")
     if not 0.0 < init_mask < 1.0:
         raise ValueError(f"init_mask must be in (0, 1), got {init_mask}")
+    if refine is not None and refine < 1:
+        raise ValueError(f"refine must be >= 1 (or None for no screen), got {refine}")
+    if refine is not None and (screen_steps is None or screen_steps < 1):
+        raise ValueError(f"refine needs screen_steps >= 1, got {screen_steps}")
+    # a screen as long as the whole budget, or one that keeps every class, is no screen
+    staged = refine is not None and refine < num_classes and screen_steps < steps
+    first = screen_steps if staged else steps
     n = space.num_samples
-    m0 = float(np.log(init_mask / (1 - init_mask)))
     gen = torch.Generator().manual_seed(seed)
-    sizes, reached, flips, masks, patterns, logits_all, pen_all = [], [], [], [], [], [], []
     history: list[float] = []
-    for start in range(0, num_classes, class_batch):
-        classes = torch.arange(start, min(start + class_batch, num_classes))
-        k = len(classes)
-        m_logit = (torch.randn((k, *space.mask_shape[1:]), generator=gen) * 0.1 + m0).requires_grad_(True)
-        p_logit = (torch.randn((k, *space.pattern_shape[1:]), generator=gen) * 0.1).requires_grad_(True)
-        low, high = space.low.cpu(), space.high.cpu()
-        target = classes.repeat_interleave(n)
-        # Samples already of class t say nothing about how hard t is to force; they are left out of the flip rate.
-        valid = (clean_pred.cpu()[None, :] != classes[:, None]).float()  # (k, N)
-        weight = valid / valid.sum(1, keepdim=True).clamp_min(1.0)
-        opt = torch.optim.Adam([m_logit, p_logit], lr=lr, betas=(0.5, 0.9))
-        cost = torch.full((k,), float(init_cost))
-        up, down = torch.zeros(k), torch.zeros(k)
-        best_size = torch.full((k,), float("inf"))
-        best_flip = torch.zeros(k)
-        best_m, best_p = torch.zeros_like(m_logit), torch.zeros_like(p_logit)
-        last_size, last_flip = torch.ones(k), torch.zeros(k)
-        for _ in range(steps):
-            m = torch.sigmoid(m_logit)
-            p = low + (high - low) * torch.sigmoid(p_logit)
-            with torch.enable_grad():
-                logits, _ = space.run(_rows(m, n, space.device), _rows(p, n, space.device), k)
-            ce = nn.functional.cross_entropy(logits.cpu(), target, reduction="none").view(k, n)
-            size = m.reshape(k, -1).mean(1)
-            loss = ((ce * weight).sum(1) + cost * size).sum()
-            # autograd.grad, not backward(): the model's own parameters must not accumulate .grad
-            m_logit.grad, p_logit.grad = torch.autograd.grad(loss, [m_logit, p_logit])
-            opt.step()
-            with torch.no_grad():
-                hit = (logits.detach().cpu().argmax(-1) == target).float().view(k, n)
-                flip = (hit * valid).sum(1) / valid.sum(1).clamp_min(1.0)
-                ok = flip >= flip_threshold
-                better = ok & (size.detach() < best_size)
-                best_size = torch.where(better, size.detach(), best_size)
-                best_flip = torch.where(better, flip, best_flip)
-                best_m[better], best_p[better] = m_logit.detach()[better], p_logit.detach()[better]
-                last_size, last_flip = size.detach(), flip
-                up, down = torch.where(ok, up + 1, torch.zeros(k)), torch.where(ok, torch.zeros(k), down + 1)
-                cost = torch.where(up >= patience, cost * cost_multiplier, cost)
-                cost = torch.where(down >= patience, cost / cost_multiplier, cost)
-                up, down = torch.where(up >= patience, 0, up), torch.where(down >= patience, 0, down)
-                history.append(float(loss))
-        got = torch.isfinite(best_size)
-        best_m[~got], best_p[~got] = m_logit.detach()[~got], p_logit.detach()[~got]
-        fm = torch.sigmoid(best_m)
-        fp = low + (high - low) * torch.sigmoid(best_p)
-        with torch.no_grad():
-            lg, pen = space.run(_rows(fm, n, space.device), _rows(fp, n, space.device), k)
-        sizes.append(torch.where(got, best_size, last_size))
-        reached.append(got)
-        flips.append(torch.where(got, best_flip, last_flip))
-        masks.append(fm)
-        patterns.append(fp)
-        logits_all.append(lg.detach().cpu().view(k, n, -1))
-        pen_all.append(pen.detach().cpu().view(k, n, -1))
+    settings = dict(
+        lr=lr, flip_threshold=flip_threshold, cost_multiplier=cost_multiplier, patience=patience, history=history
+    )
+
+    def run(state: dict, count: int, done: int) -> dict:
+        parts = []
+        for start in range(0, len(state["classes"]), class_batch):
+            part = _rows_of(state, slice(start, start + class_batch))
+            parts.append(_optimise(space, part, clean_pred, steps=count, done=done, **settings))
+        return _cat(parts)
+
+    # initial states drawn batch by batch, mask then pattern, so the seed gives the same start for any class_batch
+    # that divides the classes the same way
+    states = [
+        _init_state(torch.arange(a, min(a + class_batch, num_classes)), space, gen, init_mask, init_cost)
+        for a in range(0, num_classes, class_batch)
+    ]
+    state = run(_cat(states), first, 0)
+    if staged:
+        got = torch.isfinite(state["best_size"])
+        sizes = torch.where(got, state["best_size"], state["last_size"])
+        flips = torch.where(got, state["best_flip"], state["last_flip"])
+        chosen = refine_candidates(sizes, got, flips, refine)
+        refined = run(_rows_of(state, chosen), steps - first, first)
+        for name, value in refined.items():
+            state[name][chosen] = value
+    got = torch.isfinite(state["best_size"])
+    best_m = torch.where(_expand(got, state["best_m"]), state["best_m"], state["m_logit"])
+    best_p = torch.where(_expand(got, state["best_p"]), state["best_p"], state["p_logit"])
+    low, high = space.low.cpu(), space.high.cpu()
+    masks, patterns = torch.sigmoid(best_m), low + (high - low) * torch.sigmoid(best_p)
+    logits_all, pen_all = [], []
+    with torch.no_grad():
+        for a in range(0, num_classes, class_batch):
+            fm, fp = masks[a : a + class_batch], patterns[a : a + class_batch]
+            lg, pen = space.run(_rows(fm, n, space.device), _rows(fp, n, space.device), len(fm))
+            logits_all.append(lg.detach().cpu().view(len(fm), n, -1))
+            pen_all.append(pen.detach().cpu().view(len(fm), n, -1))
     return SynthesisResult(
-        sizes=torch.cat(sizes).numpy().astype(np.float64),
-        reached=torch.cat(reached).numpy(),
-        flip_rates=torch.cat(flips).numpy().astype(np.float64),
-        masks=torch.cat(masks),
-        patterns=torch.cat(patterns),
+        sizes=torch.where(got, state["best_size"], state["last_size"]).numpy().astype(np.float64),
+        reached=got.numpy(),
+        flip_rates=torch.where(got, state["best_flip"], state["last_flip"]).numpy().astype(np.float64),
+        masks=masks,
+        patterns=patterns,
         logits=torch.cat(logits_all),
         penultimate=torch.cat(pen_all),
         kind=space.kind,
         steps=steps,
         history=history,
     )
+
+
+def _expand(flags: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return flags.view(-1, *([1] * (like.dim() - 1)))
 
 
 def _rows(x: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
