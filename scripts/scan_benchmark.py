@@ -343,8 +343,7 @@ def main() -> None:
         "--refine",
         type=int,
         default=DEFAULT_REFINE,
-        help=f"classes refined to --steps after the screen (scan_model default {DEFAULT_REFINE}; 0: every class "
-        "runs the full budget)",
+        help="opt-in: classes refined to --steps after the screen (default: none, every class runs the full budget)",
     )
     parser.add_argument(
         "--screen_steps", type=int, default=DEFAULT_SCREEN, help=f"steps of the screen (default {DEFAULT_SCREEN})"

@@ -148,9 +148,9 @@ class ScanArguments:
     detector: str | None = field(default=None, metadata={"help": "Detector folder or Hub id (default: embedded)."})
     steps: int = field(default=120, metadata={"help": "Adam steps of the per-class trigger synthesis."})
     refine: int = field(
-        default=3,
-        metadata={"help": "Classes that continue to the full --steps after a short screen of all classes (0: none, "
-                  "every class runs the full budget)."},
+        default=0,
+        metadata={"help": "Opt-in speed-up: classes that continue to the full --steps after a short screen of all "
+                  "classes (0, the default: every class runs the full budget; see reports/scan_refine.md)."},
     )  # fmt: skip
     screen_steps: int = field(default=40, metadata={"help": "Adam steps of the screen that all classes get."})
     seed: int = field(default=0, metadata={"help": "Seed for everything random."})
