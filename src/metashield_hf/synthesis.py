@@ -396,24 +396,23 @@ def synthesize_triggers(
             parts.append(_optimise(space, part, clean_pred, steps=count, done=done, **settings))
         return _cat(parts)
 
-    # initial states drawn batch by batch, mask then pattern, so the seed gives the same start for any class_batch
-    # that divides the classes the same way
+    # initial masks and patterns drawn per class batch (mask, then pattern), so a seed starts where it always did
     states = [
         _init_state(torch.arange(a, min(a + class_batch, num_classes)), space, gen, init_mask, init_cost)
         for a in range(0, num_classes, class_batch)
     ]
     state = run(_cat(states), first, 0)
     if staged:
-        got = torch.isfinite(state["best_size"])
-        sizes = torch.where(got, state["best_size"], state["last_size"])
-        flips = torch.where(got, state["best_flip"], state["last_flip"])
+        got, sizes, flips = _recorded(state)
         chosen = refine_candidates(sizes, got, flips, refine)
         refined = run(_rows_of(state, chosen), steps - first, first)
         for name, value in refined.items():
             state[name][chosen] = value
-    got = torch.isfinite(state["best_size"])
-    best_m = torch.where(_expand(got, state["best_m"]), state["best_m"], state["m_logit"])
-    best_p = torch.where(_expand(got, state["best_p"]), state["best_p"], state["p_logit"])
+    got, sizes, flips = _recorded(state)
+    # a class that never reached the flip threshold keeps its last mask and pattern
+    keep = got.view(-1, *([1] * (state["m_logit"].dim() - 1)))
+    best_m = torch.where(keep, state["best_m"], state["m_logit"])
+    best_p = torch.where(keep, state["best_p"], state["p_logit"])
     low, high = space.low.cpu(), space.high.cpu()
     masks, patterns = torch.sigmoid(best_m), low + (high - low) * torch.sigmoid(best_p)
     logits_all, pen_all = [], []
@@ -424,9 +423,9 @@ def synthesize_triggers(
             logits_all.append(lg.detach().cpu().view(len(fm), n, -1))
             pen_all.append(pen.detach().cpu().view(len(fm), n, -1))
     return SynthesisResult(
-        sizes=torch.where(got, state["best_size"], state["last_size"]).numpy().astype(np.float64),
+        sizes=sizes.numpy().astype(np.float64),
         reached=got.numpy(),
-        flip_rates=torch.where(got, state["best_flip"], state["last_flip"]).numpy().astype(np.float64),
+        flip_rates=flips.numpy().astype(np.float64),
         masks=masks,
         patterns=patterns,
         logits=torch.cat(logits_all),
@@ -437,8 +436,14 @@ def synthesize_triggers(
     )
 
 
-def _expand(flags: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return flags.view(-1, *([1] * (like.dim() - 1)))
+def _recorded(state: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(reached, size, flip rate)`` per class: the smallest effective trigger, or the last one where none was."""
+    got = torch.isfinite(state["best_size"])
+    return (
+        got,
+        torch.where(got, state["best_size"], state["last_size"]),
+        torch.where(got, state["best_flip"], state["last_flip"]),
+    )
 
 
 def _rows(x: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
