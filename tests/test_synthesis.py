@@ -78,3 +78,26 @@ def test_bad_screen_options(space_and_pred, kw):
     space, pred = space_and_pred
     with pytest.raises(ValueError, match="refine"):
         _run(space, pred, **kw)
+
+
+def test_snapshots_are_the_shorter_runs(space_and_pred):
+    space, pred = space_and_pred
+    full = _run(space, pred, snapshots=[4, 12])
+    assert sorted(full.snapshots) == [4, 12] and full.steps == 20
+    np.testing.assert_array_equal(full.sizes, _run(space, pred).sizes)  # snapshots do not change the run
+    for b, snap in full.snapshots.items():
+        short = _run(space, pred, steps=b)
+        assert snap.steps == b
+        np.testing.assert_array_equal(snap.sizes, short.sizes)
+        np.testing.assert_array_equal(snap.masks, short.masks)
+        torch.testing.assert_close(snap.logits, short.logits)
+    assert not np.array_equal(full.snapshots[4].sizes, full.sizes)  # the budget matters on this model
+
+
+@pytest.mark.parametrize(
+    "kw", [{"snapshots": [20]}, {"snapshots": [0, 4]}, {"snapshots": [4], "refine": 2, "screen_steps": 8}]
+)
+def test_bad_snapshots(space_and_pred, kw):
+    space, pred = space_and_pred
+    with pytest.raises(ValueError, match="snapshots"):
+        _run(space, pred, **kw)

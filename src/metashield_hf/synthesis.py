@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -90,6 +90,7 @@ class SynthesisResult:
     kind: str
     steps: int
     history: list[float] = field(default_factory=list)
+    snapshots: dict[int, SynthesisResult] = field(default_factory=dict)
 
 
 @contextmanager
@@ -337,6 +338,7 @@ def synthesize_triggers(
     class_batch: int = 16,
     refine: int | None = None,
     screen_steps: int | None = None,
+    snapshots: Sequence[int] = (),
     seed: int = 0,
 ) -> SynthesisResult:
     """Reverse engineer one mask + pattern per class that flips the clean samples to that class.
@@ -364,6 +366,8 @@ def synthesize_triggers(
         class_batch: classes optimised together (``class_batch * N`` rows per forward pass).
         refine: classes optimised for the full ``steps`` after the screen (``None``, or ``>= K``: all of them).
         screen_steps: steps of the screen (required with ``refine``; ``>= steps``: no screen).
+        snapshots: budgets below ``steps`` at which the result is also kept, in ``result.snapshots[b]``: what
+            ``steps=b`` would have returned (the same trajectory, cut short). For choosing a budget; not with ``refine``.
         seed: seeds the initial masks and patterns.
 
     Returns:
@@ -379,10 +383,12 @@ def synthesize_triggers(
         raise ValueError(f"refine must be >= 1 (or None for no screen), got {refine}")
     if refine is not None and (screen_steps is None or screen_steps < 1):
         raise ValueError(f"refine needs screen_steps >= 1, got {screen_steps}")
+    marks = sorted({int(b) for b in snapshots})
+    if marks and (marks[0] < 1 or marks[-1] >= steps or refine is not None):
+        raise ValueError(f"snapshots must lie in [1, steps) and need refine=None, got {list(snapshots)}")
     # a screen as long as the whole budget, or one that keeps every class, is no screen
     staged = refine is not None and refine < num_classes and screen_steps < steps
     first = screen_steps if staged else steps
-    n = space.num_samples
     gen = torch.Generator().manual_seed(seed)
     history: list[float] = []
     settings = dict(
@@ -401,13 +407,24 @@ def synthesize_triggers(
         _init_state(torch.arange(a, min(a + class_batch, num_classes)), space, gen, init_mask, init_cost)
         for a in range(0, num_classes, class_batch)
     ]
-    state = run(_cat(states), first, 0)
+    state, done, kept = _cat(states), 0, {}
+    for mark in [*marks, first]:
+        state, done = run(state, mark - done, done), mark
+        if mark < first:
+            kept[mark] = _finish(space, state, class_batch, mark)
     if staged:
         got, sizes, flips = _recorded(state)
         chosen = refine_candidates(sizes, got, flips, refine)
         refined = run(_rows_of(state, chosen), steps - first, first)
         for name, value in refined.items():
             state[name][chosen] = value
+    result = _finish(space, state, class_batch, steps)
+    result.history, result.snapshots = history, kept
+    return result
+
+
+def _finish(space: SynthesisSpace, state: dict, class_batch: int, steps: int) -> SynthesisResult:
+    """The recorded trigger of every class in ``state`` and the target's outputs on the clean samples it perturbs."""
     got, sizes, flips = _recorded(state)
     # a class that never reached the flip threshold keeps its last mask and pattern
     keep = got.view(-1, *([1] * (state["m_logit"].dim() - 1)))
@@ -415,9 +432,9 @@ def synthesize_triggers(
     best_p = torch.where(keep, state["best_p"], state["p_logit"])
     low, high = space.low.cpu(), space.high.cpu()
     masks, patterns = torch.sigmoid(best_m), low + (high - low) * torch.sigmoid(best_p)
-    logits_all, pen_all = [], []
+    n, logits_all, pen_all = space.num_samples, [], []
     with torch.no_grad():
-        for a in range(0, num_classes, class_batch):
+        for a in range(0, len(masks), class_batch):
             fm, fp = masks[a : a + class_batch], patterns[a : a + class_batch]
             lg, pen = space.run(_rows(fm, n, space.device), _rows(fp, n, space.device), len(fm))
             logits_all.append(lg.detach().cpu().view(len(fm), n, -1))
@@ -432,7 +449,6 @@ def synthesize_triggers(
         penultimate=torch.cat(pen_all),
         kind=space.kind,
         steps=steps,
-        history=history,
     )
 
 
