@@ -124,15 +124,16 @@ def scan_row(
     return rec
 
 
-def load_reuse_nc(path: Path, steps: int) -> dict[str, dict]:
-    """Neural Cleanse records of an earlier run, by model id and budget. A record without a budget (the format before
-    ``--nc_steps``) is taken to have run at ``steps``, that run's ``--steps``."""
+def load_reuse_nc(path: Path, steps: int, budgets: list[int] | None = None) -> dict[str, dict]:
+    """Neural Cleanse records of an earlier run, by model id and budget (only ``budgets`` where given). A record
+    without a budget (the format before ``--nc_steps``) is taken to have run at ``steps``, that run's ``--steps``."""
     out: dict[str, dict] = {}
     for line in path.read_text().splitlines():
         rec = json.loads(line) if line.strip() else {}
         nc = rec.get("neural_cleanse")
         if nc:
-            out[rec["model_id"]] = {str(steps): {**nc, "steps": steps}} if "score" in nc else nc
+            nc = {str(steps): {**nc, "steps": steps}} if "score" in nc else nc
+            out[rec["model_id"]] = {b: r for b, r in nc.items() if budgets is None or int(b) in budgets}
     return out
 
 
@@ -372,6 +373,13 @@ def main() -> None:
         help="JSONL of an earlier run whose Neural Cleanse records (same zoo, same budget) are reused, not rerun",
     )
     parser.add_argument(
+        "--reuse_nc_budgets",
+        type=int,
+        nargs="+",
+        default=None,
+        help="reuse only these budgets of --reuse_nc's records (default: all); the others run afresh",
+    )
+    parser.add_argument(
         "--reuse_nc_steps", type=int, default=DEFAULT_STEPS, help="budget of --reuse_nc's records (older format)"
     )
     parser.add_argument("--out", default="reports/scan", help="writes OUT.jsonl (records), OUT.json and OUT.md")
@@ -423,7 +431,9 @@ def main() -> None:
     prior_path = out.with_name(out.name + ".prior_head.json")
     if not prior_path.exists():
         shutil.copyfile(DEFAULT_SCAN_HEAD, prior_path)
-    reuse_nc = load_reuse_nc(Path(args.reuse_nc), args.reuse_nc_steps) if args.reuse_nc else None
+    reuse_nc = (
+        load_reuse_nc(Path(args.reuse_nc), args.reuse_nc_steps, args.reuse_nc_budgets) if args.reuse_nc else None
+    )
     start = time.perf_counter()
     with jsonl.open("a") as fh:
         for i in tqdm(todo, desc="scan", file=sys.stdout, mininterval=5):
@@ -502,7 +512,13 @@ def main() -> None:
         )
         + "; Neural Cleanse (every class the full budget) "
         + " and ".join(str(s) for s in args.nc_steps)
-        + (f" (records reused from {args.reuse_nc} where it has them)" if args.reuse_nc else ""),
+        + (
+            f" (records{' at ' + ', '.join(map(str, args.reuse_nc_budgets)) + ' steps' if args.reuse_nc_budgets else ''}"
+            f" reused from {args.reuse_nc} where it has them; the rest ran in this run, right after the MetaShield scan"
+            " of the same model in the same process)"
+            if args.reuse_nc
+            else " (each right after the MetaShield scan of the same model, in the same process)"
+        ),
         **({"wall time of this invocation": f"{run_s:.0f} s for {len(todo)} newly scanned models"} if todo else {}),
         "scan head fit": f"fit_scan_head on the {len(train)} train models' signals: image/tensor models on "
         f"{list(SYNTHESIS_SIGNALS)} (C={args.head_c}), text models on {list(text_signals)} (C={args.text_head_c}) "

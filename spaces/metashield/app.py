@@ -420,7 +420,7 @@ def build_demo() -> gr.Blocks:
                     clean_text, clean_files, use_ex = _clean_inputs("scan")
                     with gr.Accordion("Options", open=False):
                         n_clean = gr.Slider(MIN_SCAN, 50, value=20, step=1, label="Clean samples used")
-                        steps = gr.Slider(10, 200, value=120, step=10, label="Trigger synthesis steps")
+                        steps = gr.Slider(10, 200, value=80, step=10, label="Trigger synthesis steps")
                     run = gr.Button("Scan", variant="primary", elem_id="scan-button")
                 with gr.Column():
                     verdict = gr.Textbox(label="Verdict", elem_id="scan-verdict", interactive=False)

@@ -146,7 +146,7 @@ class ScanArguments:
     )
     n: int = field(default=20, metadata={"help": "Number of clean samples to use (at least 5)."})
     detector: str | None = field(default=None, metadata={"help": "Detector folder or Hub id (default: embedded)."})
-    steps: int = field(default=120, metadata={"help": "Adam steps of the per-class trigger synthesis."})
+    steps: int = field(default=80, metadata={"help": "Adam steps of the per-class trigger synthesis."})
     refine: int = field(
         default=0,
         metadata={"help": "Opt-in speed-up: classes that continue to the full --steps after a short screen of all "

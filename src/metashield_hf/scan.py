@@ -277,7 +277,7 @@ def scan_model(
     *,
     processor=None,
     n: int | None = None,
-    steps: int = 120,
+    steps: int = 80,
     refine: int | None = None,
     screen_steps: int = 40,
     lr: float = 0.3,
@@ -304,6 +304,9 @@ def scan_model(
         steps / lr: Adam steps and learning rate of the trigger synthesis (classes optimised together). The
             shipped scan head was fit on signals of this budget; others give trigger sizes it does not expect (all
             classes at 40 steps, 2.5-3x faster, cut the held-out image AUROC to 0.76-0.78, reports/scan_steps40.md).
+            80 rather than 120: on the standard zoo's train image models the trigger sizes have settled by step 80
+            (the target classes' sizes within a few percent of their 120-step ones; at 40 steps they are about 5x
+            larger), see reports/scan_budget.md.
         refine / screen_steps: opt-in screen and refine: every class gets ``screen_steps`` steps, and only the
             ``refine`` classes with the smallest triggers then (at most ``K - 1``) continue to ``steps``
             (``None``, the default: every class runs the full budget, as Neural Cleanse does). ``refine=3`` halves

@@ -37,7 +37,7 @@ DEFAULT_SCAN_HEAD = Path(__file__).parent / "default_detector" / "scan_head.json
 class ScanHead:
     """A tiny logistic model over the scan signals: ``score = sigmoid(bias + Σ weights[s] * signals[s])``.
 
-    The shipped default (``default_detector/scan_head.json``) is fit with [`fit_scan_head`] on the 120-step scans of
+    The shipped default (``default_detector/scan_head.json``) is fit with [`fit_scan_head`] on the 80-step scans of
     the standard zoo's train models (``scripts/scan_benchmark.py``); the hand-set prior it replaced was Neural
     Cleanse's rule (anomaly index > 2 ⇒ score > 0.5), kept in ``reports/scan.prior_head.json``.
 

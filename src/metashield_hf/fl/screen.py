@@ -184,7 +184,7 @@ def score_client_updates(
         steps / lr / flip_threshold / use_detector / n / seed: passed to [`scan_model`]; ``seed`` is used for every
             candidate, so candidates differ only by their weights.
         head: the model-level [`ScanHead`] behind ``scan_score`` (or its JSON path). Default: Neural Cleanse's rule
-            (anomaly index > 2), not the shipped head: that one was fit on 120-step scans of whole zoo models and
+            (anomaly index > 2), not the shipped head: that one was fit on 80-step scans of whole zoo models and
             does not transfer to these short scans (measured: on the 5-client digits round of the tests it ranked the
             malicious client's candidate below benign ones, where the rule put it on top).
         **scan_options: the [`scan_model`] keywords ``class_batch``, ``adapt_steps``, ``processor``, ``batch_size``
