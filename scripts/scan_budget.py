@@ -84,7 +84,7 @@ def budget_row(row: dict, workdir: Path, steps: int, budgets: list[int]) -> dict
     }
 
 
-def report(records: list[dict], head: ScanHead, steps: int, command: str) -> tuple[dict, str]:
+def report(records: list[dict], head: ScanHead, head_name: str, steps: int, command: str) -> tuple[dict, str]:
     budgets = sorted({int(b) for r in records for b in r["budgets"]})
     full = str(steps)
     rows = {}
@@ -132,7 +132,7 @@ def report(records: list[dict], head: ScanHead, steps: int, command: str) -> tup
         f"- models: the train models of the meta-training split only ({counts}); the held-out models play no part",
         f"- one {steps}-step synthesis per model (20 clean probe inputs, seed 0), with snapshots of the shorter budgets"
         " (the same trajectory cut short, so the columns differ by the budget alone)",
-        f"- fixed head for the agreement columns: {head.source}",
+        f"- fixed head for the agreement columns: {head_name} ({head.source})",
         "",
         "Columns: size ratio = trigger size at the budget / at the full budget (median, 90th percentile, max), for the"
         " target class of every backdoored model and for every other class; agreement = the fixed head's verdict"
@@ -201,7 +201,7 @@ def main() -> None:
     for path in out.parent.glob(f"{out.name}.shard*.jsonl"):
         path.unlink()
     command = "python " + " ".join(["scripts/scan_budget.py", *sys.argv[1:]]).replace(" --report_only", "")
-    summary, md = report(records, ScanHead.load(args.head), args.steps, command)
+    summary, md = report(records, ScanHead.load(args.head), args.head or "the shipped one", args.steps, command)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     out.with_suffix(".md").write_text(md)
     print(md)
