@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scan_benchmark import N_CLEAN, SEED, cv_head_c  # noqa: E402
 
-from metashield_hf.scan import _detector_scores, _synthesis_signals  # noqa: E402
+from metashield_hf.scan import _detector_scores, scan_signals  # noqa: E402
 from metashield_hf.scan_head import ScanHead  # noqa: E402
 from metashield_hf.synthesis import anomaly_indices, synthesis_space, synthesize_triggers  # noqa: E402
 from metashield_hf.targets import load_target  # noqa: E402
@@ -46,15 +46,9 @@ BUDGETS = (40, 60, 80, 100)
 
 
 def _signals(adapter, clean_out, result) -> dict:
-    anomaly = anomaly_indices(result.sizes)
-    target = int(np.argmax(anomaly))
     det = _detector_scores(None, adapter, clean_out, result, adapt_steps=None, seed=SEED)
-    return {
-        "sizes": result.sizes.tolist(),
-        "target": target,
-        "signals": _synthesis_signals(anomaly, result.sizes, target)
-        | {"detector_response": float(det[target]), "detector_response_gap": float(det[target] - np.median(det))},
-    }
+    target, signals = scan_signals(result.sizes, anomaly_indices(result.sizes), det)
+    return {"sizes": result.sizes.tolist(), "target": target, "signals": signals}
 
 
 def budget_row(row: dict, workdir: Path, steps: int, budgets: list[int]) -> dict:

@@ -248,6 +248,18 @@ def _synthesis_signals(anomaly: np.ndarray, sizes: np.ndarray, target: int) -> d
     return raw | class_count_signals(raw["anomaly_index"], raw["log_size_ratio"], len(sizes))
 
 
+def scan_signals(sizes: np.ndarray, anomaly: np.ndarray, response: np.ndarray) -> tuple[int, dict[str, float]]:
+    """The suspected target (the class with the largest anomaly index) and the signals of the image head: the
+    class-count-corrected anomaly index and size ratio of that class, and the detector's response to its trigger,
+    alone and above the median class's (``response``: per-class mean detector score, zeros without a detector)."""
+    target = int(np.argmax(anomaly))
+    return target, {
+        **_synthesis_signals(anomaly, sizes, target),
+        "detector_response": float(response[target]),
+        "detector_response_gap": float(response[target] - np.median(response)),
+    }
+
+
 def _detector_scores(detector, adapter, clean_out: TargetOutput, result, *, adapt_steps: int | None, seed: int):
     from .hub import load_detector
     from .shield import adapt_from_activations
@@ -388,14 +400,8 @@ def _scan_loaded(
     if use_detector:
         det = _detector_scores(detector, adapter, clean_out, result, adapt_steps=adapt_steps, seed=seed)
     t_det = time.perf_counter()
-    target = int(np.argmax(anomaly))
     sizes = result.sizes
-    response = det if det is not None else np.zeros(len(sizes))
-    signals = {
-        **_synthesis_signals(anomaly, sizes, target),
-        "detector_response": float(response[target]),
-        "detector_response_gap": float(response[target] - np.median(response)),
-    }
+    target, signals = scan_signals(sizes, anomaly, det if det is not None else np.zeros(len(sizes)))
     tokens = None
     if token_search and adapter.modality == "text":
         from .token_search import search_token_triggers
