@@ -321,10 +321,11 @@ def scan_model(
             larger), see reports/scan_budget.md.
         refine / screen_steps: opt-in screen and refine: every class gets ``screen_steps`` steps, and only the
             ``refine`` classes with the smallest triggers then (at most ``K - 1``) continue to ``steps``
-            (``None``, the default: every class runs the full budget, as Neural Cleanse does). ``refine=3`` halves
-            the synthesis on 10 classes (2.6x faster than Neural Cleanse on 62), but on the standard zoo's held-out
-            models it cut AUROC (cv 0.875, fl 0.916; reports/scan_refine.md): a target whose trigger shrinks late
-            is not among the screen's smallest, and the head no longer fits classes of unequal budgets.
+            (``None``, the default: every class runs the full budget, as Neural Cleanse does). With
+            ``steps=120``, ``refine=3`` halved the synthesis on 10 classes (2.6x faster than Neural Cleanse on 62),
+            but on the standard zoo's held-out models it cut AUROC (cv 0.875, fl 0.916; reports/scan_refine.md): a
+            target whose trigger shrinks late is not among the screen's smallest, and the head no longer fits
+            classes of unequal budgets.
         flip_threshold: fraction of clean samples a synthesized trigger must flip to count as effective.
         class_batch: classes optimised in one batch (memory: ``class_batch * n`` rows per forward pass).
         adapt_steps: inner-loop steps when adapting the detector to the model (``None``: the detector's own
