@@ -24,6 +24,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import shutil
 import sys
@@ -34,15 +35,18 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scan_benchmark import N_CLEAN, SEED, cv_head_c  # noqa: E402
+from scan_benchmark import N_CLEAN, SEED, cv_head_c, load_records, merge_shards, records_path, shard_of  # noqa: E402
 
-from metashield_hf.scan import _detector_scores, scan_signals  # noqa: E402
+from metashield_hf.scan import _detector_scores, _synthesize, scan_model, scan_signals  # noqa: E402
 from metashield_hf.scan_head import ScanHead  # noqa: E402
-from metashield_hf.synthesis import anomaly_indices, synthesis_space, synthesize_triggers  # noqa: E402
+from metashield_hf.synthesis import anomaly_indices  # noqa: E402
 from metashield_hf.targets import load_target  # noqa: E402
 from metashield_hf.zoo import load_zoo, row_probe, row_to_target  # noqa: E402
 
 BUDGETS = (40, 60, 80, 100)
+SCAN_SETTINGS = {
+    k: inspect.signature(scan_model).parameters[k].default for k in ("lr", "flip_threshold", "class_batch")
+}
 
 
 def _signals(adapter, clean_out, result) -> dict:
@@ -55,17 +59,8 @@ def budget_row(row: dict, workdir: Path, steps: int, budgets: list[int]) -> dict
     """One full synthesis of a zoo model with snapshots at ``budgets``; the signals at each budget."""
     adapter = load_target(row_to_target(row, workdir))
     items = list(adapter.iter_items(row_probe(row)[0][:N_CLEAN]))[:N_CLEAN]
-    clean_out = adapter(items)
-    num_classes = clean_out.logits.shape[1]
-    torch.manual_seed(SEED)  # as scan_model seeds it
-    result = synthesize_triggers(
-        synthesis_space(adapter, items),
-        clean_out.logits.argmax(-1),
-        num_classes,
-        steps=steps,
-        snapshots=budgets,
-        seed=SEED,
-    )
+    # the scan's own synthesis, with scan_model's settings: only the budget differs
+    clean_out, result, _ = _synthesize(adapter, items, steps=steps, snapshots=budgets, seed=SEED, **SCAN_SETTINGS)
     shutil.rmtree(workdir / row["model_id"], ignore_errors=True)
     runs = {**result.snapshots, steps: result}
     return {
@@ -73,7 +68,7 @@ def budget_row(row: dict, workdir: Path, steps: int, budgets: list[int]) -> dict
         "domain": row["domain"],
         "is_backdoored": bool(row["is_backdoored"]),
         "target_label": int(row["target_label"]),
-        "num_classes": num_classes,
+        "num_classes": len(result.sizes),
         "budgets": {str(b): _signals(adapter, clean_out, runs[b]) for b in sorted(runs)},
     }
 
@@ -165,15 +160,9 @@ def main() -> None:
     torch.set_num_threads(1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    jsonl = out.with_suffix(".jsonl")
-    shard = tuple(int(v) for v in args.shard.split("/")) if args.shard else None
-    if shard:
-        jsonl = out.with_name(f"{out.name}.shard{shard[0]}of{shard[1]}.jsonl")
-    done = {}
-    for path in [out.with_suffix(".jsonl"), *sorted(out.parent.glob(f"{out.name}.shard*.jsonl"))]:
-        for line in path.read_text().splitlines() if path.exists() else []:
-            rec = json.loads(line)
-            done[rec["model_id"]] = rec
+    shard = shard_of(args.shard)
+    jsonl = records_path(out, shard)
+    done = load_records(out)
     train = set(json.loads(Path(args.split).read_text())["train"])
     zoo = load_zoo(args.zoo)
     order = [i for i, m in enumerate(zoo["model_id"]) if m in train and zoo[i]["domain"] in args.domains]
@@ -189,11 +178,8 @@ def main() -> None:
             done[rec["model_id"]] = rec
     if shard:
         return
-    records = sorted(done.values(), key=lambda r: r["model_id"])
-    with out.with_suffix(".jsonl").open("w") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in records)
-    for path in out.parent.glob(f"{out.name}.shard*.jsonl"):
-        path.unlink()
+    merge_shards(out, done, sorted(done))
+    records = [done[m] for m in sorted(done)]
     command = "python " + " ".join(["scripts/scan_budget.py", *sys.argv[1:]]).replace(" --report_only", "")
     summary, md = report(records, ScanHead.load(args.head), args.head or "the shipped one", args.steps, command)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")

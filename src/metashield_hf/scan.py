@@ -154,7 +154,9 @@ def _labels(adapter: TargetAdapter, k: int) -> list[str]:
     return [str(id2label.get(i, id2label.get(str(i), i))) for i in range(k)]
 
 
-def _synthesize(adapter, items, *, steps, lr, flip_threshold, class_batch, seed, refine=None, screen_steps=None):
+def _synthesize(
+    adapter, items, *, steps, lr, flip_threshold, class_batch, seed, refine=None, screen_steps=None, snapshots=()
+):
     """Clean outputs, synthesis result and per-class anomaly indices (shared by both scans)."""
     clean_out = adapter(items)
     num_classes = clean_out.logits.shape[1]
@@ -176,6 +178,7 @@ def _synthesize(adapter, items, *, steps, lr, flip_threshold, class_batch, seed,
         class_batch=class_batch,
         refine=refine,
         screen_steps=screen_steps,
+        snapshots=snapshots,
         seed=seed,
     )
     return clean_out, result, anomaly_indices(result.sizes)

@@ -270,7 +270,6 @@ def _optimise(
     """
     s = {name: value.clone() for name, value in state.items()}
     n, k = space.num_samples, len(s["classes"])
-    low, high = space.low.cpu(), space.high.cpu()
     target = s["classes"].repeat_interleave(n)
     # Samples already of class t say nothing about how hard t is to force; they are left out of the flip rate.
     valid = (clean_pred.cpu()[None, :] != s["classes"][:, None]).float()  # (k, N)
@@ -280,7 +279,7 @@ def _optimise(
         m_logit = s["m_logit"].requires_grad_(True)
         p_logit = s["p_logit"].requires_grad_(True)
         m = torch.sigmoid(m_logit)
-        p = low + (high - low) * torch.sigmoid(p_logit)
+        p = _pattern(space, p_logit)
         with torch.enable_grad():
             logits, _ = space.run(_rows(m, n, space.device), _rows(p, n, space.device), k)
         ce = nn.functional.cross_entropy(logits.cpu(), target, reduction="none").view(k, n)
@@ -430,8 +429,7 @@ def _finish(space: SynthesisSpace, state: dict, class_batch: int, steps: int) ->
     keep = got.view(-1, *([1] * (state["m_logit"].dim() - 1)))
     best_m = torch.where(keep, state["best_m"], state["m_logit"])
     best_p = torch.where(keep, state["best_p"], state["p_logit"])
-    low, high = space.low.cpu(), space.high.cpu()
-    masks, patterns = torch.sigmoid(best_m), low + (high - low) * torch.sigmoid(best_p)
+    masks, patterns = torch.sigmoid(best_m), _pattern(space, best_p)
     n, logits_all, pen_all = space.num_samples, [], []
     with torch.no_grad():
         for a in range(0, len(masks), class_batch):
@@ -450,6 +448,12 @@ def _finish(space: SynthesisSpace, state: dict, class_batch: int, steps: int) ->
         kind=space.kind,
         steps=steps,
     )
+
+
+def _pattern(space: SynthesisSpace, p_logit: torch.Tensor) -> torch.Tensor:
+    """Pattern logits → patterns inside the space's value range."""
+    low, high = space.low.cpu(), space.high.cpu()
+    return low + (high - low) * torch.sigmoid(p_logit)
 
 
 def _recorded(state: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
