@@ -36,6 +36,7 @@ ARCH_FAMILY = {
     "bert": "transformers_text",
     "distilbert": "transformers_text",
     "roberta": "transformers_text",
+    "minilm": "transformers_text",  # fine-tuned from the pretrained all-MiniLM-L6-v2 (zoo/text.py PRETRAINED_TEXT)
     "bert_lora": "peft",
     "distilbert_lora": "peft",
     "roberta_lora": "peft",

