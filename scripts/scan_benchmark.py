@@ -43,6 +43,7 @@ from metashield_hf.scan import (
 )
 from metashield_hf.scan_head import DEFAULT_SCAN_HEAD, SYNTHESIS_SIGNALS, TOKEN_SIGNALS, ScanHead, fit_scan_head
 from metashield_hf.zoo import load_zoo, row_probe, row_to_target
+from metashield_hf.zoo.text import PRETRAINED_TEXT
 
 N_CLEAN = 20
 SEED = 0
@@ -84,7 +85,7 @@ def scan_row(
     clean = clean[:N_CLEAN]
     ms = scan_model(target, clean, steps=steps, refine=refine, screen_steps=screen_steps, seed=SEED)
     rec["num_classes"] = len(ms.per_class)
-    rec["modality"] = "text" if ms.space == "embeddings" else "image"
+    rec["modality"] = "text" if ms.space in ("embeddings", "tokens") else "image"
     rec["metashield"] = {
         "signals": ms.signals,
         "score_default": ms.score,
@@ -201,23 +202,28 @@ def summarize(records: list[dict], score_key: str, threshold: float, method: str
         secs = [r["metashield"]["seconds"] for r in records]
     preds = [int(s > threshold) for s in scores]
     bd = [(t, r["target_label"]) for t, r in zip(targets, records, strict=True) if r["is_backdoored"]]
+    # a head that cannot score some records (the prior head on text scans without synthesis signals): no AUROC
+    scorable = bool(records) and bool(np.isfinite(scores).all())
     return {
         "n": len(records),
         "n_backdoored": int(sum(labels)),
-        "auroc": _auroc(scores, labels),
-        "accuracy": float(np.mean([p == y for p, y in zip(preds, labels, strict=True)])) if records else None,
+        "auroc": _auroc(scores, labels) if scorable else None,
+        "accuracy": float(np.mean([p == y for p, y in zip(preds, labels, strict=True)])) if scorable else None,
         "target_accuracy": float(np.mean([t == y for t, y in bd])) if bd else None,
         "mean_seconds": float(np.mean(secs)) if secs else None,
     }
 
 
 def groups(records: list[dict]) -> dict[str, list[dict]]:
-    """Per domain (nlp split into ≥3-class and 2-class models) and overall."""
+    """Per domain (nlp also split into ≥3-class and 2-class models, and into models trained from scratch and
+    fine-tuned from a pretrained encoder) and overall."""
     out: dict[str, list[dict]] = {}
     for r in records:
         out.setdefault(r["domain"], []).append(r)
         if r["domain"] == "nlp":
             out.setdefault("nlp (2-class)" if r["num_classes"] == 2 else "nlp (≥3-class)", []).append(r)
+            pretrained = r["architecture"] in PRETRAINED_TEXT
+            out.setdefault("nlp (fine-tuned pretrained)" if pretrained else "nlp (from scratch)", []).append(r)
     keys = sorted(k for k in out if not k.startswith("nlp (")) + sorted(k for k in out if k.startswith("nlp ("))
     result = {k: out[k] for k in keys}
     result["all"] = records
@@ -290,6 +296,8 @@ def refresh_class_count_signals(rec: dict) -> None:
     """Recompute a record's class-count-corrected synthesis signals from its raw ones with the library's current
     [`class_count_signals`] (records written before the correction existed lack them)."""
     signals = rec["metashield"]["signals"]
+    if "anomaly_index" not in signals:  # a text scan by the token search alone: no synthesis signals
+        return
     signals.update(class_count_signals(signals["anomaly_index"], signals["log_size_ratio"], rec["num_classes"]))
 
 
@@ -315,8 +323,13 @@ def fit_heads(train: list[dict], c: float, text_signals: tuple[str, ...], text_c
 
 
 def score(head: ScanHead, rec: dict) -> float:
+    """The head's score of a record; NaN where the record lacks a signal the head weighs (the prior head, which has
+    no text part, on a text scan by the token search alone)."""
     signals = rec["metashield"]["signals"]
-    return head.for_modality(modality(rec), signals).score(signals)
+    head = head.for_modality(modality(rec), signals)
+    if any(w and name not in signals for name, w in head.weights.items()):
+        return float("nan")
+    return head.score(signals)
 
 
 def cv_head_c(
@@ -508,20 +521,18 @@ def main() -> None:
         g: {name: summarize(rs, key, thr, m) for name, (key, thr, m) in methods.items()}
         for g, rs in groups(test).items()
     }
+    # the prior head has no text part: it cannot score text scans made without synthesis signals (AUROC None)
     auc_default = table["all"]["MetaShield scan (default head)"]["auroc"] or 0.0
+    default_txt = _fmt(table["all"]["MetaShield scan (default head)"]["auroc"])
     auc_fitted = table["all"]["MetaShield scan (fitted head)"]["auroc"] or 0.0
     better = auc_fitted > auc_default
     if better and args.ship:
         shutil.copyfile(args.head_out, DEFAULT_SCAN_HEAD)
-        shipped = f"the fitted head (held-out AUROC {auc_fitted:.3f} > default {auc_default:.3f}); copied to {DEFAULT_SCAN_HEAD.name}"
+        shipped = f"the fitted head (held-out AUROC {auc_fitted:.3f} > default {default_txt}); copied to {DEFAULT_SCAN_HEAD.name}"
     elif better:
-        shipped = (
-            f"nothing (the fitted head is better, {auc_fitted:.3f} > {auc_default:.3f}, but --ship was not given)"
-        )
+        shipped = f"nothing (the fitted head is better, {auc_fitted:.3f} > {default_txt}, but --ship was not given)"
     else:
-        shipped = (
-            f"the prior default head kept (fitted head held-out AUROC {auc_fitted:.3f} <= default {auc_default:.3f})"
-        )
+        shipped = f"the prior default head kept (fitted head held-out AUROC {auc_fitted:.3f} <= default {default_txt})"
     meta = {
         "command": "python " + " ".join(a for a in sys.argv if a != "--report_only"),
         "zoo": f"{args.zoo} ({len(ids)} models; {len(train)} train / {len(test)} held-out scanned)",
@@ -556,6 +567,9 @@ def main() -> None:
         ),
         **text_signal_choice(train, text_signals, args.text_head_c),
     }
+    for r in test:  # strict JSON: no NaN
+        if not np.isfinite(r["metashield"]["score_default_rescored"]):
+            r["metashield"]["score_default_rescored"] = None
     summary = {
         "meta": meta,
         "methods": list(methods),

@@ -79,14 +79,27 @@ def test_neural_cleanse_baseline_on_the_same_models(digits_models):
     assert bd.per_class[0].detector_score is None
 
 
-def test_text_model_scans_in_embedding_space(wordpiece_tokenizer):
+def test_text_model_scans_by_token_search_and_on_request_in_embedding_space(wordpiece_tokenizer):
     model = build_text_model("bert", len(wordpiece_tokenizer))
-    report = scan_model(model, clean_sentences(12, 0), processor=wordpiece_tokenizer, steps=20, seed=0)
-    assert isinstance(report, ScanReport) and report.space == "embeddings"
+    clean = clean_sentences(12, 0)
+    report = scan_model(model, clean, processor=wordpiece_tokenizer, steps=20, seed=0)
+    # the shipped head's text part reads token signals only, so the embedding synthesis is skipped by default
+    assert isinstance(report, ScanReport) and report.space == "tokens" and report.options["synthesis"] is False
     assert len(report.per_class) == NUM_LABELS and report.verdict in {"clean", "backdoored"}
     assert 0.0 <= report.score <= 1.0 and 0 <= report.suspected_target < NUM_LABELS
-    assert all(np.isfinite(c.trigger_size) and np.isfinite(c.anomaly_index) for c in report.per_class)
-    assert not any(p.grad is not None for p in model.parameters())  # synthesis leaves the model untouched
+    assert report.anomaly_index is None and "synthesis_s" not in report.timings
+    for c in report.per_class:
+        assert c.trigger_size is None and c.anomaly_index is None and c.token_trigger
+        assert c.flip_rate == c.token_flip_rates[-1] and 0.0 <= c.detector_score <= 1.0
+    full = scan_model(model, clean, processor=wordpiece_tokenizer, steps=20, seed=0, synthesis=True)
+    assert full.space == "embeddings" and full.options["synthesis"] is True and "synthesis_s" in full.timings
+    assert all(np.isfinite(c.trigger_size) and np.isfinite(c.anomaly_index) for c in full.per_class)
+    # the same token signals, so the same score and target; the synthesis adds its own signals
+    assert full.score == pytest.approx(report.score) and full.suspected_target == report.suspected_target
+    assert set(report.signals) < set(full.signals)
+    assert not any(p.grad is not None for p in model.parameters())  # the scans leave the model untouched
+    with pytest.raises(ValueError, match="needs the token search"):
+        scan_model(model, clean, processor=wordpiece_tokenizer, token_search=False, synthesis=False)
 
 
 def test_scan_is_seeded(wordpiece_tokenizer):
@@ -184,7 +197,7 @@ def test_cli_clean_sample_sources(source, bert_folder, tmp_path, capsys):
     code, out, err = _scan([str(bert_folder), "--clean-samples", str(spec), "--n", "8", "--json", *FAST], capsys)
     assert code in (0, 1), err
     report = json.loads(out)
-    assert report["n_clean_samples"] == 8 and report["space"] == "embeddings"
+    assert report["n_clean_samples"] == 8 and report["space"] == "tokens"
     assert code == (1 if report["verdict"] == "backdoored" else 0) and "exit_code" not in report
 
 
@@ -204,6 +217,15 @@ def test_cli_image_folder_and_text_output(tmp_path, pil_images, capsys):
     assert code in (0, 1), err
     report = json.loads(out)
     assert report["options"]["refine"] == 1 and report["options"]["screen_steps"] == 2
+
+
+def test_cli_text_output_shows_the_token_triggers(bert_folder, tmp_path, capsys):
+    (tmp_path / "clean.txt").write_text("\n".join(clean_sentences(6, 0)))
+    code, out, err = _scan([str(bert_folder), "--clean-samples", str(tmp_path / "clean.txt"), *FAST], capsys)
+    assert code in (0, 1), err
+    assert "anomaly index -;" in out and "tokens space" in out and "token trigger (class prob.)" in out
+    rows = [line.split() for line in out.splitlines()[3:]]
+    assert len(rows) == NUM_LABELS and all(r[2] == "-" and r[4] == "-" for r in rows)  # no size, no anomaly index
 
 
 def test_cli_exit_code_1_when_backdoored(bert_folder, tmp_path, capsys):

@@ -214,11 +214,21 @@ def _batch(target: Target, items: list):
 
 
 # ---- tab 1: scan a checkpoint -------------------------------------------------------------------------------------
+def _round(x: float | None, digits: int) -> float | None:
+    return None if x is None else round(x, digits)
+
+
+def _strength(c) -> float:
+    """How easily a class is forced: its anomaly index, or for a text scan by token search alone (no anomaly index)
+    the mean class probability under its best token trigger."""
+    return c.anomaly_index if c.anomaly_index is not None else c.token_target_probs[-1]
+
+
 def _evidence_frames(report) -> tuple[pd.DataFrame, pd.DataFrame]:
     rows = [
         {
             "class": f"{c.class_index}" if c.label == str(c.class_index) else f"{c.class_index}: {c.label}",
-            "anomaly index": round(c.anomaly_index, 3),
+            "strength": round(_strength(c), 3),
             "role": "suspected target" if c.class_index == report.suspected_target else "other classes",
         }
         for c in report.per_class
@@ -228,11 +238,13 @@ def _evidence_frames(report) -> tuple[pd.DataFrame, pd.DataFrame]:
             {
                 "class": c.class_index,
                 "label": c.label,
-                "trigger size": round(c.trigger_size, 4),
+                **({"token trigger": c.token_trigger} if c.token_trigger is not None else {}),
+                "trigger size": _round(c.trigger_size, 4),
                 "reached": c.reached,
                 "flip rate": round(c.flip_rate, 3),
-                "anomaly index": round(c.anomaly_index, 3),
-                "detector score": None if c.detector_score is None else round(c.detector_score, 3),
+                "anomaly index": _round(c.anomaly_index, 3),
+                **({"token class prob.": round(c.token_target_probs[-1], 3)} if c.token_target_probs else {}),
+                "detector score": _round(c.detector_score, 3),
             }
             for c in report.per_class
         ]
@@ -256,7 +268,7 @@ def scan(
     target = resolve_target(source, example_key, model_id)
     clean = gather_clean(target, clean_text, clean_files, use_example_clean, int(n_clean), MIN_SCAN)
     k = target.num_classes()
-    if k is not None and k < 3:
+    if k is not None and k < 3 and target.modality != "text":
         gr.Warning(
             f"{target.name} has {k} classes: the scan's anomaly index (a median over classes) cannot single out a "
             "target, so a binary model usually comes out 'clean'. The 'Check inputs' tab works for any model."
@@ -276,8 +288,13 @@ def scan(
     summary = (
         f"### Verdict: **{report.verdict}**\n"
         f"Score **{report.score:.3f}** (threshold {report.threshold:.3f}); suspected target class "
-        f"**{report.suspected_target_label}** (anomaly index {report.anomaly_index:.2f}). "
-        f"{report.n_clean_samples} clean samples, trigger synthesis in {report.space} space, "
+        f"**{report.suspected_target_label}** ("
+        + (
+            f"anomaly index {report.anomaly_index:.2f}"
+            if report.anomaly_index is not None
+            else f"token trigger '{report.per_class[report.suspected_target].token_trigger}'"
+        )
+        + f"). {report.n_clean_samples} clean samples, trigger synthesis in {report.space} space, "
         f"{report.timings['total_s']:.1f} s."
     )
     if target.example is not None:
@@ -428,9 +445,10 @@ def build_demo() -> gr.Blocks:
                     summary = gr.Markdown(elem_id="scan-summary")
                     bars = gr.BarPlot(
                         x="class",
-                        y="anomaly index",
+                        y="strength",
                         color="role",
-                        title="Per-class evidence: how easily each class can be forced (anomaly index)",
+                        title="Per-class evidence: how easily each class can be forced (images: anomaly index; "
+                        "text: class probability under its best token trigger)",
                         color_map={"suspected target": "#d62728", "other classes": "#7f7f7f"},
                         elem_id="scan-bars",
                     )

@@ -192,18 +192,27 @@ def _print_scan(report: dict) -> None:
         f"{report['checkpoint']}: {report['verdict'].upper()} (score {report['score']:.3f}, threshold "
         f"{report['threshold']:.2f})"
     )
+
+    def num(x, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
     print(
         f"  suspected target class {report['suspected_target']} ({report['suspected_target_label']}), anomaly index "
-        f"{report['anomaly_index']:.2f}; {report['n_clean_samples']} clean samples, triggers synthesized in the "
-        f"{report['space']} space in {report['timings']['total_s']:.1f} s"
+        f"{num(report['anomaly_index'], '.2f')}; {report['n_clean_samples']} clean samples, triggers synthesized in "
+        f"the {report['space']} space in {report['timings']['total_s']:.1f} s"
     )
-    print(f"  {'class':>5} {'label':<12} {'trigger size':>12} {'flip rate':>9} {'anomaly':>8} {'detector':>8}")
+    tokens = any(c.get("token_trigger") is not None for c in report["per_class"])
+    print(
+        f"  {'class':>5} {'label':<12} {'trigger size':>12} {'flip rate':>9} {'anomaly':>8} {'detector':>8}"
+        + ("  token trigger (class prob.)" if tokens else "")
+    )
     for c in report["per_class"]:
-        det = "-" if c["detector_score"] is None else f"{c['detector_score']:.3f}"
         mark = " <" if c["class_index"] == report["suspected_target"] else ""
+        trig = f"  {c['token_trigger']!r} ({c['token_target_probs'][-1]:.2f})" if tokens else ""
         print(
-            f"  {c['class_index']:>5} {str(c['label'])[:12]:<12} {c['trigger_size']:>12.4f} {c['flip_rate']:>9.2f} "
-            f"{c['anomaly_index']:>8.2f} {det:>8}{mark}"
+            f"  {c['class_index']:>5} {str(c['label'])[:12]:<12} {num(c['trigger_size'], '.4f'):>12} "
+            f"{c['flip_rate']:>9.2f} {num(c['anomaly_index'], '.2f'):>8} {num(c['detector_score'], '.3f'):>8}"
+            f"{trig}{mark}"
         )
     nc = report.get("neural_cleanse")
     if nc:

@@ -51,11 +51,14 @@ class ClassEvidence:
 
     Attributes:
         class_index / label: the class and its name (``config.id2label`` where the model has one).
-        trigger_size: smallest effective mask size (fraction of the perturbed space's entries).
-        reached: whether a mask flipped at least ``flip_threshold`` of the clean samples.
+        trigger_size: smallest effective mask size (fraction of the perturbed space's entries); ``None`` for a text
+            scan without the embedding synthesis (its trigger is the token trigger below).
+        reached: whether the trigger flipped at least ``flip_threshold`` of the clean samples.
         flip_rate: fraction of clean samples (not already of this class) the recorded trigger flips.
-        anomaly_index: ``(median - size) / (1.4826 * MAD)`` over classes; large = suspiciously easy to force.
-        detector_score: mean input-level detector score of the perturbed clean samples (``None`` without detector).
+        anomaly_index: ``(median - size) / (1.4826 * MAD)`` over classes; large = suspiciously easy to force
+            (``None`` without the embedding synthesis).
+        detector_score: mean input-level detector score of the perturbed clean samples (text scans without the
+            embedding synthesis: with the class's token trigger inserted; ``None`` without detector).
         token_trigger: text models: the best token trigger found for this class (decoded), else ``None``.
         token_flip_rates: text models: flip rate of the best trigger of 1, 2, ... tokens.
         token_target_probs: text models: the mean probability of this class under those triggers.
@@ -66,10 +69,10 @@ class ClassEvidence:
 
     class_index: int
     label: str
-    trigger_size: float
+    trigger_size: float | None
     reached: bool
     flip_rate: float
-    anomaly_index: float
+    anomaly_index: float | None
     detector_score: float | None = None
     token_trigger: str | None = None
     token_flip_rates: list[float] | None = None
@@ -86,12 +89,14 @@ class ScanReport:
         verdict: ``"backdoored"`` or ``"clean"``.
         score: backdoor score (MetaShield: probability in ``[0, 1]``; Neural Cleanse: the anomaly index).
         threshold: the score above which the verdict is ``"backdoored"``.
-        suspected_target: the class whose trigger was smallest (text models: whose token trigger flips most).
-        anomaly_index: the suspected target's anomaly index.
+        suspected_target: the class whose trigger was smallest (text models: whose token trigger forces it most).
+        anomaly_index: the suspected target's anomaly index (``None`` for a text scan without embedding synthesis).
         signals: the model-level signals the head combines (see [`SIGNALS`]).
         per_class: one [`ClassEvidence`] per class.
-        timings: seconds per stage (``load_s``, ``synthesis_s``, ``detector_s``, ``total_s``; text models also
-            ``token_search_s``).
+        space: where the triggers were synthesized: ``"pixels"``, ``"features"``, ``"embeddings"``, or ``"tokens"``
+            (a text scan by the token search alone).
+        timings: seconds per stage (``load_s``, ``synthesis_s`` where the synthesis ran, ``detector_s``,
+            ``total_s``; text models also ``token_search_s``).
     """
 
     checkpoint: str
@@ -101,7 +106,7 @@ class ScanReport:
     threshold: float
     suspected_target: int
     suspected_target_label: str
-    anomaly_index: float
+    anomaly_index: float | None
     signals: dict[str, float]
     per_class: list[ClassEvidence]
     n_clean_samples: int
@@ -184,27 +189,31 @@ def _synthesize(
     return clean_out, result, anomaly_indices(result.sizes)
 
 
-def _evidence(adapter, result, anomaly, detector_scores=None, tokens=None) -> list[ClassEvidence]:
-    labels = _labels(adapter, len(result.sizes))
-    evidence = [
-        ClassEvidence(
-            class_index=k,
-            label=labels[k],
-            trigger_size=float(result.sizes[k]),
-            reached=bool(result.reached[k]),
-            flip_rate=float(result.flip_rates[k]),
-            anomaly_index=float(anomaly[k]),
-            detector_score=None if detector_scores is None else float(detector_scores[k]),
+def _evidence(
+    adapter, result, anomaly, detector_scores=None, tokens=None, flip_threshold: float = 0.9
+) -> list[ClassEvidence]:
+    """Per-class evidence of the synthesis ``result`` (and of the token search ``tokens``); without a synthesis
+    (``result=None``), the token trigger of each class stands for its synthesized trigger."""
+    k_classes = len(result.sizes) if result is not None else len(tokens.flip_rates)
+    labels = _labels(adapter, k_classes)
+    evidence = []
+    for k in range(k_classes):
+        if result is not None:
+            size, reached, flip = float(result.sizes[k]), bool(result.reached[k]), float(result.flip_rates[k])
+        else:
+            flip = float(tokens.flip_rates[k, -1])
+            size, reached = None, flip >= flip_threshold
+        evidence.append(
+            ClassEvidence(
+                class_index=k,
+                label=labels[k],
+                trigger_size=size,
+                reached=reached,
+                flip_rate=flip,
+                anomaly_index=None if anomaly is None else float(anomaly[k]),
+                detector_score=None if detector_scores is None else float(detector_scores[k]),
+            )
         )
-        for k in range(len(result.sizes))
-    ]
-    if tokens is not None:
-        for k, ev in enumerate(evidence):
-            ev.token_trigger = tokens.trigger_texts[k]
-            ev.token_flip_rates = [float(f) for f in tokens.flip_rates[k]]
-            ev.token_target_probs = [float(q) for q in tokens.target_probs[k]]
-            ev.token_low_probs = [float(q) for q in tokens.low_probs[k]]
-            ev.token_dominance = [float(d) for d in tokens.dominance[k]]
     return evidence
 
 
@@ -263,7 +272,11 @@ def scan_signals(sizes: np.ndarray, anomaly: np.ndarray, response: np.ndarray) -
     }
 
 
-def _detector_scores(detector, adapter, clean_out: TargetOutput, result, *, adapt_steps: int | None, seed: int):
+def _detector_scores(
+    detector, adapter, clean_out: TargetOutput, logits, penultimate, *, adapt_steps: int | None, seed: int
+) -> np.ndarray:
+    """Per-class mean score of the detector, adapted to the model on ``clean_out``, on the perturbed clean samples
+    (``logits (K, N, C)``, ``penultimate (K, N, D)``: class ``k``'s trigger on every sample)."""
     from .hub import load_detector
     from .shield import adapt_from_activations
 
@@ -278,10 +291,8 @@ def _detector_scores(detector, adapter, clean_out: TargetOutput, result, *, adap
         steps=detector.config.adapt_steps if adapt_steps is None else adapt_steps,
         seed=seed,
     )
-    k, n = result.logits.shape[:2]
-    _, feats = shield.features_of(
-        TargetOutput(result.logits.reshape(k * n, -1), result.penultimate.reshape(k * n, -1))
-    )
+    k, n = logits.shape[:2]
+    _, feats = shield.features_of(TargetOutput(logits.reshape(k * n, -1), penultimate.reshape(k * n, -1)))
     return shield.score_features(feats).view(k, n).mean(1).numpy().astype(np.float64)
 
 
@@ -301,6 +312,7 @@ def scan_model(
     adapt_steps: int | None = None,
     use_detector: bool = True,
     token_search: bool = True,
+    synthesis: bool | None = None,
     head: ScanHead | str | os.PathLike | None = None,
     seed: int = 0,
     batch_size: int = 32,
@@ -338,6 +350,11 @@ def scan_model(
         use_detector: feed the synthesized inputs to the adapted detector (False: the detector signals are 0).
         token_search: text models: also search the vocabulary for short token triggers
             ([`search_token_triggers`]); its signals feed the head's text part and pick the suspected target.
+        synthesis: run the continuous trigger synthesis (pixels, features or input embeddings). ``None`` (default):
+            where the head's score reads its signals, i.e. always for images; for a text scan with the token search
+            only if the head's text part weighs a synthesis signal (the shipped one does not). Skipping it takes
+            the embedding synthesis's share of a text scan (about 40%); the detector then reads the clean samples
+            with each class's token trigger inserted, and ``trigger_size`` / ``anomaly_index`` are ``None``.
         head: the model-level [`ScanHead`] (or its JSON path); default: the shipped one.
         seed: seeds the synthesis and the detector's features; the same seed gives the same report.
         batch_size: batch size of the clean forward pass.
@@ -368,7 +385,7 @@ def scan_model(
     report, _ = _scan_loaded(
         adapter, items, _name(checkpoint), detector, head, steps=steps, lr=lr, flip_threshold=flip_threshold,
         refine=refine, screen_steps=screen_steps, class_batch=class_batch, adapt_steps=adapt_steps,
-        use_detector=use_detector, token_search=token_search, seed=seed, t0=t0,
+        use_detector=use_detector, token_search=token_search, synthesis=synthesis, seed=seed, t0=t0,
     )  # fmt: skip
     return report
 
@@ -389,34 +406,71 @@ def _scan_loaded(
     seed: int,
     t0: float,
     token_search: bool = False,
+    synthesis: bool | None = None,
     refine: int | None = None,
     screen_steps: int | None = None,
-) -> tuple[ScanReport, SynthesisResult]:
-    """[`scan_model`] on an already loaded target and clean items; also returns the synthesis (masks, patterns),
-    which the FL screen compares between candidates and the global model."""
-    t_load = time.perf_counter()
-    clean_out, result, anomaly = _synthesize(
-        adapter, items, steps=steps, lr=lr, flip_threshold=flip_threshold, class_batch=class_batch, seed=seed,
-        refine=refine, screen_steps=screen_steps,
-    )  # fmt: skip
-    t_syn = time.perf_counter()
-    det = None
-    if use_detector:
-        det = _detector_scores(detector, adapter, clean_out, result, adapt_steps=adapt_steps, seed=seed)
-    t_det = time.perf_counter()
-    sizes = result.sizes
-    target, signals = scan_signals(sizes, anomaly, det if det is not None else np.zeros(len(sizes)))
-    tokens = None
-    if token_search and adapter.modality == "text":
-        from .token_search import search_token_triggers
+) -> tuple[ScanReport, SynthesisResult | None]:
+    """[`scan_model`] on an already loaded target and clean items; also returns the synthesis (masks, patterns;
+    ``None`` when skipped), which the FL screen compares between candidates and the global model."""
+    from .scan_head import TOKEN_SIGNALS
 
-        tokens = search_token_triggers(adapter, items, clean_out.logits.argmax(-1), len(sizes))
-        target, extra = token_signals(tokens)
-        signals.update(extra)
+    t_load = time.perf_counter()
+    tokens_on = token_search and adapter.modality == "text"
+    if synthesis is None:  # run it where the score reads it
+        part = head.for_modality(adapter.modality)
+        synthesis = not tokens_on or any(w and n not in TOKEN_SIGNALS for n, w in part.weights.items())
+    if not synthesis and not tokens_on:
+        raise ValueError("synthesis=False needs the token search: a text model and token_search=True")
+    result = anomaly = None
+    if synthesis:
+        clean_out, result, anomaly = _synthesize(
+            adapter, items, steps=steps, lr=lr, flip_threshold=flip_threshold, class_batch=class_batch, seed=seed,
+            refine=refine, screen_steps=screen_steps,
+        )  # fmt: skip
+        num_classes = len(result.sizes)
+    else:
+        clean_out = adapter(items)
+        num_classes = clean_out.logits.shape[1]
+        if num_classes < 2:
+            raise ValueError(f"the model has {num_classes} output; a scan needs a classifier with at least 2 classes")
+    t_syn = time.perf_counter()
+    tokens = None
+    signals: dict[str, float] = {}
+    if tokens_on:
+        from .token_search import search_token_triggers, trigger_outputs
+
+        tokens = search_token_triggers(adapter, items, clean_out.logits.argmax(-1), num_classes)
+        target, signals = token_signals(tokens)
     t_tok = time.perf_counter()
+    det = None
+    if use_detector and synthesis:
+        det = _detector_scores(
+            detector, adapter, clean_out, result.logits, result.penultimate, adapt_steps=adapt_steps, seed=seed
+        )
+    elif use_detector:  # the synthesized inputs are the clean samples with each class's token trigger
+        out = trigger_outputs(adapter, items, [best[-1] for best in tokens.triggers])
+        n = len(items)
+        det = _detector_scores(
+            detector, adapter, clean_out, out.logits.view(num_classes, n, -1),
+            out.penultimate.view(num_classes, n, -1), adapt_steps=adapt_steps, seed=seed,
+        )  # fmt: skip
+    t_det = time.perf_counter()
+    if synthesis:
+        syn_target, syn_signals = scan_signals(
+            result.sizes, anomaly, det if det is not None else np.zeros(num_classes)
+        )
+        signals = syn_signals | signals
+        target = target if tokens is not None else syn_target
     head = head.for_modality(adapter.modality, signals)
     score = head.score(signals)
-    evidence = _evidence(adapter, result, anomaly, det, tokens)
+    evidence = _evidence(adapter, result, anomaly, det, tokens, flip_threshold)
+    if tokens is not None:
+        for k, ev in enumerate(evidence):
+            ev.token_trigger = tokens.trigger_texts[k]
+            ev.token_flip_rates = [float(f) for f in tokens.flip_rates[k]]
+            ev.token_target_probs = [float(q) for q in tokens.target_probs[k]]
+            ev.token_low_probs = [float(q) for q in tokens.low_probs[k]]
+            ev.token_dominance = [float(d) for d in tokens.dominance[k]]
     t1 = time.perf_counter()
     report = ScanReport(
         checkpoint=name,
@@ -426,20 +480,20 @@ def _scan_loaded(
         threshold=head.threshold,
         suspected_target=target,
         suspected_target_label=evidence[target].label,
-        anomaly_index=float(anomaly[target]),
+        anomaly_index=None if anomaly is None else float(anomaly[target]),
         signals=signals,
         per_class=evidence,
         n_clean_samples=len(items),
-        space=result.kind,
+        space=result.kind if result is not None else "tokens",
         timings={
             "load_s": t_load - t0,
-            "synthesis_s": t_syn - t_load,
-            "detector_s": t_det - t_syn,
-            **({"token_search_s": t_tok - t_det} if tokens is not None else {}),
+            **({"synthesis_s": t_syn - t_load} if synthesis else {}),
+            "detector_s": t_det - t_tok,
+            **({"token_search_s": t_tok - t_syn} if tokens is not None else {}),
             "total_s": t1 - t0,
         },
         options={
-            "steps": steps,
+            "steps": steps if synthesis else None,
             "refine": refine,
             "screen_steps": screen_steps if refine is not None else None,
             "lr": lr,
@@ -447,16 +501,16 @@ def _scan_loaded(
             "seed": seed,
             "head": head.source,
             "token_search": tokens is not None,
+            "synthesis": synthesis,
             "adapt_steps": adapt_steps,
         },  # fmt: skip
     )
     logger.info(
-        "scan of %s: %s (score %.3f, suspected target %d, anomaly index %.2f) in %.1f s",
+        "scan of %s: %s (score %.3f, suspected target %d) in %.1f s",
         report.checkpoint,
         report.verdict,
         score,
         target,
-        report.anomaly_index,
         report.timings["total_s"],
     )
     return report, result

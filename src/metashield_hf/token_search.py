@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 _LENGTH_GROUP = 5  # samples per length group in _probs
 
-__all__ = ["TokenSearchResult", "search_token_triggers"]
+__all__ = ["TokenSearchResult", "search_token_triggers", "trigger_outputs"]
 
 
 @dataclass
@@ -150,6 +150,20 @@ def _probs(ins: _Inserter, triggers: list[list[int]], batch_rows: int) -> torch.
     return out
 
 
+def trigger_outputs(adapter: TargetAdapter, items: list, triggers: list[list[int]], batch_rows: int = 256):
+    """``TargetOutput`` (logits, penultimate) of the clean ``items`` with each token trigger inserted where the
+    search inserts it: ``len(triggers) * N`` rows, trigger-major (what the scan feeds the input-level detector)."""
+    from .targets.base import TargetOutput
+
+    ins = _Inserter(adapter, items)
+    per = max(1, batch_rows // max(1, len(ins.rows)))
+    outs = []
+    with torch.inference_mode():
+        for start in range(0, len(triggers), per):
+            outs.append(adapter.run_prepared(ins.build(triggers[start : start + per])))
+    return TargetOutput.cat(outs)
+
+
 def _class_stats(probs: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(T, N, K)`` probabilities → per (trigger, class) flip rate and mean class probability over valid samples."""
     hit = torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).float()  # (T, N, K)
@@ -203,9 +217,9 @@ def search_token_triggers(
     num_classes: int,
     *,
     max_tokens: int = 2,
-    beam: int = 4,
-    extend_candidates: int = 16,
-    extend_hotflip: int = 16,
+    beam: int = 2,
+    extend_candidates: int = 8,
+    extend_hotflip: int = 8,
     opposing: int = 3,
     screen_samples: int = 6,
     screen_length: int | None = 16,
@@ -232,6 +246,10 @@ def search_token_triggers(
         beam: triggers kept per class between rounds.
         extend_candidates: the best single tokens of a class that the beam may append.
         extend_hotflip: tokens with the best HotFlip estimate after each beam entry that it may append as well.
+            (Beam 2 with 8 + 8 extensions, instead of 4 with 16 + 16, gave the same ``token_prob`` /
+            ``token_prob_2`` on 37 of the standard zoo's 49 from-scratch text models and within 0.025 on the other
+            12, for 29% less search time, 2.64 s instead of 3.72 s; on a fine-tuned MiniLM, where the beam is most
+            of the search, 47 s instead of 72 s.)
         opposing: best single tokens of each other class inserted against a class's trigger for its dominance.
         screen_samples: the shortest clean samples used to screen the whole candidate list (all when >= ``N``).
         screen_length: the screen's samples are cut to at most this many tokens (``None``: not cut); a screen on

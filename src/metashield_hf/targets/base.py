@@ -184,7 +184,15 @@ class TargetAdapter:
         return torch.nn.functional.linear(penultimate.float(), weight, bias)
 
     def _run_batch(self, items: list) -> TargetOutput:
-        model_inputs = _to_device(self.preprocess(items), self.device, self._dtype)
+        return self.run_prepared(self.preprocess(items))
+
+    def run_prepared(self, model_inputs) -> TargetOutput:
+        """Logits and penultimate activations of inputs already prepared (what [`preprocess`] returns, or token ids
+        built directly, as the token-trigger search does). Call it under ``torch.inference_mode`` once the head is
+        known (after a first ``adapter(...)`` call)."""
+        if self._head is None:
+            raise RuntimeError("run_prepared needs the head found first: call the adapter on a few inputs before")
+        model_inputs = _to_device(model_inputs, self.device, self._dtype)
         info = self._head
         with capture_penultimate(self.model, info.module) as cap:
             logits = self.forward(model_inputs)
