@@ -159,14 +159,21 @@ def _labels(adapter: TargetAdapter, k: int) -> list[str]:
     return [str(id2label.get(i, id2label.get(str(i), i))) for i in range(k)]
 
 
-def _synthesize(
-    adapter, items, *, steps, lr, flip_threshold, class_batch, seed, refine=None, screen_steps=None, snapshots=()
-):
-    """Clean outputs, synthesis result and per-class anomaly indices (shared by both scans)."""
+def _clean_outputs(adapter, items) -> TargetOutput:
+    """The model's outputs on the clean samples; refuses a model with fewer than 2 classes."""
     clean_out = adapter(items)
     num_classes = clean_out.logits.shape[1]
     if num_classes < 2:
         raise ValueError(f"the model has {num_classes} output; a scan needs a classifier with at least 2 classes")
+    return clean_out
+
+
+def _synthesize(
+    adapter, items, *, steps, lr, flip_threshold, class_batch, seed, refine=None, screen_steps=None, snapshots=()
+):
+    """Clean outputs, synthesis result and per-class anomaly indices (shared by both scans)."""
+    clean_out = _clean_outputs(adapter, items)
+    num_classes = clean_out.logits.shape[1]
     if num_classes < 3:
         logger.warning("only %d classes: the anomaly index (MAD over classes) cannot single out a target", num_classes)
     space = synthesis_space(adapter, items)
@@ -214,6 +221,13 @@ def _evidence(
                 detector_score=None if detector_scores is None else float(detector_scores[k]),
             )
         )
+    if tokens is not None:
+        for k, ev in enumerate(evidence):
+            ev.token_trigger = tokens.trigger_texts[k]
+            ev.token_flip_rates = [float(f) for f in tokens.flip_rates[k]]
+            ev.token_target_probs = [float(q) for q in tokens.target_probs[k]]
+            ev.token_low_probs = [float(q) for q in tokens.low_probs[k]]
+            ev.token_dominance = [float(d) for d in tokens.dominance[k]]
     return evidence
 
 
@@ -429,10 +443,8 @@ def _scan_loaded(
         )  # fmt: skip
         num_classes = len(result.sizes)
     else:
-        clean_out = adapter(items)
+        clean_out = _clean_outputs(adapter, items)
         num_classes = clean_out.logits.shape[1]
-        if num_classes < 2:
-            raise ValueError(f"the model has {num_classes} output; a scan needs a classifier with at least 2 classes")
     t_syn = time.perf_counter()
     tokens = None
     signals: dict[str, float] = {}
@@ -464,13 +476,6 @@ def _scan_loaded(
     head = head.for_modality(adapter.modality, signals)
     score = head.score(signals)
     evidence = _evidence(adapter, result, anomaly, det, tokens, flip_threshold)
-    if tokens is not None:
-        for k, ev in enumerate(evidence):
-            ev.token_trigger = tokens.trigger_texts[k]
-            ev.token_flip_rates = [float(f) for f in tokens.flip_rates[k]]
-            ev.token_target_probs = [float(q) for q in tokens.target_probs[k]]
-            ev.token_low_probs = [float(q) for q in tokens.low_probs[k]]
-            ev.token_dominance = [float(d) for d in tokens.dominance[k]]
     t1 = time.perf_counter()
     report = ScanReport(
         checkpoint=name,
