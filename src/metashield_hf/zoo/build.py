@@ -291,7 +291,11 @@ def finalize_zoo(out_dir: str | os.PathLike, *, report_path: str | os.PathLike |
     keep.sort(key=lambda i: (order.get(metadata[i]["model_id"], len(order)), metadata[i]["model_id"]))
     if not keep:
         raise ValueError(f"every built model in {out} was rejected; see {rejected_dir}")
-    ds = Dataset(InMemoryTable(table.take(keep))).cast(FEATURES)
+    # One slice per row, concatenated without copying: `take` would join the rows' checkpoint bytes into one array,
+    # and a zoo with pretrained-size rows passes the 2 GiB offset limit of a binary column.
+    import pyarrow as pa
+
+    ds = Dataset(InMemoryTable(pa.concat_tables([table.slice(i, 1) for i in keep]))).cast(FEATURES)
 
     for sub in ("data", "metadata"):
         shutil.rmtree(out / sub, ignore_errors=True)
