@@ -2,8 +2,9 @@
 
 For every model of the zoo, [`scan_model`] runs once (default head) on the first 20 clean probe inputs, seed 0, and
 its signals are kept. The scan head is fit with [`fit_scan_head`] on the *train* models of the meta-training split
-(``artifacts/meta/maml/split.json``) and saved to ``artifacts/meta/scan_head.json``; the held-out (*test*) models are
-re-scored with it from the stored signals (the head is a function of the signals only, so no re-synthesis), and
+(``artifacts/meta/maml/split.json``, plus the ``--head_train`` list) and saved to ``artifacts/meta/scan_head.json``;
+the held-out (*test*) models are re-scored with it from the stored signals (the head is a function of the signals
+only, so no re-synthesis), and
 [`neural_cleanse_scan`] runs on the same 20 clean inputs of each test model. The fitted head replaces the shipped
 default (``src/metashield_hf/default_detector/scan_head.json``) only if it has a strictly higher held-out AUROC
 (``--ship``).
@@ -444,6 +445,12 @@ def main() -> None:
         default="test",
         help="zoo models the split does not list (never seen by the detector): held out (default) or left out",
     )
+    parser.add_argument(
+        "--head_train",
+        default=None,
+        help="file of zoo model ids (one per line, # comments) the head is also fit on, though the split does not "
+        "list them (e.g. configs/scan/head_train.txt)",
+    )
     parser.add_argument("--report_only", action="store_true", help="scan nothing; report on the records in OUT.jsonl")
     parser.add_argument("--shard", default=None, help="I/N: scan only every N-th model from the I-th; no report")
     args = parser.parse_args()
@@ -460,6 +467,16 @@ def main() -> None:
     split_of = {m: "train" for m in split["train"]} | {m: "test" for m in split["test"]}
     zoo = load_zoo(args.zoo)
     ids = zoo["model_id"]
+    head_train: set[str] = set()
+    if args.head_train:
+        lines = Path(args.head_train).read_text().splitlines()
+        head_train = {t.strip() for t in lines if t.strip() and not t.lstrip().startswith("#")}
+        if head_train - set(ids) or head_train & set(split_of):
+            parser.error(
+                f"--head_train: {sorted(head_train - set(ids))} not in the zoo, {sorted(head_train & set(split_of))} "
+                "already in the split"
+            )
+        split_of |= {m: "train" for m in head_train}
     unsplit = [m for m in ids if m not in split_of]
     if args.unsplit == "test":  # never seen by the detector's meta-training nor by the head fit
         split_of |= {m: "test" for m in unsplit}
@@ -538,7 +555,9 @@ def main() -> None:
         "zoo": f"{args.zoo} ({len(ids)} models; {len(train)} train / {len(test)} held-out scanned)",
         "split": f"{args.split}; the {len(unsplit)} zoo models it does not list (the zoo's top-up after "
         "meta-training, and models a rebuild accepts that the split's build rejected: neither the detector nor the "
-        "head saw them) " + ("are held out too" if args.unsplit == "test" else "are left out"),
+        "head saw them) "
+        + ("are held out too" if args.unsplit == "test" else "are left out")
+        + (f"; {len(head_train)} models of {args.head_train} train the head only" if head_train else ""),
         "clean inputs": f"first {N_CLEAN} clean probe inputs per model, seed {SEED}",
         "synthesis steps": f"MetaShield {args.steps} (scan_model default {DEFAULT_STEPS})"
         + (
