@@ -328,7 +328,7 @@ def score(head: ScanHead, rec: dict) -> float:
     no text part, on a text scan by the token search alone)."""
     signals = rec["metashield"]["signals"]
     head = head.for_modality(modality(rec), signals)
-    if any(w and name not in signals for name, w in head.weights.items()):
+    if head.missing(signals):
         return float("nan")
     return head.score(signals)
 

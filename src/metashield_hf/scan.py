@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .scan_head import DEFAULT_SCAN_HEAD, SIGNALS, ScanHead, fit_scan_head
+from .scan_head import DEFAULT_SCAN_HEAD, SIGNALS, TOKEN_SIGNALS, ScanHead, fit_scan_head
 from .synthesis import SynthesisResult, anomaly_indices, chance_anomaly_index, synthesis_space, synthesize_triggers
 from .targets import load_target
 from .targets.base import TargetAdapter, TargetOutput
@@ -366,9 +366,10 @@ def scan_model(
             ([`search_token_triggers`]); its signals feed the head's text part and pick the suspected target.
         synthesis: run the continuous trigger synthesis (pixels, features or input embeddings). ``None`` (default):
             where the head's score reads its signals, i.e. always for images; for a text scan with the token search
-            only if the head's text part weighs a synthesis signal (the shipped one does not). Skipping it takes
-            the embedding synthesis's share of a text scan (about 40%); the detector then reads the clean samples
-            with each class's token trigger inserted, and ``trigger_size`` / ``anomaly_index`` are ``None``.
+            only if the head's text part weighs a synthesis signal (the shipped one does not). Skipping it saves the
+            embedding synthesis: 2.4 s of a 6.2 s scan on the standard zoo's held-out text models at 80 steps. The
+            detector then reads the clean samples with each class's token trigger inserted, and ``trigger_size`` /
+            ``anomaly_index`` are ``None``.
         head: the model-level [`ScanHead`] (or its JSON path); default: the shipped one.
         seed: seeds the synthesis and the detector's features; the same seed gives the same report.
         batch_size: batch size of the clean forward pass.
@@ -426,13 +427,10 @@ def _scan_loaded(
 ) -> tuple[ScanReport, SynthesisResult | None]:
     """[`scan_model`] on an already loaded target and clean items; also returns the synthesis (masks, patterns;
     ``None`` when skipped), which the FL screen compares between candidates and the global model."""
-    from .scan_head import TOKEN_SIGNALS
-
     t_load = time.perf_counter()
     tokens_on = token_search and adapter.modality == "text"
     if synthesis is None:  # run it where the score reads it
-        part = head.for_modality(adapter.modality)
-        synthesis = not tokens_on or any(w and n not in TOKEN_SIGNALS for n, w in part.weights.items())
+        synthesis = not tokens_on or bool(head.for_modality(adapter.modality).missing(TOKEN_SIGNALS))
     if not synthesis and not tokens_on:
         raise ValueError("synthesis=False needs the token search: a text model and token_search=True")
     result = anomaly = None

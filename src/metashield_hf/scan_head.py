@@ -64,15 +64,19 @@ class ScanHead:
         if sub is None:
             return self
         part = ScanHead(**sub)
-        if signals is not None and any(w and name not in signals for name, w in part.weights.items()):
+        if signals is not None and part.missing(signals):
             return self  # e.g. a text scan run without the token search
         return part
+
+    def missing(self, signals) -> list[str]:
+        """The signals this head weighs that are not among ``signals`` (a dict or any collection of names)."""
+        return sorted(n for n, w in self.weights.items() if w and n not in signals)
 
     def logit(self, signals: dict[str, float]) -> float:
         unknown = sorted(set(self.weights) - set(SIGNALS))
         if unknown:
             raise ValueError(f"scan head has weights for unknown signals {unknown}; known: {list(SIGNALS)}")
-        missing = sorted(n for n, w in self.weights.items() if w and n not in signals)
+        missing = self.missing(signals)
         if missing:
             raise ValueError(f"the scan head needs signals {missing}, which this scan did not produce")
         return self.bias + sum(w * float(signals[name]) for name, w in self.weights.items() if w)

