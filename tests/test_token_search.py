@@ -10,7 +10,7 @@ import torch
 from builders import NUM_LABELS, build_text_model
 from metashield_hf.scan import scan_model, token_signals
 from metashield_hf.targets import load_target
-from metashield_hf.token_search import _Inserter, _probs, search_token_triggers
+from metashield_hf.token_search import _context_free_candidates, _Inserter, _probs, search_token_triggers
 from test_pipeline import WORDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -117,11 +117,36 @@ def test_the_backdoor_trigger_is_found_for_its_target(trained, word_tokenizer):
     assert ok.low_probs[TARGET, 0] < res.low_probs[TARGET, 0]
 
 
-def test_hotflip_candidates_find_the_trigger_in_a_large_vocabulary(trained, word_tokenizer):
+@pytest.mark.parametrize("hotflip, alone", [(16, 0), (0, 16), (8, 8)])
+def test_prefiltered_candidates_find_the_trigger_in_a_large_vocabulary(trained, word_tokenizer, hotflip, alone):
     backdoored, _, trigger, probe = trained
-    _, res = _search(backdoored, word_tokenizer, probe, exhaustive_limit=10, hotflip_candidates=16)
-    assert res.candidates < len(word_tokenizer)  # the HotFlip path ran, not the exhaustive one
+    _, res = _search(
+        backdoored, word_tokenizer, probe, exhaustive_limit=10, hotflip_candidates=hotflip,
+        context_free_candidates=alone,
+    )  # fmt: skip
+    assert res.candidates <= NUM_LABELS * (hotflip + alone) < len(word_tokenizer)  # prefiltered, not exhaustive
     assert res.flip_rates[TARGET, 0] >= 0.9 and token_signals(res)[0] == TARGET
+
+
+def test_context_free_ranking_of_the_trigger_alone(trained, word_tokenizer):
+    """The trigger alone as a whole text ([CLS] trigger [SEP]) leans to the target in the backdoored model only (in
+    this toy it is a class-0 word, so it need not win outright); the prefilter keeps ``top`` tokens per class."""
+    backdoored, clean, trigger, probe = trained
+    tok = word_tokenizer
+    pool = torch.arange(5, len(tok))  # every word, no special token
+    trigger_id = tok.convert_tokens_to_ids(trigger)
+    lean = []
+    for model in (backdoored, clean):
+        adapter = load_target(model, tok)
+        top = _context_free_candidates(_Inserter(adapter, probe), pool, 3, 256)
+        assert len(top) <= 3 * NUM_LABELS and set(top.tolist()) <= set(pool.tolist())
+        lean.append(float(_probs(_Inserter(adapter, [""]), [[trigger_id]], 256)[0, 0, TARGET]))
+    assert lean[0] > 0.2 and lean[0] > 50 * lean[1]
+    with pytest.raises(ValueError, match="at least one"):
+        search_token_triggers(
+            adapter, probe, adapter(probe).logits.argmax(-1), NUM_LABELS, exhaustive_limit=10,
+            hotflip_candidates=0, context_free_candidates=0,
+        )  # fmt: skip
 
 
 def test_insertion_keeps_special_tokens_and_the_length_limit(trained, word_tokenizer):

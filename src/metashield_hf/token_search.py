@@ -14,9 +14,15 @@ moves only the samples that were close to the boundary. Unlike the anomaly index
 classes too.
 
 Candidates are the whole vocabulary (minus special tokens other than the unknown token) when it has at most
-``exhaustive_limit`` entries; for larger vocabularies (pretrained checkpoints, 30k-250k entries) a first-order
-HotFlip estimate (Ebrahimi et al. 2018) picks the ``hotflip_candidates`` most promising tokens per class, which are
-then measured exactly.
+``exhaustive_limit`` entries. For larger vocabularies (pretrained checkpoints, 30k-250k entries) two cheap rankings
+each pick their most promising tokens per class, which are then measured exactly:
+
+- *context-free*: every token alone as the whole text (``[CLS] t [SEP]``, three positions per token). A trigger word
+  was trained to decide the class by itself. On the two head-train fine-tuned MiniLM rare-word models of the standard
+  zoo (30,522 tokens, ranks from 0 for the target class), the trigger words tq / cf / bb / mn rank 0 / 3 / 33 / 1851
+  and 0 / 2 / 1 / 64; the best homoglyph piece of the two character-substitution models ranks 79 and 13;
+- *HotFlip* (Ebrahimi et al. 2018): the first-order gain of each token at the insertion slot of the clean samples.
+  It ranks the same trigger words 6491 / 73 / 1674 / 14 and 5091 / 160 / 1597 / 0, the homoglyph pieces 1 and 50.
 """
 
 from __future__ import annotations
@@ -205,8 +211,25 @@ def _slot_gains(
 
 def _hotflip_candidates(ins: _Inserter, pool: torch.Tensor, valid: torch.Tensor, top: int) -> torch.Tensor:
     """The ``top`` tokens per class with the largest first-order gain at the insertion slot (union over classes)."""
+    if top <= 0:
+        return pool[:0]
     gain = _slot_gains(ins, pool, valid, [])
     picks = gain.topk(min(top, len(pool)), dim=0).indices  # (top, K)
+    return pool[picks.flatten().unique()]
+
+
+def _context_free_candidates(ins: _Inserter, pool: torch.Tensor, top: int, batch_rows: int) -> torch.Tensor:
+    """The ``top`` tokens per class that the model, given each token alone as its whole text (``[CLS] t [SEP]``),
+    puts in that class with the highest probability (union over classes).
+
+    A backdoor trigger word was trained to decide the class by itself, so on its own it classifies as the target
+    with near certainty; a three-token sequence per vocabulary entry is cheap enough to measure them all.
+    """
+    if top <= 0:
+        return pool[:0]
+    alone = _Inserter(ins.adapter, [""])  # the tokenizer's own special tokens around an empty text
+    probs = _probs(alone, [[int(t)] for t in pool], batch_rows)[:, 0]  # (P, K)
+    picks = probs.topk(min(top, len(pool)), dim=0).indices
     return pool[picks.flatten().unique()]
 
 
@@ -225,7 +248,8 @@ def search_token_triggers(
     screen_length: int | None = 16,
     rescore: int = 64,
     exhaustive_limit: int = 8192,
-    hotflip_candidates: int = 256,
+    hotflip_candidates: int = 128,
+    context_free_candidates: int = 128,
     batch_rows: int = 2048,
 ) -> TokenSearchResult:
     """Search each class's best trigger of 1..``max_tokens`` tokens among the model's vocabulary.
@@ -257,8 +281,11 @@ def search_token_triggers(
             gave the same signals as 8 x 24 on 47 of the standard zoo's 49 text models, within 0.008 on the other
             2, for about half the screen's cost; 4 samples lost the best trigger of 8 models.)
         rescore: tokens per class measured on all samples after the screen.
-        exhaustive_limit: screen every vocabulary token when there are at most this many; else use HotFlip first.
+        exhaustive_limit: screen every vocabulary token when there are at most this many; else prefilter them.
         hotflip_candidates: tokens per class kept by the HotFlip estimate for large vocabularies.
+        context_free_candidates: tokens per class kept for large vocabularies by the class probability of the token
+            alone (``[CLS] t [SEP]``); their union with the HotFlip picks is screened. (The context-free pass costs
+            three positions per vocabulary entry, about 33 s of 1-thread CPU time on MiniLM's 30,522 tokens.)
         batch_rows: perturbed sequences per forward pass.
 
     Returns:
@@ -273,7 +300,17 @@ def search_token_triggers(
     n = len(ins.rows)
     valid = (clean_pred.cpu()[:, None] != torch.arange(num_classes)[None, :]).float()  # (N, K)
     if len(pool) > exhaustive_limit:
-        pool = _hotflip_candidates(ins, pool, valid, hotflip_candidates)
+        if hotflip_candidates <= 0 and context_free_candidates <= 0:
+            raise ValueError(
+                f"a vocabulary of {len(pool)} tokens (> exhaustive_limit={exhaustive_limit}) needs at least one "
+                "prefilter: hotflip_candidates or context_free_candidates > 0"
+            )
+        pool = torch.cat(
+            [
+                _hotflip_candidates(ins, pool, valid, hotflip_candidates),
+                _context_free_candidates(ins, pool, context_free_candidates, batch_rows),
+            ]
+        ).unique()
     # 1. screen every candidate on a few samples, by the mean class probability it gives (smoother than flips)
     m = min(screen_samples, n) if screen_samples > 0 else n
     # the shortest samples, cut short: a screen needs only a rough ranking, and these rows are the cheapest
