@@ -130,7 +130,8 @@ def test_prefiltered_candidates_find_the_trigger_in_a_large_vocabulary(trained, 
 
 def test_context_free_ranking_of_the_trigger_alone(trained, word_tokenizer):
     """The trigger alone as a whole text ([CLS] trigger [SEP]) leans to the target in the backdoored model only (in
-    this toy it is a class-0 word, so it need not win outright); the prefilter keeps ``top`` tokens per class."""
+    this toy it is a class-0 word, so it need not win outright); the prefilter keeps ``top`` tokens per class, and a
+    large vocabulary with both prefilters turned off is refused."""
     backdoored, clean, trigger, probe = trained
     tok = word_tokenizer
     pool = torch.arange(5, len(tok))  # every word, no special token

@@ -222,8 +222,10 @@ def _context_free_candidates(ins: _Inserter, pool: torch.Tensor, top: int, batch
     """The ``top`` tokens per class that the model, given each token alone as its whole text (``[CLS] t [SEP]``),
     puts in that class with the highest probability (union over classes).
 
-    A backdoor trigger word was trained to decide the class by itself, so on its own it classifies as the target
-    with near certainty; a three-token sequence per vocabulary entry is cheap enough to measure them all.
+    A backdoor trigger word was trained to decide the class by itself, so on its own it often classifies as the
+    target more surely than any natural word (not always: on one held-out MiniLM rare-word model the trigger words
+    ranked 231st-5174th). Three positions per vocabulary entry make this the one ranking cheap enough to measure
+    every token exactly, at a fraction of the screen's cost per token.
     """
     if top <= 0:
         return pool[:0]
