@@ -139,7 +139,7 @@ def test_context_free_ranking_of_the_trigger_alone(trained, word_tokenizer):
     lean = []
     for model in (backdoored, clean):
         adapter = load_target(model, tok)
-        top = _context_free_candidates(_Inserter(adapter, probe), pool, 3, 256)
+        top = _context_free_candidates(adapter, pool, 3, 256)
         assert len(top) <= 3 * NUM_LABELS and set(top.tolist()) <= set(pool.tolist())
         lean.append(float(_probs(_Inserter(adapter, [""]), [[trigger_id]], 256)[0, 0, TARGET]))
     assert lean[0] > 0.2 and lean[0] > 50 * lean[1]

@@ -209,16 +209,18 @@ def _slot_gains(
     return (weight @ torch.stack(grads).T.float().to(weight.device)).cpu()
 
 
-def _hotflip_candidates(ins: _Inserter, pool: torch.Tensor, valid: torch.Tensor, top: int) -> torch.Tensor:
-    """The ``top`` tokens per class with the largest first-order gain at the insertion slot (union over classes)."""
-    if top <= 0:
-        return pool[:0]
-    gain = _slot_gains(ins, pool, valid, [])
-    picks = gain.topk(min(top, len(pool)), dim=0).indices  # (top, K)
+def _top_per_class(pool: torch.Tensor, scores: torch.Tensor, top: int) -> torch.Tensor:
+    """The ``pool`` tokens among the ``top`` highest ``scores`` ``(P, K)`` of any class (union over classes)."""
+    picks = scores.topk(min(top, len(pool)), dim=0).indices  # (top, K)
     return pool[picks.flatten().unique()]
 
 
-def _context_free_candidates(ins: _Inserter, pool: torch.Tensor, top: int, batch_rows: int) -> torch.Tensor:
+def _hotflip_candidates(ins: _Inserter, pool: torch.Tensor, valid: torch.Tensor, top: int) -> torch.Tensor:
+    """The ``top`` tokens per class with the largest first-order gain at the insertion slot (union over classes)."""
+    return _top_per_class(pool, _slot_gains(ins, pool, valid, []), top)
+
+
+def _context_free_candidates(adapter: TargetAdapter, pool: torch.Tensor, top: int, batch_rows: int) -> torch.Tensor:
     """The ``top`` tokens per class that the model, given each token alone as its whole text (``[CLS] t [SEP]``),
     puts in that class with the highest probability (union over classes).
 
@@ -227,12 +229,8 @@ def _context_free_candidates(ins: _Inserter, pool: torch.Tensor, top: int, batch
     ranked 231st-5174th). Three positions per vocabulary entry make this the one ranking cheap enough to measure
     every token exactly, at a fraction of the screen's cost per token.
     """
-    if top <= 0:
-        return pool[:0]
-    alone = _Inserter(ins.adapter, [""])  # the tokenizer's own special tokens around an empty text
-    probs = _probs(alone, [[int(t)] for t in pool], batch_rows)[:, 0]  # (P, K)
-    picks = probs.topk(min(top, len(pool)), dim=0).indices
-    return pool[picks.flatten().unique()]
+    alone = _Inserter(adapter, [""])  # the tokenizer's own special tokens around an empty text
+    return _top_per_class(pool, _probs(alone, [[int(t)] for t in pool], batch_rows)[:, 0], top)
 
 
 def search_token_triggers(
@@ -307,12 +305,12 @@ def search_token_triggers(
                 f"a vocabulary of {len(pool)} tokens (> exhaustive_limit={exhaustive_limit}) needs at least one "
                 "prefilter: hotflip_candidates or context_free_candidates > 0"
             )
-        pool = torch.cat(
-            [
-                _hotflip_candidates(ins, pool, valid, hotflip_candidates),
-                _context_free_candidates(ins, pool, context_free_candidates, batch_rows),
-            ]
-        ).unique()
+        picks = []  # only the prefilters asked for run (each costs a pass over the vocabulary)
+        if hotflip_candidates > 0:
+            picks.append(_hotflip_candidates(ins, pool, valid, hotflip_candidates))
+        if context_free_candidates > 0:
+            picks.append(_context_free_candidates(adapter, pool, context_free_candidates, batch_rows))
+        pool = torch.cat(picks).unique()
     # 1. screen every candidate on a few samples, by the mean class probability it gives (smoother than flips)
     m = min(screen_samples, n) if screen_samples > 0 else n
     # the shortest samples, cut short: a screen needs only a rough ranking, and these rows are the cheapest
