@@ -10,7 +10,13 @@ import torch
 from builders import NUM_LABELS, build_text_model
 from metashield_hf.scan import scan_model, token_signals
 from metashield_hf.targets import load_target
-from metashield_hf.token_search import _context_free_candidates, _Inserter, _probs, search_token_triggers
+from metashield_hf.token_search import (
+    _context_free_candidates,
+    _Inserter,
+    _probs,
+    large_vocabulary,
+    search_token_triggers,
+)
 from test_pipeline import WORDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,6 +116,7 @@ def test_the_backdoor_trigger_is_found_for_its_target(trained, word_tokenizer):
     assert signals["token_dominance"] == res.dominance[:, 0].max() == res.dominance[TARGET, 0] >= 0.75  # it wins
     # the clean twin has no token that sends (nearly) every sample to TARGET
     assert ok.flip_rates[TARGET, 0] < 0.9 <= res.flip_rates[TARGET, 0]
+    assert not res.prefiltered and not large_vocabulary(load_target(backdoored, tok))  # the whole vocabulary
     assert [len(t) for t in res.triggers[0]] == [1, 2]  # the best trigger of each length
     # the lower quartile: the trigger also overrides the samples that resist it most, which no clean word does
     assert res.low_probs.shape == (NUM_LABELS, 2) and ((res.low_probs >= 0) & (res.low_probs <= 1)).all()
@@ -125,6 +132,7 @@ def test_prefiltered_candidates_find_the_trigger_in_a_large_vocabulary(trained, 
         context_free_candidates=alone,
     )  # fmt: skip
     assert res.candidates <= NUM_LABELS * (hotflip + alone) < len(word_tokenizer)  # prefiltered, not exhaustive
+    assert res.prefiltered and large_vocabulary(load_target(backdoored, word_tokenizer), exhaustive_limit=10)
     assert res.flip_rates[TARGET, 0] >= 0.9 and token_signals(res)[0] == TARGET
 
 
@@ -139,7 +147,9 @@ def test_context_free_ranking_of_the_trigger_alone(trained, word_tokenizer):
     lean = []
     for model in (backdoored, clean):
         adapter = load_target(model, tok)
-        top = _context_free_candidates(adapter, pool, 3, 256)
+        ins = _Inserter(adapter, probe)
+        valid = (adapter(probe).logits.argmax(-1)[:, None] != torch.arange(NUM_LABELS)).float()
+        top = _context_free_candidates(ins, pool, valid, 3, 256)
         assert len(top) <= 3 * NUM_LABELS and set(top.tolist()) <= set(pool.tolist())
         lean.append(float(_probs(_Inserter(adapter, [""]), [[trigger_id]], 256)[0, 0, TARGET]))
     assert lean[0] > 0.2 and lean[0] > 50 * lean[1]
@@ -148,6 +158,28 @@ def test_context_free_ranking_of_the_trigger_alone(trained, word_tokenizer):
             adapter, probe, adapter(probe).logits.argmax(-1), NUM_LABELS, exhaustive_limit=10,
             hotflip_candidates=0, context_free_candidates=0,
         )  # fmt: skip
+
+
+def test_the_wide_context_free_cut_keeps_what_flips_real_samples(trained, word_tokenizer):
+    """With ``wide``, the context-free pass keeps ``wide`` tokens per class and cuts them to ``top`` by how surely
+    they send the shortest clean samples of other classes to the class: in the backdoored model the one token kept
+    for the target is the trigger, which the context-free order alone puts first for no class."""
+    backdoored, _, trigger, probe = trained
+    tok = word_tokenizer
+    pool = torch.arange(5, len(tok))
+    adapter = load_target(backdoored, tok)
+    ins = _Inserter(adapter, probe)
+    valid = (adapter(probe).logits.argmax(-1)[:, None] != torch.arange(NUM_LABELS)).float()
+    alone = _probs(_Inserter(adapter, [""]), [[int(t)] for t in pool], 256)[:, 0, TARGET]
+    trigger_id = tok.convert_tokens_to_ids(trigger)
+    assert trigger_id not in _context_free_candidates(ins, pool, valid, 1, 256).tolist()  # no class's first alone
+    cut = _context_free_candidates(ins, pool, valid, 1, 256, wide=len(pool))
+    assert len(cut) <= NUM_LABELS and trigger_id in cut.tolist()
+    # no valid sample for a class (every sample already of it): that class keeps the context-free order
+    none_valid = valid.clone()
+    none_valid[:, TARGET] = 0
+    kept = _context_free_candidates(ins, pool, none_valid, 1, 256, wide=len(pool))
+    assert int(pool[alone.argmax()]) in kept.tolist()
 
 
 def test_insertion_keeps_special_tokens_and_the_length_limit(trained, word_tokenizer):

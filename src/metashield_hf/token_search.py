@@ -20,7 +20,10 @@ each pick their most promising tokens per class, which are then measured exactly
 - *context-free*: every token alone as the whole text (``[CLS] t [SEP]``, three positions per token). A trigger word
   was trained to decide the class by itself. On the two head-train fine-tuned MiniLM rare-word models of the standard
   zoo (30,522 tokens, ranks from 0 for the target class), the trigger words tq / cf / bb / mn rank 0 / 3 / 33 / 1851
-  and 0 / 2 / 1 / 64; the best homoglyph piece of the two character-substitution models ranks 79 and 13;
+  and 0 / 2 / 1 / 64; the best homoglyph piece of the two character-substitution models ranks 79 and 13. But where
+  natural class words alone are near-certain too, a trigger ties with hundreds of them (on a held-out SST-2 MiniLM
+  rare-word model its words ranked 231st-5174th), so the pass keeps 1024 tokens per class and cuts them to the 128
+  that most surely flip two short clean samples of the other classes;
 - *HotFlip* (Ebrahimi et al. 2018): the first-order gain of each token at the insertion slot of the clean samples.
   It ranks the same trigger words 6491 / 73 / 1674 / 14 and 5091 / 160 / 1597 / 0, the homoglyph pieces 1 and 50.
 """
@@ -41,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 _LENGTH_GROUP = 5  # samples per length group in _probs
 
-__all__ = ["TokenSearchResult", "search_token_triggers", "trigger_outputs"]
+__all__ = ["TokenSearchResult", "large_vocabulary", "search_token_triggers", "trigger_outputs"]
 
 
 @dataclass
@@ -59,6 +62,8 @@ class TokenSearchResult:
         triggers: ``K`` lists of ``L`` token-id lists, the best trigger of each length.
         trigger_texts: the longest best trigger of each class, decoded.
         candidates: how many distinct tokens were measured exactly.
+        prefiltered: whether the vocabulary was too large to screen whole ([`large_vocabulary`]), so the candidates
+            come from the prefilters.
     """
 
     flip_rates: np.ndarray
@@ -68,6 +73,22 @@ class TokenSearchResult:
     triggers: list[list[list[int]]]
     trigger_texts: list[str]
     candidates: int
+    prefiltered: bool = False
+
+
+EXHAUSTIVE_LIMIT = 8192  # default of search_token_triggers(exhaustive_limit=...)
+
+
+def _pool(tok) -> torch.Tensor:
+    """Every vocabulary id a trigger may use: all but the special tokens (the unknown token stays)."""
+    skip = set(tok.all_special_ids) - {tok.unk_token_id}
+    return torch.tensor([i for i in range(len(tok)) if i not in skip], dtype=torch.long)
+
+
+def large_vocabulary(adapter: TargetAdapter, exhaustive_limit: int = EXHAUSTIVE_LIMIT) -> bool:
+    """Whether [`search_token_triggers`] prefilters this text model's vocabulary (more than ``exhaustive_limit``
+    candidate tokens: pretrained checkpoints, 30k-250k tokens) rather than screening all of it."""
+    return len(_pool(_tokenizer_of(adapter)[0])) > exhaustive_limit
 
 
 def _tokenizer_of(adapter: TargetAdapter):
@@ -220,17 +241,44 @@ def _hotflip_candidates(ins: _Inserter, pool: torch.Tensor, valid: torch.Tensor,
     return _top_per_class(pool, _slot_gains(ins, pool, valid, []), top)
 
 
-def _context_free_candidates(adapter: TargetAdapter, pool: torch.Tensor, top: int, batch_rows: int) -> torch.Tensor:
+def _context_free_candidates(
+    ins: _Inserter,
+    pool: torch.Tensor,
+    valid: torch.Tensor,
+    top: int,
+    batch_rows: int,
+    *,
+    wide: int = 0,
+    samples: int = 2,
+    length: int = 8,
+) -> torch.Tensor:
     """The ``top`` tokens per class that the model, given each token alone as its whole text (``[CLS] t [SEP]``),
     puts in that class with the highest probability (union over classes).
 
     A backdoor trigger word was trained to decide the class by itself, so on its own it often classifies as the
-    target more surely than any natural word (not always: on one held-out MiniLM rare-word model the trigger words
-    ranked 231st-5174th). Three positions per vocabulary entry make this the one ranking cheap enough to measure
-    every token exactly, at a fraction of the screen's cost per token.
+    target more surely than any natural word. Three positions per vocabulary entry make this the one ranking cheap
+    enough to measure every token exactly, at a fraction of the screen's cost per token. But in a model whose
+    natural class words already classify alone with probability near 1, the trigger ties with hundreds of them (on
+    one held-out MiniLM rare-word model its words ranked 231st-5174th). So with ``wide > top`` the ``wide`` best per
+    class are kept first, and cut to ``top`` by the mean class probability they give the ``samples`` shortest clean
+    samples of the other classes, cut to ``length`` tokens: a trigger flips a real text, a class word on its own
+    mostly does not.
     """
-    alone = _Inserter(adapter, [""])  # the tokenizer's own special tokens around an empty text
-    return _top_per_class(pool, _probs(alone, [[int(t)] for t in pool], batch_rows)[:, 0], top)
+    alone = _Inserter(ins.adapter, [""])  # the tokenizer's own special tokens around an empty text
+    scores = _probs(alone, [[int(t)] for t in pool], batch_rows)[:, 0]  # (P, K)
+    if wide <= top:
+        return _top_per_class(pool, scores, top)
+    picks = []
+    for k in range(scores.shape[1]):
+        wide_k = pool[scores[:, k].topk(min(wide, len(pool))).indices]
+        others = [i for i in range(len(ins.rows)) if valid[i, k] > 0]
+        if not others:  # every clean sample is already of class k: nothing to flip, keep the context-free order
+            picks.append(wide_k[:top])
+            continue
+        index = sorted(others, key=lambda i: (len(ins.rows[i]), i))[:samples]
+        probs = _probs(ins.subset(index, length), [[int(t)] for t in wide_k], batch_rows)[:, :, k].mean(1)
+        picks.append(wide_k[probs.topk(min(top, len(wide_k))).indices])
+    return torch.cat(picks).unique()
 
 
 def search_token_triggers(
@@ -247,9 +295,10 @@ def search_token_triggers(
     screen_samples: int = 6,
     screen_length: int | None = 16,
     rescore: int = 64,
-    exhaustive_limit: int = 8192,
+    exhaustive_limit: int = EXHAUSTIVE_LIMIT,
     hotflip_candidates: int = 128,
     context_free_candidates: int = 128,
+    context_free_wide: int = 1024,
     batch_rows: int = 2048,
 ) -> TokenSearchResult:
     """Search each class's best trigger of 1..``max_tokens`` tokens among the model's vocabulary.
@@ -286,6 +335,9 @@ def search_token_triggers(
         context_free_candidates: tokens per class kept for large vocabularies by the class probability of the token
             alone (``[CLS] t [SEP]``); their union with the HotFlip picks is screened. (The context-free pass costs
             three positions per vocabulary entry, about 33 s of 1-thread CPU time on MiniLM's 30,522 tokens.)
+        context_free_wide: with more than ``context_free_candidates``, the context-free pass first keeps this many
+            tokens per class, then the ``context_free_candidates`` of them that give the class the highest mean
+            probability on the 2 shortest clean samples of other classes, cut to 8 tokens (``0``: no such cut).
         batch_rows: perturbed sequences per forward pass.
 
     Returns:
@@ -294,12 +346,11 @@ def search_token_triggers(
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     ins = _Inserter(adapter, items)
-    vocab = len(ins.tok)
-    skip = set(ins.tok.all_special_ids) - {ins.tok.unk_token_id}
-    pool = torch.tensor([i for i in range(vocab) if i not in skip], dtype=torch.long)
+    pool = _pool(ins.tok)
     n = len(ins.rows)
     valid = (clean_pred.cpu()[:, None] != torch.arange(num_classes)[None, :]).float()  # (N, K)
-    if len(pool) > exhaustive_limit:
+    prefiltered = len(pool) > exhaustive_limit
+    if prefiltered:
         if hotflip_candidates <= 0 and context_free_candidates <= 0:
             raise ValueError(
                 f"a vocabulary of {len(pool)} tokens (> exhaustive_limit={exhaustive_limit}) needs at least one "
@@ -309,7 +360,9 @@ def search_token_triggers(
         if hotflip_candidates > 0:
             picks.append(_hotflip_candidates(ins, pool, valid, hotflip_candidates))
         if context_free_candidates > 0:
-            picks.append(_context_free_candidates(adapter, pool, context_free_candidates, batch_rows))
+            picks.append(
+                _context_free_candidates(ins, pool, valid, context_free_candidates, batch_rows, wide=context_free_wide)
+            )
         pool = torch.cat(picks).unique()
     # 1. screen every candidate on a few samples, by the mean class probability it gives (smoother than flips)
     m = min(screen_samples, n) if screen_samples > 0 else n
@@ -365,4 +418,5 @@ def search_token_triggers(
         triggers=best,
         trigger_texts=texts,
         candidates=int(len(pool)),
+        prefiltered=prefiltered,
     )
