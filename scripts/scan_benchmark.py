@@ -42,7 +42,14 @@ from metashield_hf.scan import (
     scan_model,
     token_signals,
 )
-from metashield_hf.scan_head import DEFAULT_SCAN_HEAD, SYNTHESIS_SIGNALS, TOKEN_SIGNALS, ScanHead, fit_scan_head
+from metashield_hf.scan_head import (
+    DEFAULT_SCAN_HEAD,
+    LARGE_VOCABULARY,
+    SYNTHESIS_SIGNALS,
+    TOKEN_SIGNALS,
+    ScanHead,
+    fit_scan_head,
+)
 from metashield_hf.zoo import load_zoo, row_probe, row_to_target
 from metashield_hf.zoo.text import PRETRAINED_TEXT
 
@@ -94,6 +101,7 @@ def scan_row(
         "seconds": ms.timings["total_s"],
         "timings": ms.timings,
         "space": ms.space,
+        "large_vocabulary": ms.options.get("large_vocabulary", False),
         "steps": steps,
         "refine": ms.options["refine"],
         "screen_steps": ms.options["screen_steps"],
@@ -306,20 +314,41 @@ def modality(rec: dict) -> str:
     return rec.get("modality", "text" if rec["domain"] == "nlp" else "image")
 
 
-def fit_heads(train: list[dict], c: float, text_signals: tuple[str, ...], text_c: float | None = None) -> ScanHead:
+def variant(rec: dict) -> str | None:
+    """The scan's head variant: ``LARGE_VOCABULARY`` for a text scan whose token search prefiltered the vocabulary."""
+    return LARGE_VOCABULARY if rec["metashield"].get("large_vocabulary") else None
+
+
+def fit_heads(
+    train: list[dict],
+    c: float,
+    text_signals: tuple[str, ...],
+    text_c: float | None = None,
+    large_signals: tuple[str, ...] = (),
+) -> ScanHead:
     """One head on the image/tensor models' synthesis signals, and a text head (``by_modality["text"]``) on the
-    text models' ``text_signals``: the token signals exist only for text, and mean different things there."""
+    text models' ``text_signals``: the token signals exist only for text, and mean different things there. With
+    ``large_signals`` (and train text models of both kinds), the text models whose search prefiltered a large
+    vocabulary get their own head on those signals (``by_modality["text/large_vocabulary"]``), and the text head is
+    fit on the others."""
     other = [r for r in train if modality(r) != "text"]
     text = [r for r in train if modality(r) == "text"]
     head = fit_scan_head([r["metashield"]["signals"] for r in other], [int(r["is_backdoored"]) for r in other], c=c)
-    if text and text_signals:
-        sub = fit_scan_head(
-            [r["metashield"]["signals"] for r in text],
-            [int(r["is_backdoored"]) for r in text],
-            c=c if text_c is None else text_c,
-            signals=text_signals,
-        )
-        head.by_modality = {"text": {k: v for k, v in sub.__dict__.items() if k != "by_modality"}}
+    large = [r for r in text if variant(r)] if large_signals else []
+    small = [r for r in text if not variant(r)]
+    if len({int(r["is_backdoored"]) for r in large}) < 2 or len({int(r["is_backdoored"]) for r in small}) < 2:
+        large, small = [], text  # too few of a kind to fit a head apart
+    parts = {}
+    for key, rows, names in (("text", small, text_signals), (f"text/{LARGE_VOCABULARY}", large, large_signals)):
+        if rows and names:
+            sub = fit_scan_head(
+                [r["metashield"]["signals"] for r in rows],
+                [int(r["is_backdoored"]) for r in rows],
+                c=c if text_c is None else text_c,
+                signals=names,
+            )
+            parts[key] = {k: v for k, v in sub.__dict__.items() if k != "by_modality"}
+    head.by_modality = parts or None
     return head
 
 
@@ -327,7 +356,7 @@ def score(head: ScanHead, rec: dict) -> float:
     """The head's score of a record; NaN where the record lacks a signal the head weighs (the prior head, which has
     no text part, on a text scan by the token search alone)."""
     signals = rec["metashield"]["signals"]
-    head = head.for_modality(modality(rec), signals)
+    head = head.for_modality(modality(rec), signals, variant(rec))
     if head.missing(signals):
         return float("nan")
     return head.score(signals)
@@ -340,47 +369,64 @@ def cv_head_c(
     repeats: int = 20,
     folds: int = 5,
     text_c: float | None = None,
+    large_signals: tuple[str, ...] = (),
 ) -> dict[float, dict[str, float]]:
-    """Mean AUROC per domain over the train models of heads fit on the other folds (repeated stratified k-fold),
-    per C (``text_c``: the text head's C, fixed; default: the same C). Uses train models only, so the held-out models
-    play no part in choosing C."""
+    """Mean AUROC per domain over the train models of heads fit on the other folds (repeated stratified k-fold, the
+    folds stratified by domain, label and head variant), per C (``text_c``: the text head's C, fixed; default: the
+    same C); for text also ``nlp (large vocabulary)`` and ``nlp (small vocabulary)`` where the train models have
+    both. Uses train models only, so the held-out models play no part in choosing C."""
     from sklearn.model_selection import StratifiedKFold
 
     y = np.array([int(r["is_backdoored"]) for r in train])
-    domains = sorted({r["domain"] for r in train})
-    strata = [f"{r['domain']}{y[i]}" for i, r in enumerate(train)]
+    groups = {d: np.array([r["domain"] == d for r in train]) for d in sorted({r["domain"] for r in train})}
+    large = np.array([variant(r) is not None for r in train])
+    if large.any() and not large[groups.get("nlp", large)].all():
+        groups["nlp (large vocabulary)"] = large
+        groups["nlp (small vocabulary)"] = groups["nlp"] & ~large
+    strata = [f"{r['domain']}{y[i]}{large[i]}" for i, r in enumerate(train)]
     out = {}
     for c in cs:
-        aucs: dict[str, list[float]] = {d: [] for d in domains}
+        aucs: dict[str, list[float]] = {g: [] for g in groups}
         for rep in range(repeats):
             scores = np.zeros(len(train))
             for fit, held in StratifiedKFold(folds, shuffle=True, random_state=rep).split(train, strata):
-                head = fit_heads([train[i] for i in fit], c, text_signals, text_c)
+                head = fit_heads([train[i] for i in fit], c, text_signals, text_c, large_signals)
                 scores[held] = [score(head, train[i]) for i in held]
-            for d in domains:
-                m = np.array([r["domain"] == d for r in train])
-                aucs[d].append(auroc(scores[m], y[m]))
-        out[c] = {d: float(np.mean(a)) for d, a in aucs.items()}
+            for g, m in groups.items():
+                aucs[g].append(auroc(scores[m], y[m]))
+        out[c] = {g: float(np.mean(a)) for g, a in aucs.items()}
     return out
 
 
-def text_signal_choice(train: list[dict], text_signals: tuple[str, ...], text_c: float) -> dict[str, str]:
-    """How the text head's signals were chosen, on the train text models only: each token signal's own AUROC, and
-    the cross-validated nlp AUROC of the head on the chosen signals vs on all of them."""
+def text_signal_choice(
+    train: list[dict], text_signals: tuple[str, ...], text_c: float, large_signals: tuple[str, ...] = ()
+) -> dict[str, str]:
+    """How the text heads' signals were chosen, on the train text models only: each token signal's own AUROC (over
+    all of them, and over the large-vocabulary ones), and the cross-validated nlp AUROC of the chosen heads against
+    one text head on the same signals and on all of them."""
     text = [r for r in train if modality(r) == "text" and "token_prob" in r["metashield"]["signals"]]
-    y = [int(r["is_backdoored"]) for r in text]
-    alone = {n: auroc([r["metashield"]["signals"][n] for r in text], y) for n in TOKEN_SIGNALS}
+    large = [r for r in text if variant(r)]
 
-    def cv(signals: tuple[str, ...]) -> float:
-        return cv_head_c(train, signals, cs=(text_c,), text_c=text_c)[text_c]["nlp"]
+    def alone(rows: list[dict]) -> str:
+        y = [int(r["is_backdoored"]) for r in rows]
+        return ", ".join(f"{n} {auroc([r['metashield']['signals'][n] for r in rows], y):.3f}" for n in TOKEN_SIGNALS)
 
-    return {
-        f"token signals alone, AUROC on the {len(text)} train text models": ", ".join(
-            f"{n} {a:.3f}" for n, a in alone.items()
-        ),
-        f"text head by cross-validation on train models (nlp AUROC, C={text_c:g})": f"on {list(text_signals)}: "
-        f"{cv(text_signals):.3f}; on all {len(TOKEN_SIGNALS)} token signals: {cv(TOKEN_SIGNALS):.3f}",
-    }
+    def cv(signals: tuple[str, ...], large_part: tuple[str, ...] = ()) -> str:
+        aucs = cv_head_c(train, signals, cs=(text_c,), text_c=text_c, large_signals=large_part)[text_c]
+        parts = [f"{aucs['nlp']:.3f}"] + [f"{g[5:-1]} {a:.3f}" for g, a in aucs.items() if g.startswith("nlp (")]
+        return f"{parts[0]} ({', '.join(parts[1:])})" if len(parts) > 1 else parts[0]
+
+    out = {f"token signals alone, AUROC on the {len(text)} train text models": alone(text)}
+    if large:
+        out[f"the same on the {len(large)} whose search prefiltered a large vocabulary"] = alone(large)
+    key = f"text heads by cross-validation on train models (nlp AUROC, C={text_c:g})"
+    out[key] = ""
+    if large_signals:
+        out[key] += f"text on {list(text_signals)}, large vocabulary on {list(large_signals)}: "
+        out[key] += f"{cv(text_signals, large_signals)}; "
+    out[key] += f"one text head on {list(text_signals)}: {cv(text_signals)}; on all {len(TOKEN_SIGNALS)} token "
+    out[key] += f"signals: {cv(TOKEN_SIGNALS)}"
+    return out
 
 
 def main() -> None:
@@ -412,6 +458,15 @@ def main() -> None:
         # the two with the best cross-validated AUROC on the train text models (0.83; all six token signals: 0.72)
         default=["token_prob", "token_prob_2"],
         help=f"signals of the text head (any of {list(SYNTHESIS_SIGNALS + TOKEN_SIGNALS)}; none: one head for all)",
+    )
+    parser.add_argument(
+        "--large_vocabulary_signals",
+        nargs="*",
+        # token_dominance_2: by cross-validation on the train text models, a head of its own on it for the scans
+        # that prefiltered a large vocabulary (the 10 train MiniLM rows) gave nlp AUROC 0.895 against 0.856 for one
+        # text head on --text_signals (logs of the choice in the report)
+        default=["token_dominance_2"],
+        help="signals of a separate head for text scans that prefiltered a large vocabulary (none: the text head)",
     )
     parser.add_argument(
         "--nc_steps",
@@ -519,7 +574,8 @@ def main() -> None:
     test = [r for r in records if r["split"] == "test"]
     default_head = ScanHead.load(prior_path)
     text_signals = tuple(args.text_signals)
-    fitted = fit_heads(train, args.head_c, text_signals, args.text_head_c)
+    large_signals = tuple(args.large_vocabulary_signals)
+    fitted = fit_heads(train, args.head_c, text_signals, args.text_head_c, large_signals)
     Path(args.head_out).parent.mkdir(parents=True, exist_ok=True)
     fitted.save(args.head_out)
     for r in test:
@@ -577,14 +633,19 @@ def main() -> None:
         ),
         **({"wall time of this invocation": f"{run_s:.0f} s for {len(todo)} newly scanned models"} if todo else {}),
         "scan head fit": f"fit_scan_head on the {len(train)} train models' signals: image/tensor models on "
-        f"{list(SYNTHESIS_SIGNALS)} (C={args.head_c}), text models on {list(text_signals)} (C={args.text_head_c}) "
-        f"-> {args.head_out}",
+        f"{list(SYNTHESIS_SIGNALS)} (C={args.head_c}), text models on {list(text_signals)} (C={args.text_head_c})"
+        + (
+            f", those whose search prefiltered a large vocabulary on {list(large_signals)} (same C)"
+            if fitted.by_modality and f"text/{LARGE_VOCABULARY}" in fitted.by_modality
+            else ""
+        )
+        + f" -> {args.head_out}",
         "scan seconds summed over all records": f"{sum(_total_s(r) for r in records):.0f} s",
         "head C by cross-validation on train models (mean AUROC per domain)": "; ".join(
             f"C={c}: " + ", ".join(f"{d} {a:.3f}" for d, a in aucs.items())
-            for c, aucs in cv_head_c(train, text_signals).items()
+            for c, aucs in cv_head_c(train, text_signals, large_signals=large_signals).items()
         ),
-        **text_signal_choice(train, text_signals, args.text_head_c),
+        **text_signal_choice(train, text_signals, args.text_head_c, large_signals),
     }
     for r in test:  # strict JSON: no NaN
         if not np.isfinite(r["metashield"]["score_default_rescored"]):

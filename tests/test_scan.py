@@ -20,7 +20,7 @@ from metashield_hf.scan import (
     neural_cleanse_scan,
     scan_model,
 )
-from metashield_hf.scan_head import NEURAL_CLEANSE_RULE_HEAD
+from metashield_hf.scan_head import LARGE_VOCABULARY, NEURAL_CLEANSE_RULE_HEAD
 from metashield_hf.synthesis import anomaly_indices, chance_anomaly_index
 from test_pipeline import clean_sentences
 
@@ -287,6 +287,25 @@ def test_scan_head_parts_by_modality_round_trip(tmp_path):
     # a scan without the part's signals (text without the token search) is scored by the general head
     assert back.for_modality("text", {"anomaly_index": 3.0}) is back
     assert back.for_modality("text", {"token_prob": 0.5}) == part
+    # no part for a variant: the modality's part scores it
+    assert back.for_modality("text", {"token_prob": 0.5}, LARGE_VOCABULARY) == part
+
+
+def test_scan_head_variant_part_for_large_vocabulary_scans(tmp_path):
+    """A ``text/large_vocabulary`` part scores the text scans whose search prefiltered a large vocabulary; it falls
+    back to the text part, then the general head, where the scan lacks the signals it weighs."""
+    text = {"weights": {"token_prob": 2.0}, "bias": -1.0, "threshold": 0.5, "source": "text part"}
+    large = {"weights": {"token_dominance_2": 4.0}, "bias": -2.0, "threshold": 0.5, "source": "large part"}
+    head = ScanHead({"anomaly_index": 1.0}, 0.0, 0.5, "general", {"text": text, f"text/{LARGE_VOCABULARY}": large})
+    head.save(tmp_path / "head.json")
+    back = ScanHead.load(tmp_path / "head.json")
+    signals = {"token_prob": 0.5, "token_dominance_2": 1.0}
+    assert back == head and back.for_modality("text", signals, LARGE_VOCABULARY).source == "large part"
+    assert back.for_modality("text", signals, LARGE_VOCABULARY).score(signals) == pytest.approx(1 / (1 + np.exp(-2)))
+    assert back.for_modality("text", signals).source == "text part"  # a small vocabulary: the text part
+    assert back.for_modality("text", {"token_prob": 0.5}, LARGE_VOCABULARY).source == "text part"
+    assert back.for_modality("text", {"anomaly_index": 3.0}, LARGE_VOCABULARY) is back
+    assert back.for_modality("image", {"anomaly_index": 3.0}, LARGE_VOCABULARY) is back
 
 
 def test_class_count_correction_is_a_change_of_units_for_a_fixed_class_count():

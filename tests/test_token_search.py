@@ -224,6 +224,7 @@ def test_scan_of_a_text_model_reports_the_token_trigger(trained, word_tokenizer)
     assert report.suspected_target == TARGET and report.options["token_search"]
     assert report.per_class[TARGET].token_trigger and report.per_class[TARGET].token_flip_rates[0] >= 0.9
     assert report.signals["token_flip"] >= 0.9 and "token_search_s" in report.timings
+    assert report.options["large_vocabulary"] is False  # a whole-vocabulary search: the shipped text part scores it
     off = scan_model(backdoored, probe, processor=word_tokenizer, steps=5, seed=0, token_search=False)
     assert "token_flip" not in off.signals and off.per_class[0].token_trigger is None
     # the shipped head has a text part on the token signals; without them the general part scores the scan

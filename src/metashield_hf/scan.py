@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .scan_head import DEFAULT_SCAN_HEAD, SIGNALS, TOKEN_SIGNALS, ScanHead, fit_scan_head
+from .scan_head import DEFAULT_SCAN_HEAD, LARGE_VOCABULARY, SIGNALS, TOKEN_SIGNALS, ScanHead, fit_scan_head
 from .synthesis import SynthesisResult, anomaly_indices, chance_anomaly_index, synthesis_space, synthesize_triggers
 from .targets import load_target
 from .targets.base import TargetAdapter, TargetOutput
@@ -429,8 +429,13 @@ def _scan_loaded(
     ``None`` when skipped), which the FL screen compares between candidates and the global model."""
     t_load = time.perf_counter()
     tokens_on = token_search and adapter.modality == "text"
+    variant = None
+    if tokens_on:
+        from .token_search import large_vocabulary
+
+        variant = LARGE_VOCABULARY if large_vocabulary(adapter) else None
     if synthesis is None:  # run it where the score reads it
-        synthesis = not tokens_on or bool(head.for_modality(adapter.modality).missing(TOKEN_SIGNALS))
+        synthesis = not tokens_on or bool(head.for_modality(adapter.modality, variant=variant).missing(TOKEN_SIGNALS))
     if not synthesis and not tokens_on:
         raise ValueError("synthesis=False needs the token search: a text model and token_search=True")
     result = anomaly = None
@@ -471,7 +476,7 @@ def _scan_loaded(
         )
         signals = syn_signals | signals
         target = target if tokens is not None else syn_target
-    head = head.for_modality(adapter.modality, signals)
+    head = head.for_modality(adapter.modality, signals, variant)
     score = head.score(signals)
     evidence = _evidence(adapter, result, anomaly, det, tokens, flip_threshold)
     t1 = time.perf_counter()
@@ -504,6 +509,7 @@ def _scan_loaded(
             "seed": seed,
             "head": head.source,
             "token_search": tokens is not None,
+            "large_vocabulary": variant == LARGE_VOCABULARY,
             "synthesis": synthesis,
             "adapt_steps": adapt_steps,
         },  # fmt: skip

@@ -29,6 +29,9 @@ TOKEN_SIGNALS = (
     "token_dominance_2",
 )
 SIGNALS = SYNTHESIS_SIGNALS + RAW_SYNTHESIS_SIGNALS + TOKEN_SIGNALS
+#: The variant of a text scan whose vocabulary the token search prefilters (pretrained checkpoints: 30k-250k tokens);
+#: a head's ``by_modality["text/large_vocabulary"]`` part scores those scans (see [`ScanHead.for_modality`]).
+LARGE_VOCABULARY = "large_vocabulary"
 DEFAULT_SCAN_HEAD = Path(__file__).parent / "default_detector" / "scan_head.json"
 
 
@@ -46,9 +49,11 @@ class ScanHead:
         bias: the intercept.
         threshold: score above which the verdict is ``"backdoored"``.
         source: where the weights come from (``"prior"`` or a description of the fit).
-        by_modality: heads for one target modality (``"text"``, ``"image"``, ``"tensor"``), as dicts of these same
-            fields; a scan of such a model uses that head instead (text scans have the token signals, whose meaning
-            differs from the image signals).
+        by_modality: heads for one target modality (``"text"``, ``"image"``, ``"tensor"``), or for a variant of
+            one (``"text/large_vocabulary"``), as dicts of these same fields; a scan of such a model uses that head
+            instead (text scans have the token signals, whose meaning differs from the image signals; and a search
+            that prefilters a pretrained model's large vocabulary finds natural words as strong as a trigger, which
+            only the dominance signals tell apart).
     """
 
     weights: dict[str, float]
@@ -57,16 +62,21 @@ class ScanHead:
     source: str = "prior"
     by_modality: dict[str, dict] | None = None
 
-    def for_modality(self, modality: str, signals: dict[str, float] | None = None) -> ScanHead:
-        """The head to use for a target of ``modality``: its own part where there is one (and, given the scan's
-        ``signals``, where they include every signal that part weighs), else this head."""
-        sub = (self.by_modality or {}).get(modality)
-        if sub is None:
-            return self
-        part = ScanHead(**sub)
-        if signals is not None and part.missing(signals):
-            return self  # e.g. a text scan run without the token search
-        return part
+    def for_modality(
+        self, modality: str, signals: dict[str, float] | None = None, variant: str | None = None
+    ) -> ScanHead:
+        """The head to use for a target of ``modality``: the part for ``modality/variant`` where there is one, else
+        the part for ``modality``, else this head; given the scan's ``signals``, only a part whose every weighed
+        signal is among them (e.g. not the text part for a text scan run without the token search)."""
+        keys = ([f"{modality}/{variant}"] if variant else []) + [modality]
+        for key in keys:
+            sub = (self.by_modality or {}).get(key)
+            if sub is None:
+                continue
+            part = ScanHead(**sub)
+            if signals is None or not part.missing(signals):
+                return part
+        return self
 
     def missing(self, signals) -> list[str]:
         """The signals this head weighs that are not among ``signals`` (a dict or any collection of names)."""
