@@ -380,9 +380,10 @@ def cv_head_c(
     y = np.array([int(r["is_backdoored"]) for r in train])
     groups = {d: np.array([r["domain"] == d for r in train]) for d in sorted({r["domain"] for r in train})}
     large = np.array([variant(r) is not None for r in train])
-    if large.any() and not large[groups.get("nlp", large)].all():
-        groups["nlp (large vocabulary)"] = large
-        groups["nlp (small vocabulary)"] = groups["nlp"] & ~large
+    nlp = groups.get("nlp", np.zeros(len(train), dtype=bool))
+    if (nlp & large).any() and (nlp & ~large).any():
+        groups["nlp (large vocabulary)"] = nlp & large
+        groups["nlp (small vocabulary)"] = nlp & ~large
     strata = [f"{r['domain']}{y[i]}{large[i]}" for i, r in enumerate(train)]
     out = {}
     for c in cs:
@@ -413,8 +414,8 @@ def text_signal_choice(
 
     def cv(signals: tuple[str, ...], large_part: tuple[str, ...] = ()) -> str:
         aucs = cv_head_c(train, signals, cs=(text_c,), text_c=text_c, large_signals=large_part)[text_c]
-        parts = [f"{aucs['nlp']:.3f}"] + [f"{g[5:-1]} {a:.3f}" for g, a in aucs.items() if g.startswith("nlp (")]
-        return f"{parts[0]} ({', '.join(parts[1:])})" if len(parts) > 1 else parts[0]
+        kinds = [f"{kind} vocabulary {aucs[f'nlp ({kind} vocabulary)']:.3f}" for kind in ("large", "small")]
+        return f"{aucs['nlp']:.3f} ({', '.join(kinds)})" if "nlp (large vocabulary)" in aucs else f"{aucs['nlp']:.3f}"
 
     out = {f"token signals alone, AUROC on the {len(text)} train text models": alone(text)}
     if large:

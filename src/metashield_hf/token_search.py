@@ -79,16 +79,16 @@ class TokenSearchResult:
 EXHAUSTIVE_LIMIT = 8192  # default of search_token_triggers(exhaustive_limit=...)
 
 
-def _pool(tok) -> torch.Tensor:
-    """Every vocabulary id a trigger may use: all but the special tokens (the unknown token stays)."""
-    skip = set(tok.all_special_ids) - {tok.unk_token_id}
-    return torch.tensor([i for i in range(len(tok)) if i not in skip], dtype=torch.long)
+def _skipped(tok) -> set[int]:
+    """Vocabulary ids no trigger uses: the special tokens, but for the unknown token."""
+    return {i for i in tok.all_special_ids if i < len(tok)} - {tok.unk_token_id}
 
 
 def large_vocabulary(adapter: TargetAdapter, exhaustive_limit: int = EXHAUSTIVE_LIMIT) -> bool:
     """Whether [`search_token_triggers`] prefilters this text model's vocabulary (more than ``exhaustive_limit``
     candidate tokens: pretrained checkpoints, 30k-250k tokens) rather than screening all of it."""
-    return len(_pool(_tokenizer_of(adapter)[0])) > exhaustive_limit
+    tok = _tokenizer_of(adapter)[0]
+    return len(tok) - len(_skipped(tok)) > exhaustive_limit
 
 
 def _tokenizer_of(adapter: TargetAdapter):
@@ -346,7 +346,8 @@ def search_token_triggers(
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     ins = _Inserter(adapter, items)
-    pool = _pool(ins.tok)
+    skip = _skipped(ins.tok)
+    pool = torch.tensor([i for i in range(len(ins.tok)) if i not in skip], dtype=torch.long)
     n = len(ins.rows)
     valid = (clean_pred.cpu()[:, None] != torch.arange(num_classes)[None, :]).float()  # (N, K)
     prefiltered = len(pool) > exhaustive_limit
