@@ -106,20 +106,21 @@ def test_the_backdoor_trigger_is_found_for_its_target(trained, word_tokenizer):
         assert (backdoored(**enc).logits.argmax(-1) == TARGET).float().mean() >= 0.7  # the backdoor took
     _, res = _search(backdoored, tok, probe)
     _, ok = _search(clean, tok, probe)
-    assert res.flip_rates.shape == (NUM_LABELS, 2) and res.target_probs.shape == (NUM_LABELS, 2)
+    # a whole-vocabulary search grows triggers to 3 tokens by default
+    assert res.flip_rates.shape == (NUM_LABELS, 3) and res.target_probs.shape == (NUM_LABELS, 3)
     # a single token sends every clean sample to TARGET (the trigger, or a TARGET word the backdoor made as strong)
     assert res.flip_rates[TARGET, 0] >= 0.9 and res.flip_rates[TARGET, 0] > res.flip_rates[:TARGET, 0].max()
     target, signals = token_signals(res)
     assert target == TARGET and signals["token_flip"] == res.flip_rates[:, 0].max() == res.flip_rates[TARGET, 0]
-    assert signals["token_prob_2"] == res.target_probs[:, 1].max()
-    assert res.dominance.shape == (NUM_LABELS, 2)
+    assert signals["token_prob_2"] == res.target_probs[:, -1].max()
+    assert res.dominance.shape == (NUM_LABELS, 3)
     assert signals["token_dominance"] == res.dominance[:, 0].max() == res.dominance[TARGET, 0] >= 0.75  # it wins
     # the clean twin has no token that sends (nearly) every sample to TARGET
     assert ok.flip_rates[TARGET, 0] < 0.9 <= res.flip_rates[TARGET, 0]
     assert not res.prefiltered and not large_vocabulary(load_target(backdoored, tok))  # the whole vocabulary
-    assert [len(t) for t in res.triggers[0]] == [1, 2]  # the best trigger of each length
+    assert [len(t) for t in res.triggers[0]] == [1, 2, 3]  # the best trigger of each length
     # the lower quartile: the trigger also overrides the samples that resist it most, which no clean word does
-    assert res.low_probs.shape == (NUM_LABELS, 2) and ((res.low_probs >= 0) & (res.low_probs <= 1)).all()
+    assert res.low_probs.shape == (NUM_LABELS, 3) and ((res.low_probs >= 0) & (res.low_probs <= 1)).all()
     assert signals["token_prob_low"] == res.low_probs[:, 0].max()
     assert ok.low_probs[TARGET, 0] < res.low_probs[TARGET, 0]
 
@@ -133,6 +134,7 @@ def test_prefiltered_candidates_find_the_trigger_in_a_large_vocabulary(trained, 
     )  # fmt: skip
     assert res.candidates <= NUM_LABELS * (hotflip + alone) < len(word_tokenizer)  # prefiltered, not exhaustive
     assert res.prefiltered and large_vocabulary(load_target(backdoored, word_tokenizer), exhaustive_limit=10)
+    assert res.flip_rates.shape == (NUM_LABELS, 2)  # a prefiltered search grows triggers to 2 tokens by default
     assert res.flip_rates[TARGET, 0] >= 0.9 and token_signals(res)[0] == TARGET
 
 

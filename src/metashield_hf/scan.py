@@ -234,9 +234,11 @@ def _evidence(
 def token_signals(tokens) -> tuple[int, dict[str, float]]:
     """The suspected target and the token signals of a [`TokenSearchResult`].
 
-    Each signal is the largest over classes: how many clean samples the best 1- and 2-token triggers flip, how
-    confidently they force the class (mean probability, and its lower quartile: the samples that resist), and how
-    often they still win against the other classes' strongest words. The suspected target is the class its triggers
+    Each signal is the largest over classes: how many clean samples the best single-token trigger and the best
+    longest one flip, how confidently they force the class (mean probability, and its lower quartile: the samples that
+    resist), and how often they still win against the other classes' strongest words. The ``_2`` signals are the
+    longest trigger's: 2 tokens where the search prefiltered a large vocabulary, 3 where it screened all of it (see
+    ``search_token_triggers(max_tokens=...)``). The suspected target is the class its triggers
     force most confidently. (On the standard zoo's train models the mean class probability separated backdoored from
     clean text models best; dominance did not, see reports/scan.md.)
     """

@@ -287,7 +287,7 @@ def search_token_triggers(
     clean_pred: torch.Tensor,
     num_classes: int,
     *,
-    max_tokens: int = 2,
+    max_tokens: int | None = None,
     beam: int = 2,
     extend_candidates: int = 8,
     extend_hotflip: int = 8,
@@ -315,7 +315,12 @@ def search_token_triggers(
         items: the clean texts.
         clean_pred: ``(N,)`` the model's predictions on them (samples already of a class do not count for it).
         num_classes: ``K``.
-        max_tokens: longest trigger tried (a beam adds one token per round).
+        max_tokens: longest trigger tried (a beam adds one token per round); default 3 where the whole vocabulary
+            is screened, 2 where it is prefiltered. A beam round costs little in a small vocabulary (3 tokens instead
+            of 2: 3.2 s instead of 2.7 s per search on the standard zoo's 26 train from-scratch text models, and the
+            cross-validated AUROC of a text head on token_prob + token_prob_2 rose from 0.840 to 0.882 there), but
+            some 30 s of a two-minute search on a fine-tuned MiniLM model, where on the two train syntactic-template
+            models the third token was a natural word, not the template's.
         beam: triggers kept per class between rounds.
         extend_candidates: the best single tokens of a class that the beam may append.
         extend_hotflip: tokens with the best HotFlip estimate after each beam entry that it may append as well.
@@ -343,7 +348,7 @@ def search_token_triggers(
     Returns:
         A [`TokenSearchResult`]; deterministic (no randomness is involved).
     """
-    if max_tokens < 1:
+    if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     ins = _Inserter(adapter, items)
     skip = _skipped(ins.tok)
@@ -351,6 +356,8 @@ def search_token_triggers(
     n = len(ins.rows)
     valid = (clean_pred.cpu()[:, None] != torch.arange(num_classes)[None, :]).float()  # (N, K)
     prefiltered = len(pool) > exhaustive_limit
+    if max_tokens is None:
+        max_tokens = 2 if prefiltered else 3
     if prefiltered:
         if hotflip_candidates <= 0 and context_free_candidates <= 0:
             raise ValueError(
