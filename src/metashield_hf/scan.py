@@ -240,7 +240,9 @@ def token_signals(tokens) -> tuple[int, dict[str, float]]:
     longest trigger's: 2 tokens where the search prefiltered a large vocabulary, 3 where it screened all of it (see
     ``search_token_triggers(max_tokens=...)``). The suspected target is the class its triggers
     force most confidently. (On the standard zoo's train models the mean class probability separated backdoored from
-    clean text models best; dominance did not, see reports/scan.md.)
+    clean from-scratch text models best; on the fine-tuned MiniLM ones, whose natural words force a class as surely as
+    a trigger, only the 2-token dominance did, so the shipped head has a large-vocabulary part on it; see
+    reports/scan.md.)
     """
     t = int(np.argmax(tokens.target_probs.mean(1)))
     return t, {
