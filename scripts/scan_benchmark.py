@@ -458,7 +458,7 @@ def main() -> None:
         "--text_signals",
         nargs="*",
         # the pair with the best cross-validated AUROC on the train from-scratch text models (0.882 at C=1, against
-        # 0.861-0.868 for the lower-quartile sets and 0.810 with token_dominance_2), and in the
+        # 0.867-0.868 for the lower-quartile sets and 0.810 with token_dominance_2), and in the
         # report's comparison with all 8 token signals in one text head (0.930 against 0.832)
         default=["token_prob", "token_prob_2"],
         help=f"signals of the text head (any of {list(SYNTHESIS_SIGNALS + TOKEN_SIGNALS)}; none: one head for all)",
