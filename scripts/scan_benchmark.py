@@ -101,7 +101,7 @@ def scan_row(
         "seconds": ms.timings["total_s"],
         "timings": ms.timings,
         "space": ms.space,
-        "large_vocabulary": ms.options.get("large_vocabulary", False),
+        "large_vocabulary": ms.options["large_vocabulary"],
         "steps": steps,
         "refine": ms.options["refine"],
         "screen_steps": ms.options["screen_steps"],

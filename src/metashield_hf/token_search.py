@@ -116,9 +116,11 @@ class _Inserter:
         pad = self.tok.pad_token_id
         self.pad = 0 if pad is None else int(pad)
 
-    def shortest(self, m: int) -> list[int]:
-        """Indices of the ``m`` shortest clean samples, in their original order (the cheapest rows to run)."""
-        return sorted(sorted(range(len(self.rows)), key=lambda i: (len(self.rows[i]), i))[:m])
+    def shortest(self, m: int, among: list[int] | None = None) -> list[int]:
+        """Indices of the ``m`` shortest clean samples (of those in ``among``, default all), in their original order
+        (the cheapest rows to run)."""
+        index = range(len(self.rows)) if among is None else among
+        return sorted(sorted(index, key=lambda i: (len(self.rows[i]), i))[:m])
 
     def subset(self, index: list[int], length: int | None = None) -> _Inserter:
         """The same inserter on the clean samples ``index``, each cut to at most ``length`` tokens (a final special
@@ -258,8 +260,8 @@ def _context_free_candidates(
     A backdoor trigger word was trained to decide the class by itself, so on its own it often classifies as the
     target more surely than any natural word. Three positions per vocabulary entry make this the one ranking cheap
     enough to measure every token exactly, at a fraction of the screen's cost per token. But in a model whose
-    natural class words already classify alone with probability near 1, the trigger ties with hundreds of them (on
-    one held-out MiniLM rare-word model its words ranked 231st-5174th). So with ``wide > top`` the ``wide`` best per
+    natural class words already classify alone with probability near 1, the trigger ties with hundreds of them (the
+    module docstring quotes the ranks). So with ``wide > top`` the ``wide`` best per
     class are kept first, and cut to ``top`` by the mean class probability they give the ``samples`` shortest clean
     samples of the other classes, cut to ``length`` tokens: a trigger flips a real text, a class word on its own
     mostly does not.
@@ -275,8 +277,8 @@ def _context_free_candidates(
         if not others:  # every clean sample is already of class k: nothing to flip, keep the context-free order
             picks.append(wide_k[:top])
             continue
-        index = sorted(others, key=lambda i: (len(ins.rows[i]), i))[:samples]
-        probs = _probs(ins.subset(index, length), [[int(t)] for t in wide_k], batch_rows)[:, :, k].mean(1)
+        sub = ins.subset(ins.shortest(samples, others), length)
+        probs = _probs(sub, [[int(t)] for t in wide_k], batch_rows)[:, :, k].mean(1)
         picks.append(wide_k[probs.topk(min(top, len(wide_k))).indices])
     return torch.cat(picks).unique()
 
@@ -319,8 +321,8 @@ def search_token_triggers(
             is screened, 2 where it is prefiltered. A beam round costs little in a small vocabulary (3 tokens instead
             of 2: 3.2 s instead of 2.7 s per search on the standard zoo's 26 train from-scratch text models, and the
             cross-validated AUROC of a text head on token_prob + token_prob_2 rose from 0.840 to 0.882 there), but
-            some 30 s of a two-minute search on a fine-tuned MiniLM model, where on the two train syntactic-template
-            models the third token was a natural word, not the template's.
+            on the two train syntactic-template MiniLM models it cost 158 and 171 s instead of 136 and 138 s per
+            search (both beside other jobs) and the third token was a natural word, not the template's.
         beam: triggers kept per class between rounds.
         extend_candidates: the best single tokens of a class that the beam may append.
         extend_hotflip: tokens with the best HotFlip estimate after each beam entry that it may append as well.
