@@ -289,7 +289,8 @@ def render(summary: dict, meta: dict) -> str:
 
 def refresh_token_signals(rec: dict) -> None:
     """Recompute a text record's token signals and suspected target from its stored per-class search results
-    with the library's current [`token_signals`], so the report always matches the code (no re-search needed)."""
+    with the library's current [`token_signals`], so the report always matches the code (no re-search needed); and
+    ``token_detector`` from its per-class detector scores where these are the token triggers'."""
     tokens = rec["metashield"].get("tokens")
     if not tokens:
         return
@@ -297,6 +298,9 @@ def refresh_token_signals(rec: dict) -> None:
         **{key: np.array([c[key] for c in tokens]) for key in ("flip_rates", "target_probs", "low_probs", "dominance")}
     )
     target, signals = token_signals(arrays)
+    scores = rec["metashield"]["per_class"]["detector_score"]
+    if "anomaly_index" not in rec["metashield"]["signals"] and None not in scores:  # the scores of token triggers
+        signals["token_detector"] = max(scores)  # as scan_model sets it (records older than the signal lack it)
     rec["metashield"]["signals"].update(signals)
     rec["metashield"]["suspected_target"] = target
 

@@ -473,6 +473,9 @@ def _scan_loaded(
             detector, adapter, clean_out, out.logits.view(num_classes, n, -1),
             out.penultimate.view(num_classes, n, -1), adapt_steps=adapt_steps, seed=seed,
         )  # fmt: skip
+        # the meta-learned detector's view of the found triggers: it flags inputs that a backdoor diverts, whether or
+        # not the search's own signals tell the trigger from a natural class word
+        signals["token_detector"] = float(det.max())
     t_det = time.perf_counter()
     if synthesis:
         syn_target, syn_signals = scan_signals(

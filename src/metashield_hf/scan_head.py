@@ -17,7 +17,10 @@ import numpy as np
 SYNTHESIS_SIGNALS = ("anomaly_excess", "log_size_z", "detector_response", "detector_response_gap")
 #: The two synthesis signals before that correction (Neural Cleanse's rule reads the raw anomaly index).
 RAW_SYNTHESIS_SIGNALS = ("anomaly_index", "log_size_ratio")
-#: Signals of text models only (from the discrete token-trigger search, [`metashield_hf.token_search`]).
+#: Signals of text models only (from the discrete token-trigger search, [`metashield_hf.token_search`]; the last,
+#: ``token_detector``, is the input-level detector's largest mean score over classes on the clean samples with each
+#: class's token trigger inserted, present where the scan ran the detector on those, i.e. without the embedding
+#: synthesis).
 TOKEN_SIGNALS = (
     "token_flip",
     "token_prob",
@@ -27,6 +30,7 @@ TOKEN_SIGNALS = (
     "token_prob_low_2",
     "token_dominance",
     "token_dominance_2",
+    "token_detector",
 )
 SIGNALS = SYNTHESIS_SIGNALS + RAW_SYNTHESIS_SIGNALS + TOKEN_SIGNALS
 #: The variant of a text scan whose vocabulary the token search prefilters (pretrained checkpoints: 30k-250k tokens);
