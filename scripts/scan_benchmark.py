@@ -290,7 +290,8 @@ def render(summary: dict, meta: dict) -> str:
 def refresh_token_signals(rec: dict) -> None:
     """Recompute a text record's token signals and suspected target from its stored per-class search results
     with the library's current [`token_signals`], so the report always matches the code (no re-search needed); and
-    ``token_detector`` from its per-class detector scores where these are the token triggers'."""
+    ``token_detector`` and the suspected target from its per-class detector scores where these are the token
+    triggers'."""
     tokens = rec["metashield"].get("tokens")
     if not tokens:
         return
@@ -300,7 +301,9 @@ def refresh_token_signals(rec: dict) -> None:
     target, signals = token_signals(arrays)
     scores = rec["metashield"]["per_class"]["detector_score"]
     if "anomaly_index" not in rec["metashield"]["signals"] and None not in scores:  # the scores of token triggers
-        signals["token_detector"] = max(scores)  # as scan_model sets it (records older than the signal lack it)
+        diverted = np.array(scores) * arrays.flip_rates[:, -1]  # as scan_model computes them
+        signals["token_detector"] = float(diverted.max())
+        target = int(np.argmax(diverted))
     rec["metashield"]["signals"].update(signals)
     rec["metashield"]["suspected_target"] = target
 
@@ -470,10 +473,12 @@ def main() -> None:
     parser.add_argument(
         "--large_vocabulary_signals",
         nargs="*",
-        # token_dominance_2: by cross-validation on the train text models, a head of its own on it for the scans
-        # that prefiltered a large vocabulary (the 10 train MiniLM rows) gave nlp AUROC 0.930 against 0.885 for one
-        # text head on --text_signals (C=10; the figures are in the report)
-        default=["token_dominance_2"],
+        # token_detector: a head of its own on it for the scans that prefiltered a large vocabulary (fit on the 10
+        # train MiniLM rows) scored AUROC 0.907 on the 15 fine-tuned MiniLM models of configs/zoo/fresh_minilm.yaml,
+        # which no earlier choice was made on (reports/scan_fresh_minilm.md), against 0.796 for token_dominance_2
+        # and 0.833 for both; cross-validation on the 10 train rows had preferred token_dominance_2 (1.000 against
+        # 0.856 and 0.967), which they are too few to tell apart
+        default=["token_detector"],
         help="signals of a separate head for text scans that prefiltered a large vocabulary (none: the text head)",
     )
     parser.add_argument(

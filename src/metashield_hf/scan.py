@@ -89,7 +89,8 @@ class ScanReport:
         verdict: ``"backdoored"`` or ``"clean"``.
         score: backdoor score (MetaShield: probability in ``[0, 1]``; Neural Cleanse: the anomaly index).
         threshold: the score above which the verdict is ``"backdoored"``.
-        suspected_target: the class whose trigger was smallest (text models: whose token trigger forces it most).
+        suspected_target: the class whose trigger was smallest (text models: whose token trigger the detector flags
+            most, or without the detector, or with the embedding synthesis, whose token trigger forces it most).
         anomaly_index: the suspected target's anomaly index (``None`` for a text scan without embedding synthesis).
         signals: the model-level signals the head combines (see [`SIGNALS`]).
         per_class: one [`ClassEvidence`] per class.
@@ -474,8 +475,13 @@ def _scan_loaded(
             out.penultimate.view(num_classes, n, -1), adapt_steps=adapt_steps, seed=seed,
         )  # fmt: skip
         # the meta-learned detector's view of the found triggers: it flags inputs that a backdoor diverts, whether or
-        # not the search's own signals tell the trigger from a natural class word
-        signals["token_detector"] = float(det.max())
+        # not the search's own signals tell the trigger from a natural class word; weighed by the share of samples
+        # the trigger diverts (a class whose trigger flips nothing has no trigger to flag)
+        diverted = det * tokens.flip_rates[:, -1]
+        signals["token_detector"] = float(diverted.max())
+        # ... and its target: on the standard zoo's 23 train backdoored text models this class was the target on
+        # all 23, the class whose trigger forces it most surely on 15
+        target = int(np.argmax(diverted))
     t_det = time.perf_counter()
     if synthesis:
         syn_target, syn_signals = scan_signals(

@@ -18,9 +18,9 @@ SYNTHESIS_SIGNALS = ("anomaly_excess", "log_size_z", "detector_response", "detec
 #: The two synthesis signals before that correction (Neural Cleanse's rule reads the raw anomaly index).
 RAW_SYNTHESIS_SIGNALS = ("anomaly_index", "log_size_ratio")
 #: Signals of text models only (from the discrete token-trigger search, [`metashield_hf.token_search`]; the last,
-#: ``token_detector``, is the input-level detector's largest mean score over classes on the clean samples with each
-#: class's token trigger inserted, present where the scan ran the detector on those, i.e. without the embedding
-#: synthesis).
+#: ``token_detector``, is the largest over classes of the input-level detector's mean score on the clean samples with
+#: the class's token trigger inserted times the share of them that trigger flips; present where the scan ran the
+#: detector on those, i.e. without the embedding synthesis).
 TOKEN_SIGNALS = (
     "token_flip",
     "token_prob",
