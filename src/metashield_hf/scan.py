@@ -240,10 +240,11 @@ def token_signals(tokens) -> tuple[int, dict[str, float]]:
     resist), and how often they still win against the other classes' strongest words. The ``_2`` signals are the
     longest trigger's: 2 tokens where the search prefiltered a large vocabulary, 3 where it screened all of it (see
     ``search_token_triggers(max_tokens=...)``). The suspected target is the class its triggers
-    force most confidently. (On the standard zoo's train models the mean class probability separated backdoored from
-    clean from-scratch text models best; on the fine-tuned MiniLM ones, whose natural words force a class as surely as
-    a trigger, only the 2-token dominance did, so the shipped head has a large-vocabulary part on it; see
-    reports/scan.md.)
+    force most confidently ([`scan_model`] prefers the detector's, with its ``token_detector`` signal). (On the
+    standard zoo's train models the mean class probability separated backdoored from clean from-scratch text models
+    best. On fine-tuned MiniLM models, whose natural words force a class as surely as a trigger, none of these signals
+    held up on a fresh zoo, but ``token_detector`` did, so the shipped head's large-vocabulary part weighs it; see
+    reports/scan.md and reports/scan_fresh_minilm.md.)
     """
     t = int(np.argmax(tokens.target_probs.mean(1)))
     return t, {
