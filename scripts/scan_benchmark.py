@@ -40,6 +40,7 @@ from metashield_hf.scan import (
     class_count_signals,
     neural_cleanse_scan,
     scan_model,
+    token_detector_signal,
     token_signals,
 )
 from metashield_hf.scan_head import (
@@ -301,9 +302,8 @@ def refresh_token_signals(rec: dict) -> None:
     target, signals = token_signals(arrays)
     scores = rec["metashield"]["per_class"]["detector_score"]
     if "anomaly_index" not in rec["metashield"]["signals"] and None not in scores:  # the scores of token triggers
-        diverted = np.array(scores) * arrays.flip_rates[:, -1]  # as scan_model computes them
-        signals["token_detector"] = float(diverted.max())
-        target = int(np.argmax(diverted))
+        target, detected = token_detector_signal(scores, arrays.flip_rates[:, -1])
+        signals |= detected
     rec["metashield"]["signals"].update(signals)
     rec["metashield"]["suspected_target"] = target
 

@@ -98,11 +98,10 @@ def test_text_model_scans_by_token_search_and_on_request_in_embedding_space(word
     full = scan_model(model, clean, processor=wordpiece_tokenizer, steps=20, seed=0, synthesis=True)
     assert full.space == "embeddings" and full.options["synthesis"] is True and "synthesis_s" in full.timings
     assert all(np.isfinite(c.trigger_size) and np.isfinite(c.anomaly_index) for c in full.per_class)
-    # the same token signals, so the same score; the target is the class its token triggers force most surely (the
-    # detector reads the synthesized inputs); the synthesis adds its own signals
+    # the same token signals, so the same score; but the detector reads the synthesized inputs instead of the token
+    # triggers (detector_response), so no token_detector, and the target is the class its token triggers force most
     assert full.score == pytest.approx(report.score)
     assert full.suspected_target == int(np.argmax([np.mean(c.token_target_probs) for c in full.per_class]))
-    # ... but its detector reads the synthesized inputs instead of the token triggers (detector_response)
     assert set(report.signals) - {"token_detector"} < set(full.signals) and "token_detector" not in full.signals
     assert not any(p.grad is not None for p in model.parameters())  # the scans leave the model untouched
     with pytest.raises(ValueError, match="needs the token search"):

@@ -259,6 +259,19 @@ def token_signals(tokens) -> tuple[int, dict[str, float]]:
     }
 
 
+def token_detector_signal(detector_scores, flip_rates) -> tuple[int, dict[str, float]]:
+    """The suspected target and ``token_detector`` of a text scan, from the detector's per-class mean score on the
+    clean samples with each class's token trigger and the share of samples that trigger flips.
+
+    The meta-learned detector flags inputs that a backdoor diverts, whether or not the search's own signals tell the
+    trigger from a natural class word; its score is weighed by the flip rate because a class whose trigger flips
+    nothing has no trigger to flag. On the standard zoo's 23 train backdoored text models the class where the product
+    is largest was the target on all 23 (the class its trigger forces most surely, [`token_signals`]: on 15).
+    """
+    diverted = np.asarray(detector_scores, dtype=np.float64) * np.asarray(flip_rates, dtype=np.float64)
+    return int(np.argmax(diverted)), {"token_detector": float(diverted.max())}
+
+
 def class_count_signals(anomaly_index: float, log_size_ratio: float, num_classes: int) -> dict[str, float]:
     """The suspected target's anomaly index and log size ratio, corrected for the number of classes.
 
@@ -475,14 +488,8 @@ def _scan_loaded(
             detector, adapter, clean_out, out.logits.view(num_classes, n, -1),
             out.penultimate.view(num_classes, n, -1), adapt_steps=adapt_steps, seed=seed,
         )  # fmt: skip
-        # the meta-learned detector's view of the found triggers: it flags inputs that a backdoor diverts, whether or
-        # not the search's own signals tell the trigger from a natural class word; weighed by the share of samples
-        # the trigger diverts (a class whose trigger flips nothing has no trigger to flag)
-        diverted = det * tokens.flip_rates[:, -1]
-        signals["token_detector"] = float(diverted.max())
-        # ... and its target: on the standard zoo's 23 train backdoored text models this class was the target on
-        # all 23, the class whose trigger forces it most surely on 15
-        target = int(np.argmax(diverted))
+        target, detected = token_detector_signal(det, tokens.flip_rates[:, -1])
+        signals |= detected
     t_det = time.perf_counter()
     if synthesis:
         syn_target, syn_signals = scan_signals(
