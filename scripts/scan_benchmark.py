@@ -245,8 +245,25 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def table_rows(table: dict[str, dict[str, dict]]) -> list[str]:
+    """Markdown rows ``| group | method | AUROC | accuracy | target accuracy | s / scan |`` of ``table[group][method]``
+    (a [`summarize`] result each)."""
+    return [
+        f"| {group} ({s['n']}, {s['n_backdoored']} bd) | {m} | {_fmt(s['auroc'])} | {_fmt(s['accuracy'])} | "
+        f"{_fmt(s['target_accuracy'])} | {_fmt(s['mean_seconds'], 2)} |"
+        for group, by_method in table.items()
+        for m, s in by_method.items()
+    ]
+
+
+def signals_alone(rows: list[dict]) -> str:
+    """Each token signal's own AUROC over the text records ``rows`` (those signals every record has)."""
+    y = [int(r["is_backdoored"]) for r in rows]
+    names = [n for n in TOKEN_SIGNALS if all(n in r["metashield"]["signals"] for r in rows)]
+    return ", ".join(f"{n} {auroc([r['metashield']['signals'][n] for r in rows], y):.3f}" for n in names)
+
+
 def render(summary: dict, meta: dict) -> str:
-    methods = list(summary["methods"])
     lines = [
         "# Model-level scan: held-out zoo models",
         "",
@@ -273,13 +290,7 @@ def render(summary: dict, meta: dict) -> str:
         "| group | method | AUROC | accuracy | target accuracy | s / scan |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    for group, table in summary["groups"].items():
-        for m in methods:
-            s = table[m]
-            lines.append(
-                f"| {group} ({s['n']}, {s['n_backdoored']} bd) | {m} | {_fmt(s['auroc'])} | {_fmt(s['accuracy'])} | "
-                f"{_fmt(s['target_accuracy'])} | {_fmt(s['mean_seconds'], 2)} |"
-            )
+    lines += table_rows(summary["groups"])
     lines.append("")
     lines += ["## Scan heads", ""]
     for name, head in summary["heads"].items():
@@ -415,18 +426,14 @@ def text_signal_choice(
     text = [r for r in train if modality(r) == "text" and "token_prob" in r["metashield"]["signals"]]
     large = [r for r in text if variant(r)]
 
-    def alone(rows: list[dict]) -> str:
-        y = [int(r["is_backdoored"]) for r in rows]
-        return ", ".join(f"{n} {auroc([r['metashield']['signals'][n] for r in rows], y):.3f}" for n in TOKEN_SIGNALS)
-
     def cv(signals: tuple[str, ...], large_part: tuple[str, ...] = ()) -> str:
         aucs = cv_head_c(train, signals, cs=(text_c,), text_c=text_c, large_signals=large_part)[text_c]
         kinds = [f"{kind} vocabulary {aucs[f'nlp ({kind} vocabulary)']:.3f}" for kind in ("large", "small")]
         return f"{aucs['nlp']:.3f} ({', '.join(kinds)})" if "nlp (large vocabulary)" in aucs else f"{aucs['nlp']:.3f}"
 
-    out = {f"token signals alone, AUROC on the {len(text)} train text models": alone(text)}
+    out = {f"token signals alone, AUROC on the {len(text)} train text models": signals_alone(text)}
     if large:
-        out[f"the same on the {len(large)} whose search prefiltered a large vocabulary"] = alone(large)
+        out[f"the same on the {len(large)} whose search prefiltered a large vocabulary"] = signals_alone(large)
     key = f"text heads by cross-validation on train models (nlp AUROC, C={text_c:g})"
     out[key] = ""
     if large_signals:

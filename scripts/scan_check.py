@@ -23,7 +23,6 @@ import torch
 from scan_benchmark import (
     DEFAULT_STEPS,
     NEURAL_CLEANSE_THRESHOLD,
-    _fmt,
     _total_s,
     groups,
     load_records,
@@ -34,12 +33,13 @@ from scan_benchmark import (
     scan_row,
     score,
     shard_of,
+    signals_alone,
     summarize,
+    table_rows,
 )
 from tqdm.auto import tqdm
 
-from metashield_hf.evaluation.metrics import auroc
-from metashield_hf.scan_head import DEFAULT_SCAN_HEAD, TOKEN_SIGNALS, ScanHead
+from metashield_hf.scan_head import DEFAULT_SCAN_HEAD, ScanHead
 from metashield_hf.zoo import load_zoo
 
 
@@ -101,22 +101,14 @@ def main() -> None:
         "| group | method | AUROC | accuracy | target accuracy | s / scan |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    for g, rs in groups(records).items():
-        for name, (key, thr, m) in methods.items():
-            s = summarize(rs, key, thr, m)
-            lines.append(
-                f"| {g} ({s['n']}, {s['n_backdoored']} bd) | {name} | {_fmt(s['auroc'])} | {_fmt(s['accuracy'])} | "
-                f"{_fmt(s['target_accuracy'])} | {_fmt(s['mean_seconds'], 2)} |"
-            )
+    table = {
+        g: {name: summarize(rs, key, thr, m) for name, (key, thr, m) in methods.items()}
+        for g, rs in groups(records).items()
+    }
+    lines += table_rows(table)
     text = [r for r in records if "token_prob" in r["metashield"]["signals"]]
-    y = [int(r["is_backdoored"]) for r in text]
-    if 0 < sum(y) < len(y):
-        alone = ", ".join(
-            f"{n} {auroc([r['metashield']['signals'][n] for r in text], y):.3f}"
-            for n in TOKEN_SIGNALS
-            if all(n in r["metashield"]["signals"] for r in text)
-        )
-        lines += ["", f"Each token signal alone, AUROC over the {len(text)} text models: {alone}"]
+    if 0 < sum(int(r["is_backdoored"]) for r in text) < len(text):
+        lines += ["", f"Each token signal alone, AUROC over the {len(text)} text models: {signals_alone(text)}"]
     lines += [
         "",
         "Per model (score: the first head's; detector: the input-level detector's mean score on the samples with each "
