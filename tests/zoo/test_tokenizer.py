@@ -69,3 +69,16 @@ def test_same_vocabulary_and_ids_in_every_process(arch):
         out.append(run.stdout.strip().splitlines()[-1])
     assert out[0] == out[1]
     assert len(json.loads(out[0])[0]) == 1500
+
+
+@pytest.mark.parametrize("dataset", ["sst2", "mr", "ag_news", "olid", "sms_spam"])
+def test_every_text_dataset_loads_with_its_label_names(dataset):
+    from metashield_hf.zoo.build import resolve_data_root
+    from metashield_hf.zoo.text import LABEL_NAMES, load_text
+
+    train_texts, train_labels, test_texts, test_labels = load_text(dataset, str(resolve_data_root(None)))
+    assert len(train_texts) == len(train_labels) > len(test_texts) == len(test_labels) > 100
+    # Every class of the label names occurs on both sides, and no label falls outside them.
+    for labels in (train_labels, test_labels):
+        assert set(labels.tolist()) == set(range(len(LABEL_NAMES[dataset])))
+    assert not set(test_texts[:200]) <= set(train_texts)  # a real split, not one side twice

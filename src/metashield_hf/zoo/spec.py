@@ -27,7 +27,17 @@ import torch
 logger = logging.getLogger(__name__)
 
 DOMAINS = ("cv", "nlp", "fl")
-NUM_CLASSES = {"mnist": 10, "cifar10": 10, "digits": 10, "sst2": 2, "mr": 2, "ag_news": 4, "femnist": 62}
+NUM_CLASSES = {
+    "mnist": 10,
+    "cifar10": 10,
+    "digits": 10,
+    "sst2": 2,
+    "mr": 2,
+    "ag_news": 4,
+    "olid": 2,
+    "sms_spam": 2,
+    "femnist": 62,
+}
 # architecture name -> model family (the target adapter that loads it); a cell may override with `families:`.
 ARCH_FAMILY = {
     "vit": "transformers_image",
@@ -63,7 +73,8 @@ class ModelSpec:
 
     Args:
         domain: ``"cv"``, ``"nlp"`` or ``"fl"``.
-        dataset: ``"mnist"``, ``"cifar10"``, ``"digits"``, ``"sst2"``, ``"mr"``, ``"ag_news"`` or ``"femnist"``.
+        dataset: ``"mnist"``, ``"cifar10"``, ``"digits"``, ``"sst2"``, ``"mr"``, ``"ag_news"``, ``"olid"``, ``"sms_spam"`` or
+            ``"femnist"``.
         family: the target-adapter family that loads the checkpoint (``"timm"``, ``"transformers_image"``,
             ``"transformers_text"``, ``"peft"``, ``"torch"``).
         architecture: e.g. ``"test_resnet"``, ``"vit"``, ``"bert"``, ``"bert_lora"``, ``"cnn_fedavg"``.

@@ -35,6 +35,8 @@ LABEL_NAMES = {
     "sst2": ["negative", "positive"],
     "mr": ["negative", "positive"],
     "ag_news": ["World", "Sports", "Business", "Sci/Tech"],
+    "olid": ["not offensive", "offensive"],
+    "sms_spam": ["ham", "spam"],
 }
 BASE_ARCHITECTURES = ("bert", "distilbert", "roberta")
 # Zoo architecture -> the pretrained checkpoint it is fine-tuned from (a Hub id, resolved by `resolve_pretrained`).
@@ -48,8 +50,8 @@ LORA_TARGETS = {"bert": ["query", "value"], "distilbert": ["q_lin", "v_lin"], "r
 def load_text(dataset: str, data_root: str) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
     """``(train_texts, train_labels, test_texts, test_labels)`` from the shared CSV files.
 
-    SST-2: GLUE train phrases / the labelled sentence-level test split. MR and AG News ship as one file
-    (AG News: only its test split is available offline): split 80/20 with a fixed seed, the same for every model.
+    SST-2 and OLID ship train / test files. MR, AG News and SMS Spam ship as one file (AG News: only its test split is
+    available offline): split 80/20 with a fixed seed, the same for every model.
     """
     import pandas as pd
 
@@ -62,9 +64,9 @@ def load_text(dataset: str, data_root: str) -> tuple[list[str], np.ndarray, list
         df = pd.read_csv(path, keep_default_na=False)
         return df["text"].astype(str).tolist(), df["label"].to_numpy(dtype=np.int64)
 
-    if dataset == "sst2":
-        return (*read("sst2/train.csv"), *read("sst2/test.csv"))
-    files = {"mr": "mr/all.csv", "ag_news": "ag_news/test.csv"}
+    if dataset in ("sst2", "olid"):
+        return (*read(f"{dataset}/train.csv"), *read(f"{dataset}/test.csv"))
+    files = {"mr": "mr/all.csv", "ag_news": "ag_news/test.csv", "sms_spam": "sms_spam/all.csv"}
     if dataset not in files:
         raise ValueError(f"unknown text dataset {dataset!r}; use one of {sorted(LABEL_NAMES)}")
     texts, labels = read(files[dataset])
