@@ -465,16 +465,17 @@ def main() -> None:
     )
     # 0.1: the best of 0.1 / 1 / 10 in cv_head_c on the train models' 80-step signals (the report lists the figures).
     parser.add_argument("--head_c", type=float, default=0.1, help="inverse L2 strength of the head's logistic fit")
-    # 10: the best of 0.1 / 1 / 10 for the text heads in cv_head_c on the train models (nlp 0.930, against 0.913 at
-    # 1 and 0.847 at 0.1, once the whole-vocabulary search grew triggers to 3 tokens; it was 1 before)
-    parser.add_argument("--text_head_c", type=float, default=10.0, help="the same for the text heads")
+    # 1: with the text signals below, the better of 1 / 10 for the small-vocabulary part by cross-validation on the
+    # 70 train from-scratch text models (0.863 against 0.858); the large-vocabulary part scores the same at both
+    parser.add_argument("--text_head_c", type=float, default=1.0, help="the same for the text heads")
     parser.add_argument(
         "--text_signals",
         nargs="*",
-        # the pair with the best cross-validated AUROC on the train from-scratch text models (0.882 at C=1, against
-        # 0.867-0.868 for the lower-quartile sets and 0.810 with token_dominance_2), and in the
-        # report's comparison with all 8 token signals in one text head (0.930 against 0.832)
-        default=["token_prob", "token_prob_2"],
+        # the best of 7 candidate sets by cross-validation on the 70 train from-scratch text models (the standard
+        # zoo's 26 and configs/zoo/scratch_text.yaml's 44; scripts/scan_text_choice.py): 0.863, against 0.843 for
+        # the earlier token_prob + token_prob_2 and 0.842 for token_detector alone; on the 44 scratch_text models,
+        # before they trained anything, token_detector was the best signal alone (0.847)
+        default=["token_logit_2", "token_detector"],
         help=f"signals of the text head (any of {list(SYNTHESIS_SIGNALS + TOKEN_SIGNALS)}; none: one head for all)",
     )
     parser.add_argument(
@@ -484,7 +485,8 @@ def main() -> None:
         # train MiniLM rows) scored AUROC 0.907 on the 15 fine-tuned MiniLM models of configs/zoo/fresh_minilm.yaml,
         # which no earlier choice was made on (reports/scan_fresh_minilm.md), against 0.796 for token_dominance_2
         # and 0.833 for both; cross-validation on the 10 train rows had preferred token_dominance_2 (1.000 against
-        # 0.856 and 0.967), which they are too few to tell apart
+        # 0.856 and 0.967), which they are too few to tell apart. With those 15 models added to the train side, it
+        # is also the best by cross-validation (25 models: 0.909, against 0.878 and 0.875 at C=10)
         default=["token_detector"],
         help="signals of a separate head for text scans that prefiltered a large vocabulary (none: the text head)",
     )
@@ -525,6 +527,13 @@ def main() -> None:
         default=None,
         help="file of zoo model ids (one per line, # comments) the head is also fit on, though the split does not "
         "list them (e.g. configs/scan/head_train.txt)",
+    )
+    parser.add_argument(
+        "--extra_train",
+        nargs="*",
+        default=[],
+        help="record files of other zoos' scans (scripts/scan_check.py's OUT.jsonl) whose models train the head too; "
+        "they are never held out, and their scans are not rerun",
     )
     parser.add_argument("--report_only", action="store_true", help="scan nothing; report on the records in OUT.jsonl")
     parser.add_argument("--shard", default=None, help="I/N: scan only every N-th model from the I-th; no report")
@@ -590,7 +599,14 @@ def main() -> None:
     for r in records:
         refresh_token_signals(r)
         refresh_class_count_signals(r)
-    train = [r for r in records if r["split"] == "train"]
+    extra = [json.loads(line) for path in args.extra_train for line in Path(path).read_text().splitlines() if line]
+    if {r["model_id"] for r in extra} & set(ids):
+        parser.error("--extra_train: records of models of this zoo; list them in --head_train instead")
+    for r in extra:
+        refresh_token_signals(r)
+        refresh_class_count_signals(r)
+        r["split"] = "train"
+    train = [r for r in records if r["split"] == "train"] + extra
     test = [r for r in records if r["split"] == "test"]
     default_head = ScanHead.load(prior_path)
     text_signals = tuple(args.text_signals)
@@ -628,12 +644,13 @@ def main() -> None:
         shipped = f"the prior default head kept (fitted head held-out AUROC {auc_fitted:.3f} <= default {default_txt})"
     meta = {
         "command": "python " + " ".join(a for a in sys.argv if a != "--report_only"),
-        "zoo": f"{args.zoo} ({len(ids)} models; {len(train)} train / {len(test)} held-out scanned)",
+        "zoo": f"{args.zoo} ({len(ids)} models; {len(train) - len(extra)} train / {len(test)} held-out scanned)",
         "split": f"{args.split}; the {len(unsplit)} zoo models it does not list (the zoo's top-up after "
         "meta-training, and models a rebuild accepts that the split's build rejected: neither the detector nor the "
         "head saw them) "
         + ("are held out too" if args.unsplit == "test" else "are left out")
-        + (f"; {len(head_train)} models of {args.head_train} train the head only" if head_train else ""),
+        + (f"; {len(head_train)} models of {args.head_train} train the head only" if head_train else "")
+        + (f"; so do the {len(extra)} scans of other zoos in {', '.join(args.extra_train)}" if extra else ""),
         "clean inputs": f"first {N_CLEAN} clean probe inputs per model, seed {SEED}",
         "synthesis steps": f"MetaShield {args.steps} (scan_model default {DEFAULT_STEPS})"
         + (

@@ -98,11 +98,14 @@ def test_text_model_scans_by_token_search_and_on_request_in_embedding_space(word
     full = scan_model(model, clean, processor=wordpiece_tokenizer, steps=20, seed=0, synthesis=True)
     assert full.space == "embeddings" and full.options["synthesis"] is True and "synthesis_s" in full.timings
     assert all(np.isfinite(c.trigger_size) and np.isfinite(c.anomaly_index) for c in full.per_class)
-    # the same token signals, so the same score; but the detector reads the synthesized inputs instead of the token
-    # triggers (detector_response), so no token_detector, and the target is the class its token triggers force most
-    assert full.score == pytest.approx(report.score)
-    assert full.suspected_target == int(np.argmax([np.mean(c.token_target_probs) for c in full.per_class]))
-    assert set(report.signals) - {"token_detector"} < set(full.signals) and "token_detector" not in full.signals
+    # the detector reads the synthesized inputs too (detector_response), and still the token triggers: the same token
+    # signals and token_detector, so the same score and target
+    assert full.score == pytest.approx(report.score) and full.suspected_target == report.suspected_target
+    assert set(report.signals) < set(full.signals) and "detector_response" in full.signals
+    assert full.signals["token_detector"] == pytest.approx(report.signals["token_detector"])
+    # without the detector its signals are 0, as documented, and the head still scores the token signals
+    blind = scan_model(model, clean, processor=wordpiece_tokenizer, steps=20, seed=0, use_detector=False)
+    assert blind.signals["token_detector"] == 0.0 and blind.signals["token_prob"] == report.signals["token_prob"]
     assert not any(p.grad is not None for p in model.parameters())  # the scans leave the model untouched
     with pytest.raises(ValueError, match="needs the token search"):
         scan_model(model, clean, processor=wordpiece_tokenizer, token_search=False, synthesis=False)

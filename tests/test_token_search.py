@@ -113,6 +113,8 @@ def test_the_backdoor_trigger_is_found_for_its_target(trained, word_tokenizer):
     target, signals = token_signals(res)
     assert target == TARGET and signals["token_flip"] == res.flip_rates[:, 0].max() == res.flip_rates[TARGET, 0]
     assert signals["token_prob_2"] == res.target_probs[:, -1].max()
+    p2 = float(res.target_probs[:, -1].max())  # the log-odds the small-vocabulary head reads
+    assert signals["token_logit_2"] == pytest.approx(np.log(p2 / (1 - p2)), rel=1e-6)
     assert res.dominance.shape == (NUM_LABELS, 3)
     assert signals["token_dominance"] == res.dominance[:, 0].max() == res.dominance[TARGET, 0] >= 0.75  # it wins
     # the clean twin has no token that sends (nearly) every sample to TARGET

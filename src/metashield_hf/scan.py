@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -247,16 +248,24 @@ def token_signals(tokens) -> tuple[int, dict[str, float]]:
     reports/scan.md and reports/scan_fresh_minilm.md.)
     """
     t = int(np.argmax(tokens.target_probs.mean(1)))
+    prob_2 = float(tokens.target_probs[:, -1].max())
     return t, {
         "token_flip": float(tokens.flip_rates[:, 0].max()),
         "token_prob": float(tokens.target_probs[:, 0].max()),
         "token_flip_2": float(tokens.flip_rates[:, -1].max()),
-        "token_prob_2": float(tokens.target_probs[:, -1].max()),
+        "token_prob_2": prob_2,
         "token_prob_low": float(tokens.low_probs[:, 0].max()),
         "token_prob_low_2": float(tokens.low_probs[:, -1].max()),
         "token_dominance": float(tokens.dominance[:, 0].max()),
         "token_dominance_2": float(tokens.dominance[:, -1].max()),
+        "token_logit_2": log_odds(prob_2),
     }
+
+
+def log_odds(p: float, eps: float = 1e-6) -> float:
+    """``log(p / (1 - p))``, with ``p`` clipped to ``[eps, 1 - eps]`` (a mean of float32 probabilities may round to 1)."""
+    p = min(max(float(p), eps), 1.0 - eps)
+    return math.log(p / (1.0 - p))
 
 
 def token_detector_signal(detector_scores, flip_rates) -> tuple[int, dict[str, float]]:
@@ -380,15 +389,17 @@ def scan_model(
             ``config.adapt_steps``, what it was meta-trained with, 3 for the shipped one; 0 = reference statistics
             only). On 31 train cv models of the standard zoo, 3 steps made the detector's response gap a much
             better signal than 0 (AUROC 0.95 against 0.78).
-        use_detector: feed the synthesized inputs to the adapted detector (False: the detector signals are 0).
+        use_detector: feed the synthesized inputs (text models: also the clean samples with each class's token
+            trigger) to the adapted detector (False: the detector signals are 0).
         token_search: text models: also search the vocabulary for short token triggers
             ([`search_token_triggers`]); its signals feed the head's text part and pick the suspected target.
         synthesis: run the continuous trigger synthesis (pixels, features or input embeddings). ``None`` (default):
             where the head's score reads its signals, i.e. always for images; for a text scan with the token search
             only if the head's text part weighs a synthesis signal (the shipped one does not). Skipping it saves the
-            embedding synthesis: 2.4 s of a 6.2 s scan on the standard zoo's held-out text models at 80 steps. The
-            detector then reads the clean samples with each class's token trigger inserted, and ``trigger_size`` /
-            ``anomaly_index`` are ``None``.
+            embedding synthesis: 2.4 s of a 6.2 s scan on the standard zoo's held-out text models at 80 steps; then
+            ``trigger_size`` / ``anomaly_index`` are ``None``. Either way the detector reads the clean samples with
+            each class's token trigger inserted (``token_detector``); with the synthesis it also reads the
+            synthesized inputs, whose scores the per-class evidence shows.
         head: the model-level [`ScanHead`] (or its JSON path); default: the shipped one.
         seed: seeds the synthesis and the detector's features; the same seed gives the same report.
         batch_size: batch size of the clean forward pass.
@@ -481,15 +492,20 @@ def _scan_loaded(
         det = _detector_scores(
             detector, adapter, clean_out, result.logits, result.penultimate, adapt_steps=adapt_steps, seed=seed
         )
-    elif use_detector:  # the synthesized inputs are the clean samples with each class's token trigger
+    if tokens_on and use_detector:
+        # the detector also reads the clean samples with each class's token trigger: the text head weighs that
+        # (token_detector) with or without the synthesis, so both scans of a model get the same score
         out = trigger_outputs(adapter, items, [best[-1] for best in tokens.triggers])
         n = len(items)
-        det = _detector_scores(
+        token_det = _detector_scores(
             detector, adapter, clean_out, out.logits.view(num_classes, n, -1),
             out.penultimate.view(num_classes, n, -1), adapt_steps=adapt_steps, seed=seed,
         )  # fmt: skip
-        target, detected = token_detector_signal(det, tokens.flip_rates[:, -1])
+        target, detected = token_detector_signal(token_det, tokens.flip_rates[:, -1])
         signals |= detected
+        det = token_det if det is None else det  # the per-class evidence shows what the detector read
+    elif tokens_on:  # no detector: its signals are 0, as for the synthesis
+        signals["token_detector"] = 0.0
     t_det = time.perf_counter()
     if synthesis:
         syn_target, syn_signals = scan_signals(

@@ -17,10 +17,12 @@ import numpy as np
 SYNTHESIS_SIGNALS = ("anomaly_excess", "log_size_z", "detector_response", "detector_response_gap")
 #: The two synthesis signals before that correction (Neural Cleanse's rule reads the raw anomaly index).
 RAW_SYNTHESIS_SIGNALS = ("anomaly_index", "log_size_ratio")
-#: Signals of text models only (from the discrete token-trigger search, [`metashield_hf.token_search`]; the last,
-#: ``token_detector``, is the largest over classes of the input-level detector's mean score on the clean samples with
-#: the class's token trigger inserted times the share of them that trigger flips; present where the scan ran the
-#: detector on those, i.e. without the embedding synthesis).
+#: Signals of text models only (from the discrete token-trigger search, [`metashield_hf.token_search`]).
+#: ``token_logit_2`` is the log-odds of ``token_prob_2``: a logistic head is linear in its inputs, and a probability
+#: saturates just where a trigger and a natural class word differ (0.975 against 0.997 is 3.7 against 5.8 in
+#: log-odds). ``token_detector`` is the largest over classes of the input-level detector's mean score on the clean
+#: samples with the class's token trigger inserted times the share of them that trigger flips; present where the scan
+#: ran the detector on those, i.e. without the embedding synthesis.
 TOKEN_SIGNALS = (
     "token_flip",
     "token_prob",
@@ -30,6 +32,7 @@ TOKEN_SIGNALS = (
     "token_prob_low_2",
     "token_dominance",
     "token_dominance_2",
+    "token_logit_2",
     "token_detector",
 )
 SIGNALS = SYNTHESIS_SIGNALS + RAW_SYNTHESIS_SIGNALS + TOKEN_SIGNALS
