@@ -50,7 +50,9 @@ SCAN_SETTINGS = {
 
 
 def _signals(adapter, clean_out, result) -> dict:
-    det = _detector_scores(None, adapter, clean_out, result.logits, result.penultimate, adapt_steps=None, seed=SEED)
+    (det,) = _detector_scores(
+        None, adapter, clean_out, [(result.logits, result.penultimate)], adapt_steps=None, seed=SEED
+    )
     target, signals = scan_signals(result.sizes, anomaly_indices(result.sizes), det)
     return {"sizes": result.sizes.tolist(), "target": target, "signals": signals}
 

@@ -315,10 +315,11 @@ def scan_signals(sizes: np.ndarray, anomaly: np.ndarray, response: np.ndarray) -
 
 
 def _detector_scores(
-    detector, adapter, clean_out: TargetOutput, logits, penultimate, *, adapt_steps: int | None, seed: int
-) -> np.ndarray:
-    """Per-class mean score of the detector, adapted to the model on ``clean_out``, on the perturbed clean samples
-    (``logits (K, N, C)``, ``penultimate (K, N, D)``: class ``k``'s trigger on every sample)."""
+    detector, adapter, clean_out: TargetOutput, perturbed: list, *, adapt_steps: int | None, seed: int
+) -> list[np.ndarray]:
+    """Per-class mean score of the detector, adapted once to the model on ``clean_out``, on each set of perturbed
+    clean samples in ``perturbed``: ``(logits (K, N, C), penultimate (K, N, D))`` pairs, class ``k``'s trigger on
+    every sample."""
     from .hub import load_detector
     from .shield import adapt_from_activations
 
@@ -333,9 +334,12 @@ def _detector_scores(
         steps=detector.config.adapt_steps if adapt_steps is None else adapt_steps,
         seed=seed,
     )
-    k, n = logits.shape[:2]
-    _, feats = shield.features_of(TargetOutput(logits.reshape(k * n, -1), penultimate.reshape(k * n, -1)))
-    return shield.score_features(feats).view(k, n).mean(1).numpy().astype(np.float64)
+    scores = []
+    for logits, penultimate in perturbed:
+        k, n = logits.shape[:2]
+        _, feats = shield.features_of(TargetOutput(logits.reshape(k * n, -1), penultimate.reshape(k * n, -1)))
+        scores.append(shield.score_features(feats).view(k, n).mean(1).numpy().astype(np.float64))
+    return scores
 
 
 def scan_model(
@@ -487,23 +491,21 @@ def _scan_loaded(
         tokens = search_token_triggers(adapter, items, clean_out.logits.argmax(-1), num_classes)
         target, signals = token_signals(tokens)
     t_tok = time.perf_counter()
-    det = None
-    if use_detector and synthesis:
-        det = _detector_scores(
-            detector, adapter, clean_out, result.logits, result.penultimate, adapt_steps=adapt_steps, seed=seed
-        )
-    if tokens_on and use_detector:
-        # the detector also reads the clean samples with each class's token trigger: the text head weighs that
-        # (token_detector) with or without the synthesis, so both scans of a model get the same score
-        out = trigger_outputs(adapter, items, [best[-1] for best in tokens.triggers])
-        n = len(items)
-        token_det = _detector_scores(
-            detector, adapter, clean_out, out.logits.view(num_classes, n, -1),
-            out.penultimate.view(num_classes, n, -1), adapt_steps=adapt_steps, seed=seed,
-        )  # fmt: skip
+    det = token_det = None
+    if use_detector:
+        perturbed = [(result.logits, result.penultimate)] if synthesis else []
+        if tokens_on:
+            # the detector also reads the clean samples with each class's token trigger: the text head weighs that
+            # (token_detector) with or without the synthesis, so both scans of a model get the same score
+            out = trigger_outputs(adapter, items, [best[-1] for best in tokens.triggers])
+            n = len(items)
+            perturbed.append((out.logits.view(num_classes, n, -1), out.penultimate.view(num_classes, n, -1)))
+        scores = _detector_scores(detector, adapter, clean_out, perturbed, adapt_steps=adapt_steps, seed=seed)
+        det = scores[0]  # the per-class evidence shows the synthesized inputs' scores where there are any
+        token_det = scores[-1] if tokens_on else None
+    if token_det is not None:
         target, detected = token_detector_signal(token_det, tokens.flip_rates[:, -1])
         signals |= detected
-        det = token_det if det is None else det  # the per-class evidence shows what the detector read
     elif tokens_on:  # no detector: its signals are 0, as for the synthesis
         signals["token_detector"] = 0.0
     t_det = time.perf_counter()
