@@ -328,6 +328,22 @@ def refresh_class_count_signals(rec: dict) -> None:
     signals.update(class_count_signals(signals["anomaly_index"], signals["log_size_ratio"], rec["num_classes"]))
 
 
+def refresh(records: list[dict]) -> list[dict]:
+    """``records`` with their token and class-count signals recomputed by the current library (in place)."""
+    for r in records:
+        refresh_token_signals(r)
+        refresh_class_count_signals(r)
+    return records
+
+
+def extra_train_records(paths: list[str]) -> list[dict]:
+    """Other zoos' scan records (``scripts/scan_check.py``'s ``OUT.jsonl``), refreshed, as train models of the head."""
+    records = refresh([r for path in paths for r in load_records(Path(path).with_suffix("")).values()])
+    for r in records:
+        r["split"] = "train"
+    return records
+
+
 def modality(rec: dict) -> str:
     return rec.get("modality", "text" if rec["domain"] == "nlp" else "image")
 
@@ -596,16 +612,10 @@ def main() -> None:
 
     merge_shards(out, done, ids)
     records = [done[ids[i]] for i in order if ids[i] in done]
-    for r in records:
-        refresh_token_signals(r)
-        refresh_class_count_signals(r)
-    extra = [json.loads(line) for path in args.extra_train for line in Path(path).read_text().splitlines() if line]
+    refresh(records)
+    extra = extra_train_records(args.extra_train)
     if {r["model_id"] for r in extra} & set(ids):
         parser.error("--extra_train: records of models of this zoo; list them in --head_train instead")
-    for r in extra:
-        refresh_token_signals(r)
-        refresh_class_count_signals(r)
-        r["split"] = "train"
     train = [r for r in records if r["split"] == "train"] + extra
     test = [r for r in records if r["split"] == "test"]
     default_head = ScanHead.load(prior_path)

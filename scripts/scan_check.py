@@ -28,8 +28,7 @@ from scan_benchmark import (
     load_records,
     merge_shards,
     records_path,
-    refresh_class_count_signals,
-    refresh_token_signals,
+    refresh,
     scan_row,
     score,
     shard_of,
@@ -78,9 +77,7 @@ def main() -> None:
     merge_shards(out, done, ids)
     records = [done[m] for m in ids if m in done]
     heads = {path: ScanHead.load(path) for path in args.head}
-    for r in records:
-        refresh_token_signals(r)
-        refresh_class_count_signals(r)
+    for r in refresh(records):
         for i, head in enumerate(heads.values()):
             r["metashield"][f"score_head{i}"] = score(head, r)
     methods = {

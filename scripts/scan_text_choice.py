@@ -14,10 +14,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from scan_benchmark import cv_head_c, modality, refresh_class_count_signals, refresh_token_signals, variant
+from scan_benchmark import cv_head_c, extra_train_records, load_records, modality, refresh, variant
 
 from metashield_hf.scan_head import TOKEN_SIGNALS
 
@@ -32,24 +31,14 @@ CANDIDATES = [
 ]
 
 
-def load(path: str | Path, split: str | None = None) -> list[dict]:
-    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line]
-    for r in records:
-        refresh_token_signals(r)
-        refresh_class_count_signals(r)
-        if split:
-            r["split"] = split
-    return records
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", default="reports/scan.jsonl", help="the standard zoo's scan records")
     parser.add_argument("--extra_train", nargs="*", default=[], help="other zoos' records (scan_check.py's OUT.jsonl)")
     parser.add_argument("--large_vocabulary_signals", nargs="*", default=["token_detector"])
     args = parser.parse_args()
-    train = [r for r in load(args.records) if r["split"] == "train"]
-    train += [r for path in args.extra_train for r in load(path, "train")]
+    standard = refresh(list(load_records(Path(args.records).with_suffix("")).values()))
+    train = [r for r in standard if r["split"] == "train"] + extra_train_records(args.extra_train)
     small = [r for r in train if modality(r) == "text" and not variant(r)]
     print(f"{len(small)} train small-vocabulary text models ({sum(r['is_backdoored'] for r in small)} backdoored)")
     results = []
