@@ -109,7 +109,8 @@ def main() -> None:
     lines += [
         "",
         "Per model (score: the first head's; detector: the input-level detector's mean score on the samples with each "
-        "class's token trigger, which `token_detector` weighs by the share of samples the trigger flips):",
+        "class's trigger: for text its token trigger, which `token_detector` weighs by the share of samples the trigger "
+        "flips; for images the synthesized one, which has no text to show):",
         "",
         "| model | backdoored | target | suspected | score | trigger of the suspected target | detector per class |",
         "|---|---|---:|---:|---:|---|---|",
