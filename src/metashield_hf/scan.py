@@ -91,7 +91,7 @@ class ScanReport:
         score: backdoor score (MetaShield: probability in ``[0, 1]``; Neural Cleanse: the anomaly index).
         threshold: the score above which the verdict is ``"backdoored"``.
         suspected_target: the class whose trigger was smallest (text models: whose token trigger the detector flags
-            most, or without the detector, or with the embedding synthesis, whose token trigger forces it most).
+            most, or without the detector, whose token trigger forces it most).
         anomaly_index: the suspected target's anomaly index (``None`` for a text scan without embedding synthesis).
         signals: the model-level signals the head combines (see [`SIGNALS`]).
         per_class: one [`ClassEvidence`] per class.
@@ -244,8 +244,8 @@ def token_signals(tokens) -> tuple[int, dict[str, float]]:
     force most confidently ([`scan_model`] prefers the detector's, with its ``token_detector`` signal). (On the
     standard zoo's train models the mean class probability separated backdoored from clean from-scratch text models
     best. On fine-tuned MiniLM models, whose natural words force a class as surely as a trigger, none of these signals
-    held up on a fresh zoo, but ``token_detector`` did, so the shipped head's large-vocabulary part weighs it; see
-    reports/scan.md and reports/scan_fresh_minilm.md.)
+    held up on a fresh zoo, but ``token_detector`` did, so both text parts of the shipped head weigh it; see
+    reports/scan.md and the reports/scan_fresh_*.md checks.)
     """
     t = int(np.argmax(tokens.target_probs.mean(1)))
     prob_2 = float(tokens.target_probs[:, -1].max())

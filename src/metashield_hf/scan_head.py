@@ -21,8 +21,8 @@ RAW_SYNTHESIS_SIGNALS = ("anomaly_index", "log_size_ratio")
 #: ``token_logit_2`` is the log-odds of ``token_prob_2``: a logistic head is linear in its inputs, and a probability
 #: saturates just where a trigger and a natural class word differ (0.975 against 0.997 is 3.7 against 5.8 in
 #: log-odds). ``token_detector`` is the largest over classes of the input-level detector's mean score on the clean
-#: samples with the class's token trigger inserted times the share of them that trigger flips; present where the scan
-#: ran the detector on those, i.e. without the embedding synthesis.
+#: samples with the class's token trigger inserted times the share of them that trigger flips (0 for a scan run
+#: without the detector).
 TOKEN_SIGNALS = (
     "token_flip",
     "token_prob",
@@ -59,8 +59,8 @@ class ScanHead:
         by_modality: heads for one target modality (``"text"``, ``"image"``, ``"tensor"``), or for a variant of
             one (``"text/large_vocabulary"``), as dicts of these same fields; a scan of such a model uses that head
             instead (text scans have the token signals, whose meaning differs from the image signals; and a search
-            that prefilters a pretrained model's large vocabulary finds natural words as strong as a trigger, which
-            only the dominance signals tell apart).
+            that prefilters a pretrained model's large vocabulary finds natural words as strong as a trigger, so its
+            probability signals mean less there than the detector's).
     """
 
     weights: dict[str, float]

@@ -74,7 +74,10 @@ def test_same_vocabulary_and_ids_in_every_process(arch):
 @pytest.mark.parametrize("dataset", ["sst2", "mr", "ag_news", "olid", "sms_spam"])
 def test_every_text_dataset_loads_with_its_label_names(dataset):
     from metashield_hf.zoo.build import resolve_data_root
+    from metashield_hf.zoo.spec import NUM_CLASSES
     from metashield_hf.zoo.text import LABEL_NAMES, load_text
+
+    assert NUM_CLASSES[dataset] == len(LABEL_NAMES[dataset])  # the zoo plan's class count (spec.py) agrees
 
     train_texts, train_labels, test_texts, test_labels = load_text(dataset, str(resolve_data_root(None)))
     assert len(train_texts) == len(train_labels) > len(test_texts) == len(test_labels) > 100
