@@ -9,6 +9,9 @@ held-out models play no part. Prints one line per candidate and the best.
 Usage:
 
     python scripts/scan_text_choice.py --extra_train reports/scan_fresh_minilm.jsonl reports/scan_scratch_text.jsonl
+
+(the stop-23 choice, on 70 small-vocabulary models; add ``reports/scan_fresh_scratch_text.jsonl`` for the stop-24 one, on
+114: the same pick, ``token_logit_2`` + ``token_detector`` at C = 1, 0.861)
 """
 
 from __future__ import annotations
