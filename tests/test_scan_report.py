@@ -1,0 +1,96 @@
+"""The committed scan report and shipped scan head come from the committed scan records: `scripts/scan_benchmark.py
+--report_only` rebuilds them from the records alone, on a machine without the zoo."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from metashield_hf.scan_head import DEFAULT_SCAN_HEAD, ScanHead
+
+REPO = Path(__file__).resolve().parents[1]
+REPORT = REPO / "reports" / "scan.md"
+
+
+def _benchmark():
+    sys.path.insert(0, str(REPO / "scripts"))  # scan_benchmark's sibling scripts import it by name
+    spec = importlib.util.spec_from_file_location("scan_benchmark", REPO / "scripts" / "scan_benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _committed_command() -> list[str]:
+    """The report's own reproduce command (the one that shipped the head), as arguments."""
+    match = re.search(r"```bash\npython scripts/scan_benchmark\.py (.+)\n```", REPORT.read_text())
+    assert match, "reports/scan.md has no reproduce command"
+    return match.group(1).split()
+
+
+def _option(args: list[str], name: str) -> list[str]:
+    i = args.index(name)
+    values = []
+    for a in args[i + 1 :]:
+        if a.startswith("--"):
+            break
+        values.append(a)
+    return values
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_report_only_without_the_zoo_refits_the_shipped_head(tmp_path, monkeypatch):
+    args = _committed_command()
+    assert "--ship" in args
+    shutil.copyfile(REPO / "reports" / "scan.jsonl", tmp_path / "scan.jsonl")
+    shutil.copyfile(REPO / "reports" / "scan.prior_head.json", tmp_path / "scan.prior_head.json")
+    replace = {
+        "--zoo": [str(tmp_path / "no_zoo_here")],
+        "--split": [str(tmp_path / "no_split_here.json")],
+        "--out": [str(tmp_path / "scan")],
+        "--reuse_nc": [],  # only the scans read it
+        "--ship": [],  # never overwrite the shipped head from a test
+    }
+    argv, i = [], 0
+    while i < len(args):
+        name = args[i]
+        n = len(_option(args, name)) if name.startswith("--") else 0
+        if name in replace:
+            argv += [name, *replace[name]] if replace[name] else []
+        else:
+            argv += args[i : i + 1 + n]  # paths relative to the repository root, the working directory below
+        i += 1 + n
+    head_out = tmp_path / "head.json"
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["scan_benchmark.py", *argv, "--head_out", str(head_out), "--report_only"])
+    benchmark = _benchmark()
+    benchmark.main()
+
+    fitted, shipped = ScanHead.load(head_out), ScanHead.load(DEFAULT_SCAN_HEAD)
+    assert fitted.weights == pytest.approx(shipped.weights, abs=1e-6)
+    assert fitted.bias == pytest.approx(shipped.bias, abs=1e-6)
+    for key, part in shipped.by_modality.items():
+        assert fitted.by_modality[key]["weights"] == pytest.approx(part["weights"], abs=1e-6), key
+
+    # the report's held-out AUROC per domain is the shipped head's over the held-out records (their signals
+    # refreshed by the current library, as the report does)
+    summary = json.loads((tmp_path / "scan.json").read_text())
+    assert "without the zoo" in summary["meta"]["split"]
+    test = [r for r in summary["records"] if r["split"] == "test"]
+    for domain in ("cv", "fl", "nlp"):
+        rows = [r for r in test if r["domain"] == domain]
+        y = [int(r["is_backdoored"]) for r in rows]
+        s = [benchmark.score(shipped, r) for r in rows]
+        assert np.isfinite(s).all()
+        reported = summary["groups"][domain]["MetaShield scan (fitted head)"]["auroc"]
+        assert reported == pytest.approx(roc_auc_score(y, s)), domain
+        # and the committed report says the same
+        line = next(ln for ln in REPORT.read_text().splitlines() if ln.startswith(f"| {domain} (") and "fitted" in ln)
+        assert float(line.split("|")[3]) == pytest.approx(reported, abs=5e-4), domain
