@@ -12,6 +12,7 @@ from metashield_hf.attacks import (
     POISONED_COLUMN,
     BadNets,
     Blend,
+    SIG,
     TrojanWatermark,
     WaNet,
     attack_from_dict,
@@ -110,6 +111,20 @@ def test_blend_known_answers():
     assert np.array_equal(np.asarray(Blend(alpha=0.0).apply(gray)), np.asarray(gray))
 
 
+def test_sig_known_answers():
+    x = torch.full((2, 3, 4, 12), 0.5)
+    assert torch.equal(SIG(delta=0.0).apply(x), x)
+    out = SIG(delta=0.1, frequency=3).apply(x)
+    diff = out - x
+    assert torch.equal(diff[..., 0], torch.zeros(2, 3, 4))  # sin(0)
+    assert torch.allclose(diff[..., 1], torch.full((2, 3, 4), 0.1))  # column 1 of 12 at 3 cycles: sin(pi / 2)
+    assert torch.equal(diff, diff[:1, :1, :1].expand_as(diff))  # the same signal on every row, channel and image
+    assert float(SIG(delta=0.3).apply(torch.ones(1, 1, 2, 8)).max()) == 1.0  # clipped to the pixel range
+    assert not SIG().seed_dependent and SIG(seed=1).apply(x).equal(SIG(seed=2).apply(x))
+    with pytest.raises(ValueError):
+        SIG(frequency=0)
+
+
 def test_blend_patterns():
     assert not torch.equal(Blend(seed=0).pattern_image(1, 8, 8), Blend(seed=1).pattern_image(1, 8, 8))
     fixed = Blend(pattern="fixed_noise", seed=0).pattern_image(3, 8, 8)
@@ -190,6 +205,7 @@ def test_non_default_configs_round_trip():
     for attack in (
         BadNets(patch_size=4, location=(1, -5), pattern="random", margin=2, seed=9),
         Blend(alpha=0.35, pattern="fixed_noise"),
+        SIG(delta=0.05, frequency=4),
         TrojanWatermark(mark_size=6, cells=3, density=0.7, opacity=0.25, intensity=0.5, location=[0, 0]),
         WaNet(k=8, strength=1, grid_rescale=0.98, noise_mode=False, cross_ratio=1),
     ):

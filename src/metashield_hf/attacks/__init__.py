@@ -1,6 +1,6 @@
 """Backdoor attacks for building the poisoned-model zoo: one registry, one frozen dataclass per attack.
 
-Vision (``domain="cv"``): ``badnets``, ``blend``, ``trojan_watermark``, ``wanet``.
+Vision (``domain="cv"``): ``badnets``, ``blend``, ``trojan_watermark``, ``wanet``, ``sig``.
 Text (``domain="nlp"``): ``rare_word``, ``char_substitution``, ``syntactic_template``.
 Federated (``domain="fl"``): ``fl_data_poisoning``, ``dba``, ``model_replacement``, ``model_replacement_constrained``,
 ``neurotoxin``, ``targeted_weight_modification``.
@@ -27,7 +27,7 @@ from .federated import (
     TargetedWeightModification,
 )
 from .text import CharSubstitution, RareWordInsertion, SyntacticTemplate
-from .vision import NOISE_COLUMN, BadNets, Blend, TrojanWatermark, WaNet
+from .vision import NOISE_COLUMN, SIG, BadNets, Blend, TrojanWatermark, WaNet
 
 __all__ = [
     "ATTACKS",
@@ -43,6 +43,7 @@ __all__ = [
     "Neurotoxin",
     "TargetedWeightModification",
     "Blend",
+    "SIG",
     "CharSubstitution",
     "RareWordInsertion",
     "SyntacticTemplate",

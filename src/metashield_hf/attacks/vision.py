@@ -1,4 +1,4 @@
-"""Vision triggers: BadNets patch, Blend, Trojan-style watermark and WaNet warping.
+"""Vision triggers: BadNets patch, Blend, Trojan-style watermark, WaNet warping and SIG's sinusoidal signal.
 
 Every attack accepts float tensors in ``[0, 1]`` of shape ``(N, C, H, W)`` or ``(C, H, W)``, uint8 tensors of the same
 shapes, a ``PIL.Image`` or a list of them, and uint8 numpy arrays ``(H, W)``, ``(H, W, C)`` or ``(N, H, W, C)``. The
@@ -517,6 +517,59 @@ class WaNet(Attack):
             lambda items, indices: [self.apply_noise(x, call_seed=i) for x, i in zip(items, indices, strict=True)],
             NOISE_COLUMN,
         )
+
+
+@ATTACKS.register()
+@dataclass(frozen=True)
+class SIG(Attack):
+    """SIG: a horizontal sinusoidal signal added to the whole image, ``x' = clip(x + delta * sin(2π j f / W), 0, 1)``
+    for pixel column ``j`` of ``W``.
+
+    Barni, Kallas and Tondi, "A New Backdoor Attack in CNNs by Training Set Corruption Without Label Poisoning",
+    ICIP 2019, https://arxiv.org/abs/1902.11237 (``delta = 20 / 255``, ``f = 6``). The paper poisons target-class
+    images only and keeps their labels; :meth:`poison` here relabels, as for the other attacks (the zoo's recipes
+    assume dirty labels). A whole-image, low-amplitude trigger: no small region of the image carries it.
+
+    Args:
+        delta: amplitude, in ``[0, 1]`` pixel units.
+        frequency: cycles across the image width.
+        seed: the rows :meth:`poison` picks (the signal itself is deterministic).
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from metashield_hf.attacks import SIG
+        >>> out = SIG(delta=0.1).apply(torch.full((1, 1, 4, 8), 0.5))
+        >>> round(float((out - 0.5).abs().max()), 3)
+        0.1
+        ```
+    """
+
+    name = "sig"
+    domain = "cv"
+
+    delta: float = 20 / 255
+    frequency: int = 6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set("delta", check_float("delta", self.delta, 0.0, 1.0))
+        self._set("frequency", check_int("frequency", self.frequency, minimum=1))
+
+    @property
+    def seed_dependent(self) -> bool:
+        return False
+
+    def signal(self, width: int) -> torch.Tensor:
+        """The ``(W,)`` signal added to every row of every channel."""
+        return self.delta * torch.sin(2 * torch.pi * torch.arange(width) * self.frequency / width)
+
+    def _trigger(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + self.signal(x.shape[-1]).to(x)).clamp(0.0, 1.0)
+
+    def apply(self, inputs: Any) -> Any:
+        """Add the signal to images (see the module docstring for the accepted types and shapes)."""
+        return apply_to_images(inputs, self._trigger)
 
 
 # ---------------------------------------------------------------------------------------------- adaptive attacks
