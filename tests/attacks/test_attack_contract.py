@@ -12,7 +12,16 @@ from PIL import Image
 
 from metashield_hf.attacks import ATTACKS, NOISE_COLUMN, POISONED_COLUMN, Attack, attack_from_dict
 
-EXPECTED = {"badnets", "blend", "trojan_watermark", "wanet", "sig", "rare_word", "char_substitution", "syntactic_template"}
+EXPECTED = {
+    "badnets",
+    "blend",
+    "trojan_watermark",
+    "wanet",
+    "sig",
+    "rare_word",
+    "char_substitution",
+    "syntactic_template",
+}
 EXPECTED_FL = {
     "fl_data_poisoning",
     "dba",

@@ -10,9 +10,9 @@ from PIL import Image
 from metashield_hf.attacks import (
     NOISE_COLUMN,
     POISONED_COLUMN,
+    SIG,
     BadNets,
     Blend,
-    SIG,
     TrojanWatermark,
     WaNet,
     attack_from_dict,
