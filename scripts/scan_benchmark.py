@@ -44,6 +44,7 @@ from metashield_hf.scan import (
     token_signals,
 )
 from metashield_hf.scan_head import (
+    BLEND,
     DEFAULT_SCAN_HEAD,
     LARGE_VOCABULARY,
     SYNTHESIS_SIGNALS,
@@ -83,6 +84,7 @@ def scan_row(
     reuse_nc: dict | None = None,
     refine: int | None = DEFAULT_REFINE,
     screen_steps: int = DEFAULT_SCREEN,
+    blend_steps: int = 0,
 ) -> dict:
     """Scan one zoo row (MetaShield default head; plus Neural Cleanse at each of ``nc_steps`` on test models, or its
     record from ``reuse_nc`` where that has one at that budget) and return its record."""
@@ -92,7 +94,9 @@ def scan_row(
     target = row_to_target(row, workdir)
     clean, _, _ = row_probe(row)
     clean = clean[:N_CLEAN]
-    ms = scan_model(target, clean, steps=steps, refine=refine, screen_steps=screen_steps, seed=SEED)
+    ms = scan_model(
+        target, clean, steps=steps, refine=refine, screen_steps=screen_steps, seed=SEED, blend_steps=blend_steps
+    )
     rec["num_classes"] = len(ms.per_class)
     rec["modality"] = "text" if ms.space in ("embeddings", "tokens") else "image"
     rec["metashield"] = {
@@ -106,12 +110,14 @@ def scan_row(
         "steps": steps,
         "refine": ms.options["refine"],
         "screen_steps": ms.options["screen_steps"],
+        "blend_steps": ms.options["blend_steps"],
         # per-class evidence, so other model-level signals can be studied on the train records without a rescan
         "per_class": {
             "trigger_size": [c.trigger_size for c in ms.per_class],
             "flip_rate": [c.flip_rate for c in ms.per_class],
             "anomaly_index": [c.anomaly_index for c in ms.per_class],
             "detector_score": [c.detector_score for c in ms.per_class],
+            **({"blend_size": [c.blend_size for c in ms.per_class]} if ms.options["blend_steps"] else {}),
         },
     }
     if ms.options.get("token_search"):
@@ -349,8 +355,11 @@ def modality(rec: dict) -> str:
 
 
 def variant(rec: dict) -> str | None:
-    """The scan's head variant: ``LARGE_VOCABULARY`` for a text scan whose token search prefiltered the vocabulary."""
-    return LARGE_VOCABULARY if rec["metashield"].get("large_vocabulary") else None
+    """The scan's head variant: ``LARGE_VOCABULARY`` for a text scan whose token search prefiltered the vocabulary,
+    ``BLEND`` for an image scan with the blend synthesis."""
+    if rec["metashield"].get("large_vocabulary"):
+        return LARGE_VOCABULARY
+    return BLEND if rec["metashield"].get("blend_steps") else None
 
 
 def fit_heads(
@@ -364,12 +373,13 @@ def fit_heads(
     text models' ``text_signals``: the token signals exist only for text, and mean different things there. With
     ``large_signals`` (and train text models of both kinds), the text models whose search prefiltered a large
     vocabulary get their own head on those signals (``by_modality["text/large_vocabulary"]``), and the text head is
-    fit on the others."""
+    fit on the others. (The ``image/blend`` part, for scans with the blend synthesis, is fit by
+    ``scripts/scan_blend.py``.)"""
     other = [r for r in train if modality(r) != "text"]
     text = [r for r in train if modality(r) == "text"]
     head = fit_scan_head([r["metashield"]["signals"] for r in other], [int(r["is_backdoored"]) for r in other], c=c)
-    large = [r for r in text if variant(r)] if large_signals else []
-    small = [r for r in text if not variant(r)]
+    large = [r for r in text if variant(r) == LARGE_VOCABULARY] if large_signals else []
+    small = [r for r in text if variant(r) != LARGE_VOCABULARY]
     if len({int(r["is_backdoored"]) for r in large}) < 2 or len({int(r["is_backdoored"]) for r in small}) < 2:
         large, small = [], text  # too few of a kind to fit a head apart
     parts = {}
@@ -413,7 +423,7 @@ def cv_head_c(
 
     y = np.array([int(r["is_backdoored"]) for r in train])
     groups = {d: np.array([r["domain"] == d for r in train]) for d in sorted({r["domain"] for r in train})}
-    large = np.array([variant(r) is not None for r in train])
+    large = np.array([variant(r) == LARGE_VOCABULARY for r in train])
     nlp = groups.get("nlp", np.zeros(len(train), dtype=bool))
     if (nlp & large).any() and (nlp & ~large).any():
         groups["nlp (large vocabulary)"] = nlp & large
@@ -440,7 +450,7 @@ def text_signal_choice(
     all of them, and over the large-vocabulary ones), and the cross-validated nlp AUROC of the chosen heads against
     one text head on the same signals and on all of them."""
     text = [r for r in train if modality(r) == "text" and "token_prob" in r["metashield"]["signals"]]
-    large = [r for r in text if variant(r)]
+    large = [r for r in text if variant(r) == LARGE_VOCABULARY]
 
     def cv(signals: tuple[str, ...], large_part: tuple[str, ...] = ()) -> str:
         aucs = cv_head_c(train, signals, cs=(text_c,), text_c=text_c, large_signals=large_part)[text_c]
@@ -633,6 +643,10 @@ def main() -> None:
     text_signals = tuple(args.text_signals)
     large_signals = tuple(args.large_vocabulary_signals)
     fitted = fit_heads(train, args.head_c, text_signals, args.text_head_c, large_signals)
+    # the image/blend part is fit by scripts/scan_blend.py on other records: a refit here keeps the shipped one
+    blend_part = (ScanHead.load(DEFAULT_SCAN_HEAD).by_modality or {}).get(f"image/{BLEND}")
+    if blend_part:
+        fitted.by_modality = {**(fitted.by_modality or {}), f"image/{BLEND}": blend_part}
     Path(args.head_out).parent.mkdir(parents=True, exist_ok=True)
     fitted.save(args.head_out)
     for r in test:

@@ -26,6 +26,7 @@ from scan_benchmark import (
     _total_s,
     groups,
     load_records,
+    load_reuse_nc,
     merge_shards,
     records_path,
     refresh,
@@ -53,6 +54,14 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--nc_steps", type=int, nargs="*", default=[], help="Neural Cleanse budgets (default: none)")
+    parser.add_argument(
+        "--blend_steps", type=int, default=0, help="scan_model's opt-in blend synthesis budget (default: none)"
+    )
+    parser.add_argument(
+        "--reuse_nc",
+        default=None,
+        help="JSONL of an earlier scan of the same models whose Neural Cleanse records are reused, not rerun",
+    )
     parser.add_argument("--out", required=True, help="writes OUT.jsonl (records) and OUT.md")
     parser.add_argument("--workdir", default="artifacts/meta/scan_check_work")
     parser.add_argument("--shard", default=None, help="I/N: scan only every N-th model from the I-th; no report")
@@ -63,11 +72,14 @@ def main() -> None:
     zoo = load_zoo(args.zoo)
     ids = zoo["model_id"]
     done = load_records(out)
+    reuse_nc = load_reuse_nc(Path(args.reuse_nc), DEFAULT_STEPS) if args.reuse_nc else None
     share = range(len(ids)) if shard is None else range(shard[0], len(ids), shard[1])
     start = time.perf_counter()
     with records_path(out, shard).open("a") as fh:
         for i in tqdm([i for i in share if ids[i] not in done], desc="scan", file=sys.stdout, mininterval=5):
-            rec = scan_row(zoo[i], "test", Path(args.workdir), args.steps, args.nc_steps)
+            rec = scan_row(
+                zoo[i], "test", Path(args.workdir), args.steps, args.nc_steps, reuse_nc, blend_steps=args.blend_steps
+            )
             fh.write(json.dumps(rec) + "\n")
             fh.flush()
             done[rec["model_id"]] = rec

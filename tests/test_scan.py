@@ -20,7 +20,7 @@ from metashield_hf.scan import (
     neural_cleanse_scan,
     scan_model,
 )
-from metashield_hf.scan_head import LARGE_VOCABULARY, NEURAL_CLEANSE_RULE_HEAD
+from metashield_hf.scan_head import BLEND, BLEND_SIGNALS, LARGE_VOCABULARY, NEURAL_CLEANSE_RULE_HEAD
 from metashield_hf.synthesis import anomaly_indices, chance_anomaly_index
 from test_pipeline import clean_sentences
 
@@ -329,3 +329,48 @@ def test_class_count_correction_is_a_change_of_units_for_a_fixed_class_count():
     assert [s["anomaly_excess"] for s in a] == sorted(s["anomaly_excess"] for s in a)
     assert class_count_signals(3.0, -1.0, 62)["anomaly_excess"] < class_count_signals(3.0, -1.0, 10)["anomaly_excess"]
     assert class_count_signals(3.0, -1.0, 62)["log_size_z"] > class_count_signals(3.0, -1.0, 10)["log_size_z"]
+
+
+@pytest.fixture(scope="module")
+def digits_blend_model():
+    """The bundled digits TinyCNN recipe poisoned with a whole-image Blend (alpha 0.2, 10% of rows, target 3)."""
+    from metashield_hf.attacks import Blend
+    from metashield_hf.examples import TinyCNN, _digits, train_classifier
+
+    xtr, ytr, xte, yte = _digits(0)
+    attack, target = Blend(alpha=0.2, seed=0), 3
+    chosen = torch.nonzero(ytr != target).squeeze(1)[: round(0.1 * len(xtr))]
+    xp, yp = xtr.clone(), ytr.clone()
+    xp[chosen], yp[chosen] = attack.apply(xtr[chosen]), target
+    torch.manual_seed(0)
+    model = train_classifier(TinyCNN(), xp, yp, epochs=30, seed=0)
+    with torch.no_grad():
+        asr = float((model(attack.apply(xte[yte != target])).argmax(-1) == target).float().mean())
+    return model, xte[:20], target, asr
+
+
+@pytest.mark.slow
+def test_blend_synthesis_finds_a_whole_image_trigger(digits_blend_model, digits_models):
+    model, clean, target, asr = digits_blend_model
+    assert asr > 0.9
+    bd = scan_model(model, clean, seed=0, blend_steps=40)
+    sizes = [c.blend_size for c in bd.per_class]
+    assert int(np.argmin(sizes)) == target and 0.0 < min(sizes) < 1.0
+    assert set(BLEND_SIGNALS) <= set(bd.signals) and "blend_s" in bd.timings and bd.options["blend_steps"] == 40
+    ok = scan_model(digits_models[1].model, digits_models[1].clean_pool[:20], seed=0, blend_steps=40)
+    assert bd.signals["blend_anomaly_excess"] > ok.signals["blend_anomaly_excess"]
+    # off by default: no blend synthesis, no blend signals
+    plain = scan_model(model, clean, seed=0)
+    assert not set(BLEND_SIGNALS) & set(plain.signals) and plain.per_class[0].blend_size is None
+    assert plain.options["blend_steps"] == 0 and plain.signals == {k: bd.signals[k] for k in plain.signals}
+    # a head's image/blend part scores the scans with the blend signals; the others keep the image part
+    part = {"weights": {"blend_anomaly_excess": 1.0}, "bias": 0.0, "threshold": 0.5, "source": "test"}
+    head = ScanHead({"anomaly_excess": 1.0}, 0.0, by_modality={f"image/{BLEND}": part})
+    assert scan_model(model, clean, seed=0, blend_steps=40, head=head).score == pytest.approx(
+        1 / (1 + np.exp(-bd.signals["blend_anomaly_excess"]))
+    )
+    assert scan_model(model, clean, seed=0, head=head).score == pytest.approx(
+        1 / (1 + np.exp(-plain.signals["anomaly_excess"]))
+    )
+    with pytest.raises(ValueError, match="blend_steps"):
+        scan_model(model, clean, blend_steps=-1)

@@ -94,3 +94,30 @@ def test_report_only_without_the_zoo_refits_the_shipped_head(tmp_path, monkeypat
         # and the committed report says the same
         line = next(ln for ln in REPORT.read_text().splitlines() if ln.startswith(f"| {domain} (") and "fitted" in ln)
         assert float(line.split("|")[3]) == pytest.approx(reported, abs=5e-4), domain
+
+
+BLEND_REPORT = REPO / "reports" / "scan_blend.md"
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.skipif(not BLEND_REPORT.exists(), reason="no reports/scan_blend.md")
+def test_scan_blend_refits_the_shipped_blend_part(tmp_path, monkeypatch):
+    match = re.search(r"reproduce: `python scripts/scan_blend\.py (.+?)`", BLEND_REPORT.read_text())
+    assert match, "reports/scan_blend.md has no reproduce command"
+    args = [a for a in match.group(1).split() if a != "--ship"]
+    i = args.index("--out")
+    args[i + 1] = str(tmp_path / "blend")
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["scan_blend.py", *args])
+    sys.path.insert(0, str(REPO / "scripts"))
+    spec = importlib.util.spec_from_file_location("scan_blend", REPO / "scripts" / "scan_blend.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main()
+
+    fitted = ScanHead.load(tmp_path / "blend.head.json").by_modality["image/blend"]
+    shipped = ScanHead.load(DEFAULT_SCAN_HEAD).by_modality["image/blend"]
+    assert fitted["weights"] == pytest.approx(shipped["weights"], abs=1e-6)
+    assert fitted["bias"] == pytest.approx(shipped["bias"], abs=1e-6)
+    # and the rest of the head is the shipped one, untouched
+    assert ScanHead.load(tmp_path / "blend.head.json").weights == ScanHead.load(DEFAULT_SCAN_HEAD).weights

@@ -101,3 +101,22 @@ def test_bad_snapshots(space_and_pred, kw):
     space, pred = space_and_pred
     with pytest.raises(ValueError, match="snapshots"):
         _run(space, pred, **kw)
+
+
+def test_uniform_mask_is_one_blend_ratio_per_class(space_and_pred):
+    space, pred = space_and_pred
+    result = _run(space, pred, steps=8, uniform_mask=True)
+    assert result.masks.shape == (K, 1, 1, 1) and result.patterns.shape[0] == K
+    ratios = result.masks.flatten()
+    assert ((ratios > 0) & (ratios < 1)).all()
+    # an effective trigger's size is its blend ratio (one that never flipped enough keeps its last step's size)
+    reached = np.flatnonzero(result.reached)
+    assert len(reached) > 0
+    np.testing.assert_allclose(result.sizes[reached], ratios.numpy()[reached], rtol=1e-6)
+    # the recorded outputs are the model's on (1 - a) x + a p, every pixel blended alike
+    x = space.run(torch.zeros(space.num_samples, *space.mask_shape[1:]), torch.zeros(1, *space.pattern_shape[1:]), 1)
+    k = int(reached[0])
+    mask = ratios[k].expand(space.num_samples, *space.mask_shape[1:])
+    logits, _ = space.run(mask, result.patterns[k : k + 1].expand(space.num_samples, -1, -1, -1), 1)
+    torch.testing.assert_close(logits, result.logits[k])
+    assert not torch.equal(logits, x[0])

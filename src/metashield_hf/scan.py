@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .scan_head import DEFAULT_SCAN_HEAD, LARGE_VOCABULARY, SIGNALS, TOKEN_SIGNALS, ScanHead, fit_scan_head
+from .scan_head import BLEND, DEFAULT_SCAN_HEAD, LARGE_VOCABULARY, SIGNALS, TOKEN_SIGNALS, ScanHead, fit_scan_head
 from .synthesis import SynthesisResult, anomaly_indices, chance_anomaly_index, synthesis_space, synthesize_triggers
 from .targets import load_target
 from .targets.base import TargetAdapter, TargetOutput
@@ -66,6 +66,8 @@ class ClassEvidence:
         token_low_probs: text models: the lower quartile of that probability over the samples.
         token_dominance: text models: how often this class's best trigger of 1, 2, ... tokens beats the other
             classes' best triggers of that length.
+        blend_size: with the blend synthesis (``scan_model(blend_steps=...)``), the smallest blend ratio ``a`` of a
+            whole-input trigger ``(1 - a) * x + a * p`` that flips the clean samples to this class, else ``None``.
     """
 
     class_index: int
@@ -80,6 +82,7 @@ class ClassEvidence:
     token_target_probs: list[float] | None = None
     token_low_probs: list[float] | None = None
     token_dominance: list[float] | None = None
+    blend_size: float | None = None
 
 
 @dataclass
@@ -173,7 +176,7 @@ def _clean_outputs(adapter, items) -> TargetOutput:
 def _synthesize(
     adapter, items, *, steps, lr, flip_threshold, class_batch, seed, refine=None, screen_steps=None, snapshots=()
 ):
-    """Clean outputs, synthesis result and per-class anomaly indices (shared by both scans)."""
+    """Clean outputs, synthesis result and per-class anomaly indices (shared by both scans and the FL screen)."""
     clean_out = _clean_outputs(adapter, items)
     num_classes = clean_out.logits.shape[1]
     if num_classes < 3:
@@ -302,6 +305,31 @@ def _synthesis_signals(anomaly: np.ndarray, sizes: np.ndarray, target: int) -> d
     return raw | class_count_signals(raw["anomaly_index"], raw["log_size_ratio"], len(sizes))
 
 
+def blend_signals(sizes: np.ndarray) -> dict[str, float]:
+    """The blend synthesis's signals ([`BLEND_SIGNALS`]): the class-count-corrected anomaly index and log size ratio
+    of the class with the most anomalous (smallest) blend ratio."""
+    anomaly = anomaly_indices(sizes)
+    signals = _synthesis_signals(anomaly, sizes, int(np.argmax(anomaly)))
+    return {"blend_anomaly_excess": signals["anomaly_excess"], "blend_log_size_z": signals["log_size_z"]}
+
+
+def _blend_sizes(adapter, items, clean_out: TargetOutput, *, steps, lr, flip_threshold, class_batch, seed):
+    """Per-class smallest blend ratio of a whole-input trigger (``synthesize_triggers(uniform_mask=True)``)."""
+    torch.manual_seed(seed)
+    result = synthesize_triggers(
+        synthesis_space(adapter, items),
+        clean_out.logits.argmax(-1),
+        clean_out.logits.shape[1],
+        steps=steps,
+        lr=lr,
+        flip_threshold=flip_threshold,
+        class_batch=class_batch,
+        seed=seed,
+        uniform_mask=True,
+    )
+    return result.sizes
+
+
 def scan_signals(sizes: np.ndarray, anomaly: np.ndarray, response: np.ndarray) -> tuple[int, dict[str, float]]:
     """The suspected target (the class with the largest anomaly index) and the signals of the image head: the
     class-count-corrected anomaly index and size ratio of that class, and the detector's response to its trigger,
@@ -359,6 +387,7 @@ def scan_model(
     use_detector: bool = True,
     token_search: bool = True,
     synthesis: bool | None = None,
+    blend_steps: int = 0,
     head: ScanHead | str | os.PathLike | None = None,
     seed: int = 0,
     batch_size: int = 32,
@@ -404,6 +433,11 @@ def scan_model(
             ``trigger_size`` / ``anomaly_index`` are ``None``. Either way the detector reads the clean samples with
             each class's token trigger inserted (``token_detector``); with the synthesis it also reads the
             synthesized inputs, whose scores the per-class evidence shows.
+        blend_steps: opt-in, image models: also synthesize per class the smallest *whole-input* blend trigger
+            ``(1 - a) * x + a * p`` in this many steps (``synthesize_triggers(uniform_mask=True)``), the form of
+            blended and signal triggers that a small mask cannot take, and score with the head's ``image/blend``
+            part on the [`BLEND_SIGNALS`] too (0, the default: no blend synthesis). Not the default because the
+            FL models the image head is also fit on have no blend scans yet (see reports/scan_blend.md).
         head: the model-level [`ScanHead`] (or its JSON path); default: the shipped one.
         seed: seeds the synthesis and the detector's features; the same seed gives the same report.
         batch_size: batch size of the clean forward pass.
@@ -435,6 +469,7 @@ def scan_model(
         adapter, items, _name(checkpoint), detector, head, steps=steps, lr=lr, flip_threshold=flip_threshold,
         refine=refine, screen_steps=screen_steps, class_batch=class_batch, adapt_steps=adapt_steps,
         use_detector=use_detector, token_search=token_search, synthesis=synthesis, seed=seed, t0=t0,
+        blend_steps=blend_steps,
     )  # fmt: skip
     return report
 
@@ -458,6 +493,7 @@ def _scan_loaded(
     synthesis: bool | None = None,
     refine: int | None = None,
     screen_steps: int | None = None,
+    blend_steps: int = 0,
 ) -> tuple[ScanReport, SynthesisResult | None]:
     """[`scan_model`] on an already loaded target and clean items; also returns the synthesis (masks, patterns;
     ``None`` when skipped), which the FL screen compares between candidates and the global model."""
@@ -472,6 +508,8 @@ def _scan_loaded(
         synthesis = not tokens_on or bool(head.for_modality(adapter.modality, variant=variant).missing(TOKEN_SIGNALS))
     if not synthesis and not tokens_on:
         raise ValueError("synthesis=False needs the token search: a text model and token_search=True")
+    if blend_steps < 0:
+        raise ValueError(f"blend_steps must be >= 0, got {blend_steps}")
     result = anomaly = None
     if synthesis:
         clean_out, result, anomaly = _synthesize(
@@ -515,9 +553,26 @@ def _scan_loaded(
         )
         signals = syn_signals | signals
         target = target if tokens is not None else syn_target
-    head = head.for_modality(adapter.modality, signals, variant)
+    blend_sizes = None
+    space = result.kind if result is not None else "tokens"
+    if blend_steps and space == "pixels":
+        blend_sizes = _blend_sizes(
+            adapter, items, clean_out, steps=blend_steps, lr=lr, flip_threshold=flip_threshold,
+            class_batch=class_batch, seed=seed,
+        )  # fmt: skip
+        signals |= blend_signals(blend_sizes)
+        variant = BLEND
+    elif blend_steps:
+        logger.warning(
+            "blend_steps: the blend synthesis is for image models (pixels); skipped for this %s scan", space
+        )
+    t_blend = time.perf_counter()
+    # a scan in pixel space is an image scan, whatever the adapter (timm, transformers or a plain torch module)
+    head = head.for_modality("image" if space == "pixels" else adapter.modality, signals, variant)
     score = head.score(signals)
     evidence = _evidence(adapter, result, anomaly, det, tokens, flip_threshold)
+    for k, ev in enumerate(evidence if blend_sizes is not None else []):
+        ev.blend_size = float(blend_sizes[k])
     t1 = time.perf_counter()
     report = ScanReport(
         checkpoint=name,
@@ -531,12 +586,13 @@ def _scan_loaded(
         signals=signals,
         per_class=evidence,
         n_clean_samples=len(items),
-        space=result.kind if result is not None else "tokens",
+        space=space,
         timings={
             "load_s": t_load - t0,
             **({"synthesis_s": t_syn - t_load} if synthesis else {}),
             "detector_s": t_det - t_tok,
             **({"token_search_s": t_tok - t_syn} if tokens is not None else {}),
+            **({"blend_s": t_blend - t_det} if blend_sizes is not None else {}),
             "total_s": t1 - t0,
         },
         options={
@@ -550,6 +606,7 @@ def _scan_loaded(
             "token_search": tokens is not None,
             "large_vocabulary": variant == LARGE_VOCABULARY,
             "synthesis": synthesis,
+            "blend_steps": blend_steps if blend_sizes is not None else 0,
             "adapt_steps": adapt_steps,
         },  # fmt: skip
     )

@@ -35,10 +35,16 @@ TOKEN_SIGNALS = (
     "token_logit_2",
     "token_detector",
 )
-SIGNALS = SYNTHESIS_SIGNALS + RAW_SYNTHESIS_SIGNALS + TOKEN_SIGNALS
+#: Signals of an image scan with the opt-in blend synthesis (``scan_model(blend_steps=...)``): the class-count-corrected
+#: anomaly index and log size ratio of the class whose smallest whole-input blend ``(1 - a) * x + a * p`` is the
+#: outlier (see ``synthesize_triggers(uniform_mask=True)``).
+BLEND_SIGNALS = ("blend_anomaly_excess", "blend_log_size_z")
+SIGNALS = SYNTHESIS_SIGNALS + RAW_SYNTHESIS_SIGNALS + TOKEN_SIGNALS + BLEND_SIGNALS
 #: The variant of a text scan whose vocabulary the token search prefilters (pretrained checkpoints: 30k-250k tokens);
 #: a head's ``by_modality["text/large_vocabulary"]`` part scores those scans (see [`ScanHead.for_modality`]).
 LARGE_VOCABULARY = "large_vocabulary"
+#: The variant of an image scan with the blend synthesis: a head's ``by_modality["image/blend"]`` part scores it.
+BLEND = "blend"
 DEFAULT_SCAN_HEAD = Path(__file__).parent / "default_detector" / "scan_head.json"
 
 

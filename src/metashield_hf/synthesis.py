@@ -214,13 +214,19 @@ def synthesis_space(adapter: TargetAdapter, items: list) -> SynthesisSpace:
 
 
 def _init_state(
-    classes: torch.Tensor, space: SynthesisSpace, gen: torch.Generator, init_mask: float, init_cost: float
+    classes: torch.Tensor,
+    space: SynthesisSpace,
+    gen: torch.Generator,
+    init_mask: float,
+    init_cost: float,
+    uniform_mask: bool = False,
 ):
     """Optimisation state of ``len(classes)`` classes, one row each: mask/pattern logits, their Adam moments, the
-    adaptive cost schedule and the best effective trigger so far."""
+    adaptive cost schedule and the best effective trigger so far. A uniform mask is one value per class."""
     k = len(classes)
     m0 = float(np.log(init_mask / (1 - init_mask)))
-    m_logit = torch.randn((k, *space.mask_shape[1:]), generator=gen) * 0.1 + m0
+    mask_shape = tuple(1 for _ in space.mask_shape[1:]) if uniform_mask else space.mask_shape[1:]
+    m_logit = torch.randn((k, *mask_shape), generator=gen) * 0.1 + m0
     p_logit = torch.randn((k, *space.pattern_shape[1:]), generator=gen) * 0.1
     return {
         "classes": classes,
@@ -339,6 +345,7 @@ def synthesize_triggers(
     screen_steps: int | None = None,
     snapshots: Sequence[int] = (),
     seed: int = 0,
+    uniform_mask: bool = False,
 ) -> SynthesisResult:
     """Reverse engineer one mask + pattern per class that flips the clean samples to that class.
 
@@ -368,6 +375,9 @@ def synthesize_triggers(
         snapshots: budgets below ``steps`` at which the result is also kept, in ``result.snapshots[b]``: what
             ``steps=b`` would have returned (the same trajectory, cut short). For choosing a budget; not with ``refine``.
         seed: seeds the initial masks and patterns.
+        uniform_mask: one mask value ``a`` for the whole input, so the trigger is a blend ``(1 - a) * x + a * p``
+            of the sample with a full-size pattern and its size is ``a``: the form of blended and other whole-input
+            triggers (Chen et al. 2017; SIG, Barni et al. 2019), which a small free-form mask cannot express.
 
     Returns:
         A [`SynthesisResult`] with per-class sizes, flip rates, masks, patterns and the perturbed outputs.
@@ -403,7 +413,7 @@ def synthesize_triggers(
 
     # initial masks and patterns drawn per class batch (mask, then pattern), so a seed starts where it always did
     states = [
-        _init_state(torch.arange(a, min(a + class_batch, num_classes)), space, gen, init_mask, init_cost)
+        _init_state(torch.arange(a, min(a + class_batch, num_classes)), space, gen, init_mask, init_cost, uniform_mask)
         for a in range(0, num_classes, class_batch)
     ]
     state, done, kept = _cat(states), 0, {}

@@ -1,0 +1,194 @@
+"""The scan head's ``image/blend`` part: chosen on train image models scanned with the opt-in blend synthesis, then
+checked on held-out and fresh ones.
+
+``scan_model(blend_steps=N)`` also synthesizes, per class, the smallest whole-image blend ``(1 - a) * x + a * p``
+(``synthesize_triggers(uniform_mask=True)``); its signals ([`BLEND_SIGNALS`]) join the four synthesis signals in a
+head part of their own. This script
+
+1. reads ``scripts/scan_check.py`` records of image zoos scanned with ``--blend_steps``: the standard zoo's cv models
+   (``configs/zoo/standard_cv.yaml``, the very models of the standard zoo), whose split comes from the benchmark's
+   records (``--split_records``), and other zoos' (``--extra_train``: train rows; ``--check``: checked only);
+2. checks that the rescans reproduce the benchmark's synthesis signals (the same models, the same seeds);
+3. chooses the part's signals and C among a fixed list by repeated stratified 5-fold cross-validation on the train
+   rows only, fits it on them, and
+4. reports, per held-out or check group, the shipped head without the part, with it, and Neural Cleanse where the
+   records have it; ``--ship`` adds the part to the shipped head.
+
+Usage (after the scans, see reports/scan_blend.md for the commands):
+
+    python scripts/scan_blend.py --standard reports/scan_blend_standard_cv.jsonl \\
+        --extra_train reports/scan_fresh_cv_blend.jsonl \\
+        --check reports/scan_fresh_cv_2_blend.jsonl reports/scan_unseen_cv.jsonl --out reports/scan_blend
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from scan_benchmark import (
+    BLEND,
+    NEURAL_CLEANSE_THRESHOLD,
+    SYNTHESIS_SIGNALS,
+    load_records,
+    refresh,
+    score,
+    summarize,
+    table_rows,
+    variant,
+)
+from sklearn.model_selection import StratifiedKFold
+
+from metashield_hf.evaluation.metrics import auroc
+from metashield_hf.scan_head import BLEND_SIGNALS, DEFAULT_SCAN_HEAD, ScanHead, fit_scan_head
+
+# fixed before any scan with the blend synthesis existed (logs of stop 24): the four synthesis signals with both
+# blend signals or with one of them, at three strengths of the L2 penalty
+CANDIDATES = [SYNTHESIS_SIGNALS + BLEND_SIGNALS] + [SYNTHESIS_SIGNALS + (s,) for s in BLEND_SIGNALS]
+CS = (0.1, 1.0, 10.0)
+
+
+def blend_records(path: str) -> list[dict]:
+    records = refresh(list(load_records(Path(path).with_suffix("")).values()))
+    missing = [r["model_id"] for r in records if variant(r) != BLEND]
+    if missing:
+        raise SystemExit(f"{path}: {len(missing)} records were scanned without --blend_steps, e.g. {missing[0]}")
+    return records
+
+
+def cv_auroc(rows: list[dict], signals: tuple[str, ...], c: float, repeats: int = 20) -> float:
+    """Mean AUROC over ``repeats`` stratified 5-fold splits (strata: label and dataset) of a part fit on the rest."""
+    y = np.array([int(r["is_backdoored"]) for r in rows])
+    strata = [f"{r['dataset']}{y[i]}" for i, r in enumerate(rows)]
+    x = [r["metashield"]["signals"] for r in rows]
+    aucs = []
+    for rep in range(repeats):
+        scores = np.zeros(len(rows))
+        for fit, held in StratifiedKFold(5, shuffle=True, random_state=rep).split(rows, strata):
+            part = fit_scan_head([x[i] for i in fit], y[fit], c=c, signals=signals)
+            scores[held] = [part.score(x[i]) for i in held]
+        aucs.append(auroc(scores, y))
+    return float(np.mean(aucs))
+
+
+def without_blend_time(records: list[dict]) -> list[dict]:
+    """Copies of ``records`` whose scan time leaves out the blend synthesis (what the scan without it costs)."""
+    out = copy.deepcopy(records)
+    for r in out:
+        r["metashield"]["seconds"] -= r["metashield"]["timings"].get("blend_s", 0.0)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--standard", required=True, help="scan_check.py records of configs/zoo/standard_cv.yaml")
+    parser.add_argument("--split_records", default="reports/scan.jsonl", help="the benchmark's records (splits)")
+    parser.add_argument("--extra_train", nargs="*", default=[], help="other zoos' blend records that train the part")
+    parser.add_argument("--check", nargs="*", default=[], help="other zoos' blend records, checked only")
+    parser.add_argument("--out", default="reports/scan_blend", help="writes OUT.md, OUT.json and OUT.head.json")
+    parser.add_argument("--ship", action="store_true", help="add the chosen part to the shipped scan head")
+    args = parser.parse_args()
+
+    benchmark = {
+        r["model_id"]: r for r in refresh(list(load_records(Path(args.split_records).with_suffix("")).values()))
+    }
+    standard = [r for r in blend_records(args.standard) if r["model_id"] in benchmark]
+    # the rescans are of the same models with the same seeds: their synthesis signals must match the benchmark's
+    drift = max(
+        abs(r["metashield"]["signals"][s] - benchmark[r["model_id"]]["metashield"]["signals"][s])
+        for r in standard
+        for s in SYNTHESIS_SIGNALS
+    )
+    for r in standard:
+        r["split"] = benchmark[r["model_id"]]["split"]
+        r["neural_cleanse"] = benchmark[r["model_id"]].get("neural_cleanse", {})
+    train = [r for r in standard if r["split"] == "train"]
+    extra = [r for path in args.extra_train for r in blend_records(path)]
+    train_all = train + extra
+    checks = {"standard zoo, held-out cv": [r for r in standard if r["split"] == "test"]}
+    checks |= {path: blend_records(path) for path in args.check}
+
+    choice = {(signals, c): cv_auroc(train_all, signals, c) for signals in CANDIDATES for c in CS}
+    baseline = {c: cv_auroc(train_all, SYNTHESIS_SIGNALS, c) for c in CS}
+    (signals, c), best = max(choice.items(), key=lambda kv: kv[1])
+    y = [int(r["is_backdoored"]) for r in train_all]
+    part = fit_scan_head([r["metashield"]["signals"] for r in train_all], y, c=c, signals=signals)
+    part.source = f"fit on {len(train_all)} image models scanned with the blend synthesis ({sum(y)} bd)"
+    shipped = ScanHead.load(DEFAULT_SCAN_HEAD)
+    parts = {k: v for k, v in (shipped.by_modality or {}).items() if k != f"image/{BLEND}"}
+    base = ScanHead(**{**shipped.__dict__, "by_modality": parts or None})
+    blend_part = {k: v for k, v in part.__dict__.items() if k != "by_modality"}
+    with_part = ScanHead(**{**base.__dict__, "by_modality": {**parts, f"image/{BLEND}": blend_part}})
+    with_part.save(Path(args.out).with_suffix(".head.json"))
+
+    table = {}
+    for name, records in checks.items():
+        for r in records:
+            r["metashield"]["score_base"] = score(base, r)
+            r["metashield"]["score_blend"] = score(with_part, r)
+        steps = sorted({s for r in records for s in r.get("neural_cleanse", {})}, key=int)
+        table[name] = {
+            "MetaShield scan, shipped head (no blend synthesis)": summarize(
+                without_blend_time(records), "score_base", base.threshold, "metashield"
+            ),
+            f"MetaShield scan + blend synthesis, image/{BLEND} part": summarize(
+                records, "score_blend", with_part.threshold, "metashield"
+            ),
+            **{
+                f"Neural Cleanse ({s} steps)": summarize(
+                    records, "score", NEURAL_CLEANSE_THRESHOLD, f"neural_cleanse@{s}"
+                )
+                for s in steps
+                if all(s in r.get("neural_cleanse", {}) for r in records)
+            },
+        }
+    blend_steps = sorted({r["metashield"]["blend_steps"] for r in standard + extra + sum(checks.values(), [])})
+    lines = [
+        "# Scan with the blend synthesis: the head's `image/blend` part",
+        "",
+        f"Written by `scripts/scan_blend.py`; reproduce: `python {' '.join(sys.argv)}`.",
+        "",
+        f"- blend synthesis: {blend_steps} steps; mask synthesis 80 steps; 20 clean probe inputs, seed 0",
+        f"- rescans of the standard zoo's cv models ({len(standard)} of them; {len(train)} train, "
+        f"{len(checks['standard zoo, held-out cv'])} held out): largest difference of a synthesis signal from the "
+        f"benchmark's records: {drift:.2e}",
+        f"- train rows: {len(train)} standard cv + {len(extra)} of {', '.join(args.extra_train) or 'no other zoo'}",
+        "- cross-validated AUROC on them (20 x 5-fold), the four synthesis signals alone: "
+        + ", ".join(f"C={c:g} {a:.3f}" for c, a in baseline.items()),
+        "- candidates: "
+        + "; ".join(f"{list(s)[len(SYNTHESIS_SIGNALS) :]} C={c:g} {a:.3f}" for (s, c), a in choice.items()),
+        f"- chosen: the four synthesis signals + {list(signals)[len(SYNTHESIS_SIGNALS) :]} at C={c:g} ({best:.3f}); "
+        f"the part: `{json.dumps(with_part.by_modality[f'image/{BLEND}'], sort_keys=True)}`",
+        "",
+        "| group | method | AUROC | accuracy | target accuracy | s / scan |",
+        "|---|---|---:|---:|---:|---:|",
+        *table_rows(table),
+        "",
+        "Per model (held-out and check rows): score without / with the blend part, and the blend anomaly excess:",
+        "",
+        "| group | model | backdoored | without | with | blend anomaly excess |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for name, records in checks.items():
+        for r in sorted(records, key=lambda r: r["model_id"]):
+            ms = r["metashield"]
+            lines.append(
+                f"| {name} | {r['model_id']} | {r['is_backdoored']} | {ms['score_base']:.3f} | {ms['score_blend']:.3f} "
+                f"| {ms['signals']['blend_anomaly_excess']:.2f} |"
+            )
+    out = Path(args.out)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps({"choice": {f"{list(s)} C={c:g}": a for (s, c), a in choice.items()}, "groups": table}, indent=1)
+    )
+    if args.ship:
+        with_part.save(DEFAULT_SCAN_HEAD)
+    print(out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
