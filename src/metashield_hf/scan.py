@@ -174,9 +174,21 @@ def _clean_outputs(adapter, items) -> TargetOutput:
 
 
 def _synthesize(
-    adapter, items, *, steps, lr, flip_threshold, class_batch, seed, refine=None, screen_steps=None, snapshots=()
+    adapter,
+    items,
+    *,
+    steps,
+    lr,
+    flip_threshold,
+    class_batch,
+    seed,
+    refine=None,
+    screen_steps=None,
+    snapshots=(),
+    uniform_mask=False,
 ):
-    """Clean outputs, synthesis result and per-class anomaly indices (shared by both scans and the FL screen)."""
+    """Clean outputs, synthesis result and per-class anomaly indices (shared by both scans, the blend synthesis and the
+    FL screen)."""
     clean_out = _clean_outputs(adapter, items)
     num_classes = clean_out.logits.shape[1]
     if num_classes < 3:
@@ -197,6 +209,7 @@ def _synthesize(
         screen_steps=screen_steps,
         snapshots=snapshots,
         seed=seed,
+        uniform_mask=uniform_mask,
     )
     return clean_out, result, anomaly_indices(result.sizes)
 
@@ -311,23 +324,6 @@ def blend_signals(sizes: np.ndarray) -> dict[str, float]:
     anomaly = anomaly_indices(sizes)
     signals = _synthesis_signals(anomaly, sizes, int(np.argmax(anomaly)))
     return {"blend_anomaly_excess": signals["anomaly_excess"], "blend_log_size_z": signals["log_size_z"]}
-
-
-def _blend_sizes(adapter, items, clean_out: TargetOutput, *, steps, lr, flip_threshold, class_batch, seed):
-    """Per-class smallest blend ratio of a whole-input trigger (``synthesize_triggers(uniform_mask=True)``)."""
-    torch.manual_seed(seed)
-    result = synthesize_triggers(
-        synthesis_space(adapter, items),
-        clean_out.logits.argmax(-1),
-        clean_out.logits.shape[1],
-        steps=steps,
-        lr=lr,
-        flip_threshold=flip_threshold,
-        class_batch=class_batch,
-        seed=seed,
-        uniform_mask=True,
-    )
-    return result.sizes
 
 
 def scan_signals(sizes: np.ndarray, anomaly: np.ndarray, response: np.ndarray) -> tuple[int, dict[str, float]]:
@@ -556,10 +552,11 @@ def _scan_loaded(
     blend_sizes = None
     space = result.kind if result is not None else "tokens"
     if blend_steps and space == "pixels":
-        blend_sizes = _blend_sizes(
-            adapter, items, clean_out, steps=blend_steps, lr=lr, flip_threshold=flip_threshold,
-            class_batch=class_batch, seed=seed,
+        _, blend, _ = _synthesize(
+            adapter, items, steps=blend_steps, lr=lr, flip_threshold=flip_threshold, class_batch=class_batch,
+            seed=seed, uniform_mask=True,
         )  # fmt: skip
+        blend_sizes = blend.sizes
         signals |= blend_signals(blend_sizes)
         variant = BLEND
     elif blend_steps:
