@@ -32,7 +32,9 @@ from pathlib import Path
 import numpy as np
 from scan_benchmark import (
     BLEND,
+    N_CLEAN,
     NEURAL_CLEANSE_THRESHOLD,
+    SEED,
     SYNTHESIS_SIGNALS,
     load_records,
     refresh,
@@ -146,13 +148,16 @@ def main() -> None:
                 if all(s in r.get("neural_cleanse", {}) for r in records)
             },
         }
-    blend_steps = sorted({r["metashield"]["blend_steps"] for r in standard + extra + sum(checks.values(), [])})
+    scanned = standard + extra + [r for path in args.check for r in checks[path]]
+    blend_steps = sorted({r["metashield"]["blend_steps"] for r in scanned})
+    mask_steps = sorted({r["metashield"]["steps"] for r in scanned})
     lines = [
         "# Scan with the blend synthesis: the head's `image/blend` part",
         "",
         f"Written by `scripts/scan_blend.py`; reproduce: `python {' '.join(sys.argv)}`.",
         "",
-        f"- blend synthesis: {blend_steps} steps; mask synthesis 80 steps; 20 clean probe inputs, seed 0",
+        f"- blend synthesis: {blend_steps} steps; mask synthesis {mask_steps} steps; the first {N_CLEAN} clean probe "
+        f"inputs, seed {SEED} (scripts/scan_check.py)",
         f"- rescans of the standard zoo's cv models ({len(standard)} of them; {len(train)} train, "
         f"{len(checks['standard zoo, held-out cv'])} held out): largest difference of a synthesis signal from the "
         f"benchmark's records: {drift:.2e}",

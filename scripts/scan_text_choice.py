@@ -21,7 +21,7 @@ from pathlib import Path
 
 from scan_benchmark import cv_head_c, extra_train_records, load_records, modality, refresh, variant
 
-from metashield_hf.scan_head import TOKEN_SIGNALS
+from metashield_hf.scan_head import LARGE_VOCABULARY, TOKEN_SIGNALS
 
 CANDIDATES = [
     ("token_prob", "token_prob_2"),
@@ -42,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     standard = refresh(list(load_records(Path(args.records).with_suffix("")).values()))
     train = [r for r in standard if r["split"] == "train"] + extra_train_records(args.extra_train)
-    small = [r for r in train if modality(r) == "text" and not variant(r)]
+    small = [r for r in train if modality(r) == "text" and variant(r) != LARGE_VOCABULARY]
     print(f"{len(small)} train small-vocabulary text models ({sum(r['is_backdoored'] for r in small)} backdoored)")
     results = []
     for signals in CANDIDATES:

@@ -186,13 +186,18 @@ def _synthesize(
     screen_steps=None,
     snapshots=(),
     uniform_mask=False,
+    clean_out=None,
 ):
     """Clean outputs, synthesis result and per-class anomaly indices (shared by both scans, the blend synthesis and the
-    FL screen)."""
-    clean_out = _clean_outputs(adapter, items)
+    FL screen); ``clean_out``: the clean outputs of an earlier synthesis on the same items, not recomputed."""
+    if clean_out is None:
+        clean_out = _clean_outputs(adapter, items)
+        if clean_out.logits.shape[1] < 3:
+            logger.warning(
+                "only %d classes: the anomaly index (MAD over classes) cannot single out a target",
+                clean_out.logits.shape[1],
+            )
     num_classes = clean_out.logits.shape[1]
-    if num_classes < 3:
-        logger.warning("only %d classes: the anomaly index (MAD over classes) cannot single out a target", num_classes)
     space = synthesis_space(adapter, items)
     if refine is not None:  # at least one class is left to the screen alone, or there is nothing to save
         refine = min(refine, num_classes - 1)
@@ -554,7 +559,7 @@ def _scan_loaded(
     if blend_steps and space == "pixels":
         _, blend, _ = _synthesize(
             adapter, items, steps=blend_steps, lr=lr, flip_threshold=flip_threshold, class_batch=class_batch,
-            seed=seed, uniform_mask=True,
+            seed=seed, uniform_mask=True, clean_out=clean_out,
         )  # fmt: skip
         blend_sizes = blend.sizes
         signals |= blend_signals(blend_sizes)
