@@ -120,3 +120,25 @@ def test_uniform_mask_is_one_blend_ratio_per_class(space_and_pred):
     logits, _ = space.run(mask, result.patterns[k : k + 1].expand(space.num_samples, -1, -1, -1), 1)
     torch.testing.assert_close(logits, result.logits[k])
     assert not torch.equal(logits, x[0])
+
+
+def test_easiest_weighs_the_lowest_loss_share_of_the_valid_samples():
+    from metashield_hf.synthesis import _easiest
+
+    ce = torch.tensor([[0.5, 0.1, 0.9, 0.3, 0.2], [0.4, 0.3, 0.2, 0.1, 0.0]])
+    valid = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    w = _easiest(ce, valid, 0.5)
+    # row 0: 4 valid samples, the two easiest valid ones (0.1, 0.3); the invalid 0.2 never counts
+    torch.testing.assert_close(w[0], torch.tensor([0.0, 0.5, 0.0, 0.5, 0.0]))
+    # row 1: ceil(2.5) = 3 samples of lowest loss
+    torch.testing.assert_close(w[1], torch.tensor([0.0, 0.0, 1 / 3, 1 / 3, 1 / 3]))
+
+
+def test_loss_quantile_one_is_the_plain_synthesis_and_a_half_differs(space_and_pred):
+    space, pred = space_and_pred
+    plain = _run(space, pred, steps=6)
+    np.testing.assert_array_equal(_run(space, pred, steps=6, loss_quantile=1.0).sizes, plain.sizes)
+    half = _run(space, pred, steps=6, loss_quantile=0.5)
+    assert not np.array_equal(half.sizes, plain.sizes)
+    with pytest.raises(ValueError, match="loss_quantile"):
+        _run(space, pred, loss_quantile=0.0)

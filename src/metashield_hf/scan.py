@@ -186,6 +186,7 @@ def _synthesize(
     screen_steps=None,
     snapshots=(),
     uniform_mask=False,
+    loss_quantile=1.0,
     clean_out=None,
 ):
     """Clean outputs, synthesis result and per-class anomaly indices (shared by both scans, the blend synthesis and the
@@ -215,6 +216,7 @@ def _synthesize(
         snapshots=snapshots,
         seed=seed,
         uniform_mask=uniform_mask,
+        loss_quantile=loss_quantile,
     )
     return clean_out, result, anomaly_indices(result.sizes)
 

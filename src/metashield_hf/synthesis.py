@@ -268,6 +268,7 @@ def _optimise(
     cost_multiplier: float,
     patience: int,
     history: list[float],
+    loss_quantile: float = 1.0,
 ) -> dict:
     """``steps`` more Adam steps (after ``done`` already taken) on one batch of classes; returns the new state.
 
@@ -290,6 +291,8 @@ def _optimise(
             logits, _ = space.run(_rows(m, n, space.device), _rows(p, n, space.device), k)
         ce = nn.functional.cross_entropy(logits.cpu(), target, reduction="none").view(k, n)
         size = m.reshape(k, -1).mean(1)
+        if loss_quantile < 1.0:
+            weight = _easiest(ce.detach(), valid, loss_quantile)
         loss = ((ce * weight).sum(1) + s["cost"] * size).sum()
         # autograd.grad, not backward(): the model's own parameters must not accumulate .grad
         g_m, g_p = torch.autograd.grad(loss, [m_logit, p_logit])
@@ -319,6 +322,14 @@ def _optimise(
     return s
 
 
+def _easiest(ce: torch.Tensor, valid: torch.Tensor, quantile: float) -> torch.Tensor:
+    """Per class (row), equal weights on the ``ceil(quantile * valid)`` valid samples of lowest loss, 0 elsewhere."""
+    count = (valid.sum(1, keepdim=True) * quantile).ceil().clamp_min(1.0)
+    rank = torch.where(valid.bool(), ce, torch.inf).argsort(1).argsort(1)  # 0 = the easiest valid sample
+    keep = (rank < count).float() * valid
+    return keep / keep.sum(1, keepdim=True).clamp_min(1.0)
+
+
 def refine_candidates(
     sizes: torch.Tensor, reached: torch.Tensor, flip_rates: torch.Tensor, refine: int
 ) -> torch.Tensor:
@@ -346,6 +357,7 @@ def synthesize_triggers(
     snapshots: Sequence[int] = (),
     seed: int = 0,
     uniform_mask: bool = False,
+    loss_quantile: float = 1.0,
 ) -> SynthesisResult:
     """Reverse engineer one mask + pattern per class that flips the clean samples to that class.
 
@@ -378,6 +390,10 @@ def synthesize_triggers(
         uniform_mask: one mask value ``a`` for the whole input, so the trigger is a blend ``(1 - a) * x + a * p``
             of the sample with a full-size pattern and its size is ``a``: the form of blended and other whole-input
             triggers (Chen et al. 2017; SIG, Barni et al. 2019), which a small free-form mask cannot express.
+        loss_quantile: the cross-entropy of each class is averaged over only this fraction of its clean samples,
+            those it is lowest on at each step (1: all of them). With a flip threshold below 1, this lets the mask
+            settle on the samples it can flip cheaply, as a source-specific trigger (TaCT, Tang et al. 2021) flips
+            only some classes' inputs, instead of growing to flip the rest too.
 
     Returns:
         A [`SynthesisResult`] with per-class sizes, flip rates, masks, patterns and the perturbed outputs.
@@ -388,6 +404,8 @@ def synthesize_triggers(
         raise ValueError(f"flip_threshold must be in (0, 1], got {flip_threshold}")
     if not 0.0 < init_mask < 1.0:
         raise ValueError(f"init_mask must be in (0, 1), got {init_mask}")
+    if not 0.0 < loss_quantile <= 1.0:
+        raise ValueError(f"loss_quantile must be in (0, 1], got {loss_quantile}")
     if refine is not None and refine < 1:
         raise ValueError(f"refine must be >= 1 (or None for no screen), got {refine}")
     if refine is not None and (screen_steps is None or screen_steps < 1):
@@ -401,7 +419,12 @@ def synthesize_triggers(
     gen = torch.Generator().manual_seed(seed)
     history: list[float] = []
     settings = dict(
-        lr=lr, flip_threshold=flip_threshold, cost_multiplier=cost_multiplier, patience=patience, history=history
+        lr=lr,
+        flip_threshold=flip_threshold,
+        cost_multiplier=cost_multiplier,
+        patience=patience,
+        history=history,
+        loss_quantile=loss_quantile,
     )
 
     def run(state: dict, count: int, done: int) -> dict:
