@@ -5,9 +5,10 @@ checked on held-out and fresh ones.
 (``synthesize_triggers(uniform_mask=True)``); its signals ([`BLEND_SIGNALS`]) join the four synthesis signals in a
 head part of their own. This script
 
-1. reads ``scripts/scan_check.py`` records of image zoos scanned with ``--blend_steps``: the standard zoo's cv models
-   (``configs/zoo/standard_cv.yaml``, the very models of the standard zoo), whose split comes from the benchmark's
-   records (``--split_records``), and other zoos' (``--extra_train``: train rows; ``--check``: checked only);
+1. reads ``scripts/scan_check.py`` records of image zoos scanned with ``--blend_steps``: the standard zoo's image models
+   (``configs/zoo/standard_cv.yaml`` and ``standard_fl.yaml`` rebuild the very models of the standard zoo), whose
+   split comes from the benchmark's records (``--split_records``), and other zoos' (``--extra_train``: train rows;
+   ``--check``: checked only);
 2. checks that the rescans reproduce the benchmark's synthesis signals (the same models, the same seeds);
 3. chooses the part's signals and C among a fixed list by repeated stratified 5-fold cross-validation on the train
    rows only, fits it on them, and
@@ -87,7 +88,12 @@ def without_blend_time(records: list[dict]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--standard", required=True, help="scan_check.py records of configs/zoo/standard_cv.yaml")
+    parser.add_argument(
+        "--standard",
+        nargs="+",
+        required=True,
+        help="scan_check.py records of the standard zoo's image models (configs/zoo/standard_cv.yaml, standard_fl)",
+    )
     parser.add_argument("--split_records", default="reports/scan.jsonl", help="the benchmark's records (splits)")
     parser.add_argument("--extra_train", nargs="*", default=[], help="other zoos' blend records that train the part")
     parser.add_argument("--check", nargs="*", default=[], help="other zoos' blend records, checked only")
@@ -98,7 +104,7 @@ def main() -> None:
     benchmark = {
         r["model_id"]: r for r in refresh(list(load_records(Path(args.split_records).with_suffix("")).values()))
     }
-    standard = [r for r in blend_records(args.standard) if r["model_id"] in benchmark]
+    standard = [r for path in args.standard for r in blend_records(path) if r["model_id"] in benchmark]
     # the rescans are of the same models with the same seeds: their synthesis signals must match the benchmark's
     drift = max(
         abs(r["metashield"]["signals"][s] - benchmark[r["model_id"]]["metashield"]["signals"][s])
@@ -111,7 +117,10 @@ def main() -> None:
     train = [r for r in standard if r["split"] == "train"]
     extra = [r for path in args.extra_train for r in blend_records(path)]
     train_all = train + extra
-    checks = {"standard zoo, held-out cv": [r for r in standard if r["split"] == "test"]}
+    by_domain = {d: sum(r["domain"] == d for r in train_all) for d in sorted({r["domain"] for r in train_all})}
+    held_out = [r for r in standard if r["split"] == "test"]
+    checks = {f"standard zoo, held-out {d}": [r for r in held_out if r["domain"] == d] for d in ("cv", "fl")}
+    checks = {name: rows for name, rows in checks.items() if rows}
     checks |= {path: blend_records(path) for path in args.check}
 
     choice = {(signals, c): cv_auroc(train_all, signals, c) for signals in CANDIDATES for c in CS}
@@ -158,10 +167,11 @@ def main() -> None:
         "",
         f"- blend synthesis: {blend_steps} steps; mask synthesis {mask_steps} steps; the first {N_CLEAN} clean probe "
         f"inputs, seed {SEED} (scripts/scan_check.py)",
-        f"- rescans of the standard zoo's cv models ({len(standard)} of them; {len(train)} train, "
-        f"{len(checks['standard zoo, held-out cv'])} held out): largest difference of a synthesis signal from the "
+        f"- rescans of the standard zoo's image models ({len(standard)} of them; {len(train)} train, "
+        f"{len(held_out)} held out): largest difference of a synthesis signal from the "
         f"benchmark's records: {drift:.2e}",
-        f"- train rows: {len(train)} standard cv + {len(extra)} of {', '.join(args.extra_train) or 'no other zoo'}",
+        f"- train rows: {len(train)} of the standard zoo + {len(extra)} of "
+        f"{', '.join(args.extra_train) or 'no other zoo'} (per domain: {by_domain})",
         "- cross-validated AUROC on them (20 x 5-fold), the four synthesis signals alone: "
         + ", ".join(f"C={c:g} {a:.3f}" for c, a in baseline.items()),
         "- candidates: "

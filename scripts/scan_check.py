@@ -55,7 +55,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--nc_steps", type=int, nargs="*", default=[], help="Neural Cleanse budgets (default: none)")
     parser.add_argument(
-        "--blend_steps", type=int, default=0, help="scan_model's opt-in blend synthesis budget (default: none)"
+        "--blend_steps",
+        type=int,
+        default=None,
+        help="scan_model's blend synthesis budget (default: scan_model's, 20 for image models; 0: none)",
     )
     parser.add_argument(
         "--reuse_nc",

@@ -12,6 +12,7 @@ import torch
 from builders import NUM_LABELS, build_image_model, build_text_model
 from metashield_hf.cli import main
 from metashield_hf.scan import (
+    DEFAULT_BLEND_STEPS,
     SIGNALS,
     ScanHead,
     ScanReport,
@@ -63,7 +64,11 @@ def test_scan_tells_backdoored_from_clean_digits(digits_models):
     assert target.reached and target.flip_rate >= 0.9
     assert target.trigger_size == min(c.trigger_size for c in bd.per_class)
     assert all(0.0 <= c.detector_score <= 1.0 for c in bd.per_class)
-    assert set(bd.timings) == {"load_s", "synthesis_s", "detector_s", "total_s"}
+    # the blend synthesis runs by default on image models, and the head's image/blend part scores the scan
+    assert set(bd.timings) == {"load_s", "synthesis_s", "detector_s", "blend_s", "total_s"}
+    assert all(0.0 < c.blend_size <= 1.0 for c in bd.per_class)
+    part = ScanHead.load().by_modality[f"image/{BLEND}"]
+    assert bd.score == pytest.approx(ScanHead(**part).score(bd.signals))
     again = json.loads(bd.to_json())
     assert again["verdict"] == "backdoored" and again["per_class"][0]["class_index"] == 0
 
@@ -359,8 +364,10 @@ def test_blend_synthesis_finds_a_whole_image_trigger(digits_blend_model, digits_
     assert set(BLEND_SIGNALS) <= set(bd.signals) and "blend_s" in bd.timings and bd.options["blend_steps"] == 40
     ok = scan_model(digits_models[1].model, digits_models[1].clean_pool[:20], seed=0, blend_steps=40)
     assert bd.signals["blend_anomaly_excess"] > ok.signals["blend_anomaly_excess"]
-    # off by default: no blend synthesis, no blend signals
-    plain = scan_model(model, clean, seed=0)
+    # on by default for image models, at DEFAULT_BLEND_STEPS; 0 turns it off: no blend signals, the same others
+    default = scan_model(model, clean, seed=0)
+    assert default.options["blend_steps"] == DEFAULT_BLEND_STEPS and set(BLEND_SIGNALS) <= set(default.signals)
+    plain = scan_model(model, clean, seed=0, blend_steps=0)
     assert not set(BLEND_SIGNALS) & set(plain.signals) and plain.per_class[0].blend_size is None
     assert plain.options["blend_steps"] == 0 and plain.signals == {k: bd.signals[k] for k in plain.signals}
     # a head's image/blend part scores the scans with the blend signals; the others keep the image part
@@ -369,7 +376,7 @@ def test_blend_synthesis_finds_a_whole_image_trigger(digits_blend_model, digits_
     assert scan_model(model, clean, seed=0, blend_steps=40, head=head).score == pytest.approx(
         1 / (1 + np.exp(-bd.signals["blend_anomaly_excess"]))
     )
-    assert scan_model(model, clean, seed=0, head=head).score == pytest.approx(
+    assert scan_model(model, clean, seed=0, blend_steps=0, head=head).score == pytest.approx(
         1 / (1 + np.exp(-plain.signals["anomaly_excess"]))
     )
     with pytest.raises(ValueError, match="blend_steps"):

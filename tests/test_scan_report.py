@@ -87,6 +87,8 @@ def test_report_only_without_the_zoo_refits_the_shipped_head(tmp_path, monkeypat
     summary = json.loads((tmp_path / "scan.json").read_text())
     assert "without the zoo" in summary["meta"]["split"]
     test = [r for r in summary["records"] if r["split"] == "test"]
+    # the image rows are rescans with the blend synthesis, scan_model's default (--rescans), not the older scans
+    assert {benchmark.variant(r) for r in test if r["domain"] in ("cv", "fl")} == {"blend"}
     for domain in ("cv", "fl", "nlp"):
         rows = [r for r in test if r["domain"] == domain]
         y = [int(r["is_backdoored"]) for r in rows]

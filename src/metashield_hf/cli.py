@@ -153,10 +153,10 @@ class ScanArguments:
                   "classes (0, the default: every class runs the full budget; see reports/scan_refine.md)."},
     )  # fmt: skip
     screen_steps: int = field(default=40, metadata={"help": "Adam steps of the screen that all classes get."})
-    blend_steps: int = field(
-        default=0,
-        metadata={"help": "Opt-in, image models: also synthesize whole-image blend triggers in this many steps "
-                  "(0, the default: none; see reports/scan_blend.md)."},
+    blend_steps: int | None = field(
+        default=None,
+        metadata={"help": "Image models: Adam steps of the whole-image blend trigger synthesis (default: 20 for "
+                  "image models; 0: none; see reports/scan_blend.md)."},
     )  # fmt: skip
     seed: int = field(default=0, metadata={"help": "Seed for everything random."})
     scan_head: str | None = field(
@@ -182,7 +182,7 @@ def run_scan(args: ScanArguments) -> dict:
     common |= {"allow_pickle": args.allow_pickle, "trust_remote_code": args.trust_remote_code}
     if args.refine < 0 or args.screen_steps < 1:
         raise ValueError(f"--refine must be >= 0 and --screen_steps >= 1, got {args.refine} and {args.screen_steps}")
-    if args.blend_steps < 0:
+    if args.blend_steps is not None and args.blend_steps < 0:
         raise ValueError(f"--blend_steps must be >= 0, got {args.blend_steps}")
     staged = {"refine": args.refine or None, "screen_steps": args.screen_steps}
     report = scan_model(

@@ -42,6 +42,10 @@ __all__ = [
 ]
 
 MIN_SCAN_SAMPLES = 5
+#: Adam steps of the blend synthesis that [`scan_model`] runs by default on image models: the cheapest budget that
+#: helped in the probe that proposed it (configs/zoo/fresh_cv.yaml), not tuned further; the head's ``image/blend``
+#: part is fit on scans of this budget (reports/scan_blend.md).
+DEFAULT_BLEND_STEPS = 20
 NEURAL_CLEANSE_THRESHOLD = 2.0  # Wang et al. 2019: anomaly index > 2 ⇒ backdoored (≈ 95% for a normal distribution)
 
 
@@ -390,7 +394,7 @@ def scan_model(
     use_detector: bool = True,
     token_search: bool = True,
     synthesis: bool | None = None,
-    blend_steps: int = 0,
+    blend_steps: int | None = None,
     head: ScanHead | str | os.PathLike | None = None,
     seed: int = 0,
     batch_size: int = 32,
@@ -436,11 +440,14 @@ def scan_model(
             ``trigger_size`` / ``anomaly_index`` are ``None``. Either way the detector reads the clean samples with
             each class's token trigger inserted (``token_detector``); with the synthesis it also reads the
             synthesized inputs, whose scores the per-class evidence shows.
-        blend_steps: opt-in, image models: also synthesize per class the smallest *whole-input* blend trigger
+        blend_steps: image models: also synthesize per class the smallest *whole-input* blend trigger
             ``(1 - a) * x + a * p`` in this many steps (``synthesize_triggers(uniform_mask=True)``), the form of
             blended and signal triggers that a small mask cannot take, and score with the head's ``image/blend``
-            part on the [`BLEND_SIGNALS`] too (0, the default: no blend synthesis). Not the default because the
-            FL models the image head is also fit on have no blend scans yet (see reports/scan_blend.md).
+            part on the [`BLEND_SIGNALS`] too. ``None`` (default): [`DEFAULT_BLEND_STEPS`] for image models, none
+            for others; 0: no blend synthesis (the head's plain image part scores the scan). On the 106 train image
+            models of the standard zoo (cv and FL) and ``configs/zoo/fresh_cv.yaml``, the part scored a
+            cross-validated AUROC of 0.997 against 0.989 without it, for about 1.6 s (cv) to 3 s (FL) more per scan
+            (reports/scan_blend.md).
         head: the model-level [`ScanHead`] (or its JSON path); default: the shipped one.
         seed: seeds the synthesis and the detector's features; the same seed gives the same report.
         batch_size: batch size of the clean forward pass.
@@ -496,7 +503,7 @@ def _scan_loaded(
     synthesis: bool | None = None,
     refine: int | None = None,
     screen_steps: int | None = None,
-    blend_steps: int = 0,
+    blend_steps: int | None = 0,
 ) -> tuple[ScanReport, SynthesisResult | None]:
     """[`scan_model`] on an already loaded target and clean items; also returns the synthesis (masks, patterns;
     ``None`` when skipped), which the FL screen compares between candidates and the global model."""
@@ -511,7 +518,7 @@ def _scan_loaded(
         synthesis = not tokens_on or bool(head.for_modality(adapter.modality, variant=variant).missing(TOKEN_SIGNALS))
     if not synthesis and not tokens_on:
         raise ValueError("synthesis=False needs the token search: a text model and token_search=True")
-    if blend_steps < 0:
+    if blend_steps is not None and blend_steps < 0:
         raise ValueError(f"blend_steps must be >= 0, got {blend_steps}")
     result = anomaly = None
     if synthesis:
@@ -558,6 +565,8 @@ def _scan_loaded(
         target = target if tokens is not None else syn_target
     blend_sizes = None
     space = result.kind if result is not None else "tokens"
+    if blend_steps is None:  # the default: where the head has a part for it, i.e. image scans
+        blend_steps = DEFAULT_BLEND_STEPS if space == "pixels" else 0
     if blend_steps and space == "pixels":
         _, blend, _ = _synthesize(
             adapter, items, steps=blend_steps, lr=lr, flip_threshold=flip_threshold, class_batch=class_batch,

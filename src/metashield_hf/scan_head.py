@@ -35,7 +35,7 @@ TOKEN_SIGNALS = (
     "token_logit_2",
     "token_detector",
 )
-#: Signals of an image scan with the opt-in blend synthesis (``scan_model(blend_steps=...)``): the class-count-corrected
+#: Signals of an image scan with the blend synthesis (``scan_model``'s default, ``blend_steps``): the class-count-corrected
 #: anomaly index and log size ratio of the class whose smallest whole-input blend ``(1 - a) * x + a * p`` is the
 #: outlier (see ``synthesize_triggers(uniform_mask=True)``).
 BLEND_SIGNALS = ("blend_anomaly_excess", "blend_log_size_z")
