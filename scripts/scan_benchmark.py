@@ -47,6 +47,7 @@ from metashield_hf.scan_head import (
     BLEND,
     DEFAULT_SCAN_HEAD,
     LARGE_VOCABULARY,
+    SOURCE,
     SYNTHESIS_SIGNALS,
     TOKEN_SIGNALS,
     ScanHead,
@@ -85,6 +86,7 @@ def scan_row(
     refine: int | None = DEFAULT_REFINE,
     screen_steps: int = DEFAULT_SCREEN,
     blend_steps: int | None = None,
+    source_steps: int = 0,
 ) -> dict:
     """Scan one zoo row (MetaShield default head; plus Neural Cleanse at each of ``nc_steps`` on test models, or its
     record from ``reuse_nc`` where that has one at that budget) and return its record."""
@@ -95,7 +97,14 @@ def scan_row(
     clean, _, _ = row_probe(row)
     clean = clean[:N_CLEAN]
     ms = scan_model(
-        target, clean, steps=steps, refine=refine, screen_steps=screen_steps, seed=SEED, blend_steps=blend_steps
+        target,
+        clean,
+        steps=steps,
+        refine=refine,
+        screen_steps=screen_steps,
+        seed=SEED,
+        blend_steps=blend_steps,
+        source_steps=source_steps,
     )
     rec["num_classes"] = len(ms.per_class)
     rec["modality"] = "text" if ms.space in ("embeddings", "tokens") else "image"
@@ -111,6 +120,7 @@ def scan_row(
         "refine": ms.options["refine"],
         "screen_steps": ms.options["screen_steps"],
         "blend_steps": ms.options["blend_steps"],
+        "source_steps": ms.options["source_steps"],
         # per-class evidence, so other model-level signals can be studied on the train records without a rescan
         "per_class": {
             "trigger_size": [c.trigger_size for c in ms.per_class],
@@ -118,6 +128,7 @@ def scan_row(
             "anomaly_index": [c.anomaly_index for c in ms.per_class],
             "detector_score": [c.detector_score for c in ms.per_class],
             **({"blend_size": [c.blend_size for c in ms.per_class]} if ms.options["blend_steps"] else {}),
+            **({"source_size": [c.source_size for c in ms.per_class]} if ms.options["source_steps"] else {}),
         },
     }
     if ms.options.get("token_search"):
@@ -385,9 +396,11 @@ def modality(rec: dict) -> str:
 
 def variant(rec: dict) -> str | None:
     """The scan's head variant: ``LARGE_VOCABULARY`` for a text scan whose token search prefiltered the vocabulary,
-    ``BLEND`` for an image scan with the blend synthesis."""
+    ``SOURCE`` for an image scan with the source-specific synthesis, ``BLEND`` for one with the blend synthesis only."""
     if rec["metashield"].get("large_vocabulary"):
         return LARGE_VOCABULARY
+    if rec["metashield"].get("source_steps"):
+        return SOURCE
     return BLEND if rec["metashield"].get("blend_steps") else None
 
 
@@ -680,10 +693,12 @@ def main() -> None:
     text_signals = tuple(args.text_signals)
     large_signals = tuple(args.large_vocabulary_signals)
     fitted = fit_heads(train, args.head_c, text_signals, args.text_head_c, large_signals)
-    # the image/blend part is fit by scripts/scan_blend.py on other records: a refit here keeps the shipped one
-    blend_part = (ScanHead.load(DEFAULT_SCAN_HEAD).by_modality or {}).get(f"image/{BLEND}")
-    if blend_part:
-        fitted.by_modality = {**(fitted.by_modality or {}), f"image/{BLEND}": blend_part}
+    # the image/blend and image/source parts are fit by scripts/scan_blend.py on other records: a refit here keeps
+    # the shipped ones
+    shipped_parts = ScanHead.load(DEFAULT_SCAN_HEAD).by_modality or {}
+    kept = {k: shipped_parts[k] for k in (f"image/{BLEND}", f"image/{SOURCE}") if k in shipped_parts}
+    if kept:
+        fitted.by_modality = {**(fitted.by_modality or {}), **kept}
     Path(args.head_out).parent.mkdir(parents=True, exist_ok=True)
     fitted.save(args.head_out)
     for r in test:

@@ -1,5 +1,5 @@
-"""The scan head's ``image/blend`` part: chosen on train image models scanned with the opt-in blend synthesis, then
-checked on held-out and fresh ones.
+"""The scan head's ``image/blend`` and ``image/source`` parts: chosen on train image models scanned with the blend
+synthesis (scan_model's default) or the opt-in source-specific synthesis, then checked on held-out and fresh ones.
 
 ``scan_model(blend_steps=N)`` also synthesizes, per class, the smallest whole-image blend ``(1 - a) * x + a * p``
 (``synthesize_triggers(uniform_mask=True)``); its signals ([`BLEND_SIGNALS`]) join the four synthesis signals in a
@@ -15,7 +15,11 @@ head part of their own. This script
 4. reports, per held-out or check group, the shipped head without the part, with it, and Neural Cleanse where the
    records have it; ``--ship`` adds the part to the shipped head.
 
-Usage (after the scans, see reports/scan_blend.md for the commands):
+``--part source`` does the same for the ``image/source`` part (``scan_model(source_steps=N)``, a mask that flips the
+easiest half of the samples, [`SOURCE_SIGNALS`]) on records scanned with ``--source_steps``; its candidates add the
+source signals to the four synthesis signals and the blend signals, which every such scan also has.
+
+Usage (after the scans, see reports/scan_blend.md and reports/scan_source.md for the commands):
 
     python scripts/scan_blend.py --standard reports/scan_blend_standard_cv.jsonl \\
         --extra_train reports/scan_fresh_cv_blend.jsonl \\
@@ -29,6 +33,7 @@ import copy
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from scan_benchmark import (
@@ -47,19 +52,48 @@ from scan_benchmark import (
 from sklearn.model_selection import StratifiedKFold
 
 from metashield_hf.evaluation.metrics import auroc
-from metashield_hf.scan_head import BLEND_SIGNALS, DEFAULT_SCAN_HEAD, ScanHead, fit_scan_head
+from metashield_hf.scan_head import (
+    BLEND_SIGNALS,
+    DEFAULT_SCAN_HEAD,
+    SOURCE,
+    SOURCE_SIGNALS,
+    ScanHead,
+    fit_scan_head,
+)
 
-# fixed before any scan with the blend synthesis existed (logs of stop 24): the four synthesis signals with both
-# blend signals or with one of them, at three strengths of the L2 penalty
-CANDIDATES = [SYNTHESIS_SIGNALS + BLEND_SIGNALS] + [SYNTHESIS_SIGNALS + (s,) for s in BLEND_SIGNALS]
+
+class Part(NamedTuple):
+    """A head part for the scans of one variant: the signals every candidate has (``base``), those the variant adds
+    (``extra``), the scan option that runs it, its stage in ``timings`` and the signal the per-model table shows."""
+
+    base: tuple[str, ...]
+    extra: tuple[str, ...]
+    option: str
+    timing: str
+    shown: str
+
+    def candidates(self) -> list[tuple[str, ...]]:
+        """The base with all the variant's signals, or with each one alone."""
+        return [self.base + self.extra] + [self.base + (s,) for s in self.extra]
+
+
+# fixed before any scan of each variant existed (blend: stop 24; source: stop 25, logs/note25_plan.md), at three
+# strengths of the L2 penalty
+PARTS = {
+    BLEND: Part(SYNTHESIS_SIGNALS, BLEND_SIGNALS, "--blend_steps", "blend_s", "blend_anomaly_excess"),
+    SOURCE: Part(SYNTHESIS_SIGNALS + BLEND_SIGNALS, SOURCE_SIGNALS, "--source_steps", "source_s", "source_log_size_z"),
+}
 CS = (0.1, 1.0, 10.0)
 
 
-def blend_records(path: str) -> list[dict]:
+def part_records(path: str, name: str = BLEND) -> list[dict]:
+    """The records of ``path``, refreshed; every one must be a scan of variant ``name``."""
     records = refresh(list(load_records(Path(path).with_suffix("")).values()))
-    missing = [r["model_id"] for r in records if variant(r) != BLEND]
+    missing = [r["model_id"] for r in records if variant(r) != name]
     if missing:
-        raise SystemExit(f"{path}: {len(missing)} records were scanned without --blend_steps, e.g. {missing[0]}")
+        raise SystemExit(
+            f"{path}: {len(missing)} records were scanned without {PARTS[name].option}, e.g. {missing[0]}"
+        )
     return records
 
 
@@ -78,11 +112,11 @@ def cv_auroc(rows: list[dict], signals: tuple[str, ...], c: float, repeats: int 
     return float(np.mean(aucs))
 
 
-def without_blend_time(records: list[dict]) -> list[dict]:
-    """Copies of ``records`` whose scan time leaves out the blend synthesis (what the scan without it costs)."""
+def without_time(records: list[dict], stage: str) -> list[dict]:
+    """Copies of ``records`` whose scan time leaves out one stage (what the scan without it costs)."""
     out = copy.deepcopy(records)
     for r in out:
-        r["metashield"]["seconds"] -= r["metashield"]["timings"].get("blend_s", 0.0)
+        r["metashield"]["seconds"] -= r["metashield"]["timings"].get(stage, 0.0)
     return out
 
 
@@ -95,16 +129,18 @@ def main() -> None:
         help="scan_check.py records of the standard zoo's image models (configs/zoo/standard_cv.yaml, standard_fl)",
     )
     parser.add_argument("--split_records", default="reports/scan.jsonl", help="the benchmark's records (splits)")
-    parser.add_argument("--extra_train", nargs="*", default=[], help="other zoos' blend records that train the part")
-    parser.add_argument("--check", nargs="*", default=[], help="other zoos' blend records, checked only")
+    parser.add_argument("--extra_train", nargs="*", default=[], help="other zoos' records that train the part")
+    parser.add_argument("--check", nargs="*", default=[], help="other zoos' records, checked only")
     parser.add_argument("--out", default="reports/scan_blend", help="writes OUT.md, OUT.json and OUT.head.json")
     parser.add_argument("--ship", action="store_true", help="add the chosen part to the shipped scan head")
+    parser.add_argument("--part", choices=list(PARTS), default=BLEND, help="the head part to choose (default: blend)")
     args = parser.parse_args()
+    spec, key = PARTS[args.part], f"image/{args.part}"
 
     benchmark = {
         r["model_id"]: r for r in refresh(list(load_records(Path(args.split_records).with_suffix("")).values()))
     }
-    standard = [r for path in args.standard for r in blend_records(path) if r["model_id"] in benchmark]
+    standard = [r for path in args.standard for r in part_records(path, args.part) if r["model_id"] in benchmark]
     # the rescans are of the same models with the same seeds: their synthesis signals must match the benchmark's
     drift = max(
         abs(r["metashield"]["signals"][s] - benchmark[r["model_id"]]["metashield"]["signals"][s])
@@ -115,40 +151,39 @@ def main() -> None:
         r["split"] = benchmark[r["model_id"]]["split"]
         r["neural_cleanse"] = benchmark[r["model_id"]].get("neural_cleanse", {})
     train = [r for r in standard if r["split"] == "train"]
-    extra = [r for path in args.extra_train for r in blend_records(path)]
+    extra = [r for path in args.extra_train for r in part_records(path, args.part)]
     train_all = train + extra
     by_domain = {d: sum(r["domain"] == d for r in train_all) for d in sorted({r["domain"] for r in train_all})}
     held_out = [r for r in standard if r["split"] == "test"]
     checks = {f"standard zoo, held-out {d}": [r for r in held_out if r["domain"] == d] for d in ("cv", "fl")}
     checks = {name: rows for name, rows in checks.items() if rows}
-    checks |= {path: blend_records(path) for path in args.check}
+    checks |= {path: part_records(path, args.part) for path in args.check}
 
-    choice = {(signals, c): cv_auroc(train_all, signals, c) for signals in CANDIDATES for c in CS}
-    baseline = {c: cv_auroc(train_all, SYNTHESIS_SIGNALS, c) for c in CS}
+    choice = {(signals, c): cv_auroc(train_all, signals, c) for signals in spec.candidates() for c in CS}
+    baseline = {c: cv_auroc(train_all, spec.base, c) for c in CS}
     (signals, c), best = max(choice.items(), key=lambda kv: kv[1])
     y = [int(r["is_backdoored"]) for r in train_all]
     part = fit_scan_head([r["metashield"]["signals"] for r in train_all], y, c=c, signals=signals)
-    part.source = f"fit on {len(train_all)} image models scanned with the blend synthesis ({sum(y)} bd)"
+    part.source = f"fit on {len(train_all)} image models scanned with the {args.part} synthesis ({sum(y)} bd)"
     shipped = ScanHead.load(DEFAULT_SCAN_HEAD)
-    parts = {k: v for k, v in (shipped.by_modality or {}).items() if k != f"image/{BLEND}"}
+    parts = {k: v for k, v in (shipped.by_modality or {}).items() if k != key}
     base = ScanHead(**{**shipped.__dict__, "by_modality": parts or None})
-    blend_part = {k: v for k, v in part.__dict__.items() if k != "by_modality"}
-    with_part = ScanHead(**{**base.__dict__, "by_modality": {**parts, f"image/{BLEND}": blend_part}})
+    new_part = {k: v for k, v in part.__dict__.items() if k != "by_modality"}
+    with_part = ScanHead(**{**base.__dict__, "by_modality": {**parts, key: new_part}})
     with_part.save(Path(args.out).with_suffix(".head.json"))
 
     table = {}
+    without, added = f"MetaShield scan without the {args.part} synthesis", f"MetaShield scan + {args.part} synthesis"
     for name, records in checks.items():
         for r in records:
             r["metashield"]["score_base"] = score(base, r)
-            r["metashield"]["score_blend"] = score(with_part, r)
+            r["metashield"]["score_part"] = score(with_part, r)
         steps = sorted({s for r in records for s in r.get("neural_cleanse", {})}, key=int)
         table[name] = {
-            "MetaShield scan, shipped head (no blend synthesis)": summarize(
-                without_blend_time(records), "score_base", base.threshold, "metashield"
+            f"{without} (shipped head)": summarize(
+                without_time(records, spec.timing), "score_base", base.threshold, "metashield"
             ),
-            f"MetaShield scan + blend synthesis, image/{BLEND} part": summarize(
-                records, "score_blend", with_part.threshold, "metashield"
-            ),
+            f"{added}, {key} part": summarize(records, "score_part", with_part.threshold, "metashield"),
             **{
                 f"Neural Cleanse ({s} steps)": summarize(
                     records, "score", NEURAL_CLEANSE_THRESHOLD, f"neural_cleanse@{s}"
@@ -158,42 +193,46 @@ def main() -> None:
             },
         }
     scanned = standard + extra + [r for path in args.check for r in checks[path]]
-    blend_steps = sorted({r["metashield"]["blend_steps"] for r in scanned})
-    mask_steps = sorted({r["metashield"]["steps"] for r in scanned})
+    budgets = {
+        name: sorted({r["metashield"].get(field, 0) for r in scanned})
+        for name, field in (("mask", "steps"), ("blend", "blend_steps"), ("source-specific", "source_steps"))
+    }
+    n_base = len(spec.base)
     lines = [
-        "# Scan with the blend synthesis: the head's `image/blend` part",
+        f"# Scan with the {args.part} synthesis: the head's `{key}` part",
         "",
         f"Written by `scripts/scan_blend.py`; reproduce: `python {' '.join(sys.argv)}`.",
         "",
-        f"- blend synthesis: {blend_steps} steps; mask synthesis {mask_steps} steps; the first {N_CLEAN} clean probe "
-        f"inputs, seed {SEED} (scripts/scan_check.py)",
+        "- synthesis steps: "
+        + "; ".join(f"{name} {steps}" for name, steps in budgets.items() if any(steps))
+        + f"; the first {N_CLEAN} clean probe inputs, seed {SEED} (scripts/scan_check.py)",
         f"- rescans of the standard zoo's image models ({len(standard)} of them; {len(train)} train, "
         f"{len(held_out)} held out): largest difference of a synthesis signal from the "
         f"benchmark's records: {drift:.2e}",
         f"- train rows: {len(train)} of the standard zoo + {len(extra)} of "
         f"{', '.join(args.extra_train) or 'no other zoo'} (per domain: {by_domain})",
-        "- cross-validated AUROC on them (20 x 5-fold), the four synthesis signals alone: "
+        f"- cross-validated AUROC on them (20 x 5-fold), the base signals {list(spec.base)} alone: "
         + ", ".join(f"C={c:g} {a:.3f}" for c, a in baseline.items()),
-        "- candidates: "
-        + "; ".join(f"{list(s)[len(SYNTHESIS_SIGNALS) :]} C={c:g} {a:.3f}" for (s, c), a in choice.items()),
-        f"- chosen: the four synthesis signals + {list(signals)[len(SYNTHESIS_SIGNALS) :]} at C={c:g} ({best:.3f}); "
-        f"the part: `{json.dumps(with_part.by_modality[f'image/{BLEND}'], sort_keys=True)}`",
+        "- candidates, the base + : "
+        + "; ".join(f"{list(s)[n_base:]} C={c:g} {a:.3f}" for (s, c), a in choice.items()),
+        f"- chosen: the base + {list(signals)[n_base:]} at C={c:g} ({best:.3f}); "
+        f"the part: `{json.dumps(with_part.by_modality[key], sort_keys=True)}`",
         "",
         "| group | method | AUROC | accuracy | target accuracy | s / scan |",
         "|---|---|---:|---:|---:|---:|",
         *table_rows(table),
         "",
-        "Per model (held-out and check rows): score without / with the blend part, and the blend anomaly excess:",
+        f"Per model (held-out and check rows): score without / with the {args.part} part, and `{spec.shown}`:",
         "",
-        "| group | model | backdoored | without | with | blend anomaly excess |",
+        f"| group | model | backdoored | without | with | {spec.shown} |",
         "|---|---|---|---:|---:|---:|",
     ]
     for name, records in checks.items():
         for r in sorted(records, key=lambda r: r["model_id"]):
             ms = r["metashield"]
             lines.append(
-                f"| {name} | {r['model_id']} | {r['is_backdoored']} | {ms['score_base']:.3f} | {ms['score_blend']:.3f} "
-                f"| {ms['signals']['blend_anomaly_excess']:.2f} |"
+                f"| {name} | {r['model_id']} | {r['is_backdoored']} | {ms['score_base']:.3f} | {ms['score_part']:.3f} "
+                f"| {ms['signals'][spec.shown]:.2f} |"
             )
     out = Path(args.out)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

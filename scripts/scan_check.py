@@ -61,6 +61,9 @@ def main() -> None:
         help="scan_model's blend synthesis budget (default: scan_model's, 20 for image models; 0: none)",
     )
     parser.add_argument(
+        "--source_steps", type=int, default=0, help="scan_model's opt-in source-specific synthesis budget (default: 0)"
+    )
+    parser.add_argument(
         "--reuse_nc",
         default=None,
         help="JSONL of an earlier scan of the same models whose Neural Cleanse records are reused, not rerun",
@@ -81,7 +84,14 @@ def main() -> None:
     with records_path(out, shard).open("a") as fh:
         for i in tqdm([i for i in share if ids[i] not in done], desc="scan", file=sys.stdout, mininterval=5):
             rec = scan_row(
-                zoo[i], "test", Path(args.workdir), args.steps, args.nc_steps, reuse_nc, blend_steps=args.blend_steps
+                zoo[i],
+                "test",
+                Path(args.workdir),
+                args.steps,
+                args.nc_steps,
+                reuse_nc,
+                blend_steps=args.blend_steps,
+                source_steps=args.source_steps,
             )
             fh.write(json.dumps(rec) + "\n")
             fh.flush()

@@ -21,7 +21,14 @@ from metashield_hf.scan import (
     neural_cleanse_scan,
     scan_model,
 )
-from metashield_hf.scan_head import BLEND, BLEND_SIGNALS, LARGE_VOCABULARY, NEURAL_CLEANSE_RULE_HEAD
+from metashield_hf.scan_head import (
+    BLEND,
+    BLEND_SIGNALS,
+    LARGE_VOCABULARY,
+    NEURAL_CLEANSE_RULE_HEAD,
+    SOURCE,
+    SOURCE_SIGNALS,
+)
 from metashield_hf.synthesis import anomaly_indices, chance_anomaly_index
 from test_pipeline import clean_sentences
 
@@ -273,6 +280,8 @@ def test_cli_bad_inputs_exit_2(bert_folder, tmp_path, capsys, wordpiece_tokenize
     cases["few samples"] = ([str(bert_folder), "--clean-samples", str(tmp_path / "few.txt")], "at least 5")
     cases["n below 5"] = ([str(bert_folder), "--clean-samples", str(good), "--n", "3"], "at least 5")
     cases["negative refine"] = ([str(bert_folder), "--clean-samples", str(good), "--refine", "-1"], "--refine")
+    for option in ("--blend_steps", "--source_steps"):
+        cases[f"negative {option}"] = ([str(bert_folder), "--clean-samples", str(good), option, "-1"], option)
     headless = tmp_path / "headless"
     build_headless_bert(len(wordpiece_tokenizer)).save_pretrained(headless)
     wordpiece_tokenizer.save_pretrained(headless)
@@ -381,3 +390,53 @@ def test_blend_synthesis_finds_a_whole_image_trigger(digits_blend_model, digits_
     )
     with pytest.raises(ValueError, match="blend_steps"):
         scan_model(model, clean, blend_steps=-1)
+
+
+def test_scan_head_source_scans_fall_back_to_the_blend_part():
+    """An ``image/source`` part scores the scans with the source-specific synthesis; without one (or without its
+    signals) such a scan, which also ran the default blend synthesis, is scored by the ``image/blend`` part, then by
+    the plain image part."""
+    image = {"weights": {"anomaly_excess": 1.0}, "bias": 0.0, "threshold": 0.5, "source": "image part"}
+    blend = {"weights": {"blend_anomaly_excess": 1.0}, "bias": 0.0, "threshold": 0.5, "source": "blend part"}
+    source = {"weights": {"source_log_size_z": -1.0}, "bias": 0.0, "threshold": 0.5, "source": "source part"}
+    parts = {"image": image, f"image/{BLEND}": blend}
+    head = ScanHead({"anomaly_index": 1.0}, 0.0, by_modality=parts)
+    full = {"anomaly_excess": 1.0, "blend_anomaly_excess": 2.0, "source_log_size_z": -3.0}
+    assert head.for_modality("image", full, SOURCE).source == "blend part"
+    assert (
+        head.for_modality("image", {"anomaly_excess": 1.0, "source_log_size_z": -3.0}, SOURCE).source == "image part"
+    )
+    with_source = ScanHead({"anomaly_index": 1.0}, 0.0, by_modality={**parts, f"image/{SOURCE}": source})
+    assert with_source.for_modality("image", full, SOURCE).score(full) == pytest.approx(1 / (1 + np.exp(-3.0)))
+    assert with_source.for_modality("image", full, BLEND).source == "blend part"
+
+
+@pytest.mark.slow
+def test_source_specific_synthesis_is_opt_in_and_reported(digits_models):
+    from metashield_hf.scan import SOURCE_FLIP_THRESHOLD, SOURCE_LOSS_QUANTILE, _clean_items, _clean_outputs
+    from metashield_hf.synthesis import synthesis_space, synthesize_triggers
+    from metashield_hf.targets import load_target
+
+    backdoored, _ = digits_models
+    clean = backdoored.clean_pool[:20]
+    plain = scan_model(backdoored.model, clean, seed=0)
+    assert not set(SOURCE_SIGNALS) & set(plain.signals) and plain.per_class[0].source_size is None
+    report = scan_model(backdoored.model, clean, seed=0, source_steps=10)
+    assert set(SOURCE_SIGNALS) <= set(report.signals) and report.options["source_steps"] == 10
+    assert "source_s" in report.timings
+    # the other signals are those of the scan without it
+    assert {k: report.signals[k] for k in plain.signals} == plain.signals
+    # per class: the sizes of a synthesis that counts half the samples flipped and weighs the easiest half
+    adapter = load_target(backdoored.model)
+    items = _clean_items(adapter, clean, None, 0)
+    torch.manual_seed(0)
+    direct = synthesize_triggers(
+        synthesis_space(adapter, items), _clean_outputs(adapter, items).logits.argmax(-1), 10, steps=10, seed=0,
+        flip_threshold=SOURCE_FLIP_THRESHOLD, loss_quantile=SOURCE_LOSS_QUANTILE,
+    )  # fmt: skip
+    np.testing.assert_allclose([c.source_size for c in report.per_class], direct.sizes, rtol=1e-6)
+    # the shipped head has no source part yet or has one: either way a part that reads the scan's signals scores it
+    part = ScanHead.load().for_modality("image", report.signals, SOURCE)
+    assert report.score == pytest.approx(part.score(report.signals))
+    with pytest.raises(ValueError, match="source_steps"):
+        scan_model(backdoored.model, clean, source_steps=-1)

@@ -78,7 +78,7 @@ def test_report_only_without_the_zoo_refits_the_shipped_head(tmp_path, monkeypat
     assert fitted.weights == pytest.approx(shipped.weights, abs=1e-6)
     assert fitted.bias == pytest.approx(shipped.bias, abs=1e-6)
     for key, part in shipped.by_modality.items():
-        if key == "image/blend":  # fit by scripts/scan_blend.py (the next test); the benchmark only carries it over
+        if key in ("image/blend", "image/source"):  # fit by scripts/scan_blend.py (the next test); carried over
             continue
         assert fitted.by_modality[key]["weights"] == pytest.approx(part["weights"], abs=1e-6), key
 
@@ -101,24 +101,26 @@ def test_report_only_without_the_zoo_refits_the_shipped_head(tmp_path, monkeypat
         assert float(line.split("|")[3]) == pytest.approx(reported, abs=5e-4), domain
 
 
-BLEND_REPORT = REPO / "reports" / "scan_blend.md"
-
-
 @pytest.mark.filterwarnings("ignore")
-@pytest.mark.skipif(not BLEND_REPORT.exists(), reason="no reports/scan_blend.md")
-def test_scan_blend_refits_the_shipped_blend_part(tmp_path, monkeypatch):
-    match = re.search(r"reproduce: `python scripts/scan_blend\.py (.+?)`", BLEND_REPORT.read_text())
-    assert match, "reports/scan_blend.md has no reproduce command"
+@pytest.mark.parametrize("part", ["blend", "source"])
+def test_scan_blend_refits_the_shipped_variant_part(part, tmp_path, monkeypatch):
+    """``scripts/scan_blend.py`` (``--part blend`` / ``--part source``) refits the shipped ``image/PART`` part from
+    the committed records, by its report's own command."""
+    report = REPO / "reports" / f"scan_{part}.md"
+    if not report.exists():
+        pytest.skip(f"no {report.name}")
+    match = re.search(r"reproduce: `python scripts/scan_blend\.py (.+?)`", report.read_text())
+    assert match, f"{report.name} has no reproduce command"
     args = [a for a in match.group(1).split() if a != "--ship"]
     i = args.index("--out")
-    args[i + 1] = str(tmp_path / "blend")
+    args[i + 1] = str(tmp_path / part)
     monkeypatch.chdir(REPO)
     monkeypatch.setattr(sys, "argv", ["scan_blend.py", *args])
     _script("scan_blend").main()
 
-    fitted = ScanHead.load(tmp_path / "blend.head.json").by_modality["image/blend"]
-    shipped = ScanHead.load(DEFAULT_SCAN_HEAD).by_modality["image/blend"]
+    fitted = ScanHead.load(tmp_path / f"{part}.head.json").by_modality[f"image/{part}"]
+    shipped = ScanHead.load(DEFAULT_SCAN_HEAD).by_modality[f"image/{part}"]
     assert fitted["weights"] == pytest.approx(shipped["weights"], abs=1e-6)
     assert fitted["bias"] == pytest.approx(shipped["bias"], abs=1e-6)
     # and the rest of the head is the shipped one, untouched
-    assert ScanHead.load(tmp_path / "blend.head.json").weights == ScanHead.load(DEFAULT_SCAN_HEAD).weights
+    assert ScanHead.load(tmp_path / f"{part}.head.json").weights == ScanHead.load(DEFAULT_SCAN_HEAD).weights

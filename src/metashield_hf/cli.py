@@ -158,6 +158,11 @@ class ScanArguments:
         metadata={"help": "Image models: Adam steps of the whole-image blend trigger synthesis (default: 20 for "
                   "image models; 0: none; see reports/scan_blend.md)."},
     )  # fmt: skip
+    source_steps: int = field(
+        default=0,
+        metadata={"help": "Opt-in, image models: also synthesize source-specific triggers (masks that flip half the "
+                  "samples) in this many steps, e.g. 80 (0, the default: none; see reports/scan_source.md)."},
+    )  # fmt: skip
     seed: int = field(default=0, metadata={"help": "Seed for everything random."})
     scan_head: str | None = field(
         default=None, metadata={"help": "JSON of a refit model-level head (fit_scan_head); default: the shipped one."}
@@ -184,9 +189,12 @@ def run_scan(args: ScanArguments) -> dict:
         raise ValueError(f"--refine must be >= 0 and --screen_steps >= 1, got {args.refine} and {args.screen_steps}")
     if args.blend_steps is not None and args.blend_steps < 0:
         raise ValueError(f"--blend_steps must be >= 0, got {args.blend_steps}")
+    if args.source_steps < 0:
+        raise ValueError(f"--source_steps must be >= 0, got {args.source_steps}")
     staged = {"refine": args.refine or None, "screen_steps": args.screen_steps}
     report = scan_model(
         args.checkpoint, args.clean_samples, args.detector, head=args.scan_head, blend_steps=args.blend_steps,
+        source_steps=args.source_steps,
         **common, **staged,
     ).to_dict()  # fmt: skip
     if args.neural_cleanse:

@@ -22,7 +22,16 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .scan_head import BLEND, DEFAULT_SCAN_HEAD, LARGE_VOCABULARY, SIGNALS, TOKEN_SIGNALS, ScanHead, fit_scan_head
+from .scan_head import (
+    BLEND,
+    DEFAULT_SCAN_HEAD,
+    LARGE_VOCABULARY,
+    SIGNALS,
+    SOURCE,
+    TOKEN_SIGNALS,
+    ScanHead,
+    fit_scan_head,
+)
 from .synthesis import SynthesisResult, anomaly_indices, chance_anomaly_index, synthesis_space, synthesize_triggers
 from .targets import load_target
 from .targets.base import TargetAdapter, TargetOutput
@@ -46,6 +55,12 @@ MIN_SCAN_SAMPLES = 5
 #: helped in the probe that proposed it (configs/zoo/fresh_cv.yaml), not tuned further; the head's ``image/blend``
 #: part is fit on scans of this budget (reports/scan_blend.md).
 DEFAULT_BLEND_STEPS = 20
+#: The source-specific synthesis (``scan_model(source_steps=...)``): a class's mask counts as effective once it flips
+#: half of the clean samples, and its loss is averaged over the half it flips most easily (``loss_quantile``), so the
+#: mask can settle on a trigger that flips only some classes' inputs (TaCT) instead of growing to flip them all. The
+#: values of the probe that proposed it (configs/zoo/dev_tact.yaml), not tuned further.
+SOURCE_FLIP_THRESHOLD = 0.5
+SOURCE_LOSS_QUANTILE = 0.5
 NEURAL_CLEANSE_THRESHOLD = 2.0  # Wang et al. 2019: anomaly index > 2 ⇒ backdoored (≈ 95% for a normal distribution)
 
 
@@ -72,6 +87,8 @@ class ClassEvidence:
             classes' best triggers of that length.
         blend_size: with the blend synthesis (``scan_model(blend_steps=...)``), the smallest blend ratio ``a`` of a
             whole-input trigger ``(1 - a) * x + a * p`` that flips the clean samples to this class, else ``None``.
+        source_size: with the source-specific synthesis (``scan_model(source_steps=...)``), the smallest mask that
+            flips half of the clean samples to this class, else ``None``.
     """
 
     class_index: int
@@ -87,6 +104,7 @@ class ClassEvidence:
     token_low_probs: list[float] | None = None
     token_dominance: list[float] | None = None
     blend_size: float | None = None
+    source_size: float | None = None
 
 
 @dataclass
@@ -337,6 +355,13 @@ def blend_signals(sizes: np.ndarray) -> dict[str, float]:
     return {"blend_anomaly_excess": signals["anomaly_excess"], "blend_log_size_z": signals["log_size_z"]}
 
 
+def source_signals(sizes: np.ndarray) -> dict[str, float]:
+    """The source-specific synthesis's signals ([`SOURCE_SIGNALS`]), built as [`blend_signals`] are."""
+    anomaly = anomaly_indices(sizes)
+    signals = _synthesis_signals(anomaly, sizes, int(np.argmax(anomaly)))
+    return {"source_anomaly_excess": signals["anomaly_excess"], "source_log_size_z": signals["log_size_z"]}
+
+
 def scan_signals(sizes: np.ndarray, anomaly: np.ndarray, response: np.ndarray) -> tuple[int, dict[str, float]]:
     """The suspected target (the class with the largest anomaly index) and the signals of the image head: the
     class-count-corrected anomaly index and size ratio of that class, and the detector's response to its trigger,
@@ -395,6 +420,7 @@ def scan_model(
     token_search: bool = True,
     synthesis: bool | None = None,
     blend_steps: int | None = None,
+    source_steps: int = 0,
     head: ScanHead | str | os.PathLike | None = None,
     seed: int = 0,
     batch_size: int = 32,
@@ -448,6 +474,12 @@ def scan_model(
             models of the standard zoo (cv and FL) and ``configs/zoo/fresh_cv.yaml``, the part scored a
             cross-validated AUROC of 0.997 against 0.989 without it, for about 1.6 s (cv) to 3 s (FL) more per scan
             (reports/scan_blend.md).
+        source_steps: opt-in, image models: also synthesize per class, in this many steps, the smallest mask that
+            flips the easiest half of the clean samples ([`SOURCE_FLIP_THRESHOLD`], [`SOURCE_LOSS_QUANTILE`]), the
+            form of a source-specific trigger (TaCT) that flips only some classes' inputs, and score with the head's
+            ``image/source`` part on the [`SOURCE_SIGNALS`] too (0, the default: none). It costs about one more mask
+            synthesis at 80 steps, which makes the scan slower than Neural Cleanse's 120 steps; hence opt-in (see
+            reports/scan_source.md for what it buys).
         head: the model-level [`ScanHead`] (or its JSON path); default: the shipped one.
         seed: seeds the synthesis and the detector's features; the same seed gives the same report.
         batch_size: batch size of the clean forward pass.
@@ -479,7 +511,7 @@ def scan_model(
         adapter, items, _name(checkpoint), detector, head, steps=steps, lr=lr, flip_threshold=flip_threshold,
         refine=refine, screen_steps=screen_steps, class_batch=class_batch, adapt_steps=adapt_steps,
         use_detector=use_detector, token_search=token_search, synthesis=synthesis, seed=seed, t0=t0,
-        blend_steps=blend_steps,
+        blend_steps=blend_steps, source_steps=source_steps,
     )  # fmt: skip
     return report
 
@@ -504,6 +536,7 @@ def _scan_loaded(
     refine: int | None = None,
     screen_steps: int | None = None,
     blend_steps: int | None = 0,
+    source_steps: int = 0,
 ) -> tuple[ScanReport, SynthesisResult | None]:
     """[`scan_model`] on an already loaded target and clean items; also returns the synthesis (masks, patterns;
     ``None`` when skipped), which the FL screen compares between candidates and the global model."""
@@ -520,6 +553,8 @@ def _scan_loaded(
         raise ValueError("synthesis=False needs the token search: a text model and token_search=True")
     if blend_steps is not None and blend_steps < 0:
         raise ValueError(f"blend_steps must be >= 0, got {blend_steps}")
+    if source_steps < 0:
+        raise ValueError(f"source_steps must be >= 0, got {source_steps}")
     result = anomaly = None
     if synthesis:
         clean_out, result, anomaly = _synthesize(
@@ -580,12 +615,26 @@ def _scan_loaded(
             "blend_steps: the blend synthesis is for image models (pixels); skipped for this %s scan", space
         )
     t_blend = time.perf_counter()
+    source_sizes = None
+    if source_steps and space == "pixels":
+        _, source, _ = _synthesize(
+            adapter, items, steps=source_steps, lr=lr, flip_threshold=SOURCE_FLIP_THRESHOLD, class_batch=class_batch,
+            seed=seed, loss_quantile=SOURCE_LOSS_QUANTILE, clean_out=clean_out,
+        )  # fmt: skip
+        source_sizes = source.sizes
+        signals |= source_signals(source_sizes)
+        variant = SOURCE
+    elif source_steps:
+        logger.warning("source_steps: the source-specific synthesis is for image models; skipped (%s scan)", space)
+    t_source = time.perf_counter()
     # a scan in pixel space is an image scan, whatever the adapter (timm, transformers or a plain torch module)
     head = head.for_modality("image" if space == "pixels" else adapter.modality, signals, variant)
     score = head.score(signals)
     evidence = _evidence(adapter, result, anomaly, det, tokens, flip_threshold)
     for k, ev in enumerate(evidence if blend_sizes is not None else []):
         ev.blend_size = float(blend_sizes[k])
+    for k, ev in enumerate(evidence if source_sizes is not None else []):
+        ev.source_size = float(source_sizes[k])
     t1 = time.perf_counter()
     report = ScanReport(
         checkpoint=name,
@@ -606,6 +655,7 @@ def _scan_loaded(
             "detector_s": t_det - t_tok,
             **({"token_search_s": t_tok - t_syn} if tokens is not None else {}),
             **({"blend_s": t_blend - t_det} if blend_sizes is not None else {}),
+            **({"source_s": t_source - t_blend} if source_sizes is not None else {}),
             "total_s": t1 - t0,
         },
         options={
@@ -620,6 +670,7 @@ def _scan_loaded(
             "large_vocabulary": variant == LARGE_VOCABULARY,
             "synthesis": synthesis,
             "blend_steps": blend_steps if blend_sizes is not None else 0,
+            "source_steps": source_steps if source_sizes is not None else 0,
             "adapt_steps": adapt_steps,
         },  # fmt: skip
     )

@@ -39,12 +39,21 @@ TOKEN_SIGNALS = (
 #: anomaly index and log size ratio of the class whose smallest whole-input blend ``(1 - a) * x + a * p`` is the
 #: outlier (see ``synthesize_triggers(uniform_mask=True)``).
 BLEND_SIGNALS = ("blend_anomaly_excess", "blend_log_size_z")
-SIGNALS = SYNTHESIS_SIGNALS + RAW_SYNTHESIS_SIGNALS + TOKEN_SIGNALS + BLEND_SIGNALS
+#: Signals of an image scan with the opt-in source-specific synthesis (``scan_model(source_steps=...)``): the same two
+#: for the class whose smallest mask that flips the *easiest half* of the clean samples is the outlier, the form of a
+#: source-specific trigger (TaCT), which flips only some classes' inputs.
+SOURCE_SIGNALS = ("source_anomaly_excess", "source_log_size_z")
+SIGNALS = SYNTHESIS_SIGNALS + RAW_SYNTHESIS_SIGNALS + TOKEN_SIGNALS + BLEND_SIGNALS + SOURCE_SIGNALS
 #: The variant of a text scan whose vocabulary the token search prefilters (pretrained checkpoints: 30k-250k tokens);
 #: a head's ``by_modality["text/large_vocabulary"]`` part scores those scans (see [`ScanHead.for_modality`]).
 LARGE_VOCABULARY = "large_vocabulary"
 #: The variant of an image scan with the blend synthesis: a head's ``by_modality["image/blend"]`` part scores it.
 BLEND = "blend"
+#: The variant of an image scan with the source-specific synthesis: a head's ``by_modality["image/source"]`` part.
+SOURCE = "source"
+#: The part a variant's scan falls back to where the head has none for it (or lacks its signals): a source-specific
+#: scan also ran the blend synthesis (scan_model's default), so it is scored as a blend scan, then as a plain one.
+VARIANT_FALLBACK = {SOURCE: BLEND}
 DEFAULT_SCAN_HEAD = Path(__file__).parent / "default_detector" / "scan_head.json"
 
 
@@ -79,9 +88,14 @@ class ScanHead:
         self, modality: str, signals: dict[str, float] | None = None, variant: str | None = None
     ) -> ScanHead:
         """The head to use for a target of ``modality``: the part for ``modality/variant`` where there is one, else
-        the part for ``modality``, else this head; given the scan's ``signals``, only a part whose every weighed
-        signal is among them (e.g. not the text part for a text scan run without the token search)."""
-        keys = ([f"{modality}/{variant}"] if variant else []) + [modality]
+        that of the variant it falls back to ([`VARIANT_FALLBACK`]), else the part for ``modality``, else this head;
+        given the scan's ``signals``, only a part whose every weighed signal is among them (e.g. not the text part
+        for a text scan run without the token search)."""
+        keys = []
+        while variant:
+            keys.append(f"{modality}/{variant}")
+            variant = VARIANT_FALLBACK.get(variant)
+        keys.append(modality)
         for key in keys:
             sub = (self.by_modality or {}).get(key)
             if sub is None:
