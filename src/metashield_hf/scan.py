@@ -347,19 +347,21 @@ def _synthesis_signals(anomaly: np.ndarray, sizes: np.ndarray, target: int) -> d
     return raw | class_count_signals(raw["anomaly_index"], raw["log_size_ratio"], len(sizes))
 
 
-def blend_signals(sizes: np.ndarray) -> dict[str, float]:
-    """The blend synthesis's signals ([`BLEND_SIGNALS`]): the class-count-corrected anomaly index and log size ratio
-    of the class with the most anomalous (smallest) blend ratio."""
+def variant_signals(variant: str, sizes: np.ndarray) -> dict[str, float]:
+    """The signals of an extra synthesis ([`BLEND_SIGNALS`], [`SOURCE_SIGNALS`]): the class-count-corrected anomaly
+    index and log size ratio of the class with the most anomalous (smallest) trigger, named ``{variant}_...``."""
     anomaly = anomaly_indices(sizes)
     signals = _synthesis_signals(anomaly, sizes, int(np.argmax(anomaly)))
-    return {"blend_anomaly_excess": signals["anomaly_excess"], "blend_log_size_z": signals["log_size_z"]}
+    return {f"{variant}_anomaly_excess": signals["anomaly_excess"], f"{variant}_log_size_z": signals["log_size_z"]}
 
 
-def source_signals(sizes: np.ndarray) -> dict[str, float]:
-    """The source-specific synthesis's signals ([`SOURCE_SIGNALS`]), built as [`blend_signals`] are."""
-    anomaly = anomaly_indices(sizes)
-    signals = _synthesis_signals(anomaly, sizes, int(np.argmax(anomaly)))
-    return {"source_anomaly_excess": signals["anomaly_excess"], "source_log_size_z": signals["log_size_z"]}
+# The extra per-class syntheses an image scan may add after the mask synthesis, in this order, each with the
+# synthesize_triggers options that make it what it is; a later one's head part takes precedence (it falls back to the
+# earlier one's, VARIANT_FALLBACK).
+EXTRA_SYNTHESES = {
+    BLEND: {"uniform_mask": True},
+    SOURCE: {"flip_threshold": SOURCE_FLIP_THRESHOLD, "loss_quantile": SOURCE_LOSS_QUANTILE},
+}
 
 
 def scan_signals(sizes: np.ndarray, anomaly: np.ndarray, response: np.ndarray) -> tuple[int, dict[str, float]]:
@@ -598,43 +600,32 @@ def _scan_loaded(
         )
         signals = syn_signals | signals
         target = target if tokens is not None else syn_target
-    blend_sizes = None
     space = result.kind if result is not None else "tokens"
     if blend_steps is None:  # the default: where the head has a part for it, i.e. image scans
         blend_steps = DEFAULT_BLEND_STEPS if space == "pixels" else 0
-    if blend_steps and space == "pixels":
-        _, blend, _ = _synthesize(
-            adapter, items, steps=blend_steps, lr=lr, flip_threshold=flip_threshold, class_batch=class_batch,
-            seed=seed, uniform_mask=True, clean_out=clean_out,
-        )  # fmt: skip
-        blend_sizes = blend.sizes
-        signals |= blend_signals(blend_sizes)
-        variant = BLEND
-    elif blend_steps:
-        logger.warning(
-            "blend_steps: the blend synthesis is for image models (pixels); skipped for this %s scan", space
-        )
-    t_blend = time.perf_counter()
-    source_sizes = None
-    if source_steps and space == "pixels":
-        _, source, _ = _synthesize(
-            adapter, items, steps=source_steps, lr=lr, flip_threshold=SOURCE_FLIP_THRESHOLD, class_batch=class_batch,
-            seed=seed, loss_quantile=SOURCE_LOSS_QUANTILE, clean_out=clean_out,
-        )  # fmt: skip
-        source_sizes = source.sizes
-        signals |= source_signals(source_sizes)
-        variant = SOURCE
-    elif source_steps:
-        logger.warning("source_steps: the source-specific synthesis is for image models; skipped (%s scan)", space)
-    t_source = time.perf_counter()
+    budgets = {BLEND: blend_steps, SOURCE: source_steps}
+    extra_sizes, extra_s = {}, {}
+    for kind, options in EXTRA_SYNTHESES.items():
+        if budgets[kind] and space == "pixels":
+            t = time.perf_counter()
+            _, extra, _ = _synthesize(
+                adapter, items, **{"flip_threshold": flip_threshold, **options}, steps=budgets[kind], lr=lr,
+                class_batch=class_batch, seed=seed, clean_out=clean_out,
+            )  # fmt: skip
+            extra_sizes[kind], extra_s[f"{kind}_s"] = extra.sizes, time.perf_counter() - t
+            signals |= variant_signals(kind, extra.sizes)
+            variant = kind
+        elif budgets[kind]:
+            logger.warning(
+                "%s_steps: that synthesis is for image models (pixels); skipped for this %s scan", kind, space
+            )
     # a scan in pixel space is an image scan, whatever the adapter (timm, transformers or a plain torch module)
     head = head.for_modality("image" if space == "pixels" else adapter.modality, signals, variant)
     score = head.score(signals)
     evidence = _evidence(adapter, result, anomaly, det, tokens, flip_threshold)
-    for k, ev in enumerate(evidence if blend_sizes is not None else []):
-        ev.blend_size = float(blend_sizes[k])
-    for k, ev in enumerate(evidence if source_sizes is not None else []):
-        ev.source_size = float(source_sizes[k])
+    for kind, sizes in extra_sizes.items():
+        for ev, size in zip(evidence, sizes, strict=True):
+            setattr(ev, f"{kind}_size", float(size))
     t1 = time.perf_counter()
     report = ScanReport(
         checkpoint=name,
@@ -654,8 +645,7 @@ def _scan_loaded(
             **({"synthesis_s": t_syn - t_load} if synthesis else {}),
             "detector_s": t_det - t_tok,
             **({"token_search_s": t_tok - t_syn} if tokens is not None else {}),
-            **({"blend_s": t_blend - t_det} if blend_sizes is not None else {}),
-            **({"source_s": t_source - t_blend} if source_sizes is not None else {}),
+            **extra_s,
             "total_s": t1 - t0,
         },
         options={
@@ -669,8 +659,7 @@ def _scan_loaded(
             "token_search": tokens is not None,
             "large_vocabulary": variant == LARGE_VOCABULARY,
             "synthesis": synthesis,
-            "blend_steps": blend_steps if blend_sizes is not None else 0,
-            "source_steps": source_steps if source_sizes is not None else 0,
+            **{f"{kind}_steps": budgets[kind] if kind in extra_sizes else 0 for kind in EXTRA_SYNTHESES},
             "adapt_steps": adapt_steps,
         },  # fmt: skip
     )
