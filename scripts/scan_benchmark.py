@@ -361,33 +361,47 @@ def extra_train_records(paths: list[str]) -> list[dict]:
     return records
 
 
-def apply_rescans(records: list[dict], paths: list[str]) -> tuple[int, float]:
+def apply_rescans(records: list[dict], paths: list[str]) -> tuple[int, float, int]:
     """Replace the MetaShield part of ``records`` with rescans of the same models (``scripts/scan_check.py``'s
-    ``OUT.jsonl``, e.g. with the blend synthesis, which the benchmark's own scans predate), in place.
+    ``OUT.jsonl``, e.g. with the blend synthesis, which the benchmark's own scans predate), in place, file by file.
 
     A rescan runs the same synthesis on the same model with the same seed, so its four synthesis signals must equal
-    the record's: anything else means another model or another library, and is an error. Neural Cleanse records and
-    splits stay. So that the scan's time still compares with Neural Cleanse's, timed in the benchmark's own run
-    beside it, a rescan's seconds are the record's plus the stages the record lacks (e.g. ``blend_s``) at the
-    record's pace: their time in the rescan times the two runs' ratio of mask-synthesis times (``synthesis_s``);
-    ``seconds_rescan`` keeps the rescan's own. Returns how many records were replaced and the largest signal difference seen.
+    the record's: anything else means another model or another library, and is an error. Splits stay. Where the
+    rescan ran Neural Cleanse beside it (``--nc_steps``), its Neural Cleanse records replace the record's at those
+    budgets (their scores must agree too), so both methods' seconds come from one run. Where it did not, the record's
+    Neural Cleanse stays, and so that the scan's time still compares with it, a rescan's seconds are the record's plus
+    the stages the record lacks (e.g. ``blend_s``) at the record's pace: their time in the rescan times the two runs'
+    ratio of mask-synthesis times (``synthesis_s``); ``seconds_rescan`` keeps the rescan's own. Returns how many
+    records were replaced, the largest signal difference seen and how many were timed beside Neural Cleanse.
     """
     by_id = {r["model_id"]: r for r in records}
-    replaced, drift = 0, 0.0
-    for r in refresh([r for path in paths for r in load_records(Path(path).with_suffix("")).values()]):
-        rec = by_id.get(r["model_id"])
-        if rec is None:
-            continue
-        old, new = rec["metashield"], r["metashield"]
-        diff = max(abs(new["signals"][s] - old["signals"][s]) for s in SYNTHESIS_SIGNALS)
-        if diff > 1e-6:
-            raise SystemExit(f"--rescans: {r['model_id']}'s synthesis signals differ from its record's by {diff:.3g}")
-        pace = old["timings"]["synthesis_s"] / new["timings"]["synthesis_s"]
-        new["seconds_rescan"] = new["seconds"]
-        added = sum(t for k, t in new["timings"].items() if k not in old["timings"] and k != "total_s")
-        new["seconds"] = old["seconds"] + pace * added
-        rec["metashield"], replaced, drift = new, replaced + 1, max(drift, diff)
-    return replaced, drift
+    replaced, drift, timed = set(), 0.0, set()
+    for path in paths:
+        for r in refresh(list(load_records(Path(path).with_suffix("")).values())):
+            rec = by_id.get(r["model_id"])
+            if rec is None:
+                continue
+            old, new = rec["metashield"], r["metashield"]
+            diff = max(abs(new["signals"][s] - old["signals"][s]) for s in SYNTHESIS_SIGNALS)
+            ncs = r.get("neural_cleanse") or {}
+            for budget, nc in ncs.items():
+                if budget in rec.get("neural_cleanse", {}):
+                    diff = max(diff, abs(nc["score"] - rec["neural_cleanse"][budget]["score"]))
+            if diff > 1e-6:
+                raise SystemExit(f"--rescans: {r['model_id']}'s signals differ from its record's by {diff:.3g}")
+            if ncs:
+                rec["neural_cleanse"] = {**rec.get("neural_cleanse", {}), **ncs}
+                timed.add(r["model_id"])
+            elif "seconds_rescan" not in old:  # the benchmark's own timing: rescale the added stages to its pace
+                pace = old["timings"]["synthesis_s"] / new["timings"]["synthesis_s"]
+                new["seconds_rescan"] = new["seconds"]
+                added = sum(t for k, t in new["timings"].items() if k not in old["timings"] and k != "total_s")
+                new["seconds"] = old["seconds"] + pace * added
+            else:  # already replaced by an earlier rescan: keep the time it was given
+                new["seconds_rescan"], new["seconds"] = new["seconds"], old["seconds"]
+            rec["metashield"], drift = new, max(drift, diff)
+            replaced.add(r["model_id"])
+    return len(replaced), drift, len(timed)
 
 
 def modality(rec: dict) -> str:
@@ -745,7 +759,9 @@ def main() -> None:
         **(
             {
                 "rescans": f"{rescanned[0]} records' MetaShield scans replaced by those of {', '.join(args.rescans)} "
-                f"(the same synthesis signals: largest difference {rescanned[1]:.1e}; Neural Cleanse kept)"
+                f"(the same synthesis signals: largest difference {rescanned[1]:.1e}); {rescanned[2]} of them were "
+                "timed beside Neural Cleanse, whose records at those budgets they replace; the others keep the "
+                "benchmark's Neural Cleanse records, with the stages their scans add timed at the benchmark run's pace"
             }
             if rescanned
             else {}

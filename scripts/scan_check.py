@@ -71,6 +71,12 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="writes OUT.jsonl (records) and OUT.md")
     parser.add_argument("--workdir", default="artifacts/meta/scan_check_work")
     parser.add_argument("--shard", default=None, help="I/N: scan only every N-th model from the I-th; no report")
+    parser.add_argument(
+        "--held_out",
+        default=None,
+        help="the benchmark's records (reports/scan.jsonl): scan only the zoo's models held out there, e.g. to time "
+        "the default scan beside Neural Cleanse on them (scan_benchmark.py --rescans)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -79,7 +85,11 @@ def main() -> None:
     ids = zoo["model_id"]
     done = load_records(out)
     reuse_nc = load_reuse_nc(Path(args.reuse_nc), DEFAULT_STEPS) if args.reuse_nc else None
-    share = range(len(ids)) if shard is None else range(shard[0], len(ids), shard[1])
+    chosen = list(range(len(ids)))
+    if args.held_out:
+        held = {m for m, r in load_records(Path(args.held_out).with_suffix("")).items() if r["split"] == "test"}
+        chosen = [i for i in chosen if ids[i] in held]
+    share = chosen if shard is None else chosen[shard[0] :: shard[1]]
     start = time.perf_counter()
     with records_path(out, shard).open("a") as fh:
         for i in tqdm([i for i in share if ids[i] not in done], desc="scan", file=sys.stdout, mininterval=5):
@@ -100,7 +110,7 @@ def main() -> None:
         print(f"shard {args.shard}: scanned in {time.perf_counter() - start:.0f} s")
         return
     merge_shards(out, done, ids)
-    records = [done[m] for m in ids if m in done]
+    records = [done[ids[i]] for i in chosen if ids[i] in done]
     heads = {path: ScanHead.load(path) for path in args.head}
     for r in refresh(records):
         for i, head in enumerate(heads.values()):
