@@ -35,9 +35,9 @@ TOKEN_SIGNALS = (
     "token_logit_2",
     "token_detector",
 )
-#: Signals of an image scan with the blend synthesis (``scan_model``'s default, ``blend_steps``): the class-count-corrected
-#: anomaly index and log size ratio of the class whose smallest whole-input blend ``(1 - a) * x + a * p`` is the
-#: outlier (see ``synthesize_triggers(uniform_mask=True)``).
+#: Signals of an image scan with the blend synthesis (``scan_model``'s default, ``blend_steps``): the
+#: class-count-corrected anomaly index and log size ratio of the class whose smallest whole-input blend
+#: ``(1 - a) * x + a * p`` is the outlier (see ``synthesize_triggers(uniform_mask=True)``).
 BLEND_SIGNALS = ("blend_anomaly_excess", "blend_log_size_z")
 #: Signals of an image scan with the opt-in source-specific synthesis (``scan_model(source_steps=...)``): the same two
 #: for the class whose smallest mask that flips the *easiest half* of the clean samples is the outlier, the form of a
