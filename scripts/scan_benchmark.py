@@ -392,13 +392,11 @@ def apply_rescans(records: list[dict], paths: list[str]) -> tuple[int, float, in
             if ncs:
                 rec["neural_cleanse"] = {**rec.get("neural_cleanse", {}), **ncs}
                 timed.add(r["model_id"])
-            elif "seconds_rescan" not in old:  # the benchmark's own timing: rescale the added stages to its pace
+            else:  # the stages the record lacks, at its pace (none after an earlier rescan: its time stays)
                 pace = old["timings"]["synthesis_s"] / new["timings"]["synthesis_s"]
                 new["seconds_rescan"] = new["seconds"]
                 added = sum(t for k, t in new["timings"].items() if k not in old["timings"] and k != "total_s")
                 new["seconds"] = old["seconds"] + pace * added
-            else:  # already replaced by an earlier rescan: keep the time it was given
-                new["seconds_rescan"], new["seconds"] = new["seconds"], old["seconds"]
             rec["metashield"], drift = new, max(drift, diff)
             replaced.add(r["model_id"])
     return len(replaced), drift, len(timed)
