@@ -6,6 +6,7 @@ import pytest
 from metashield_hf.evaluation.metrics import (
     accuracy,
     auroc,
+    auroc_interval,
     detection_metrics,
     load_metric,
     metric_path,
@@ -29,6 +30,28 @@ def test_auroc_matches_pairwise_definition():
     neg, pos = s[y == 0], s[y == 1]
     expected = (pos[:, None] > neg).mean() + 0.5 * (pos[:, None] == neg).mean()
     assert auroc(s, y) == pytest.approx(expected)
+
+
+def test_auroc_interval_brackets_the_value_and_narrows_with_more_data():
+    # perfectly separated: every resample is separated too, so the interval is the point
+    assert auroc_interval([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1], resamples=200) == (1.0, 1.0)
+    rng = np.random.default_rng(1)
+
+    def draw(n):  # overlapping scores: backdoored shifted up by one standard deviation
+        y = np.r_[np.zeros(n), np.ones(n)]
+        return rng.normal(size=2 * n) + y, y
+
+    s, y = draw(12)
+    low, high = auroc_interval(s, y, resamples=500)
+    assert low < auroc(s, y) < high
+    assert auroc_interval(s, y, resamples=500) == (low, high)  # seeded
+    s_big, y_big = draw(400)
+    low_big, high_big = auroc_interval(s_big, y_big, resamples=500)
+    assert high_big - low_big < (high - low) / 2
+    # the population AUROC of a one-sigma shift is Phi(1 / sqrt 2) = 0.760
+    assert low_big < 0.760 < high_big
+    with pytest.raises(ValueError, match="level"):
+        auroc_interval(s, y, level=1.0)
 
 
 def test_tpr_at_fpr_and_rates():
