@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from metashield_hf.evaluation.metrics import auroc
+from metashield_hf.evaluation.metrics import auroc, auroc_interval
 from metashield_hf.scan import (
     NEURAL_CLEANSE_THRESHOLD,
     class_count_signals,
@@ -215,8 +215,9 @@ def _auroc(scores: list[float], labels: list[int]) -> float | None:
         return None
 
 
-def summarize(records: list[dict], score_key: str, threshold: float, method: str) -> dict:
-    """AUROC / accuracy / target accuracy / seconds of one method over a group of test records."""
+def summarize(records: list[dict], score_key: str, threshold: float | ScanHead, method: str) -> dict:
+    """AUROC / accuracy / target accuracy / seconds of one method over a group of test records; ``threshold``: the
+    method's, or the head whose part for each record ([`verdict_threshold`]) gives that record's."""
     labels = [int(r["is_backdoored"]) for r in records]
     if method.startswith("neural_cleanse@"):
         ncs = [r["neural_cleanse"][method.split("@")[1]] for r in records]
@@ -227,7 +228,8 @@ def summarize(records: list[dict], score_key: str, threshold: float, method: str
         scores = [r["metashield"][score_key] for r in records]
         targets = [r["metashield"]["suspected_target"] for r in records]
         secs = [r["metashield"]["seconds"] for r in records]
-    preds = [int(s > threshold) for s in scores]
+    limits = [verdict_threshold(threshold, r) if isinstance(threshold, ScanHead) else threshold for r in records]
+    preds = [int(s > t) for s, t in zip(scores, limits, strict=True)]
     bd = [(t, r["target_label"]) for t, r in zip(targets, records, strict=True) if r["is_backdoored"]]
     # a head that cannot score some records (the prior head on text scans without synthesis signals): no AUROC
     scorable = bool(records) and bool(np.isfinite(scores).all())
@@ -239,6 +241,29 @@ def summarize(records: list[dict], score_key: str, threshold: float, method: str
         "target_accuracy": float(np.mean([t == y for t, y in bd])) if bd else None,
         "mean_seconds": float(np.mean(secs)) if secs else None,
     }
+
+
+INTERVAL_LEVEL, INTERVAL_RESAMPLES = 0.95, 2000
+
+
+def auroc_intervals(records: list[dict], methods: dict[str, tuple]) -> dict[str, dict[str, tuple[float, ...]]]:
+    """Per domain and overall (the [`groups`] without nlp's subgroups), per method (``name: (score key, threshold,
+    method)`` as for [`summarize`]): ``(AUROC, low, high)`` with its bootstrap interval ([`auroc_interval`])."""
+    out: dict[str, dict[str, tuple[float, ...]]] = {}
+    for g, rs in groups(records).items():
+        if g.startswith("nlp ("):
+            continue
+        labels = [int(r["is_backdoored"]) for r in rs]
+        if len(set(labels)) < 2:  # no AUROC without both kinds of model
+            continue
+        for name, (key, _, method) in methods.items():
+            if method.startswith("neural_cleanse@"):
+                scores = [r["neural_cleanse"][method.split("@")[1]]["score"] for r in rs]
+            else:
+                scores = [r["metashield"][key] for r in rs]
+            low, high = auroc_interval(scores, labels, level=INTERVAL_LEVEL, resamples=INTERVAL_RESAMPLES)
+            out.setdefault(g, {})[name] = (auroc(scores, labels), low, high)
+    return out
 
 
 def groups(records: list[dict]) -> dict[str, list[dict]]:
@@ -309,6 +334,20 @@ def render(summary: dict, meta: dict) -> str:
     ]
     lines += table_rows(summary["groups"])
     lines.append("")
+    if summary.get("intervals"):
+        lines += [
+            f"AUROC with its {INTERVAL_LEVEL:.0%} bootstrap interval ([`auroc_interval`]: clean and backdoored models "
+            f"resampled separately, {INTERVAL_RESAMPLES} times, seed 0). With a few dozen models, one clean model scored "
+            "above one backdoored model moves a group's AUROC by 1 / (clean x backdoored): 0.014 for 6 x 12.",
+            "",
+            "| group | " + " | ".join(next(iter(summary["intervals"].values()))) + " |",
+            "|---|" + "---:|" * len(next(iter(summary["intervals"].values()))),
+        ]
+        lines += [
+            f"| {g} | " + " | ".join(f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in by_method.values()) + " |"
+            for g, by_method in summary["intervals"].items()
+        ]
+        lines.append("")
     lines += ["## Scan heads", ""]
     for name, head in summary["heads"].items():
         lines.append(f"- {name}: `{json.dumps(head, sort_keys=True)}`")
@@ -458,6 +497,13 @@ def score(head: ScanHead, rec: dict) -> float:
     if head.missing(signals):
         return float("nan")
     return head.score(signals)
+
+
+def verdict_threshold(head: ScanHead, rec: dict) -> float:
+    """The threshold of the head's part that scores a record ([`score`]): what ``scan_model``'s verdict compares
+    the score with."""
+    signals = rec["metashield"]["signals"]
+    return head.for_modality(modality(rec), signals, variant(rec)).threshold
 
 
 def cv_head_c(
@@ -718,8 +764,8 @@ def main() -> None:
         r["metashield"]["score_default_rescored"] = score(default_head, r)
 
     methods = {
-        "MetaShield scan (default head)": ("score_default_rescored", default_head.threshold, "metashield"),
-        "MetaShield scan (fitted head)": ("score_fitted", fitted.threshold, "metashield"),
+        "MetaShield scan (default head)": ("score_default_rescored", default_head, "metashield"),
+        "MetaShield scan (fitted head)": ("score_fitted", fitted, "metashield"),
         **{
             f"Neural Cleanse ({s} steps)": ("score", NEURAL_CLEANSE_THRESHOLD, f"neural_cleanse@{s}")
             for s in args.nc_steps
@@ -729,6 +775,7 @@ def main() -> None:
         g: {name: summarize(rs, key, thr, m) for name, (key, thr, m) in methods.items()}
         for g, rs in groups(test).items()
     }
+    intervals = auroc_intervals(test, {m: methods[m] for m in list(methods)[1:3]})
     # the prior head has no text part: it cannot score text scans made without synthesis signals (AUROC None)
     auc_default = table["all"]["MetaShield scan (default head)"]["auroc"] or 0.0
     default_txt = _fmt(table["all"]["MetaShield scan (default head)"]["auroc"])
@@ -804,6 +851,7 @@ def main() -> None:
         "meta": meta,
         "methods": list(methods),
         "groups": table,
+        "intervals": intervals,
         "heads": {"default (prior)": default_head.__dict__, "fitted": fitted.__dict__},
         "shipped": shipped,
         "records": records,

@@ -11,7 +11,8 @@ head part of their own. This script
    ``--check``: checked only);
 2. checks that the rescans reproduce the benchmark's synthesis signals (the same models, the same seeds);
 3. chooses the part's signals and C among a fixed list by repeated stratified 5-fold cross-validation on the train
-   rows only, fits it on them, and
+   rows only, fits it on them, sets its verdict threshold where that cross-validation flags 5% of the train clean
+   models (``--target_fpr``), and
 4. reports, per held-out or check group, the shipped head without the part, with it, and Neural Cleanse where the
    records have it; ``--ship`` adds the part to the shipped head.
 
@@ -97,19 +98,39 @@ def part_records(path: str, name: str = BLEND) -> list[dict]:
     return records
 
 
-def cv_auroc(rows: list[dict], signals: tuple[str, ...], c: float, repeats: int = 20) -> float:
-    """Mean AUROC over ``repeats`` stratified 5-fold splits (strata: label and dataset) of a part fit on the rest."""
+def cv_scores(rows: list[dict], signals: tuple[str, ...], c: float, repeats: int = 20) -> list[np.ndarray]:
+    """Per repeat, every row's score by a part fit on the other folds of a stratified 5-fold split (strata: label
+    and dataset)."""
     y = np.array([int(r["is_backdoored"]) for r in rows])
     strata = [f"{r['dataset']}{y[i]}" for i, r in enumerate(rows)]
     x = [r["metashield"]["signals"] for r in rows]
-    aucs = []
+    out = []
     for rep in range(repeats):
         scores = np.zeros(len(rows))
         for fit, held in StratifiedKFold(5, shuffle=True, random_state=rep).split(rows, strata):
             part = fit_scan_head([x[i] for i in fit], y[fit], c=c, signals=signals)
             scores[held] = [part.score(x[i]) for i in held]
-        aucs.append(auroc(scores, y))
-    return float(np.mean(aucs))
+        out.append(scores)
+    return out
+
+
+def cv_auroc(rows: list[dict], signals: tuple[str, ...], c: float, repeats: int = 20) -> float:
+    """Mean AUROC over ``repeats`` stratified 5-fold splits of a part fit on the rest ([`cv_scores`])."""
+    y = np.array([int(r["is_backdoored"]) for r in rows])
+    return float(np.mean([auroc(scores, y) for scores in cv_scores(rows, signals, c, repeats)]))
+
+
+def cv_threshold(rows: list[dict], signals: tuple[str, ...], c: float, fpr: float, repeats: int = 20) -> float:
+    """The verdict threshold that flags a fraction ``fpr`` of the clean rows by cross-validation: the ``1 - fpr``
+    quantile of their pooled out-of-fold scores ([`cv_scores`]).
+
+    A part fit with a strong L2 penalty scores in a narrow band about the train set's share of backdoored models,
+    so 0.5 says little about how many clean models it flags; this ties the verdict to a false-positive rate, as the
+    input-level pipeline's ``target_fpr`` does.
+    """
+    clean = np.array([not r["is_backdoored"] for r in rows])
+    pooled = np.concatenate([scores[clean] for scores in cv_scores(rows, signals, c, repeats)])
+    return float(np.quantile(pooled, 1.0 - fpr))
 
 
 def without_time(records: list[dict], stage: str) -> list[dict]:
@@ -130,11 +151,20 @@ def main() -> None:
     )
     parser.add_argument("--split_records", default="reports/scan.jsonl", help="the benchmark's records (splits)")
     parser.add_argument("--extra_train", nargs="*", default=[], help="other zoos' records that train the part")
+    parser.add_argument(
+        "--target_fpr",
+        type=float,
+        default=0.05,
+        help="set the part's verdict threshold to flag this share of train clean models by cross-validation "
+        "(default 0.05; 0: the probability 0.5)",
+    )
     parser.add_argument("--check", nargs="*", default=[], help="other zoos' records, checked only")
     parser.add_argument("--out", default="reports/scan_blend", help="writes OUT.md, OUT.json and OUT.head.json")
     parser.add_argument("--ship", action="store_true", help="add the chosen part to the shipped scan head")
     parser.add_argument("--part", choices=list(PARTS), default=BLEND, help="the head part to choose (default: blend)")
     args = parser.parse_args()
+    if not 0.0 <= args.target_fpr < 1.0:
+        parser.error(f"--target_fpr must be in [0, 1), got {args.target_fpr}")
     spec, key = PARTS[args.part], f"image/{args.part}"
 
     benchmark = {
@@ -164,6 +194,8 @@ def main() -> None:
     (signals, c), best = max(choice.items(), key=lambda kv: kv[1])
     y = [int(r["is_backdoored"]) for r in train_all]
     part = fit_scan_head([r["metashield"]["signals"] for r in train_all], y, c=c, signals=signals)
+    if args.target_fpr:
+        part.threshold = cv_threshold(train_all, signals, c, args.target_fpr)
     part.source = f"fit on {len(train_all)} image models scanned with the {args.part} synthesis ({sum(y)} bd)"
     shipped = ScanHead.load(DEFAULT_SCAN_HEAD)
     parts = {k: v for k, v in (shipped.by_modality or {}).items() if k != key}
@@ -181,9 +213,9 @@ def main() -> None:
         steps = sorted({s for r in records for s in r.get("neural_cleanse", {})}, key=int)
         table[name] = {
             f"{without} (shipped head)": summarize(
-                without_time(records, spec.timing), "score_base", base.threshold, "metashield"
+                without_time(records, spec.timing), "score_base", base, "metashield"
             ),
-            f"{added}, {key} part": summarize(records, "score_part", with_part.threshold, "metashield"),
+            f"{added}, {key} part": summarize(records, "score_part", with_part, "metashield"),
             **{
                 f"Neural Cleanse ({s} steps)": summarize(
                     records, "score", NEURAL_CLEANSE_THRESHOLD, f"neural_cleanse@{s}"
@@ -217,6 +249,13 @@ def main() -> None:
         + "; ".join(f"{list(s)[n_base:]} C={c:g} {a:.3f}" for (s, c), a in choice.items()),
         f"- chosen: the base + {list(signals)[n_base:]} at C={c:g} ({best:.3f}); "
         f"the part: `{json.dumps(with_part.by_modality[key], sort_keys=True)}`",
+        f"- verdict threshold: {with_part.by_modality[key]['threshold']:.3f}, "
+        + (
+            f"the score that flags {args.target_fpr:.0%} of the train clean models by the same cross-validation "
+            f"(`--target_fpr {args.target_fpr:g}`)"
+            if args.target_fpr
+            else "the probability 0.5 (`--target_fpr 0`)"
+        ),
         "",
         "| group | method | AUROC | accuracy | target accuracy | s / scan |",
         "|---|---|---:|---:|---:|---:|",

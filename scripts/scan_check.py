@@ -116,7 +116,7 @@ def main() -> None:
         for i, head in enumerate(heads.values()):
             r["metashield"][f"score_head{i}"] = score(head, r)
     methods = {
-        f"MetaShield scan, head {path}": (f"score_head{i}", head.threshold, "metashield")
+        f"MetaShield scan, head {path}": (f"score_head{i}", head, "metashield")
         for i, (path, head) in enumerate(heads.items())
     }
     methods |= {

@@ -380,11 +380,12 @@ def test_blend_synthesis_finds_a_whole_image_trigger(digits_blend_model, digits_
     assert not set(BLEND_SIGNALS) & set(plain.signals) and plain.per_class[0].blend_size is None
     assert plain.options["blend_steps"] == 0 and plain.signals == {k: bd.signals[k] for k in plain.signals}
     # a head's image/blend part scores the scans with the blend signals; the others keep the image part
-    part = {"weights": {"blend_anomaly_excess": 1.0}, "bias": 0.0, "threshold": 0.5, "source": "test"}
+    # (the verdict compares with the part's threshold, not the head's)
+    part = {"weights": {"blend_anomaly_excess": 1.0}, "bias": 0.0, "threshold": 0.999, "source": "test"}
     head = ScanHead({"anomaly_excess": 1.0}, 0.0, by_modality={f"image/{BLEND}": part})
-    assert scan_model(model, clean, seed=0, blend_steps=40, head=head).score == pytest.approx(
-        1 / (1 + np.exp(-bd.signals["blend_anomaly_excess"]))
-    )
+    scored = scan_model(model, clean, seed=0, blend_steps=40, head=head)
+    assert scored.score == pytest.approx(1 / (1 + np.exp(-bd.signals["blend_anomaly_excess"])))
+    assert scored.threshold == 0.999 and scored.verdict == ("backdoored" if scored.score > 0.999 else "clean")
     assert scan_model(model, clean, seed=0, blend_steps=0, head=head).score == pytest.approx(
         1 / (1 + np.exp(-plain.signals["anomaly_excess"]))
     )

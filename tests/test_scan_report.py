@@ -96,6 +96,11 @@ def test_report_only_without_the_zoo_refits_the_shipped_head(tmp_path, monkeypat
         assert np.isfinite(s).all()
         reported = summary["groups"][domain]["MetaShield scan (fitted head)"]["auroc"]
         assert reported == pytest.approx(roc_auc_score(y, s)), domain
+        # the verdict compares each score with the threshold of the part that made it, as scan_model's does
+        hits = [(v > benchmark.verdict_threshold(shipped, r)) == bool(t) for v, r, t in zip(s, rows, y, strict=True)]
+        assert summary["groups"][domain]["MetaShield scan (fitted head)"]["accuracy"] == pytest.approx(np.mean(hits))
+        auc, low, high = summary["intervals"][domain]["MetaShield scan (fitted head)"]
+        assert auc == pytest.approx(reported) and low <= reported <= high and high - low > 0, domain
         # and the committed report says the same
         line = next(ln for ln in REPORT.read_text().splitlines() if ln.startswith(f"| {domain} (") and "fitted" in ln)
         assert float(line.split("|")[3]) == pytest.approx(reported, abs=5e-4), domain
@@ -122,5 +127,9 @@ def test_scan_blend_refits_the_shipped_variant_part(part, tmp_path, monkeypatch)
     shipped = ScanHead.load(DEFAULT_SCAN_HEAD).by_modality[f"image/{part}"]
     assert fitted["weights"] == pytest.approx(shipped["weights"], abs=1e-6)
     assert fitted["bias"] == pytest.approx(shipped["bias"], abs=1e-6)
+    # the verdict threshold flags 5% of the train clean models by cross-validation: above the 0.5 of a calibrated
+    # probability, since these parts are fit on more backdoored than clean models
+    assert fitted["threshold"] == pytest.approx(shipped["threshold"], abs=1e-6)
+    assert 0.5 < fitted["threshold"] < 1.0
     # and the rest of the head is the shipped one, untouched
     assert ScanHead.load(tmp_path / f"{part}.head.json").weights == ScanHead.load(DEFAULT_SCAN_HEAD).weights
