@@ -506,6 +506,34 @@ def verdict_threshold(head: ScanHead, rec: dict) -> float:
     return head.for_modality(modality(rec), signals, variant(rec)).threshold
 
 
+def _strata(train: list[dict]) -> list[str]:
+    """Cross-validation strata of the train records: domain, label and head variant."""
+    return [f"{r['domain']}{int(r['is_backdoored'])}{variant(r) == LARGE_VOCABULARY}" for r in train]
+
+
+def out_of_fold_scores(
+    train: list[dict],
+    c: float,
+    text_signals: tuple[str, ...],
+    text_c: float | None = None,
+    large_signals: tuple[str, ...] = (),
+    repeats: int = 20,
+    folds: int = 5,
+) -> list[np.ndarray]:
+    """Per repeat of a stratified k-fold split ([`_strata`]), every train record's score by the heads
+    ([`fit_heads`]) fit on the other folds."""
+    from sklearn.model_selection import StratifiedKFold
+
+    out = []
+    for rep in range(repeats):
+        scores = np.zeros(len(train))
+        for fit, held in StratifiedKFold(folds, shuffle=True, random_state=rep).split(train, _strata(train)):
+            head = fit_heads([train[i] for i in fit], c, text_signals, text_c, large_signals)
+            scores[held] = [score(head, train[i]) for i in held]
+        out.append(scores)
+    return out
+
+
 def cv_head_c(
     train: list[dict],
     text_signals: tuple[str, ...],
@@ -515,12 +543,10 @@ def cv_head_c(
     text_c: float | None = None,
     large_signals: tuple[str, ...] = (),
 ) -> dict[float, dict[str, float]]:
-    """Mean AUROC per domain over the train models of heads fit on the other folds (repeated stratified k-fold, the
-    folds stratified by domain, label and head variant), per C (``text_c``: the text head's C, fixed; default: the
-    same C); for text also ``nlp (large vocabulary)`` and ``nlp (small vocabulary)`` where the train models have
-    both. Uses train models only, so the held-out models play no part in choosing C."""
-    from sklearn.model_selection import StratifiedKFold
-
+    """Mean AUROC per domain over the train models of heads fit on the other folds ([`out_of_fold_scores`]), per C
+    (``text_c``: the text head's C, fixed; default: the same C); for text also ``nlp (large vocabulary)`` and
+    ``nlp (small vocabulary)`` where the train models have both. Uses train models only, so the held-out models play
+    no part in choosing C."""
     y = np.array([int(r["is_backdoored"]) for r in train])
     groups = {d: np.array([r["domain"] == d for r in train]) for d in sorted({r["domain"] for r in train})}
     large = np.array([variant(r) == LARGE_VOCABULARY for r in train])
@@ -528,18 +554,34 @@ def cv_head_c(
     if (nlp & large).any() and (nlp & ~large).any():
         groups["nlp (large vocabulary)"] = nlp & large
         groups["nlp (small vocabulary)"] = nlp & ~large
-    strata = [f"{r['domain']}{y[i]}{large[i]}" for i, r in enumerate(train)]
     out = {}
     for c in cs:
-        aucs: dict[str, list[float]] = {g: [] for g in groups}
-        for rep in range(repeats):
-            scores = np.zeros(len(train))
-            for fit, held in StratifiedKFold(folds, shuffle=True, random_state=rep).split(train, strata):
-                head = fit_heads([train[i] for i in fit], c, text_signals, text_c, large_signals)
-                scores[held] = [score(head, train[i]) for i in held]
-            for g, m in groups.items():
-                aucs[g].append(auroc(scores[m], y[m]))
-        out[c] = {g: float(np.mean(a)) for g, a in aucs.items()}
+        runs = out_of_fold_scores(train, c, text_signals, text_c, large_signals, repeats, folds)
+        out[c] = {g: float(np.mean([auroc(scores[m], y[m]) for scores in runs])) for g, m in groups.items()}
+    return out
+
+
+def set_fpr_thresholds(head: ScanHead, train: list[dict], runs: list[np.ndarray], fpr: float) -> dict[str, float]:
+    """Set the verdict threshold of the head and of each of its parts to the score that flags a share ``fpr`` of the
+    clean train records it scores, by their out-of-fold scores ``runs`` ([`out_of_fold_scores`]); returns them by
+    part (``"image"`` for the head itself).
+
+    A logistic fit puts 0.5 where the train set's mix of clean and backdoored models does, which is not the mix a user
+    meets; a threshold tied to a false-positive rate means the same thing for every part (as the input-level
+    pipeline's ``target_fpr`` does)."""
+    keys = [head.part_key(modality(r), r["metashield"]["signals"], variant(r)) for r in train]
+    clean = np.array([not r["is_backdoored"] for r in train])
+    out = {}
+    for key in dict.fromkeys(keys):
+        rows = np.array([k == key for k in keys]) & clean
+        if not rows.any():
+            continue
+        value = float(np.quantile(np.concatenate([scores[rows] for scores in runs]), 1.0 - fpr))
+        if key is None:
+            head.threshold = value
+        else:
+            head.by_modality[key]["threshold"] = value
+        out[key or "image"] = value
     return out
 
 
@@ -593,6 +635,14 @@ def main() -> None:
     # zoo's 65 and configs/zoo/fresh_cv.yaml's 41: 0.985 against 0.984 and 0.985 for cv; the report lists them).
     # With the standard zoo's 65 alone it was 0.1.
     parser.add_argument("--head_c", type=float, default=1.0, help="inverse L2 strength of the head's logistic fit")
+    parser.add_argument(
+        "--target_fpr",
+        type=float,
+        default=0.0,
+        help="set each fitted part's verdict threshold to flag this share of its train clean models by "
+        "cross-validation (default 0: the probability 0.5; with 0.05 the held-out and check verdicts were right "
+        "once less in stop 26, so the shipped image and text parts keep 0.5)",
+    )
     # 1: with the text signals below, the better of 1 / 10 for the small-vocabulary part by cross-validation on the
     # train from-scratch text models (70: 0.863 against 0.858; 114: 0.861 against 0.859); the large-vocabulary part
     # scores about the same at both
@@ -675,6 +725,8 @@ def main() -> None:
     parser.add_argument("--report_only", action="store_true", help="scan nothing; report on the records in OUT.jsonl")
     parser.add_argument("--shard", default=None, help="I/N: scan only every N-th model from the I-th; no report")
     args = parser.parse_args()
+    if not 0.0 <= args.target_fpr < 1.0:
+        parser.error(f"--target_fpr must be in [0, 1), got {args.target_fpr}")
     torch.set_num_threads(1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -751,6 +803,10 @@ def main() -> None:
     text_signals = tuple(args.text_signals)
     large_signals = tuple(args.large_vocabulary_signals)
     fitted = fit_heads(train, args.head_c, text_signals, args.text_head_c, large_signals)
+    thresholds = {}
+    if args.target_fpr:
+        runs = out_of_fold_scores(train, args.head_c, text_signals, args.text_head_c, large_signals)
+        thresholds = set_fpr_thresholds(fitted, train, runs, args.target_fpr)
     # the image/blend and image/source parts are fit by scripts/scan_blend.py on other records: a refit here keeps
     # the shipped ones
     shipped_parts = ScanHead.load(DEFAULT_SCAN_HEAD).by_modality or {}
@@ -837,6 +893,16 @@ def main() -> None:
             else ""
         )
         + f" -> {args.head_out}",
+        "verdict thresholds": (
+            "per part, the score that flags "
+            f"{args.target_fpr:.0%} of its train clean models by the same cross-validation as below (C as fitted; "
+            f"--target_fpr {args.target_fpr:g}): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in thresholds.items())
+            + "; the image/blend and image/source parts' come from scripts/scan_blend.py"
+            if thresholds
+            else "0.5 on the probability for the parts fit here (--target_fpr 0); the image/blend and image/source "
+            "parts' from scripts/scan_blend.py"
+        ),
         "scan seconds summed over all records": f"{sum(_total_s(r) for r in records):.0f} s",
         "head C by cross-validation on train models (mean AUROC per domain)": "; ".join(
             f"C={c}: " + ", ".join(f"{d} {a:.3f}" for d, a in aucs.items())

@@ -404,6 +404,7 @@ def test_scan_head_source_scans_fall_back_to_the_blend_part():
     head = ScanHead({"anomaly_index": 1.0}, 0.0, by_modality=parts)
     full = {"anomaly_excess": 1.0, "blend_anomaly_excess": 2.0, "source_log_size_z": -3.0}
     assert head.for_modality("image", full, SOURCE).source == "blend part"
+    assert head.part_key("image", full, SOURCE) == f"image/{BLEND}" and head.part_key("text", full) is None
     assert (
         head.for_modality("image", {"anomaly_excess": 1.0, "source_log_size_z": -3.0}, SOURCE).source == "image part"
     )

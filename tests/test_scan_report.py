@@ -133,3 +133,30 @@ def test_scan_blend_refits_the_shipped_variant_part(part, tmp_path, monkeypatch)
     assert 0.5 < fitted["threshold"] < 1.0
     # and the rest of the head is the shipped one, untouched
     assert ScanHead.load(tmp_path / f"{part}.head.json").weights == ScanHead.load(DEFAULT_SCAN_HEAD).weights
+
+
+def test_fpr_thresholds_flag_the_asked_share_of_clean_train_models():
+    """``scan_benchmark.py --target_fpr``: each part's threshold flags that share of the clean train models it
+    scores, by their out-of-fold scores; the image head and the text part each get their own."""
+    benchmark = _script("scan_benchmark")
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(160):
+        bd = i % 2 == 1
+        text = i % 4 >= 2
+        shift = 1.0 if bd else 0.0
+        if text:
+            signals = {"token_logit_2": rng.normal(shift), "token_detector": rng.normal(shift)}
+        else:
+            signals = {s: rng.normal(shift) for s in benchmark.SYNTHESIS_SIGNALS}
+        records.append({"domain": "nlp" if text else "cv", "is_backdoored": bd, "metashield": {"signals": signals}})
+    text_signals = ("token_logit_2", "token_detector")
+    head = benchmark.fit_heads(records, 1.0, text_signals)
+    runs = benchmark.out_of_fold_scores(records, 1.0, text_signals, repeats=4)
+    thresholds = benchmark.set_fpr_thresholds(head, records, runs, 0.1)
+    assert set(thresholds) == {"image", "text"} and thresholds["image"] != thresholds["text"]
+    assert head.threshold == thresholds["image"] and head.by_modality["text"]["threshold"] == thresholds["text"]
+    for key, text in (("image", False), ("text", True)):
+        clean = np.array([not r["is_backdoored"] and (r["domain"] == "nlp") == text for r in records])
+        flagged = np.mean([(scores[clean] > thresholds[key]).mean() for scores in runs])
+        assert flagged == pytest.approx(0.1, abs=0.02), key

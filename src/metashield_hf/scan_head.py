@@ -91,6 +91,13 @@ class ScanHead:
         that of the variant it falls back to ([`VARIANT_FALLBACK`]), else the part for ``modality``, else this head;
         given the scan's ``signals``, only a part whose every weighed signal is among them (e.g. not the text part
         for a text scan run without the token search)."""
+        key = self.part_key(modality, signals, variant)
+        return self if key is None else ScanHead(**self.by_modality[key])
+
+    def part_key(
+        self, modality: str, signals: dict[str, float] | None = None, variant: str | None = None
+    ) -> str | None:
+        """The ``by_modality`` key of the part [`for_modality`] returns; ``None`` for this head itself."""
         keys = []
         while variant:
             keys.append(f"{modality}/{variant}")
@@ -98,12 +105,9 @@ class ScanHead:
         keys.append(modality)
         for key in keys:
             sub = (self.by_modality or {}).get(key)
-            if sub is None:
-                continue
-            part = ScanHead(**sub)
-            if signals is None or not part.missing(signals):
-                return part
-        return self
+            if sub is not None and (signals is None or not ScanHead(**sub).missing(signals)):
+                return key
+        return None
 
     def missing(self, signals) -> list[str]:
         """The signals this head weighs that are not among ``signals`` (a dict or any collection of names)."""
