@@ -215,19 +215,25 @@ def _auroc(scores: list[float], labels: list[int]) -> float | None:
         return None
 
 
+def _result(rec: dict, method: str) -> dict:
+    """A record's result of ``method``: ``"metashield"`` or ``"neural_cleanse@STEPS"``."""
+    return rec["neural_cleanse"][method.split("@")[1]] if method.startswith("neural_cleanse@") else rec["metashield"]
+
+
+def method_scores(records: list[dict], score_key: str, method: str) -> list[float]:
+    """The records' scores by ``method``: Neural Cleanse's own, or MetaShield's under ``score_key`` (one per head)."""
+    key = "score" if method.startswith("neural_cleanse@") else score_key
+    return [_result(r, method)[key] for r in records]
+
+
 def summarize(records: list[dict], score_key: str, threshold: float | ScanHead, method: str) -> dict:
     """AUROC / accuracy / target accuracy / seconds of one method over a group of test records; ``threshold``: the
     method's, or the head whose part for each record ([`verdict_threshold`]) gives that record's."""
     labels = [int(r["is_backdoored"]) for r in records]
-    if method.startswith("neural_cleanse@"):
-        ncs = [r["neural_cleanse"][method.split("@")[1]] for r in records]
-        scores = [nc["score"] for nc in ncs]
-        targets = [nc["suspected_target"] for nc in ncs]
-        secs = [nc["seconds"] for nc in ncs]
-    else:
-        scores = [r["metashield"][score_key] for r in records]
-        targets = [r["metashield"]["suspected_target"] for r in records]
-        secs = [r["metashield"]["seconds"] for r in records]
+    results = [_result(r, method) for r in records]
+    scores = method_scores(records, score_key, method)
+    targets = [res["suspected_target"] for res in results]
+    secs = [res["seconds"] for res in results]
     limits = [verdict_threshold(threshold, r) if isinstance(threshold, ScanHead) else threshold for r in records]
     preds = [int(s > t) for s, t in zip(scores, limits, strict=True)]
     bd = [(t, r["target_label"]) for t, r in zip(targets, records, strict=True) if r["is_backdoored"]]
@@ -257,10 +263,7 @@ def auroc_intervals(records: list[dict], methods: dict[str, tuple]) -> dict[str,
         if len(set(labels)) < 2:  # no AUROC without both kinds of model
             continue
         for name, (key, _, method) in methods.items():
-            if method.startswith("neural_cleanse@"):
-                scores = [r["neural_cleanse"][method.split("@")[1]]["score"] for r in rs]
-            else:
-                scores = [r["metashield"][key] for r in rs]
+            scores = method_scores(rs, key, method)
             low, high = auroc_interval(scores, labels, level=INTERVAL_LEVEL, resamples=INTERVAL_RESAMPLES)
             out.setdefault(g, {})[name] = (auroc(scores, labels), low, high)
     return out
@@ -561,6 +564,12 @@ def cv_head_c(
     return out
 
 
+def fpr_threshold(runs: list[np.ndarray], clean: np.ndarray, fpr: float) -> float:
+    """The score that flags a share ``fpr`` of the ``clean`` rows: the ``1 - fpr`` quantile of their out-of-fold
+    scores pooled over the repeats ``runs``."""
+    return float(np.quantile(np.concatenate([scores[clean] for scores in runs]), 1.0 - fpr))
+
+
 def set_fpr_thresholds(head: ScanHead, train: list[dict], runs: list[np.ndarray], fpr: float) -> dict[str, float]:
     """Set the verdict threshold of the head and of each of its parts to the score that flags a share ``fpr`` of the
     clean train records it scores, by their out-of-fold scores ``runs`` ([`out_of_fold_scores`]); returns them by
@@ -576,7 +585,7 @@ def set_fpr_thresholds(head: ScanHead, train: list[dict], runs: list[np.ndarray]
         rows = np.array([k == key for k in keys]) & clean
         if not rows.any():
             continue
-        value = float(np.quantile(np.concatenate([scores[rows] for scores in runs]), 1.0 - fpr))
+        value = fpr_threshold(runs, rows, fpr)
         if key is None:
             head.threshold = value
         else:

@@ -43,6 +43,7 @@ from scan_benchmark import (
     NEURAL_CLEANSE_THRESHOLD,
     SEED,
     SYNTHESIS_SIGNALS,
+    fpr_threshold,
     load_records,
     refresh,
     score,
@@ -120,19 +121,6 @@ def cv_auroc(rows: list[dict], signals: tuple[str, ...], c: float, repeats: int 
     return float(np.mean([auroc(scores, y) for scores in cv_scores(rows, signals, c, repeats)]))
 
 
-def cv_threshold(rows: list[dict], signals: tuple[str, ...], c: float, fpr: float, repeats: int = 20) -> float:
-    """The verdict threshold that flags a fraction ``fpr`` of the clean rows by cross-validation: the ``1 - fpr``
-    quantile of their pooled out-of-fold scores ([`cv_scores`]).
-
-    A part fit with a strong L2 penalty scores in a narrow band about the train set's share of backdoored models,
-    so 0.5 says little about how many clean models it flags; this ties the verdict to a false-positive rate, as the
-    input-level pipeline's ``target_fpr`` does.
-    """
-    clean = np.array([not r["is_backdoored"] for r in rows])
-    pooled = np.concatenate([scores[clean] for scores in cv_scores(rows, signals, c, repeats)])
-    return float(np.quantile(pooled, 1.0 - fpr))
-
-
 def without_time(records: list[dict], stage: str) -> list[dict]:
     """Copies of ``records`` whose scan time leaves out one stage (what the scan without it costs)."""
     out = copy.deepcopy(records)
@@ -189,13 +177,17 @@ def main() -> None:
     checks = {name: rows for name, rows in checks.items() if rows}
     checks |= {path: part_records(path, args.part) for path in args.check}
 
-    choice = {(signals, c): cv_auroc(train_all, signals, c) for signals in spec.candidates() for c in CS}
+    runs = {(signals, c): cv_scores(train_all, signals, c) for signals in spec.candidates() for c in CS}
+    y_all = np.array([int(r["is_backdoored"]) for r in train_all])
+    choice = {k: float(np.mean([auroc(scores, y_all) for scores in v])) for k, v in runs.items()}
     baseline = {c: cv_auroc(train_all, spec.base, c) for c in CS}
     (signals, c), best = max(choice.items(), key=lambda kv: kv[1])
     y = [int(r["is_backdoored"]) for r in train_all]
     part = fit_scan_head([r["metashield"]["signals"] for r in train_all], y, c=c, signals=signals)
     if args.target_fpr:
-        part.threshold = cv_threshold(train_all, signals, c, args.target_fpr)
+        # a part fit with a strong L2 penalty scores clean models near the train set's share of backdoored ones, so
+        # 0.5 says little about how many it flags; this ties the verdict to a false-positive rate
+        part.threshold = fpr_threshold(runs[(signals, c)], y_all == 0, args.target_fpr)
     part.source = f"fit on {len(train_all)} image models scanned with the {args.part} synthesis ({sum(y)} bd)"
     shipped = ScanHead.load(DEFAULT_SCAN_HEAD)
     parts = {k: v for k, v in (shipped.by_modality or {}).items() if k != key}
