@@ -115,10 +115,15 @@ def cv_scores(rows: list[dict], signals: tuple[str, ...], c: float, repeats: int
     return out
 
 
+def mean_auroc(runs: list[np.ndarray], rows: list[dict]) -> float:
+    """The mean over the repeats ``runs`` ([`cv_scores`]) of the rows' out-of-fold AUROC."""
+    y = np.array([int(r["is_backdoored"]) for r in rows])
+    return float(np.mean([auroc(scores, y) for scores in runs]))
+
+
 def cv_auroc(rows: list[dict], signals: tuple[str, ...], c: float, repeats: int = 20) -> float:
     """Mean AUROC over ``repeats`` stratified 5-fold splits of a part fit on the rest ([`cv_scores`])."""
-    y = np.array([int(r["is_backdoored"]) for r in rows])
-    return float(np.mean([auroc(scores, y) for scores in cv_scores(rows, signals, c, repeats)]))
+    return mean_auroc(cv_scores(rows, signals, c, repeats), rows)
 
 
 def without_time(records: list[dict], stage: str) -> list[dict]:
@@ -178,8 +183,7 @@ def main() -> None:
     checks |= {path: part_records(path, args.part) for path in args.check}
 
     runs = {(signals, c): cv_scores(train_all, signals, c) for signals in spec.candidates() for c in CS}
-    y_all = np.array([int(r["is_backdoored"]) for r in train_all])
-    choice = {k: float(np.mean([auroc(scores, y_all) for scores in v])) for k, v in runs.items()}
+    choice = {k: mean_auroc(v, train_all) for k, v in runs.items()}
     baseline = {c: cv_auroc(train_all, spec.base, c) for c in CS}
     (signals, c), best = max(choice.items(), key=lambda kv: kv[1])
     y = [int(r["is_backdoored"]) for r in train_all]
@@ -187,7 +191,8 @@ def main() -> None:
     if args.target_fpr:
         # a part fit with a strong L2 penalty scores clean models near the train set's share of backdoored ones, so
         # 0.5 says little about how many it flags; this ties the verdict to a false-positive rate
-        part.threshold = fpr_threshold(runs[(signals, c)], y_all == 0, args.target_fpr)
+        clean = np.array([not r["is_backdoored"] for r in train_all])
+        part.threshold = fpr_threshold(runs[(signals, c)], clean, args.target_fpr)
     part.source = f"fit on {len(train_all)} image models scanned with the {args.part} synthesis ({sum(y)} bd)"
     shipped = ScanHead.load(DEFAULT_SCAN_HEAD)
     parts = {k: v for k, v in (shipped.by_modality or {}).items() if k != key}

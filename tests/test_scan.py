@@ -385,7 +385,8 @@ def test_blend_synthesis_finds_a_whole_image_trigger(digits_blend_model, digits_
     head = ScanHead({"anomaly_excess": 1.0}, 0.0, by_modality={f"image/{BLEND}": part})
     scored = scan_model(model, clean, seed=0, blend_steps=40, head=head)
     assert scored.score == pytest.approx(1 / (1 + np.exp(-bd.signals["blend_anomaly_excess"])))
-    assert scored.threshold == 0.999 and scored.verdict == ("backdoored" if scored.score > 0.999 else "clean")
+    # a score above 0.5 but below the part's threshold: the verdict follows the part
+    assert scored.threshold == 0.999 and 0.5 < scored.score < 0.999 and scored.verdict == "clean"
     assert scan_model(model, clean, seed=0, blend_steps=0, head=head).score == pytest.approx(
         1 / (1 + np.exp(-plain.signals["anomaly_excess"]))
     )
