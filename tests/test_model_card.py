@@ -10,7 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CARD = REPO / "model_cards" / "metashield-base" / "README.md"
-RECORDS = REPO / "reports" / "meta.json"
+RECORDS = REPO / "benchmarks" / "meta" / "results" / "held_out.json"
 
 
 def _script():
@@ -20,7 +20,7 @@ def _script():
     return module
 
 
-@pytest.mark.skipif(not RECORDS.exists(), reason="no reports/meta.json: run scripts/meta_pipeline.sh first")
+@pytest.mark.skipif(not RECORDS.exists(), reason="no benchmarks/meta/results/held_out.json: run benchmarks/meta/run.sh first")
 def test_model_card_results_equal_the_report():
     from huggingface_hub import ModelCard
 
