@@ -33,7 +33,8 @@ class EvaluateArguments:
     out: str = field(default="artifacts/eval/run", metadata={"help": "benchmark.md, PNG plots and summary.json."})
     zoo: str | None = field(default=None, metadata={"help": "Zoo folder (the cost protocol loads live models)."})
     cache_dir: str | None = field(
-        default=None, metadata={"help": "Activation cache (default: <detector>/../../cache, as meta_pipeline.sh)."}
+        default=None,
+        metadata={"help": "Activation cache (default: <detector>/../../cache, as benchmarks/meta/run.sh)."},
     )
     split: str | None = field(default=None, metadata={"help": "split.json (default: <detector>/../split.json)."})
     pooled: str | None = field(default=None, metadata={"help": "Pooled detector (default: sibling pooled/detector)."})
@@ -56,7 +57,8 @@ class EvaluateArguments:
     bank_size: int = field(default=8, metadata={"help": "Banked training episodes per model."})
     cost_per_domain: int = field(default=2, metadata={"help": "Models per domain timed by the cost protocol."})
     adaptive_zoo: str | None = field(
-        default=None, metadata={"help": "Zoo of adaptive attacks (configs/adaptive.yaml) for the adaptive protocol."}
+        default=None,
+        metadata={"help": "Zoo of adaptive attacks (benchmarks/input_detection/configs/adaptive_zoo.yaml)."},
     )
     merge: bool = field(
         default=True,

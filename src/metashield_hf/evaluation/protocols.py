@@ -290,8 +290,8 @@ def cost(ev: Evaluation) -> dict:
 
 @PROTOCOLS.register("adaptive")
 def adaptive(ev: Evaluation) -> dict:
-    """Adaptive attacks (``configs/adaptive.yaml``): how much detection drops against plain BadNets with the same
-    patch, data, architecture and recipe. MetaShield is the detector under test, not retrained on these attacks."""
+    """Adaptive attacks (``benchmarks/input_detection/configs/adaptive_zoo.yaml``): how much detection drops against
+    plain BadNets with the same patch, data, architecture and recipe. MetaShield is the detector under test, not retrained on these attacks."""
     if ev.adaptive_zoo is None:
         return {"sections": [], "note": "not run: pass --adaptive_zoo (build it with scripts/benchmark_adaptive.sh)"}
     from ..meta.cache import cache_activations

@@ -122,8 +122,8 @@ class Evaluation:
         n_query: clean and triggered query inputs each.
         zoo: the zoo folder (only the ``cost`` protocol loads live models from it).
         cost_per_domain: held-out models per domain whose forward pass ``cost`` times.
-        adaptive_zoo: a zoo of adaptive attacks (``configs/adaptive.yaml``) for the ``adaptive`` protocol; its
-            activations are cached in ``out/adaptive_cache``.
+        adaptive_zoo: a zoo of adaptive attacks (``benchmarks/input_detection/configs/adaptive_zoo.yaml``) for the
+            ``adaptive`` protocol; its activations are cached in ``out/adaptive_cache``.
     """
 
     cache_dir: str | Path

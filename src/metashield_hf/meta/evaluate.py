@@ -93,9 +93,9 @@ def _cell(stats: dict, metric: str) -> str:
 
 
 def render_variants(records: list[dict], meta: dict) -> str:
-    """The markdown of ``reports/meta.md``: per-domain and per-attack tables of each variant, per k (records of
-    [`evaluate_task`] with a ``variant`` key). ``metashield evaluate`` (evaluation/protocols.py) is the full protocol
-    suite; this is the quick held-out table of ``scripts/meta_pipeline.sh``."""
+    """The markdown of ``benchmarks/meta/results/held_out.md``: per-domain and per-attack tables of each variant, per
+    k (records of [`evaluate_task`] with a ``variant`` key). ``metashield evaluate`` (evaluation/protocols.py) is the
+    full protocol suite; this is the quick held-out table of ``benchmarks/meta/run.sh``."""
     variants = list(dict.fromkeys(r["variant"] for r in records))
     ks = sorted({r["k"] for r in records})
     lines = [
