@@ -1,28 +1,36 @@
-"""Wall time of `MetaShieldDetector.adapt` with 20 clean samples on zoo models (issue [3/6]: goal < 2 s on 2 CPU cores).
+"""Wall time of `MetaShieldDetector.adapt` with 20 clean samples on zoo models (goal: < 2 s on 2 CPU cores).
 
-    python scripts/adapt_timing.py --zoo artifacts/zoo/standard --n 20 --out reports/adapt_timing.json
+    python benchmarks/meta/adapt_timing.py --zoo artifacts/zoo/standard --n 20
+
 Times the full call as a user makes it (target forward passes on the raw clean inputs, ψ, inner loop, calibration)
-on one model per (domain, family), after one warm-up call.
+on one model per (domain, family), after one warm-up call; writes ``results/adapt_timing.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from transformers import HfArgumentParser
 
 from metashield_hf import load_detector
 from metashield_hf.zoo import load_zoo, row_probe, row_to_target
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--zoo", default="artifacts/zoo/standard")
-    parser.add_argument("--n", type=int, default=20)
-    parser.add_argument("--out", default="reports/adapt_timing.json")
-    args = parser.parse_args()
+@dataclass
+class AdaptTimingArguments:
+    """Flags of ``benchmarks/meta/adapt_timing.py``."""
+
+    zoo: str = field(default="artifacts/zoo/standard", metadata={"help": "Built zoo folder (metashield zoo build)."})
+    n: int = field(default=20, metadata={"help": "Clean samples given to adapt()."})
+    out: str = field(default="benchmarks/meta/results/adapt_timing.json", metadata={"help": "JSON records file."})
+
+
+def time_adaptation(args: AdaptTimingArguments) -> list[dict]:
+    """One record per (domain, family): the seconds of the second adapt() call on its first zoo model."""
     zoo = load_zoo(args.zoo)
     meta = zoo.select_columns(["domain", "family"])
     picks, seen = [], set()
@@ -45,9 +53,17 @@ def main() -> None:
                         "n": args.n, "adapt_steps": detector.config.adapt_steps, "seconds": round(seconds, 3),
                         "reference_seconds": round(shield.timings["reference_s"], 3)})  # fmt: skip
         print(json.dumps(results[-1]))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = HfArgumentParser(AdaptTimingArguments)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    results = time_adaptation(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

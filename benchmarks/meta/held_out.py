@@ -1,52 +1,82 @@
-"""Held-out evaluation of meta-trained detectors on the zoo (issue [3/6]); writes ``reports/meta.md`` + ``.json``.
+"""Held-out evaluation of meta-trained detectors on the zoo: writes ``results/held_out.md`` + ``.json``.
 
 Every variant sees exactly the same episodes: per held-out model, per support size k and per seed, the same k clean
 probe inputs are the support, and the other clean inputs and the triggered inputs are scored. Reads the activation
 cache and the split that ``metashield train`` wrote, so nothing is recomputed through the target models.
 
-    python scripts/meta_benchmark.py --cache_dir artifacts/meta/cache --split artifacts/meta/maml/split.json \\
+    python benchmarks/meta/held_out.py --cache_dir artifacts/meta/cache --split artifacts/meta/maml/split.json \\
         --variant "MAML + adaptation=artifacts/meta/maml/detector:3" \\
-        --variant "MAML, no adaptation=artifacts/meta/maml/detector:0" \\
-        --variant "pooled (no meta-learning)=artifacts/meta/pooled/detector:0" \\
-        --variant "oracle inner loop=artifacts/meta/oracle/detector:3:oracle" \\
-        --k 10,20 --seeds 2 --out reports/meta
+                  "MAML, no adaptation=artifacts/meta/maml/detector:0" \\
+                  "pooled (no meta-learning)=artifacts/meta/pooled/detector:0" \\
+                  "oracle inner loop=artifacts/meta/oracle/detector:3:oracle" \\
+        --k 10,20 --seeds 2 --out artifacts/meta/held_out
 
 A variant is ``NAME=DETECTOR_DIR:STEPS[:oracle]`` (``STEPS`` inner-loop steps at adaptation; ``oracle`` shows the
 true trigger to the inner loop — an ablation, deployment never has it). ``--shard i/n`` evaluates every n-th record
-so that two processes can share the work; ``--merge`` joins the shards' JSON and writes the report.
+so that two processes can share the work; ``--merge`` joins the shards' JSON and writes the report (no cache or
+detector is read then, so ``--merge benchmarks/meta/results/held_out.json`` re-renders the committed table).
+``bash benchmarks/meta/run.sh`` runs the whole study.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import HfArgumentParser
 
 from metashield_hf import MetaShieldDetector
 from metashield_hf.meta.cache import cache_path, load_tasks
 from metashield_hf.meta.evaluate import evaluate_task, render_variants
 
 
+@dataclass
+class HeldOutArguments:
+    """Flags of ``benchmarks/meta/held_out.py``."""
+
+    cache_dir: str | None = field(default=None, metadata={"help": "Activation cache of `metashield train`."})
+    split: str | None = field(
+        default=None, metadata={"help": "split.json of the training run (its 'test' models are evaluated)."}
+    )
+    variant: list[str] = field(
+        default_factory=list, metadata={"help": "NAME=DETECTOR_DIR:STEPS[:oracle], one or more."}
+    )
+    k: str = field(default="10,20", metadata={"help": "Support sizes (clean samples), comma-separated."})
+    seeds: int = field(default=2, metadata={"help": "Episode seeds per (model, k)."})
+    shard: str = field(default="0/1", metadata={"help": "i/n: evaluate every n-th record, starting at the i-th."})
+    merge: list[str] | None = field(
+        default=None, metadata={"help": "Shard JSON files to join into OUT.json and OUT.md (no evaluation is run)."}
+    )
+    meta: str = field(default="{}", metadata={"help": "JSON of extra facts listed at the top of the report."})
+    out: str = field(
+        default="benchmarks/meta/results/held_out", metadata={"help": "Writes OUT.json (records) and OUT.md (report)."}
+    )
+
+
 def parse_variant(text: str) -> tuple[str, str, int, bool]:
+    """``NAME=DETECTOR_DIR:STEPS[:oracle]`` -> (name, detector folder, inner steps, oracle)."""
     name, spec = text.split("=", 1)
     parts = spec.split(":")
     return name, parts[0], int(parts[1]) if len(parts) > 1 else 0, len(parts) > 2 and parts[2] == "oracle"
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def evaluate_shard(args: HeldOutArguments) -> list[dict]:
+    """Evaluate this shard's (variant, model, k, seed) episodes; one record each."""
+    if args.cache_dir is None or args.split is None or not args.variant:
+        raise ValueError("--cache_dir, --split and --variant are required unless --merge is given")
     torch.set_num_threads(1)
     test_ids = json.loads(Path(args.split).read_text())["test"]
     test_ids = [i for i in test_ids if cache_path(args.cache_dir, i).exists()]
     tasks = load_tasks(args.cache_dir, test_ids)
     variants = [parse_variant(v) for v in args.variant]
     detectors = {d: MetaShieldDetector.from_pretrained(d) for _, d, _, _ in variants}
-    jobs = [
-        (v, t, k, s) for v in variants for t in tasks for k in args.k for s in range(args.seeds)
-    ]  # same (task, k, seed) = same support and query for every variant
+    ks = [int(x) for x in args.k.split(",")]
+    # the same (task, k, seed) gives the same support and query for every variant
+    jobs = [(v, t, k, s) for v in variants for t in tasks for k in ks for s in range(args.seeds)]
     index, count = (int(x) for x in args.shard.split("/"))
     records = []
     for j, ((name, det_dir, steps, oracle), task, k, seed) in enumerate(jobs):
@@ -59,18 +89,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     return records
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cache_dir", required=True)
-    parser.add_argument("--split", required=True, help="split.json of the training run (its 'test' models are used)")
-    parser.add_argument("--variant", action="append", default=[], help="NAME=DETECTOR_DIR:STEPS[:oracle]")
-    parser.add_argument("--k", type=lambda s: [int(x) for x in s.split(",")], default=[10, 20])
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--shard", default="0/1")
-    parser.add_argument("--merge", nargs="*", help="shard JSON files to join (no evaluation is run)")
-    parser.add_argument("--meta", default="{}", help="JSON of extra facts to list at the top of the report")
-    parser.add_argument("--out", default="reports/meta", help="writes OUT.json (records) and OUT.md (report)")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    parser = HfArgumentParser(HeldOutArguments)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge:
@@ -78,14 +99,14 @@ def main() -> None:
         out.with_suffix(".json").write_text(json.dumps(records, indent=1))
         out.with_suffix(".md").write_text(render_variants(records, json.loads(args.meta)))
         print(out.with_suffix(".md").read_text())
-        return
+        return 0
     start = time.perf_counter()
-    records = run(args)
+    records = evaluate_shard(args)
     Path(f"{out}.shard{args.shard.replace('/', 'of')}.json").write_text(json.dumps(records, indent=1))
-    print(
-        f"{len(records)} records in {time.perf_counter() - start:.0f} s; mean {np.mean([r['seconds'] for r in records]):.2f} s"
-    )
+    seconds = np.mean([r["seconds"] for r in records])
+    print(f"{len(records)} records in {time.perf_counter() - start:.0f} s; mean {seconds:.2f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
