@@ -20,7 +20,9 @@ def _script():
     return module
 
 
-@pytest.mark.skipif(not RECORDS.exists(), reason="no benchmarks/meta/results/held_out.json: run benchmarks/meta/run.sh first")
+@pytest.mark.skipif(
+    not RECORDS.exists(), reason="no benchmarks/meta/results/held_out.json: run benchmarks/meta/run.sh first"
+)
 def test_model_card_results_equal_the_report():
     from huggingface_hub import ModelCard
 
