@@ -8,7 +8,7 @@ from .configuration_metashield import MetaShieldConfig
 from .hub import DEFAULT_DETECTOR_DIR, TASK, backdoor_detection_pipeline, load_detector, register, save_for_hub
 from .modeling_metashield import MetaShieldDetector, MetaShieldOutput
 from .pipeline_backdoor_detection import BackdoorDetectionPipeline
-from .scan import ScanHead, ScanReport, fit_scan_head, neural_cleanse_scan, scan_model
+from .scan import ScanConfig, ScanHead, ScanReport, neural_cleanse_scan, scan_adapter, scan_model
 from .shield import AdaptedShield, adapt
 from .targets import load_target
 from .targets.base import TargetOutput
@@ -23,16 +23,17 @@ __all__ = [
     "MetaShieldDetector",
     "MetaShieldOutput",
     "TASK",
+    "ScanConfig",
     "ScanHead",
     "ScanReport",
     "TargetOutput",
     "adapt",
-    "fit_scan_head",
     "backdoor_detection_pipeline",
     "load_detector",
     "load_target",
     "neural_cleanse_scan",
     "register",
     "save_for_hub",
+    "scan_adapter",
     "scan_model",
 ]

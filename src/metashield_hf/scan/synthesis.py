@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .targets.base import TargetAdapter, _to_device
-from .targets.heads import select_tokens
-from .targets.transformers_models import unwrap
+from ..targets.base import TargetAdapter, _to_device
+from ..targets.heads import select_tokens
+from ..targets.transformers_models import unwrap
 
 logger = logging.getLogger(__name__)
 

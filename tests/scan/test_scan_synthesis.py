@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from metashield_hf.synthesis import refine_candidates, synthesis_space, synthesize_triggers
+from metashield_hf.scan.synthesis import refine_candidates, synthesis_space, synthesize_triggers
 from metashield_hf.targets import load_target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -123,7 +123,7 @@ def test_uniform_mask_is_one_blend_ratio_per_class(space_and_pred):
 
 
 def test_easiest_weighs_the_lowest_loss_share_of_the_valid_samples():
-    from metashield_hf.synthesis import _easiest
+    from metashield_hf.scan.synthesis import _easiest
 
     ce = torch.tensor([[0.5, 0.1, 0.9, 0.3, 0.2], [0.4, 0.3, 0.2, 0.1, 0.0]])
     valid = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0]])

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .targets.base import TargetAdapter
-from .targets.transformers_models import unwrap
+from ..targets.base import TargetAdapter
+from ..targets.transformers_models import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def _probs(ins: _Inserter, triggers: list[list[int]], batch_rows: int) -> torch.
 def trigger_outputs(adapter: TargetAdapter, items: list, triggers: list[list[int]], batch_rows: int = 256):
     """``TargetOutput`` (logits, penultimate) of the clean ``items`` with each token trigger inserted where the
     search inserts it: ``len(triggers) * N`` rows, trigger-major (what the scan feeds the input-level detector)."""
-    from .targets.base import TargetOutput
+    from ..targets.base import TargetOutput
 
     ins = _Inserter(adapter, items)
     per = max(1, batch_rows // max(1, len(ins.rows)))

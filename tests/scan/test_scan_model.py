@@ -12,24 +12,23 @@ import torch
 from builders import NUM_LABELS, build_image_model, build_text_model
 from metashield_hf.cli import main
 from metashield_hf.scan import (
+    BLEND,
+    BLEND_SIGNALS,
     DEFAULT_BLEND_STEPS,
+    LARGE_VOCABULARY,
+    NEURAL_CLEANSE_RULE_HEAD,
     SIGNALS,
+    SOURCE,
+    SOURCE_SIGNALS,
     ScanHead,
     ScanReport,
+    anomaly_indices,
+    chance_anomaly_index,
     class_count_signals,
     fit_scan_head,
     neural_cleanse_scan,
     scan_model,
 )
-from metashield_hf.scan_head import (
-    BLEND,
-    BLEND_SIGNALS,
-    LARGE_VOCABULARY,
-    NEURAL_CLEANSE_RULE_HEAD,
-    SOURCE,
-    SOURCE_SIGNALS,
-)
-from metashield_hf.synthesis import anomaly_indices, chance_anomaly_index
 from test_pipeline import clean_sentences
 
 FAST = ["--steps", "5"]  # the CLI tests check plumbing, not detection quality
@@ -416,8 +415,8 @@ def test_scan_head_source_scans_fall_back_to_the_blend_part():
 
 @pytest.mark.slow
 def test_source_specific_synthesis_is_opt_in_and_reported(digits_models):
-    from metashield_hf.scan import SOURCE_FLIP_THRESHOLD, SOURCE_LOSS_QUANTILE, _clean_items, _clean_outputs
-    from metashield_hf.synthesis import synthesis_space, synthesize_triggers
+    from metashield_hf.scan import SOURCE_FLIP_THRESHOLD, SOURCE_LOSS_QUANTILE, prepare_clean_items
+    from metashield_hf.scan.synthesis import synthesis_space, synthesize_triggers
     from metashield_hf.targets import load_target
 
     backdoored, _ = digits_models
@@ -431,10 +430,10 @@ def test_source_specific_synthesis_is_opt_in_and_reported(digits_models):
     assert {k: report.signals[k] for k in plain.signals} == plain.signals
     # per class: the sizes of a synthesis that counts half the samples flipped and weighs the easiest half
     adapter = load_target(backdoored.model)
-    items = _clean_items(adapter, clean, None, 0)
+    items = prepare_clean_items(adapter, clean, None, 0)
     torch.manual_seed(0)
     direct = synthesize_triggers(
-        synthesis_space(adapter, items), _clean_outputs(adapter, items).logits.argmax(-1), 10, steps=10, seed=0,
+        synthesis_space(adapter, items), adapter(items).logits.argmax(-1), 10, steps=10, seed=0,
         flip_threshold=SOURCE_FLIP_THRESHOLD, loss_quantile=SOURCE_LOSS_QUANTILE,
     )  # fmt: skip
     np.testing.assert_allclose([c.source_size for c in report.per_class], direct.sizes, rtol=1e-6)

@@ -10,7 +10,7 @@ import torch
 from builders import NUM_LABELS, build_text_model
 from metashield_hf.scan import scan_model, token_signals
 from metashield_hf.targets import load_target
-from metashield_hf.token_search import (
+from metashield_hf.scan.token_search import (
     _context_free_candidates,
     _Inserter,
     _probs,

@@ -1,0 +1,135 @@
+"""[`ScanConfig`]: every option of the model-level scan, in one place.
+
+[`scan_model`], [`scan_adapter`], the FL screen ([`metashield_hf.fl.score_client_updates`]) and the CLI's
+``metashield scan`` (whose flags are built from these fields) all read their settings from a [`ScanConfig`].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .head import ScanHead
+
+#: The fewest clean samples a scan accepts (10-50 recommended).
+MIN_SCAN_SAMPLES = 5
+#: Adam steps of the blend synthesis that runs by default on image models. The head's ``image/blend`` part is fit on
+#: scans of this budget, so another budget gives blend sizes it does not expect.
+DEFAULT_BLEND_STEPS = 20
+#: The source-specific synthesis (``source_steps``): a class's mask counts as effective once it flips half of the
+#: clean samples, and its loss is averaged over the half it flips most easily, so the mask can settle on a trigger that
+#: flips only some classes' inputs (TaCT) instead of growing to flip them all.
+SOURCE_FLIP_THRESHOLD = 0.5
+SOURCE_LOSS_QUANTILE = 0.5
+
+
+@dataclass
+class ScanConfig:
+    """Options of the model-level scan ([`scan_model`]).
+
+    The shipped scan head is fit on scans with these defaults: another synthesis budget gives trigger sizes it does not
+    expect (see ``benchmarks/scan/README.md`` for what each budget costs and buys).
+
+    Example:
+        ```python
+        >>> from metashield_hf.scan import ScanConfig, scan_model
+        >>> report = scan_model("path/to/checkpoint", clean_images[:20], config=ScanConfig(source_steps=80))
+        ```
+    """
+
+    n: int | None = field(default=None, metadata={"help": "Use at most this many clean samples."})
+    steps: int = field(default=80, metadata={"help": "Adam steps of the per-class mask synthesis."})
+    lr: float = field(default=0.3, metadata={"help": "Learning rate of the trigger synthesis."})
+    flip_threshold: float = field(
+        default=0.9, metadata={"help": "Fraction of clean samples a synthesized trigger must flip to count."}
+    )
+    class_batch: int = field(
+        default=16, metadata={"help": "Classes optimised in one batch (memory: class_batch * n rows per pass)."}
+    )
+    refine: int | None = field(
+        default=None,
+        metadata={
+            "help": "Screen and refine: every class gets screen_steps steps, then only this many classes with the "
+            "smallest triggers continue to steps (None: every class runs the full budget)."
+        },
+    )
+    screen_steps: int = field(default=40, metadata={"help": "Steps of the screen when refine is set."})
+    adapt_steps: int | None = field(
+        default=None,
+        metadata={"help": "Inner-loop steps adapting the detector to the model (None: the detector's own)."},
+    )
+    use_detector: bool = field(
+        default=True, metadata={"help": "Score the synthesized inputs with the adapted input-level detector."}
+    )
+    token_search: bool = field(
+        default=True, metadata={"help": "Text models: search the vocabulary for short token triggers."}
+    )
+    synthesis: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Run the continuous trigger synthesis (None: where the head reads its signals, i.e. always for "
+            "images, for text only if the head's text part weighs a synthesis signal)."
+        },
+    )
+    blend_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Image models: steps of the whole-input blend synthesis (None: "
+            f"{DEFAULT_BLEND_STEPS} on image models, none on others; 0: off)."
+        },
+    )
+    source_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Image models: steps of the source-specific synthesis, a mask that flips the easiest half of the "
+            "clean samples (TaCT-like triggers; 0: off)."
+        },
+    )
+    head: Any = field(
+        default=None,
+        metadata={"help": "The model-level ScanHead or its JSON path (None: the shipped one)."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seeds the synthesis and the detector; same seed, same report."})
+    batch_size: int = field(default=32, metadata={"help": "Batch size of the clean forward pass."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run a checkpoint's own modelling code (only for code you trust)."}
+    )
+    allow_pickle: bool = field(
+        default=False, metadata={"help": "Load pickle-only checkpoints (only for files you trust)."}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "screen_steps", "class_batch", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.blend_steps is not None and self.blend_steps < 0:
+            raise ValueError(f"blend_steps must be >= 0, got {self.blend_steps}")
+        if self.source_steps < 0:
+            raise ValueError(f"source_steps must be >= 0, got {self.source_steps}")
+
+    def replace(self, **changes: Any) -> ScanConfig:
+        """A copy with ``changes``; an unknown name raises a ``TypeError`` that lists the fields."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"unknown scan options {unknown}; ScanConfig has {[f.name for f in dataclasses.fields(self)]}")
+        return dataclasses.replace(self, **changes)
+
+    def load_head(self) -> ScanHead:
+        """The [`ScanHead`] this config names (the shipped one when ``head`` is None)."""
+        from .head import ScanHead
+
+        return self.head if isinstance(self.head, ScanHead) else ScanHead.load(self.head)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as JSON-able values (a head object is named by its ``source``)."""
+        out = dataclasses.asdict(self) if not _is_head(self.head) else {**self.__dict__, "head": self.head.source}
+        if isinstance(out["head"], os.PathLike):
+            out["head"] = str(out["head"])
+        return out
+
+
+def _is_head(value: Any) -> bool:
+    return value is not None and not isinstance(value, (str, os.PathLike))

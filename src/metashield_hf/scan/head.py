@@ -1,0 +1,506 @@
+"""The model-level head of the scan: a tiny logistic model over the scan signals, and how it is fit.
+
+[`ScanHead`] turns one scan's signals into a backdoor probability. The rest of this module fits heads on *scan
+records* of zoo models with known labels: JSON-able dicts, one per scanned model (see [`scan_record`]), with the
+zoo row's ``model_id``, ``domain``, ``dataset``, ``is_backdoored``, ``num_classes``, ``modality`` and the scan's
+result under ``"metashield"``. The fitting is cross-validated on train models only, and the verdict thresholds are
+tied to a false-positive rate on them, so that held-out models play no part in any choice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .signals import LARGE_VOCABULARY, SIGNALS, SOURCE, BLEND, SYNTHESIS_SIGNALS
+
+#: The part a variant's scan falls back to where the head has none for it (or lacks its signals): a source-specific
+#: scan also ran the blend synthesis (scan_model's default), so it is scored as a blend scan, then as a plain one.
+VARIANT_FALLBACK = {SOURCE: BLEND}
+DEFAULT_SCAN_HEAD = Path(__file__).parents[1] / "default_detector" / "scan_head.json"
+
+
+# ---- the model-level head ---------------------------------------------------------------------------------------
+@dataclass
+class ScanHead:
+    """A tiny logistic model over the scan signals: ``score = sigmoid(bias + Σ weights[s] * signals[s])``.
+
+    The shipped default (``default_detector/scan_head.json``) is fit by [`fit_heads`] and [`choose_part`] on scans
+    of zoo train models (``benchmarks/scan/fit_head.py`` rebuilds it from the committed records).
+
+    Attributes:
+        weights: one weight per name in [`SIGNALS`] (missing names weigh 0).
+        bias: the intercept.
+        threshold: score above which the verdict is ``"backdoored"``.
+        source: where the weights come from (``"prior"`` or a description of the fit).
+        by_modality: heads for one target modality (``"text"``, ``"image"``, ``"tensor"``), or for a variant of
+            one (``"text/large_vocabulary"``), as dicts of these same fields; a scan of such a model uses that head
+            instead (text scans have the token signals, whose meaning differs from the image signals; and a search
+            that prefilters a pretrained model's large vocabulary finds natural words as strong as a trigger, so its
+            probability signals mean less there than the detector's).
+    """
+
+    weights: dict[str, float]
+    bias: float
+    threshold: float = 0.5
+    source: str = "prior"
+    by_modality: dict[str, dict] | None = None
+
+    def for_modality(
+        self, modality: str, signals: dict[str, float] | None = None, variant: str | None = None
+    ) -> ScanHead:
+        """The head to use for a target of ``modality``: the part for ``modality/variant`` where there is one, else
+        that of the variant it falls back to ([`VARIANT_FALLBACK`]), else the part for ``modality``, else this head;
+        given the scan's ``signals``, only a part whose every weighed signal is among them (e.g. not the text part
+        for a text scan run without the token search)."""
+        key = self.part_key(modality, signals, variant)
+        return self if key is None else ScanHead(**self.by_modality[key])
+
+    def part_key(
+        self, modality: str, signals: dict[str, float] | None = None, variant: str | None = None
+    ) -> str | None:
+        """The ``by_modality`` key of the part [`for_modality`] returns; ``None`` for this head itself."""
+        keys = []
+        while variant:
+            keys.append(f"{modality}/{variant}")
+            variant = VARIANT_FALLBACK.get(variant)
+        keys.append(modality)
+        for key in keys:
+            sub = (self.by_modality or {}).get(key)
+            if sub is not None and (signals is None or not ScanHead(**sub).missing(signals)):
+                return key
+        return None
+
+    def missing(self, signals) -> list[str]:
+        """The signals this head weighs that are not among ``signals`` (a dict or any collection of names)."""
+        return sorted(n for n, w in self.weights.items() if w and n not in signals)
+
+    def logit(self, signals: dict[str, float]) -> float:
+        unknown = sorted(set(self.weights) - set(SIGNALS))
+        if unknown:
+            raise ValueError(f"scan head has weights for unknown signals {unknown}; known: {list(SIGNALS)}")
+        missing = self.missing(signals)
+        if missing:
+            raise ValueError(f"the scan head needs signals {missing}, which this scan did not produce")
+        return self.bias + sum(w * float(signals[name]) for name, w in self.weights.items() if w)
+
+    def score(self, signals: dict[str, float]) -> float:
+        """The backdoor probability in ``[0, 1]`` for one model's signals."""
+        z = self.logit(signals)
+        return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None) -> ScanHead:
+        """Read a head saved with [`save`] (the shipped default when ``path`` is None)."""
+        path = DEFAULT_SCAN_HEAD if path is None else Path(path)
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(**data)
+        except (OSError, json.JSONDecodeError, TypeError) as err:
+            raise ValueError(f"cannot read a scan head from {path}: {err}") from err
+
+
+#: Neural Cleanse's rule as a head (anomaly index > 2 => score > 0.5): the FL screen's head, since the fitted head is
+#: fit on full-budget scans of whole zoo models and its short per-candidate scans give sizes that head does not expect.
+NEURAL_CLEANSE_RULE_HEAD = ScanHead(
+    {"anomaly_index": 2.0, "log_size_ratio": 0.0, "detector_response": 0.0, "detector_response_gap": 0.0},
+    -4.0,
+    0.5,
+    "prior: Neural Cleanse rule (anomaly index > 2 => backdoored)",
+)
+
+
+def _signal_matrix(reports: Sequence, names: Sequence[str]) -> np.ndarray:
+    rows = []
+    for r in reports:
+        r = getattr(r, "signals", r)  # a ScanReport
+        if isinstance(r, dict):
+            missing = [n for n in names if n not in r]
+            if missing:
+                raise ValueError(f"signals {missing} missing from a report; it has {sorted(r)}")
+            rows.append([float(r[n]) for n in names])
+        else:
+            rows.append([float(v) for v in np.asarray(r, dtype=np.float64).ravel()])
+    x = np.asarray(rows, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != len(names):
+        raise ValueError(f"signal vectors must have {len(names)} values ({list(names)}), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("signal vectors contain NaN/inf; rerun the scans that produced them")
+    return x
+
+
+def fit_scan_head(
+    reports: Sequence, labels: Sequence[int], *, c: float = 1.0, signals: Sequence[str] = SYNTHESIS_SIGNALS
+) -> ScanHead:
+    """Fit the model-level head on scans of zoo models with known labels (1 = backdoored, 0 = clean).
+
+    Signals are standardized for the fit (L2-regularized logistic regression, scikit-learn) and the weights mapped
+    back to raw signal units, so the saved head is a plain logistic model on the report's ``signals``.
+
+    Args:
+        reports: [`ScanReport`]s, ``signals`` dicts, or vectors in the order of ``signals``.
+        labels: 1 for backdoored models, 0 for clean ones (both must occur).
+        c: inverse regularization strength.
+        signals: the signal names used as features.
+
+    Returns:
+        A [`ScanHead`] (threshold 0.5).
+
+    Example:
+        ```python
+        >>> head = fit_scan_head([scan_model(m, clean) for m in zoo_models], zoo_labels)
+        >>> head.save("scan_head.json")
+        ```
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    x = _signal_matrix(reports, signals)
+    y = np.asarray(labels, dtype=int).ravel()
+    if len(y) != len(x):
+        raise ValueError(f"{len(x)} reports but {len(y)} labels")
+    if set(np.unique(y)) != {0, 1}:
+        raise ValueError(f"labels must contain both 0 (clean) and 1 (backdoored), got {sorted(set(y.tolist()))}")
+    mean, sd = x.mean(0), x.std(0)
+    sd[sd < 1e-12] = 1.0  # a constant signal carries no information; keep its weight at 0
+    clf = LogisticRegression(C=c, max_iter=1000).fit((x - mean) / sd, y)
+    w = clf.coef_[0] / sd
+    b = float(clf.intercept_[0] - (clf.coef_[0] * mean / sd).sum())
+    return ScanHead(
+        {n: float(v) for n, v in zip(signals, w, strict=True)}, b, 0.5, f"fit on {len(y)} models ({int(y.sum())} bd)"
+    )
+
+
+# ---- scan records ------------------------------------------------------------------------------------------------
+def scan_record(report, **row: object) -> dict:
+    """The record of one scanned zoo model: the zoo row's columns in ``row`` (``model_id``, ``domain``, ``dataset``,
+    ``architecture``, ``attack``, ``target_label``, ``is_backdoored``, ...) and the [`ScanReport`]'s signals, scores,
+    timings and per-class evidence under ``"metashield"`` (so that other model-level signals can be studied on the
+    records without a rescan)."""
+    per_class = report.per_class
+    options = report.options
+    rec = {
+        **row,
+        "num_classes": len(per_class),
+        "modality": "text" if report.space in ("embeddings", "tokens") else "image",
+        "metashield": {
+            "signals": report.signals,
+            "score_default": report.score,
+            "suspected_target": report.suspected_target,
+            "seconds": report.timings["total_s"],
+            "timings": report.timings,
+            "space": report.space,
+            "large_vocabulary": options["large_vocabulary"],
+            "steps": options["steps"],
+            "refine": options["refine"],
+            "screen_steps": options["screen_steps"],
+            "blend_steps": options["blend_steps"],
+            "source_steps": options["source_steps"],
+            "per_class": {
+                "trigger_size": [c.trigger_size for c in per_class],
+                "flip_rate": [c.flip_rate for c in per_class],
+                "anomaly_index": [c.anomaly_index for c in per_class],
+                "detector_score": [c.detector_score for c in per_class],
+                **({"blend_size": [c.blend_size for c in per_class]} if options["blend_steps"] else {}),
+                **({"source_size": [c.source_size for c in per_class]} if options["source_steps"] else {}),
+            },
+        },
+    }
+    if options.get("token_search"):
+        rec["metashield"]["tokens"] = [
+            {
+                "trigger": c.token_trigger,
+                "flip_rates": c.token_flip_rates,
+                "target_probs": c.token_target_probs,
+                "low_probs": c.token_low_probs,
+                "dominance": c.token_dominance,
+            }
+            for c in per_class
+        ]
+    return rec
+
+
+def record_modality(rec: dict) -> str:
+    """``"text"`` or ``"image"``: which head part family scores a record."""
+    return rec.get("modality", "text" if rec["domain"] == "nlp" else "image")
+
+
+def record_variant(rec: dict) -> str | None:
+    """The scan's head variant: ``LARGE_VOCABULARY`` for a text scan whose token search prefiltered the vocabulary,
+    ``SOURCE`` for an image scan with the source-specific synthesis, ``BLEND`` for one with the blend synthesis only."""
+    if rec["metashield"].get("large_vocabulary"):
+        return LARGE_VOCABULARY
+    if rec["metashield"].get("source_steps"):
+        return SOURCE
+    return BLEND if rec["metashield"].get("blend_steps") else None
+
+
+def refresh_record(rec: dict) -> dict:
+    """Recompute a record's token signals, suspected target and class-count-corrected synthesis signals from its
+    stored per-class evidence with this library's functions, so that a head fit on old records reads the signals the
+    current scan computes (in place; returns ``rec``)."""
+    from types import SimpleNamespace
+
+    from .signals import class_count_signals, token_detector_signal, token_signals
+
+    ms = rec["metashield"]
+    tokens = ms.get("tokens")
+    if tokens:
+        keys = ("flip_rates", "target_probs", "low_probs", "dominance")
+        arrays = SimpleNamespace(**{key: np.array([c[key] for c in tokens]) for key in keys})
+        target, signals = token_signals(arrays)
+        scores = ms["per_class"]["detector_score"]
+        if "anomaly_index" not in ms["signals"] and None not in scores:  # the scores of the token triggers
+            target, detected = token_detector_signal(scores, arrays.flip_rates[:, -1])
+            signals |= detected
+        ms["signals"].update(signals)
+        ms["suspected_target"] = target
+    signals = ms["signals"]
+    if "anomaly_index" in signals:  # not a text scan by the token search alone
+        signals.update(class_count_signals(signals["anomaly_index"], signals["log_size_ratio"], rec["num_classes"]))
+    return rec
+
+
+def score_record(head: ScanHead, rec: dict) -> float:
+    """The head's score of a record; NaN where the record lacks a signal the head weighs."""
+    signals = rec["metashield"]["signals"]
+    part = head.for_modality(record_modality(rec), signals, record_variant(rec))
+    if part.missing(signals):
+        return float("nan")
+    return part.score(signals)
+
+
+def verdict_threshold(head: ScanHead, rec: dict) -> float:
+    """The threshold of the head's part that scores a record: what ``scan_model``'s verdict compares the score with."""
+    signals = rec["metashield"]["signals"]
+    return head.for_modality(record_modality(rec), signals, record_variant(rec)).threshold
+
+
+def _labels(rows: Sequence[dict]) -> np.ndarray:
+    return np.array([int(r["is_backdoored"]) for r in rows])
+
+
+# ---- fitting the head on records ------------------------------------------------------------------------------------
+def fit_heads(
+    train: Sequence[dict],
+    c: float,
+    text_signals: Sequence[str],
+    text_c: float | None = None,
+    large_signals: Sequence[str] = (),
+) -> ScanHead:
+    """A head for image/tensor scans on the [`SYNTHESIS_SIGNALS`], with a text part (``by_modality["text"]``) on
+    ``text_signals``: the token signals exist only for text, and mean different things there. With ``large_signals``
+    (and train text models of both kinds), the text scans whose search prefiltered a large vocabulary get their own
+    part (``"text/large_vocabulary"``) and the text part is fit on the others.
+
+    Args:
+        train: scan records of train models (both labels in each group).
+        c / text_c: inverse L2 strength of the image head and of the text parts (``text_c=None``: ``c``).
+        text_signals / large_signals: the signals of the text and large-vocabulary parts.
+    """
+    other = [r for r in train if record_modality(r) != "text"]
+    text = [r for r in train if record_modality(r) == "text"]
+    head = fit_scan_head([r["metashield"]["signals"] for r in other], _labels(other), c=c)
+    large = [r for r in text if record_variant(r) == LARGE_VOCABULARY] if large_signals else []
+    small = [r for r in text if record_variant(r) != LARGE_VOCABULARY]
+    if len({int(r["is_backdoored"]) for r in large}) < 2 or len({int(r["is_backdoored"]) for r in small}) < 2:
+        large, small = [], text  # too few of a kind to fit a part apart
+    parts = {}
+    for key, rows, names in (("text", small, text_signals), (f"text/{LARGE_VOCABULARY}", large, large_signals)):
+        if rows and names:
+            sub = fit_scan_head(
+                [r["metashield"]["signals"] for r in rows],
+                _labels(rows),
+                c=c if text_c is None else text_c,
+                signals=tuple(names),
+            )
+            parts[key] = {k: v for k, v in sub.__dict__.items() if k != "by_modality"}
+    head.by_modality = parts or None
+    return head
+
+
+def _strata(train: Sequence[dict]) -> list[str]:
+    """Cross-validation strata of the train records: domain, label and whether the vocabulary was large."""
+    return [f"{r['domain']}{int(r['is_backdoored'])}{record_variant(r) == LARGE_VOCABULARY}" for r in train]
+
+
+def out_of_fold_scores(
+    train: Sequence[dict],
+    c: float,
+    text_signals: Sequence[str],
+    text_c: float | None = None,
+    large_signals: Sequence[str] = (),
+    repeats: int = 20,
+    folds: int = 5,
+) -> list[np.ndarray]:
+    """Per repeat of a stratified k-fold split (strata: domain, label, vocabulary size), every train record's score
+    by the heads ([`fit_heads`]) fit on the other folds."""
+    from sklearn.model_selection import StratifiedKFold
+
+    out = []
+    for rep in range(repeats):
+        scores = np.zeros(len(train))
+        for fit, held in StratifiedKFold(folds, shuffle=True, random_state=rep).split(train, _strata(train)):
+            head = fit_heads([train[i] for i in fit], c, text_signals, text_c, large_signals)
+            scores[held] = [score_record(head, train[i]) for i in held]
+        out.append(scores)
+    return out
+
+
+def cv_head_c(
+    train: Sequence[dict],
+    text_signals: Sequence[str],
+    cs: Sequence[float] = (0.1, 1.0, 10.0),
+    repeats: int = 20,
+    folds: int = 5,
+    text_c: float | None = None,
+    large_signals: Sequence[str] = (),
+) -> dict[float, dict[str, float]]:
+    """Per C, the mean out-of-fold AUROC per domain of [`fit_heads`] over the train records
+    ([`out_of_fold_scores`]); for text also ``nlp (large vocabulary)`` and ``nlp (small vocabulary)`` where the train
+    records have both. ``text_c`` fixes the text parts' C (default: the same C)."""
+    from ..evaluation.metrics import auroc
+
+    y = _labels(train)
+    groups = {d: np.array([r["domain"] == d for r in train]) for d in sorted({r["domain"] for r in train})}
+    large = np.array([record_variant(r) == LARGE_VOCABULARY for r in train])
+    nlp = groups.get("nlp", np.zeros(len(train), dtype=bool))
+    if (nlp & large).any() and (nlp & ~large).any():
+        groups["nlp (large vocabulary)"] = nlp & large
+        groups["nlp (small vocabulary)"] = nlp & ~large
+    out = {}
+    for c in cs:
+        runs = out_of_fold_scores(train, c, text_signals, text_c, large_signals, repeats, folds)
+        out[c] = {g: float(np.mean([auroc(scores[m], y[m]) for scores in runs])) for g, m in groups.items()}
+    return out
+
+
+def fpr_threshold(runs: Sequence[np.ndarray], clean: np.ndarray, fpr: float) -> float:
+    """The score that flags a share ``fpr`` of the ``clean`` rows: the ``1 - fpr`` quantile of their out-of-fold
+    scores pooled over the repeats ``runs``."""
+    return float(np.quantile(np.concatenate([scores[clean] for scores in runs]), 1.0 - fpr))
+
+
+def set_fpr_thresholds(
+    head: ScanHead, train: Sequence[dict], runs: Sequence[np.ndarray], fpr: float
+) -> dict[str, float]:
+    """Set the verdict threshold of the head and of each of its parts to the score that flags a share ``fpr`` of the
+    clean train records it scores, by their out-of-fold scores ``runs`` ([`out_of_fold_scores`]); returns them by
+    part (``"image"`` for the head itself).
+
+    A logistic fit puts 0.5 where the train set's mix of clean and backdoored models does, which is not the mix a user
+    meets; a threshold tied to a false-positive rate means the same for every part (as the input-level pipeline's
+    ``target_fpr`` does)."""
+    keys = [head.part_key(record_modality(r), r["metashield"]["signals"], record_variant(r)) for r in train]
+    clean = np.array([not r["is_backdoored"] for r in train])
+    out = {}
+    for key in dict.fromkeys(keys):
+        rows = np.array([k == key for k in keys]) & clean
+        if not rows.any():
+            continue
+        value = fpr_threshold(runs, rows, fpr)
+        if key is None:
+            head.threshold = value
+        else:
+            head.by_modality[key]["threshold"] = value
+        out[key or "image"] = value
+    return out
+
+
+# ---- the variant parts ---------------------------------------------------------------------------------------------
+def part_cv_scores(rows: Sequence[dict], signals: Sequence[str], c: float, repeats: int = 20) -> list[np.ndarray]:
+    """Per repeat, every row's score by a part ([`fit_scan_head`] on ``signals``) fit on the other folds of a
+    stratified 5-fold split (strata: dataset and label)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    y = _labels(rows)
+    strata = [f"{r['dataset']}{y[i]}" for i, r in enumerate(rows)]
+    x = [r["metashield"]["signals"] for r in rows]
+    out = []
+    for rep in range(repeats):
+        scores = np.zeros(len(rows))
+        for fit, held in StratifiedKFold(5, shuffle=True, random_state=rep).split(rows, strata):
+            part = fit_scan_head([x[i] for i in fit], y[fit], c=c, signals=signals)
+            scores[held] = [part.score(x[i]) for i in held]
+        out.append(scores)
+    return out
+
+
+def mean_auroc(runs: Sequence[np.ndarray], rows: Sequence[dict]) -> float:
+    """The mean over the repeats ``runs`` of the rows' out-of-fold AUROC."""
+    from ..evaluation.metrics import auroc
+
+    y = _labels(rows)
+    return float(np.mean([auroc(scores, y) for scores in runs]))
+
+
+@dataclass
+class PartChoice:
+    """What [`choose_part`] chose, and how.
+
+    Attributes:
+        part: the fitted part (a [`ScanHead`] without parts of its own), its threshold set where asked.
+        signals / c: the chosen candidate.
+        cv_auroc: its mean out-of-fold AUROC on the train rows.
+        candidates: every candidate's mean out-of-fold AUROC, by ``(signals, c)``.
+    """
+
+    part: ScanHead
+    signals: tuple[str, ...]
+    c: float
+    cv_auroc: float
+    candidates: dict[tuple[tuple[str, ...], float], float]
+
+
+def choose_part(
+    rows: Sequence[dict],
+    candidates: Sequence[Sequence[str]],
+    cs: Sequence[float] = (0.1, 1.0, 10.0),
+    *,
+    target_fpr: float = 0.05,
+    name: str = "",
+) -> PartChoice:
+    """Choose a head part's signals and C among ``candidates x cs`` by repeated stratified 5-fold cross-validation on
+    the train ``rows`` ([`part_cv_scores`]), fit it on all of them, and set its verdict threshold where that
+    cross-validation flags a share ``target_fpr`` of the clean rows (0: the probability 0.5).
+
+    A part fit with a strong L2 penalty scores clean models near the train set's share of backdoored ones, so 0.5 says
+    little about how many it flags; the threshold ties the verdict to a false-positive rate instead.
+
+    Args:
+        rows: scan records of train models, each a scan of the part's variant.
+        candidates: signal sets to choose among.
+        cs: inverse L2 strengths to choose among.
+        target_fpr: the share of clean train models the threshold flags.
+        name: the variant's name, for the part's ``source``.
+    """
+    runs = {(tuple(s), c): part_cv_scores(rows, tuple(s), c) for s in candidates for c in cs}
+    choice = {k: mean_auroc(v, rows) for k, v in runs.items()}
+    (signals, c), best = max(choice.items(), key=lambda kv: kv[1])
+    y = _labels(rows)
+    part = fit_scan_head([r["metashield"]["signals"] for r in rows], y, c=c, signals=signals)
+    if target_fpr:
+        part.threshold = fpr_threshold(runs[(signals, c)], y == 0, target_fpr)
+    part.source = f"fit on {len(rows)} image models scanned with the {name} synthesis ({int(y.sum())} bd)"
+    return PartChoice(part, signals, c, best, choice)
+
+
+def with_part(head: ScanHead, key: str, part: ScanHead) -> ScanHead:
+    """A copy of ``head`` whose ``by_modality[key]`` is ``part`` (added or replaced)."""
+    parts = {k: v for k, v in (head.by_modality or {}).items() if k != key}
+    new = {k: v for k, v in part.__dict__.items() if k != "by_modality"}
+    return ScanHead(**{**head.__dict__, "by_modality": {**parts, key: new}})
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """The scan records of a JSONL file (one per line, see [`scan_record`]), refreshed ([`refresh_record`])."""
+    lines = Path(path).read_text().splitlines()
+    return [refresh_record(json.loads(line)) for line in lines if line.strip()]
