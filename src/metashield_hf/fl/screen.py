@@ -11,7 +11,6 @@ the benign non-IID drift that moves an absolute threshold moves every candidate 
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import math
 import os
@@ -24,8 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..scan.config import ScanConfig
+from ..scan.head import NEURAL_CLEANSE_RULE_HEAD
+
 if TYPE_CHECKING:
-    from ..scan_head import ScanHead
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +38,11 @@ MIN_CLIENTS_FOR_RELATIVE = 3  # below this a median/MAD over the round says noth
 DEFAULT_SIGNALS = ("trigger_drift",)
 KNOWN_SIGNALS = ("trigger_drift", "scan_score", "class_size_shift", "anomaly_index")
 DRIFT_MIN_SCALE = 0.02  # floor of the per-class spread of mask cosines (identical candidates would divide by ~0)
-SCAN_OPTIONS = ("class_batch", "adapt_steps", "processor", "batch_size")
+#: The scan that screens each candidate: a short mask synthesis (every class 40 steps), no blend synthesis or token
+#: search, and Neural Cleanse's rule as its head, since the fitted head is fit on full-budget scans of whole zoo models
+#: and does not transfer to these short ones (on the 5-client digits round of the tests it ranked the malicious
+#: client's candidate below benign ones, where the rule put it on top).
+FL_SCAN_CONFIG = ScanConfig(steps=40, token_search=False, blend_steps=0, head=NEURAL_CLEANSE_RULE_HEAD)
 StateDict = dict[str, torch.Tensor]
 
 
@@ -139,13 +145,8 @@ def score_client_updates(
     signals: Sequence[str] = DEFAULT_SIGNALS,
     z_threshold: float = 3.5,
     min_log_scale: float = 0.5,
-    steps: int = 40,
-    lr: float = 0.3,
-    flip_threshold: float = 0.9,
-    use_detector: bool = True,
-    n: int | None = None,
-    seed: int = 0,
-    head: ScanHead | str | os.PathLike | None = None,
+    config: ScanConfig | None = None,
+    processor: Any = None,
     **scan_options: Any,
 ) -> list[ClientScore]:
     """Score each client update of one round for a backdoor, from the server's few clean samples only.
@@ -181,14 +182,11 @@ def score_client_updates(
         z_threshold: flag above this score in relative mode.
         min_log_scale: floor of the per-class spread of log trigger sizes (a round of near-identical candidates
             would otherwise turn noise into large z-scores).
-        steps / lr / flip_threshold / use_detector / n / seed: passed to [`scan_model`]; ``seed`` is used for every
-            candidate, so candidates differ only by their weights.
-        head: the model-level [`ScanHead`] behind ``scan_score`` (or its JSON path). Default: Neural Cleanse's rule
-            (anomaly index > 2), not the shipped head: that one was fit on 80-step scans of whole zoo models and
-            does not transfer to these short scans (measured: on the 5-client digits round of the tests it ranked the
-            malicious client's candidate below benign ones, where the rule put it on top).
-        **scan_options: the [`scan_model`] keywords ``class_batch``, ``adapt_steps``, ``processor``, ``batch_size``
-            (``scan_model``'s defaults where not given).
+        config: the scan of each candidate ([`ScanConfig`]; default [`FL_SCAN_CONFIG`]: 40 synthesis steps, Neural
+            Cleanse's rule as the head behind ``scan_score``). Its ``seed`` is used for every candidate, so candidates
+            differ only by their weights.
+        processor: the model's tokenizer / image processor where its inputs need one.
+        **scan_options: [`ScanConfig`] fields that override ``config``'s (e.g. ``steps=20, seed=1``).
 
     Returns:
         One [`ClientScore`] per update, in input order; ``evidence`` holds the scan signals, the suspected target,
@@ -201,8 +199,7 @@ def score_client_updates(
         [(3, 0.4, False), (8, 11.2, True), (11, 0.0, False), (14, -0.7, False), (19, 0.9, False)]
         ```
     """
-    from ..scan import _clean_items, _scan_loaded, _synthesize, scan_model
-    from ..scan_head import NEURAL_CLEANSE_RULE_HEAD, ScanHead
+    from ..scan.scanner import prepare_clean_items, run_synthesis, scan_adapter
     from ..targets import load_target
 
     if len(updates) == 0:
@@ -213,38 +210,32 @@ def score_client_updates(
     unknown = sorted(set(signals) - set(KNOWN_SIGNALS))
     if unknown or not signals:
         raise ValueError(f"unknown signals {unknown or list(signals)}; use any of {list(KNOWN_SIGNALS)}")
-    extra = sorted(set(scan_options) - set(SCAN_OPTIONS))
-    if extra:
-        raise TypeError(f"unknown scan options {extra}; score_client_updates passes on {list(SCAN_OPTIONS)}")
-    defaults = inspect.signature(scan_model).parameters
-    opts = {k: defaults[k].default for k in SCAN_OPTIONS} | scan_options
-    if use_detector and (detector is None or isinstance(detector, (str, os.PathLike))):
+    config = (config or FL_SCAN_CONFIG).replace(**scan_options)
+    config = config.replace(head=config.load_head())
+    if config.use_detector and (detector is None or isinstance(detector, (str, os.PathLike))):
         from ..hub import load_detector
 
         detector = load_detector(detector)  # once per round, not once per candidate
-    head = NEURAL_CLEANSE_RULE_HEAD if head is None else head if isinstance(head, ScanHead) else ScanHead.load(head)
     global_state = state_of(global_model)
     deltas = to_deltas(global_state, updates, as_deltas=as_deltas)
     use_relative = relative and len(deltas) >= MIN_CLIENTS_FOR_RELATIVE
     # One adapter around one copy of the global model; each candidate is loaded into it in turn.
     candidate = copy.deepcopy(global_model).eval()
-    adapter = load_target(candidate, opts["processor"], batch_size=opts["batch_size"])
-    items = _clean_items(adapter, clean_samples, n, seed)
-    synth = dict(steps=steps, lr=lr, flip_threshold=flip_threshold, class_batch=opts["class_batch"],
-                 seed=seed)  # fmt: skip
+    adapter = load_target(candidate, processor, batch_size=config.batch_size)
+    items = prepare_clean_items(adapter, clean_samples, config.n, config.seed)
+    synth = {"steps": config.steps, "lr": config.lr, "flip_threshold": config.flip_threshold,
+             "class_batch": config.class_batch, "seed": config.seed}  # fmt: skip
     t0 = time.perf_counter()
     reference = None
     if use_relative and "trigger_drift" in signals:  # the copy still holds the global weights here
-        reference = _synthesize(adapter, items, **synth)[1].masks.flatten(1).float()
+        reference = run_synthesis(adapter, items, **synth)[1].masks.flatten(1).float()
     reference_s = time.perf_counter() - t0
     reports, seconds, cosines = [], [], []
     for delta in deltas:
         t0 = time.perf_counter()
         candidate.load_state_dict(candidate_state(global_state, delta))
-        report, result = _scan_loaded(
-            adapter, items, type(global_model).__name__, detector, head, adapt_steps=opts["adapt_steps"],
-            use_detector=use_detector, t0=t0, **synth,
-        )  # fmt: skip
+        report = scan_adapter(adapter, items, config, detector, name=type(global_model).__name__, started=t0)
+        result = report.synthesis
         reports.append(report)
         if reference is not None:
             cosines.append(torch.nn.functional.cosine_similarity(result.masks.flatten(1).float(), reference, dim=1))
