@@ -56,7 +56,8 @@ class TargetOutput:
 TARGETS: Registry[type[TargetAdapter]] = Registry("target")
 
 
-def _model_name(model: nn.Module) -> str:
+def model_name(model: nn.Module) -> str:
+    """A short name for messages: the class and, when known, the checkpoint or timm architecture it came from."""
     path = getattr(getattr(model, "config", None), "_name_or_path", None)
     timm_cfg = getattr(model, "pretrained_cfg", None)
     if not path and isinstance(timm_cfg, dict):
@@ -64,7 +65,9 @@ def _model_name(model: nn.Module) -> str:
     return f"{type(model).__name__}({path!r})" if path else type(model).__name__
 
 
-def _to_device(inputs, device: torch.device, dtype: torch.dtype | None):
+def to_device(inputs, device: torch.device, dtype: torch.dtype | None):
+    """Move a tensor or a dict of tensors to ``device``; floating-point tensors also take ``dtype`` when it is set."""
+
     def move(t: torch.Tensor) -> torch.Tensor:
         if dtype is not None and t.is_floating_point():
             return t.to(device=device, dtype=dtype)
@@ -73,6 +76,9 @@ def _to_device(inputs, device: torch.device, dtype: torch.dtype | None):
     if isinstance(inputs, torch.Tensor):
         return move(inputs)
     return {k: move(v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+_to_device = to_device  # the name scan/synthesis.py imports until it switches to ``to_device``
 
 
 class TargetAdapter:
@@ -135,7 +141,7 @@ class TargetAdapter:
 
     def iter_items(self, inputs) -> Iterator:
         """Split ``inputs`` into raw items (one item, a list, a batch tensor, a dataset or a column)."""
-        return iter_items(inputs, self.modality, _model_name(self.model))
+        return iter_items(inputs, self.modality, model_name(self.model))
 
     def example_inputs(self) -> dict[str, torch.Tensor] | torch.Tensor | None:
         """A tiny batch for the head-finding dry run, or ``None`` to find the head on the first call."""
@@ -154,11 +160,11 @@ class TargetAdapter:
         if self._head is None:
             example = example if example is not None else self.example_inputs()
             if example is not None:
-                example = _to_device(example, self.device, self._dtype)
+                example = to_device(example, self.device, self._dtype)
             self.model.eval()
             with torch.no_grad():
                 self._head = locate_head(self.model, self.expected_num_classes(), example, forward=self.forward)
-            logger.debug("%s: head %s (%s)", _model_name(self.model), self._head.name, "; ".join(self._head.tried))
+            logger.debug("%s: head %s (%s)", model_name(self.model), self._head.name, "; ".join(self._head.tried))
         return self._head
 
     @property
@@ -192,7 +198,7 @@ class TargetAdapter:
         known (after a first ``adapter(...)`` call)."""
         if self._head is None:
             raise RuntimeError("run_prepared needs the head found first: call the adapter on a few inputs before")
-        model_inputs = _to_device(model_inputs, self.device, self._dtype)
+        model_inputs = to_device(model_inputs, self.device, self._dtype)
         info = self._head
         with capture_penultimate(self.model, info.module) as cap:
             logits = self.forward(model_inputs)
@@ -217,7 +223,7 @@ class TargetAdapter:
         chunks = batched(self.iter_items(inputs), size)
         first = next(chunks, None)
         if first is None:
-            raise ValueError(f"{_model_name(self.model)}: no inputs given (got an empty {type(inputs).__name__})")
+            raise ValueError(f"{model_name(self.model)}: no inputs given (got an empty {type(inputs).__name__})")
         if self._head is None:  # dry run outside inference mode, so the head copy stays usable with autograd
             example = self.example_inputs()
             self._find_head(example if example is not None else self.preprocess(first))
@@ -230,11 +236,11 @@ class TargetAdapter:
         bad = ~(torch.isfinite(out.logits).all(1) & torch.isfinite(out.penultimate).all(1))
         if bad.any():
             raise ValueError(
-                f"{_model_name(self.model)} produced NaN/inf activations for {int(bad.sum())} of {len(out)} rows; "
+                f"{model_name(self.model)} produced NaN/inf activations for {int(bad.sum())} of {len(out)} rows; "
                 "check those inputs and the weights (fp16 overflow? load with dtype=torch.float32)"
             )
         return out
 
     def __repr__(self) -> str:
         head = self._head.name if self._head is not None else "?"
-        return f"{type(self).__name__}(model={_model_name(self.model)}, modality={self.modality!r}, head={head!r})"
+        return f"{type(self).__name__}(model={model_name(self.model)}, modality={self.modality!r}, head={head!r})"

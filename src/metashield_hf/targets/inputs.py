@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
 
 
-def _is_pil(x) -> bool:
+def is_pil(x) -> bool:
+    """Whether ``x`` is a PIL image (without importing PIL when it is missing)."""
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - pillow is a dependency
@@ -33,7 +34,7 @@ def describe(x) -> str:
         return f"str {x[:40]!r}"
     if isinstance(x, (torch.Tensor, np.ndarray)):
         return f"{type(x).__module__.split('.')[0]}.{type(x).__name__} of shape {tuple(x.shape)}"
-    if _is_pil(x):
+    if is_pil(x):
         return f"PIL.Image ({x.mode}, {x.size[0]}x{x.size[1]})"
     return type(x).__name__
 
@@ -68,7 +69,7 @@ def iter_items(inputs, modality: str, who: str = "the model") -> Iterator:
         datasets = None
     if datasets is not None and isinstance(inputs, datasets.Dataset):
         inputs = dataset_column(inputs, modality)
-    if isinstance(inputs, str) or _is_pil(inputs):
+    if isinstance(inputs, str) or is_pil(inputs):
         yield inputs
         return
     if isinstance(inputs, (torch.Tensor, np.ndarray)):
@@ -100,7 +101,7 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
 def check_text(item, who: str) -> str:
     if isinstance(item, str):
         return item
-    kind = "images" if _is_pil(item) or isinstance(item, (np.ndarray, torch.Tensor)) else "other objects"
+    kind = "images" if is_pil(item) or isinstance(item, (np.ndarray, torch.Tensor)) else "other objects"
     raise ValueError(f"{who} expects text (str), got {kind}: {describe(item)}; pass strings to a text classifier")
 
 
@@ -110,7 +111,7 @@ def check_image(item, who: str):
             f"{who} expects images (PIL.Image, numpy arrays or tensors), got {describe(item)}; "
             "pass images to an image classifier (open image files with PIL.Image.open first)"
         )
-    if not (_is_pil(item) or isinstance(item, (np.ndarray, torch.Tensor))):
+    if not (is_pil(item) or isinstance(item, (np.ndarray, torch.Tensor))):
         raise ValueError(f"{who} expects images (PIL.Image, numpy arrays or tensors), got {describe(item)}")
     return item
 
@@ -130,7 +131,7 @@ def to_chw(item, channels: int | None, who: str = "the model") -> torch.Tensor:
     last axis looks like channels) become float32.
     """
     item = check_image(item, who)
-    if _is_pil(item):
+    if is_pil(item):
         item = np.array(pil_with_channels(item, channels))  # a writable copy
     x = torch.as_tensor(item).detach().cpu()
     integer = not (x.is_floating_point() or x.is_complex())

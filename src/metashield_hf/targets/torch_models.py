@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import TARGETS, TargetAdapter, _model_name
+from .base import TARGETS, TargetAdapter, model_name
 from .heads import call_model
-from .inputs import _is_pil, check_image, describe, pil_with_channels, to_chw
+from .inputs import check_image, describe, is_pil, pil_with_channels, to_chw
 from .transformers_models import is_transformers_model
 
 
@@ -61,7 +61,7 @@ class TimmAdapter(TargetAdapter):
 
     def _one(self, item, who: str) -> torch.Tensor:
         item = check_image(item, who)
-        if _is_pil(item):
+        if is_pil(item):
             return self.transform(pil_with_channels(item, self.channels))
         x = to_chw(item, self.channels, who)
         if x.dtype == torch.uint8:  # integer images go the way timm users send them: as PIL images
@@ -72,7 +72,7 @@ class TimmAdapter(TargetAdapter):
             return self.transform(_tensor_to_pil(x))
 
     def preprocess(self, items: list) -> torch.Tensor:
-        who = _model_name(self.model)
+        who = model_name(self.model)
         return torch.stack([self._one(x, who) for x in items])
 
     def example_inputs(self) -> torch.Tensor:
@@ -148,7 +148,7 @@ class TorchAdapter(TargetAdapter):
             else:
                 yield from inputs
             return
-        if isinstance(inputs, (str, dict)) or _is_pil(inputs) or not isinstance(inputs, Iterable):
+        if isinstance(inputs, (str, dict)) or is_pil(inputs) or not isinstance(inputs, Iterable):
             raise ValueError(f"{who} (a plain torch model) expects preprocessed tensors, got {describe(inputs)}")
         for item in inputs:
             if isinstance(item, np.ndarray):

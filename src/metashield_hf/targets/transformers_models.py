@@ -11,7 +11,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from .base import TARGETS, TargetAdapter, _model_name
+from .base import TARGETS, TargetAdapter, model_name
 from .inputs import check_text, to_chw
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class TransformersTextAdapter(_TransformersAdapter):
             folder = _local_source(self.model, _TOKENIZER_FILES)
             if folder is None:
                 raise ValueError(
-                    f"{_model_name(self.model)} needs its tokenizer: pass processor=AutoTokenizer.from_pretrained(...)"
+                    f"{model_name(self.model)} needs its tokenizer: pass processor=AutoTokenizer.from_pretrained(...)"
                 )
             from transformers import AutoTokenizer
 
@@ -133,7 +133,7 @@ class TransformersTextAdapter(_TransformersAdapter):
         return min(limits) if limits else None
 
     def preprocess(self, items: list) -> dict[str, torch.Tensor]:
-        who = _model_name(self.model)
+        who = model_name(self.model)
         texts = [check_text(x, who) for x in items]
         if self.tokenizer.pad_token is None and len(texts) > 1:
             raise ValueError(
@@ -189,7 +189,7 @@ class TransformersImageAdapter(_TransformersAdapter):
             folder = _local_source(self.model, ("preprocessor_config.json",))
             if folder is None:
                 raise ValueError(
-                    f"{_model_name(self.model)} needs its image processor: pass "
+                    f"{model_name(self.model)} needs its image processor: pass "
                     "processor=AutoImageProcessor.from_pretrained(...)"
                 )
             from transformers import AutoImageProcessor
@@ -203,7 +203,7 @@ class TransformersImageAdapter(_TransformersAdapter):
         return proc
 
     def preprocess(self, items: list) -> dict[str, torch.Tensor]:
-        who = _model_name(self.model)
+        who = model_name(self.model)
         images = [to_chw(x, self.channels, who) for x in items]
         if all(x.dtype == torch.uint8 for x in images):  # exactly what the processor does for PIL images
             out = self.image_processor(images=images, return_tensors="pt")
