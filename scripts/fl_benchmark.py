@@ -39,9 +39,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from metashield_hf.attacks import ATTACKS  # noqa: E402
-from metashield_hf.attacks.federated import FedConfig, run_federated  # noqa: E402
 from metashield_hf.fl.baselines import cosine_clusters, norm_outliers  # noqa: E402
 from metashield_hf.fl.data import load_femnist_clients, load_mnist_clients  # noqa: E402
+from metashield_hf.fl.federation import FedConfig, run_federated  # noqa: E402
 from metashield_hf.fl.screen import score_client_updates  # noqa: E402
 from metashield_hf.fl.simulate import (  # noqa: E402
     SmallCNN,

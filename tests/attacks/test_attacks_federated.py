@@ -1,11 +1,10 @@
-"""Known answers for the federated simulation (FedAvg, the Dirichlet split, local training) and the fl attacks."""
+"""Known answers for the fl attacks: their triggers, their malicious updates, and their effect in a federated run."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -21,17 +20,9 @@ from metashield_hf.attacks import (
     TargetedWeightModification,
     attack_from_dict,
 )
-from metashield_hf.attacks.federated import (
-    ClientData,
-    FedConfig,
-    MaliciousContext,
-    StateDict,
-    dirichlet_partition,
-    fedavg_aggregate,
-    local_train,
-    run_federated,
-    update_norm,
-)
+from metashield_hf.attacks.federated import MaliciousContext, StateDict, update_norm
+from metashield_hf.fl.data import ClientData
+from metashield_hf.fl.federation import FedConfig, fedavg_aggregate, local_train, run_federated
 
 FL = [n for n in ATTACKS.list() if ATTACKS.get(n).domain == "fl"]
 # A white top-left patch on black images: the pixels a trigger changes are exactly where it was put.
@@ -114,96 +105,6 @@ def _assert_states_equal(a: StateDict, b: StateDict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-# ----------------------------------------------------------------------------------------------------- FedAvg
-def test_fedavg_aggregate_is_the_example_weighted_mean():
-    a = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([0.0]), "steps": torch.tensor(3)}
-    b = {"w": torch.tensor([[5.0, 6.0], [7.0, 8.0]]), "b": torch.tensor([4.0]), "steps": torch.tensor(6)}
-    out = fedavg_aggregate([a, b], [1, 3])  # weights 1/4 and 3/4, by hand
-    assert torch.equal(out["w"], torch.tensor([[4.0, 5.0], [6.0, 7.0]]))
-    assert torch.equal(out["b"], torch.tensor([3.0]))
-    assert out["steps"].dtype == torch.int64 and int(out["steps"]) == 5  # (3 + 18) / 4 = 5.25, rounded back
-    assert out["w"].dtype == torch.float32
-    assert torch.equal(fedavg_aggregate([a, b], [2, 2])["w"], torch.tensor([[3.0, 4.0], [5.0, 6.0]]))
-    assert torch.equal(fedavg_aggregate([a, b], [0, 5])["b"], b["b"])  # a client with no examples has no say
-    with pytest.raises(ValueError, match="need one num_examples per client, got 2 arrays and 1 counts"):
-        fedavg_aggregate([a, b], [1])
-    with pytest.raises(ValueError, match="num_examples must be >= 0 with a positive sum"):
-        fedavg_aggregate([a, b], [0, 0])
-
-
-# ------------------------------------------------------------------------------------------------ partitioning
-def _label_skew(parts: list[np.ndarray], labels: np.ndarray) -> float:
-    """Mean over clients of the share of the client's most common class (1 = one class per client)."""
-    return float(np.mean([np.bincount(labels[p]).max() / len(p) for p in parts]))
-
-
-def test_dirichlet_partition_is_seeded_and_covers_every_index_once():
-    labels = np.repeat(np.arange(5), 40)
-    for alpha in (0.1, 1.0, 100.0):
-        parts = dirichlet_partition(labels, num_clients=8, alpha=alpha, seed=3)
-        again = dirichlet_partition(labels, num_clients=8, alpha=alpha, seed=3)
-        assert len(parts) == 8 and all(np.array_equal(p, q) for p, q in zip(parts, again, strict=True))
-        assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))  # each index exactly once
-        assert all(len(p) >= 2 and np.array_equal(p, np.sort(p)) for p in parts)
-        other = dirichlet_partition(labels, num_clients=8, alpha=alpha, seed=4)
-        assert any(not np.array_equal(p, q) for p, q in zip(parts, other, strict=True))
-    with pytest.raises(ValueError, match="10 samples cannot give 8 clients 2 samples each"):
-        dirichlet_partition(np.arange(10) % 2, num_clients=8, alpha=1.0)
-
-
-def test_dirichlet_skew_grows_as_alpha_shrinks():
-    labels = np.repeat(np.arange(5), 60)
-    skew = {
-        alpha: np.mean([_label_skew(dirichlet_partition(labels, 6, alpha, seed=s), labels) for s in range(5)])
-        for alpha in (1000.0, 1.0, 0.05)
-    }
-    assert skew[1000.0] < skew[1.0] < skew[0.05]
-    assert skew[1000.0] < 0.3  # near IID: about 1/5 of each client is its top class
-    assert skew[0.05] > 0.7  # mostly one class per client
-
-
-# ---------------------------------------------------------------------------------------------- local training
-def test_local_train_masks_and_freezes_exactly():
-    model, (x, y) = _model(), _data()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    mask = {n: (torch.rand(p.shape, generator=torch.Generator().manual_seed(1)) < 0.5).float()
-            for n, p in model.named_parameters()}  # fmt: skip
-    gen = torch.Generator().manual_seed(0)
-    update = local_train(model, state, x, y, lr=0.1, epochs=2, batch_size=8, generator=gen, grad_mask=mask)
-    assert "1.num_batches_tracked" not in update  # integer buffers are not part of an update
-    for n, m in mask.items():
-        assert (update[n][m == 0] == 0).all(), n
-    assert (update["0.weight"][mask["0.weight"] == 1] != 0).all()  # (the conv bias is cancelled by the BatchNorm)
-    frozen = local_train(model, state, x, y, lr=0.1, epochs=1, batch_size=8, generator=gen, trainable=["6.weight"])
-    params = {n for n, _ in model.named_parameters()}
-    assert all((frozen[n] == 0).all() for n in params - {"6.weight"}) and (frozen["6.weight"] != 0).any()
-    assert all(torch.equal(v, state[k]) for k, v in _model().state_dict().items())  # the start was not mutated
-    with pytest.raises(ValueError, match=r"trainable parameters \['nope'\] are not in the model"):
-        local_train(model, state, x, y, lr=0.1, epochs=1, batch_size=8, generator=gen, trainable=["nope"])
-
-
-def test_fedprox_proximal_term_shrinks_the_update():
-    model, (x, y) = _model(), _data()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-
-    def norm(mu: float) -> float:
-        gen = torch.Generator().manual_seed(0)
-        return update_norm(local_train(model, state, x, y, lr=0.1, epochs=3, batch_size=8, generator=gen, mu=mu))
-
-    assert norm(2.0) < norm(0.0)
-
-
-def test_fed_config_validation():
-    assert FedConfig(rounds=6).resolved_attack_rounds == (4, 5, 6)  # default: the last half
-    assert FedConfig(rounds=6, attack_rounds=[5, 2, 5]).resolved_attack_rounds == (2, 5)
-    with pytest.raises(ValueError, match=r"attack_rounds \[7\] outside 1..rounds=6"):
-        FedConfig(rounds=6, attack_rounds=(7,))
-    with pytest.raises(ValueError, match="clients_per_round=5 > num_clients=3"):
-        FedConfig(num_clients=3, clients_per_round=5)
-    with pytest.raises(ValueError, match="algorithm must be one of"):
-        FedConfig(algorithm="fedsgd")
-
-
 # ---------------------------------------------------------------------------------------- every fl attack
 @pytest.mark.parametrize("name", FL)
 def test_apply_puts_the_trigger_where_configured(name):
@@ -254,37 +155,6 @@ def test_malicious_update_is_deterministic_under_seed(name):
     b = _attack(name).malicious_update(_ctx(reference=reference))
     _assert_states_equal(a, b)
     assert update_norm(a) > 0
-
-
-@pytest.mark.parametrize("name", FL)
-def test_run_federated_matches_the_clean_run_until_the_first_attack_round(name):
-    clients, config = _clients(), _config()
-    init = _model().state_dict()
-
-    def run(attack):
-        model = _model()
-        model.load_state_dict(init)
-        return run_federated(model, clients, config, attack=attack, snapshot_rounds=(1, 2, 3))
-
-    clean, attacked, again = run(None), run(_attack(name)), run(_attack(name))
-    assert attacked.attack_rounds == (3, 4) and clean.attack_rounds == ()
-    assert len(attacked.malicious_clients) == 2 and clean.malicious_clients == ()
-    for rnd in (1, 2):  # before the first attack round: the very same global model
-        _assert_states_equal(attacked.snapshots[rnd], clean.snapshots[rnd])
-    assert any(not torch.equal(attacked.snapshots[3][k], clean.snapshots[3][k]) for k in clean.snapshots[3])
-    for h in attacked.history:
-        if h["round"] in (3, 4):
-            assert h["malicious"] == list(attacked.malicious_clients) == h["clients"][:2]
-        else:
-            assert h["malicious"] == []
-    _assert_states_equal(attacked.state, again.state)  # deterministic under the seeds
-    other = run(_attack(name, seed=1))
-    assert any(not torch.equal(other.state[k], attacked.state[k]) for k in other.state)
-
-
-def test_run_federated_checks_the_clients():
-    with pytest.raises(ValueError, match="config.num_clients=8 but 3 clients were given"):
-        run_federated(_model(), _clients(3), _config())
 
 
 # ------------------------------------------------------------------------------------------------------- DBA

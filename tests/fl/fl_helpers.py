@@ -6,7 +6,8 @@ import functools
 
 import torch
 
-from metashield_hf.attacks.federated import ClientData, FedConfig, dirichlet_partition, run_federated
+from metashield_hf.fl.data import ClientData, dirichlet_partition
+from metashield_hf.fl.federation import FedConfig, run_federated
 from metashield_hf.fl.simulate import SmallCNN
 
 
@@ -49,7 +50,7 @@ def screened_round(seed: int = 0):
     half its data, 4 local epochs) at index 2. Returns ``(global_model, deltas, num_examples, clean_pool, attack)``.
     Cached: several test files share it."""
     from metashield_hf.attacks import FLDataPoisoning
-    from metashield_hf.attacks.federated import local_train
+    from metashield_hf.fl.federation import local_train
 
     clients, test = digits_federation(num_clients=5, seed=seed)
     model = warm_global(clients, seed=seed)

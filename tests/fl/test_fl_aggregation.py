@@ -9,7 +9,7 @@ pytest.importorskip("flwr", reason="Flower is the optional 'fl' extra: pip insta
 
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 
-from metashield_hf.attacks.federated import fedavg_aggregate  # noqa: E402
+from metashield_hf.fl.federation import fedavg_aggregate  # noqa: E402
 from metashield_hf.fl.flower import build_replies, flower_aggregate  # noqa: E402
 from metashield_hf.fl.simulate import SmallCNN  # noqa: E402
 

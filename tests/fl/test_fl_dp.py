@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import (  # noqa: E402
 )
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from metashield_hf.attacks.federated import fedavg_aggregate  # noqa: E402
+from metashield_hf.fl.federation import fedavg_aggregate  # noqa: E402
 from metashield_hf.fl.flower import flower_aggregate, flower_defence  # noqa: E402
 from metashield_hf.fl.simulate import SmallCNN  # noqa: E402
 

@@ -29,7 +29,7 @@ client = ClientApp()
 @client.train()
 def train(msg: Message, ctx: Context) -> Message:
     from metashield_hf.attacks import FLDataPoisoning
-    from metashield_hf.attacks.federated import local_train
+    from metashield_hf.fl.federation import local_train
 
     torch.set_num_threads(1)
     pid = int(ctx.node_config["partition-id"])

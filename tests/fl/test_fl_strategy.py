@@ -12,8 +12,8 @@ from fl_helpers import MALICIOUS, screened_round  # noqa: E402
 from flwr.app import ArrayRecord  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 
-from metashield_hf.attacks.federated import fedavg_aggregate  # noqa: E402
 from metashield_hf.fl import ClientScore, MetaShieldStrategy  # noqa: E402
+from metashield_hf.fl.federation import fedavg_aggregate  # noqa: E402
 from metashield_hf.fl.flower import build_replies  # noqa: E402
 from metashield_hf.fl.screen import candidate_state  # noqa: E402
 from metashield_hf.fl.simulate import SmallCNN  # noqa: E402

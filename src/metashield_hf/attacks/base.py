@@ -27,18 +27,19 @@ ATTACKS: Registry[type[Attack]] = Registry("attack")
 POISONED_COLUMN = "poisoned"
 
 
-def _normalise(value: Any) -> Any:
+def normalise(value: Any) -> Any:
     """Lists become tuples (so a JSON round trip gives back an equal, hashable object); numpy scalars become Python."""
     if isinstance(value, (list, tuple)):
-        return tuple(_normalise(v) for v in value)
+        return tuple(normalise(v) for v in value)
     if isinstance(value, np.generic):
         return value.item()
     return value
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """The inverse of :func:`normalise` for JSON: tuples (nested too) become lists."""
     if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 
@@ -86,7 +87,7 @@ class Attack:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            object.__setattr__(self, f.name, _normalise(getattr(self, f.name)))
+            object.__setattr__(self, f.name, normalise(getattr(self, f.name)))
         check_int("seed", self.seed, minimum=0)
 
     def _set(self, field_name: str, value: Any) -> None:
@@ -114,7 +115,7 @@ class Attack:
             True
             ```
         """
-        return {"name": self.name, **{f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}}
+        return {"name": self.name, **{f.name: jsonable(getattr(self, f.name)) for f in fields(self)}}
 
     # ------------------------------------------------------------------ poisoning
     def poison(

@@ -1,4 +1,5 @@
-"""Federated data: FEMNIST writers as clients (LEAF), and MNIST with a Dirichlet(α) split.
+"""Federated data: a client's data (``ClientData``), the Dirichlet and natural partitions, FEMNIST writers as
+clients (LEAF), and MNIST with a Dirichlet(α) split.
 
 Both are read from the shared data folder (``$METASHIELD_DATA``, else ``data_root``, else ``../shared/data`` beside
 the repo, as the zoo resolves it) with `datasets` (through ``zoo.fl.load_fl_arrays``, cached per process), and come
@@ -11,15 +12,77 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..attacks.federated import ClientData, dirichlet_partition
+from ..attacks.base import check_float, check_int
 
 logger = logging.getLogger(__name__)
 
 FEMNIST_NUM_CLASSES = 62
+
+
+# ------------------------------------------------------------------------------------------------ data partitioning
+def dirichlet_partition(
+    labels: Sequence[int] | np.ndarray, num_clients: int, alpha: float, *, seed: int = 0, min_size: int = 2
+) -> list[np.ndarray]:
+    """Label-skewed non-IID split: each class is divided among clients in Dirichlet(α) proportions.
+
+    The usual FL benchmark split (Hsu et al. 2019, https://arxiv.org/abs/1909.06335). Draws are repeated until
+    every client has at least ``min_size`` samples (as common implementations do).
+
+    Args:
+        labels: ``(N,)`` class of each sample.
+        num_clients: number of parts.
+        alpha: concentration; ``alpha → ∞`` is IID, ``alpha → 0`` gives one class per client.
+        seed: seeds the draw.
+        min_size: smallest allowed client.
+
+    Returns:
+        ``num_clients`` sorted index arrays that together hold every index exactly once.
+
+    Example:
+        ```python
+        parts = dirichlet_partition([0, 1] * 50, num_clients=4, alpha=0.5, seed=0)
+        sorted(np.concatenate(parts)) == list(range(100))   # True
+        ```
+    """
+    labels = np.asarray(labels)
+    check_int("num_clients", num_clients, minimum=1)
+    check_float("alpha", alpha, 1e-6)
+    if num_clients * min_size > len(labels):
+        raise ValueError(f"{len(labels)} samples cannot give {num_clients} clients {min_size} samples each")
+    rng = np.random.default_rng(seed)
+    for _ in range(1000):
+        parts: list[list[int]] = [[] for _ in range(num_clients)]
+        for c in np.unique(labels):
+            idx = np.flatnonzero(labels == c)
+            rng.shuffle(idx)
+            cuts = (np.cumsum(rng.dirichlet([alpha] * num_clients)) * len(idx)).astype(int)[:-1]
+            for k, chunk in enumerate(np.split(idx, cuts)):
+                parts[k].extend(chunk.tolist())
+        if min(len(p) for p in parts) >= min_size:
+            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+    raise ValueError(f"no Dirichlet(alpha={alpha}) split gave every client {min_size} samples; raise alpha")
+
+
+def natural_partition(groups: Sequence[Any] | np.ndarray) -> list[np.ndarray]:
+    """One client per distinct group value (e.g. FEMNIST writer), in sorted group order."""
+    groups = np.asarray(groups)
+    return [np.flatnonzero(groups == g) for g in np.unique(groups)]
+
+
+@dataclass
+class ClientData:
+    """A client's local data: ``x`` ``(N, C, H, W)`` float in ``[0, 1]`` (before normalization), ``y`` ``(N,)``."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """An in-process FL loop with a pluggable server defence, for benchmarking client screens on real rounds.
 
-It is ``attacks.federated.run_federated`` (same client sampling, same malicious clients, same ``MaliciousContext``,
-same local training, same FedAvg arithmetic) with two hooks per round: ``screens`` score the round's updates for the
+It is ``fl.federation.run_federated`` (same client sampling, same malicious clients, same ``MaliciousContext``, same
+local training, same FedAvg arithmetic) with two hooks per round: ``screens`` score the round's updates for the
 record (every screen sees the same replies), and ``defence`` turns the updates into the next global model (FedAvg
 over the kept clients, or a Flower strategy's ``aggregate_train``).
 """
@@ -17,15 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..attacks.federated import (
-    ClientData,
-    FedConfig,
-    FederatedAttack,
-    StateDict,
-    fedavg_aggregate,
-    malicious_clients,
-    train_round,
-)
+from ..attacks.federated import FederatedAttack, StateDict
+from .data import ClientData
+from .federation import FedConfig, fedavg_aggregate, malicious_clients, train_round
 from .screen import ClientScore
 
 logger = logging.getLogger(__name__)

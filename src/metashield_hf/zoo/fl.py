@@ -28,14 +28,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..attacks.federated import (
-    ClientData,
-    FedConfig,
-    FederatedAttack,
-    dirichlet_partition,
-    natural_partition,
-    run_federated,
-)
+from ..attacks.federated import FederatedAttack
+from ..fl.data import ClientData, dirichlet_partition, natural_partition
+from ..fl.federation import FedConfig, run_federated
 from .spec import ModelSpec, ZooEntry, attack_success_rate, seed_everything
 from .vision import LABEL_NAMES, MEAN, STD, load_cv_arrays, make_cv_model, save_cv_model
 
