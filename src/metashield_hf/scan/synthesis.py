@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..targets.base import TargetAdapter, _to_device
+from ..targets.base import TargetAdapter, to_device
 from ..targets.heads import select_tokens
 from ..targets.transformers_models import unwrap
 
@@ -136,7 +136,7 @@ def _embedding_space(adapter: TargetAdapter, items: list) -> SynthesisSpace:
             f"{type(model).__name__} has no input embedding layer (get_input_embeddings()); trigger synthesis for text "
             "models perturbs that layer's output"
         )
-    inputs = _to_device(adapter.preprocess(items), adapter.device, adapter._dtype)
+    inputs = to_device(adapter.preprocess(items), adapter.device, adapter._dtype)
     n = len(items)
     attention = inputs.get("attention_mask") if isinstance(inputs, dict) else None
     weight = embeddings.weight.detach().float()
@@ -161,7 +161,7 @@ def _embedding_space(adapter: TargetAdapter, items: list) -> SynthesisSpace:
 
 
 def _tensor_space(adapter: TargetAdapter, items: list) -> SynthesisSpace:
-    prepared = _to_device(adapter.preprocess(items), adapter.device, adapter._dtype)
+    prepared = to_device(adapter.preprocess(items), adapter.device, adapter._dtype)
     key = None
     if isinstance(prepared, dict):
         key = "pixel_values" if "pixel_values" in prepared else None

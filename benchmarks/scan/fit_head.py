@@ -1,0 +1,114 @@
+"""Fit the scan head from the committed scan records, as shipped: ``src/metashield_hf/default_detector/scan_head.json``.
+
+Reads ``configs/head.yaml``: the image/tensor head and the text parts ([`fit_heads`]) on the train records of the
+standard zoo and of the train zoos; then each image variant part (``image/blend``, ``image/source``) chosen among its
+candidate signal sets and L2 strengths by repeated cross-validation on its train records ([`choose_part`]), with a
+verdict threshold that flags ``target_fpr`` of the train clean models. Held-out and check records play no part.
+Writes the head (``--out``) and ``results/head_fit.md`` (the choices and their cross-validated AUROCs).
+
+    python benchmarks/scan/fit_head.py                 # rebuild into results/, compare with the shipped head
+    python benchmarks/scan/fit_head.py --ship          # and copy it over the shipped head
+"""
+
+from __future__ import annotations
+
+import filecmp
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+from metashield_hf.scan import (
+    DEFAULT_SCAN_HEAD,
+    choose_part,
+    cv_head_c,
+    fit_heads,
+    read_records,
+    with_part,
+)
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class FitHeadArguments:
+    config: str = field(default=str(HERE / "configs" / "head.yaml"), metadata={"help": "Which records fit what."})
+    records: str = field(default=str(HERE / "results" / "records"), metadata={"help": "Folder of the records."})
+    out: str = field(default=str(HERE / "results" / "scan_head.json"), metadata={"help": "Where the head goes."})
+    report: str = field(default=str(HERE / "results" / "head_fit.md"), metadata={"help": "The choices, as markdown."})
+    ship: bool = field(default=False, metadata={"help": "Copy the fitted head over the shipped one."})
+    cv_report: bool = field(
+        default=True, metadata={"help": "Also cross-validate the base head's C for the report (minutes; no effect on it)."}
+    )
+
+
+def train_rows(folder: Path, standard: list[str], extra: list[str], split_of: dict[str, str]) -> list[dict]:
+    """The standard zoo's train records (split by ``split_of``) of the files ``standard``, then every record of the
+    train zoos ``extra``."""
+    rows = [r for name in standard for r in read_records(folder / name) if split_of.get(r["model_id"]) == "train"]
+    return rows + [r for name in extra for r in read_records(folder / name)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    (args,) = HfArgumentParser(FitHeadArguments).parse_args_into_dataclasses(args=argv)
+    config = yaml.safe_load(Path(args.config).read_text())
+    folder = Path(args.records)
+    base = config["base"]
+    standard = read_records(folder / base["standard"])
+    split_of = {r["model_id"]: r["split"] for r in standard}
+    train = [r for r in standard if r["split"] == "train"] + [
+        r for name in base["extra_train"] for r in read_records(folder / name)
+    ]
+    text_signals, large = tuple(base["text_signals"]), tuple(base["large_vocabulary_signals"])
+    head = fit_heads(train, base["c"], text_signals, base["text_c"], large)
+    lines = [
+        "# How the shipped scan head is fit",
+        "",
+        "Written by `python benchmarks/scan/fit_head.py` from the committed records and `configs/head.yaml`; only train "
+        "models take part.",
+        "",
+        f"- image/tensor head and text parts: {len(train)} train records "
+        f"({sum(r['is_backdoored'] for r in train)} backdoored), C={base['c']:g}, text parts on {list(text_signals)}, "
+        f"large-vocabulary part on {list(large)}",
+    ]
+    if args.cv_report:
+        lines.append(
+            "- their C by cross-validation (mean AUROC per domain): "
+            + "; ".join(
+                f"C={c:g}: " + ", ".join(f"{d} {a:.3f}" for d, a in aucs.items())
+                for c, aucs in cv_head_c(train, text_signals, large_signals=large).items()
+            )
+        )
+    for name, spec in config["parts"].items():
+        rows = train_rows(folder, spec["standard"], spec["extra_train"], split_of)
+        base_signals, extra = tuple(spec["base"]), tuple(spec["extra"])
+        candidates = [base_signals + extra] + [base_signals + (s,) for s in extra]
+        choice = choose_part(rows, candidates, spec["cs"], target_fpr=spec["target_fpr"], name=name)
+        head = with_part(head, f"image/{name}", choice.part)
+        n = len(base_signals)
+        lines += [
+            "",
+            f"## `image/{name}`",
+            "",
+            f"- {len(rows)} train records; candidates (base + ...): "
+            + "; ".join(f"{list(s)[n:]} C={c:g} {a:.3f}" for (s, c), a in choice.candidates.items()),
+            f"- chosen: base + {list(choice.signals)[n:]} at C={choice.c:g} (cross-validated AUROC {choice.cv_auroc:.3f});"
+            f" verdict threshold {choice.part.threshold:.3f} (flags {spec['target_fpr']:.0%} of the train clean models)",
+        ]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    head.save(out)
+    same = filecmp.cmp(out, DEFAULT_SCAN_HEAD, shallow=False)
+    lines += ["", f"The fitted head is {'byte-identical to' if same else 'DIFFERENT from'} the shipped one.", ""]
+    Path(args.report).write_text("\n".join(lines))
+    print("\n".join(lines))
+    if args.ship and not same:
+        shutil.copyfile(out, DEFAULT_SCAN_HEAD)
+        print(f"copied to {DEFAULT_SCAN_HEAD}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
