@@ -30,8 +30,8 @@ import torch
 from transformers import HfArgumentParser
 
 from metashield_hf import MetaShieldDetector
+from metashield_hf.evaluation.held_out import evaluate_task, render_variants
 from metashield_hf.meta.cache import cache_path, load_tasks
-from metashield_hf.meta.evaluate import evaluate_task, render_variants
 
 
 @dataclass

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from metashield_hf import MetaShieldDetector
+from metashield_hf.evaluation.held_out import evaluate_task, summarize
 from metashield_hf.features import feature_names
 from metashield_hf.meta.cache import load_tasks
 from metashield_hf.meta.episodes import make_episode
-from metashield_hf.meta.evaluate import evaluate_task, summarize
 from metashield_hf.meta.inner import inner_loop
 from metashield_hf.meta.train import MetaTrainArguments, episode_loss, new_detector, train, weights_sha256
 

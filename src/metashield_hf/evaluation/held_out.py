@@ -1,4 +1,8 @@
-"""Evaluate detectors on held-out zoo models from cached activations, exactly as deployment adapts them."""
+"""Evaluate detectors on held-out zoo models from cached activations, exactly as deployment adapts them.
+
+One record per held-out model (:func:`evaluate_task`), tables over records (:func:`summarize`) and the markdown of the
+quick held-out study (:func:`render_variants`); ``evaluation/protocols.py`` holds the full protocol suite.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,10 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from ..evaluation.metrics import auroc, rates, tpr_at_fpr
+from ..meta.cache import TaskActivations
 from ..modeling_metashield import MetaShieldDetector
 from ..shield import adapt_from_activations
-from .cache import TaskActivations
+from .metrics import auroc, rates, tpr_at_fpr
 
 
 def evaluate_task(
