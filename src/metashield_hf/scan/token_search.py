@@ -18,14 +18,13 @@ Candidates are the whole vocabulary (minus special tokens other than the unknown
 each pick their most promising tokens per class, which are then measured exactly:
 
 - *context-free*: every token alone as the whole text (``[CLS] t [SEP]``, three positions per token). A trigger word
-  was trained to decide the class by itself. On the two head-train fine-tuned MiniLM rare-word models of the standard
-  zoo (30,522 tokens, ranks from 0 for the target class), the trigger words tq / cf / bb / mn rank 0 / 3 / 33 / 1851
-  and 0 / 2 / 1 / 64; the best homoglyph piece of the two character-substitution models ranks 79 and 13. But where
-  natural class words alone are near-certain too, a trigger ties with hundreds of them (on a held-out SST-2 MiniLM
-  rare-word model its words ranked 231st-5174th), so the pass keeps 1024 tokens per class and cuts them to the 128
-  that most surely flip two short clean samples of the other classes;
+  was trained to decide the class by itself; but where natural class words alone are near-certain too, a trigger ties
+  with hundreds of them, so the pass keeps 1024 tokens per class and cuts them to the 128 that most surely flip two
+  short clean samples of the other classes;
 - *HotFlip* (Ebrahimi et al. 2018): the first-order gain of each token at the insertion slot of the clean samples.
-  It ranks the same trigger words 6491 / 73 / 1674 / 14 and 5091 / 160 / 1597 / 0, the homoglyph pieces 1 and 50.
+
+The two rankings miss different triggers, hence both (the ranks they give real triggers are in
+``benchmarks/scan/README.md``).
 """
 
 from __future__ import annotations
@@ -318,30 +317,21 @@ def search_token_triggers(
         clean_pred: ``(N,)`` the model's predictions on them (samples already of a class do not count for it).
         num_classes: ``K``.
         max_tokens: longest trigger tried (a beam adds one token per round); default 3 where the whole vocabulary
-            is screened, 2 where it is prefiltered. A beam round costs little in a small vocabulary (3 tokens instead
-            of 2: 3.2 s instead of 2.7 s per search on the standard zoo's 26 train from-scratch text models, and the
-            cross-validated AUROC of a text head on token_prob + token_prob_2 rose from 0.840 to 0.882 there), but
-            on the two train syntactic-template MiniLM models it cost 158 and 171 s instead of 136 and 138 s per
-            search (both beside other jobs) and the third token was a natural word, not the template's.
+            is screened, 2 where it is prefiltered: a beam round costs little in a small vocabulary and minutes in a
+            pretrained one, where the third token tends to be a natural word.
         beam: triggers kept per class between rounds.
         extend_candidates: the best single tokens of a class that the beam may append.
         extend_hotflip: tokens with the best HotFlip estimate after each beam entry that it may append as well.
-            (Beam 2 with 8 + 8 extensions, instead of 4 with 16 + 16, gave the same ``token_prob`` /
-            ``token_prob_2`` on 37 of the standard zoo's 49 from-scratch text models and within 0.025 on the other
-            12, for 29% less search time, 2.64 s instead of 3.72 s; on two fine-tuned MiniLM models, 45 and 47 s
-            instead of 72 and 70 s.)
         opposing: best single tokens of each other class inserted against a class's trigger for its dominance.
         screen_samples: the shortest clean samples used to screen the whole candidate list (all when >= ``N``).
         screen_length: the screen's samples are cut to at most this many tokens (``None``: not cut); a screen on
-            short texts ranks tokens by how hard they push, at a fraction of the cost of full-length texts. (6 x 16
-            gave the same signals as 8 x 24 on 47 of the standard zoo's 49 text models, within 0.008 on the other
-            2, for about half the screen's cost; 4 samples lost the best trigger of 8 models.)
+            short texts ranks tokens by how hard they push, at a fraction of the cost of full-length texts.
         rescore: tokens per class measured on all samples after the screen.
         exhaustive_limit: screen every vocabulary token when there are at most this many; else prefilter them.
         hotflip_candidates: tokens per class kept by the HotFlip estimate for large vocabularies.
         context_free_candidates: tokens per class kept for large vocabularies by the class probability of the token
-            alone (``[CLS] t [SEP]``); their union with the HotFlip picks is screened. (The context-free pass costs
-            three positions per vocabulary entry, about 33 s of 1-thread CPU time on MiniLM's 30,522 tokens.)
+            alone (``[CLS] t [SEP]``); their union with the HotFlip picks is screened. The context-free pass costs
+            three positions per vocabulary entry.
         context_free_wide: with more than ``context_free_candidates``, the context-free pass first keeps this many
             tokens per class, then the ``context_free_candidates`` of them that give the class the highest mean
             probability on the 2 shortest clean samples of other classes, cut to 8 tokens (``0``: no such cut).

@@ -1,0 +1,44 @@
+"""The package's seams: no module imports another module's private names, and the public API is importable."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "metashield_hf"
+
+
+def private_imports(path: Path) -> list[str]:
+    """``from X import _name`` statements of a module (``__future__`` and dunders aside)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append(f"{path.relative_to(SRC)}:{node.lineno} from {'.' * node.level}{node.module} import {alias.name}")
+    return found
+
+
+def test_no_module_imports_a_private_name_of_another():
+    found = [line for path in sorted(SRC.rglob("*.py")) for line in private_imports(path)]
+    assert not found, "\n".join(found)
+
+
+def test_private_imports_are_found(tmp_path):
+    (tmp_path / "m.py").write_text("from .other import public, _hidden\nfrom x import __version__\n")
+    global SRC
+    old, SRC = SRC, tmp_path
+    try:
+        assert private_imports(tmp_path / "m.py") == ["m.py:1 from .other import _hidden"]
+    finally:
+        SRC = old
+
+
+@pytest.mark.parametrize(
+    "module", ["metashield_hf.scan", "metashield_hf.fl", "metashield_hf.zoo", "metashield_hf.evaluation"]
+)
+def test_subpackages_import_on_their_own(module):
+    assert importlib.import_module(module).__name__ == module
