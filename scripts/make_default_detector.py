@@ -1,6 +1,6 @@
 """Write the embedded default detector into the package (src/metashield_hf/default_detector/).
 
-The shipped default is `metashield-base`, meta-trained by `bash scripts/meta_pipeline.sh`:
+The shipped default is `metashield-base`, meta-trained by `bash benchmarks/meta/run.sh`:
     python scripts/make_default_detector.py --from artifacts/meta/maml/detector
 Without --from it writes the untrained prior (seeded), which scores inputs by how far their ψ sit from the clean
 samples' ψ.
