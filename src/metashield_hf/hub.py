@@ -1,5 +1,8 @@
-"""Registration with the transformers Auto classes and the pipeline registry, the embedded default detector, and the
-folder layout a Hub repo needs."""
+"""Registration with the transformers Auto classes and the pipeline registry, and the folder layout a Hub repo needs.
+
+``load_detector`` and ``DEFAULT_DETECTOR_DIR`` live in ``loading.py`` (beside the model, without the pipeline) and
+are re-exported here.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +14,20 @@ from transformers import AutoConfig, AutoModel, pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_metashield import MetaShieldConfig
+from .loading import DEFAULT_DETECTOR_DIR, load_detector
 from .modeling_metashield import MetaShieldDetector
 from .pipeline_backdoor_detection import BackdoorDetectionPipeline
 
+__all__ = [
+    "DEFAULT_DETECTOR_DIR",
+    "TASK",
+    "backdoor_detection_pipeline",
+    "load_detector",
+    "register",
+    "save_for_hub",
+]
+
 TASK = "backdoor-detection"
-DEFAULT_DETECTOR_DIR = Path(__file__).parent / "default_detector"
 _CODE_FILES = ("configuration_metashield.py", "modeling_metashield.py", "pipeline_backdoor_detection.py")
 
 
@@ -38,14 +50,6 @@ def register() -> None:
     MetaShieldDetector.register_for_auto_class("AutoModel")
 
 
-def load_detector(name_or_path: str | Path | None = None, **kwargs) -> MetaShieldDetector:
-    """Load a detector (the embedded ``metashield-base`` when ``name_or_path`` is None)."""
-    path = DEFAULT_DETECTOR_DIR if name_or_path is None else name_or_path
-    if not (Path(path) / "config.json").exists() and Path(path).exists():
-        raise ValueError(f"{path} is a folder but has no config.json: it is not a saved MetaShield detector")
-    return MetaShieldDetector.from_pretrained(str(path), **kwargs)
-
-
 def backdoor_detection_pipeline(target_model, clean_samples, detector=None, **kwargs) -> BackdoorDetectionPipeline:
     """``pipeline("backdoor-detection", ...)`` with the embedded detector by default (works without the task name)."""
     return pipeline(TASK, model=detector, target_model=target_model, clean_samples=clean_samples, **kwargs)
@@ -56,7 +60,7 @@ def save_for_hub(detector: MetaShieldDetector, folder: str | Path, model_card: s
     ``model.safetensors``, the three code files, and ``README.md``.
 
     ``custom_pipelines`` is added only here: a local folder with it asks for ``trust_remote_code`` even when the
-    package is imported (HF-NOTES gotcha 9), so the embedded detector is saved without it.
+    package is imported, so the embedded detector is saved without it.
 
     Returns:
         The sorted file names written.
