@@ -12,7 +12,7 @@ from transformers import pipeline
 import metashield_hf  # noqa: F401  (registers the task)
 from builders import NUM_LABELS, SENTENCES, build_image_model, build_lora_model, build_text_model, build_timm_model
 from metashield_hf import BackdoorDetectionPipeline, load_detector
-from metashield_hf.examples import TinyCNN
+from metashield_hf.zoo.examples import TinyCNN
 
 WORDS = sorted({w for s in SENTENCES for w in s.replace(",", "").split()})
 

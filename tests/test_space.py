@@ -113,7 +113,7 @@ def test_scan_passes_the_clean_digits_example(client):
 def test_check_scores_triggered_digits_above_clean_ones(client, tmp_path):
     from gradio_client import handle_file
 
-    from metashield_hf.examples import digits_tensor_to_image, load_bundled_example
+    from metashield_hf.zoo.examples import digits_tensor_to_image, load_bundled_example
 
     ex = load_bundled_example("digits-badnets")
     files = []

@@ -9,7 +9,7 @@ Two tabs, each also an API endpoint (``gradio_client.Client(url).predict(..., ap
 - ``/check``: input-level detection ([`MetaShieldDetector.adapt`]) with a threshold calibrated on the clean samples.
 
 Everything runs offline on a CPU with the embedded detector and the bundled example checkpoints
-([`metashield_hf.examples.load_bundled_example`], trained once and cached).
+([`metashield_hf.zoo.examples.load_bundled_example`], trained once and cached).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import gradio as gr
 import pandas as pd
 import torch
 
-from metashield_hf.examples import (
+from metashield_hf.zoo.examples import (
     BUNDLED_EXAMPLES,
     BundledExample,
     digits_image_to_tensor,

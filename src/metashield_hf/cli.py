@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import ClassVar
 
-logger = logging.getLogger("metashield_hf")
+from .arguments import run_command
 
 
 @dataclass
@@ -32,37 +32,17 @@ class DetectArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the target's own code to run."})
 
 
-def _parse(cls, argv: list[str]):
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(cls)
-    if "config" in {f.name for f in fields(cls)}:
-        # The command has its own --config (e.g. the zoo config of `zoo build`): that flag is not a run YAML.
-        return parser.parse_args_into_dataclasses(args=argv)[0]
-    positional = getattr(cls, "positional", ())
-    if positional and argv and not argv[0].startswith("-"):  # `metashield scan CHECKPOINT ...`
-        argv = [f"--{positional[0]}", *argv]
-    if len(argv) == 2 and argv[0] == "--config":
-        return parser.parse_yaml_file(argv[1])[0]
-    if "--config" in argv:
-        i = argv.index("--config")
-        base = asdict(parser.parse_yaml_file(argv[i + 1])[0])
-        parser.set_defaults(**base)
-        argv = argv[:i] + argv[i + 2 :]
-    return parser.parse_args_into_dataclasses(args=argv)[0]
-
-
 def run_detect(args: DetectArguments) -> dict:
     """The job behind ``metashield detect``; returns the printed result as a dict."""
     import numpy as np
 
     from .evaluation.metrics import auroc, rates
-    from .hub import load_detector
+    from .loading import load_detector
     from .samples import load_samples
 
     detector = load_detector(args.detector)
     if args.target is None:
-        from .examples import digits_badnets_example
+        from .zoo.examples import digits_badnets_example
 
         ex = digits_badnets_example(seed=args.seed)
         g = np.random.default_rng(args.seed)
@@ -250,26 +230,10 @@ def _zoo_push():
     return ZooPushArguments, run_zoo_push, lambda r: print(json.dumps(r, indent=2, default=str))
 
 
-def _print_train(result: dict) -> None:
-    print(f"detector saved to {result['detector_dir']}")
-    print(
-        f"  {result['steps']} steps, {result['episodes']} episodes in {result['seconds']:.1f} s "
-        f"({result['episodes_per_s']:.2f} episodes/s on {result['num_processes']} process(es)); "
-        f"final outer loss {result['final_loss']:.4f}"
-    )
-    print(f"  split: {result['train_models']} training / {result['test_models']} held-out models")
-
-
 def _train():
-    from .meta.train import MetaTrainArguments, train
+    from .meta.train import MetaTrainArguments, print_train, run_train
 
-    def job(args):
-        from accelerate import PartialState
-
-        result = asdict(train(args))
-        return result if PartialState().is_main_process else None  # under accelerate launch, one process reports
-
-    return MetaTrainArguments, job, _print_train
+    return MetaTrainArguments, run_train, print_train
 
 
 def _evaluate():
@@ -298,22 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in {"-h", "--help"} else 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cls, job, show = COMMANDS[name]()
-    rest = argv[len(name.split()) :]
-    try:
-        args = _parse(cls, rest)
-        result = job(args)
-    except (ValueError, OSError, KeyError) as err:
-        print(f"metashield {name}: error: {err}", file=sys.stderr)
-        return 2
-    if result is None:  # a non-main process of a distributed job: the main process prints
-        return 0
-    # A command that reports a finding (scan: backdoored) sets exit_code 1 in its result.
-    code = result.pop("exit_code", 0) if isinstance(result, dict) else 0
-    if getattr(args, "json", False):
-        print(json.dumps(result, indent=2, default=str))
-    else:
-        show(result)
-    return code
+    return run_command(name, cls, job, show, argv[len(name.split()) :])
 
 
 if __name__ == "__main__":

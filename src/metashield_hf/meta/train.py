@@ -1,4 +1,4 @@
-"""Meta-training with MAML under Accelerate (DESIGN §2.4): one visible loop.
+"""Meta-training with MAML under Accelerate: one visible loop.
 
 prepare (cache, split, shard, detector) → per step: sample episodes → inner loop (deployable: clean support +
 pseudo-anomalies) → outer loss on the query → backward → average gradients across processes (gather) → step → log →
@@ -6,8 +6,8 @@ checkpoint.
 
 The same module runs on one CPU (``metashield train``) and under
 ``accelerate launch --multi_gpu --num_processes N -m metashield_hf.meta.train ...``; without CUDA the
-``Accelerator`` is created with ``cpu=True``, which is what makes N CPU processes one gloo group (HF-NOTES gotcha 16:
-``--cpu --num_processes 2`` silently runs one process). Tasks (zoo models) are sharded across processes; every process
+``Accelerator`` is created with ``cpu=True``, which is what makes N CPU processes one gloo group
+(``--cpu --num_processes 2`` silently runs one process). Tasks (zoo models) are sharded across processes; every process
 starts from the same seeded weights and applies the same averaged meta-gradient, so the replicas stay identical.
 The detector is not wrapped in DDP: the inner loop differentiates through ``torch.func.functional_call``, which DDP's
 gradient hooks do not support, so the meta-gradient is averaged by hand with one all-reduce.
@@ -338,9 +338,28 @@ def train(
     return result
 
 
+def run_train(args: MetaTrainArguments) -> dict | None:
+    """The job behind ``metashield train``: :func:`train`, reported by the main process only (``None`` elsewhere)."""
+    from accelerate import PartialState
+
+    result = asdict(train(args))
+    return result if PartialState().is_main_process else None  # under accelerate launch, one process reports
+
+
+def print_train(result: dict) -> None:
+    """Print the summary of a :func:`run_train` result."""
+    print(f"detector saved to {result['detector_dir']}")
+    print(
+        f"  {result['steps']} steps, {result['episodes']} episodes in {result['seconds']:.1f} s "
+        f"({result['episodes_per_s']:.2f} episodes/s on {result['num_processes']} process(es)); "
+        f"final outer loss {result['final_loss']:.4f}"
+    )
+    print(f"  split: {result['train_models']} training / {result['test_models']} held-out models")
+
+
 if __name__ == "__main__":  # accelerate launch --multi_gpu --num_processes 2 -m metashield_hf.meta.train --zoo ...
     import sys
 
-    from ..cli import main
+    from ..arguments import run_command
 
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(run_command("train", MetaTrainArguments, run_train, print_train, sys.argv[1:]))

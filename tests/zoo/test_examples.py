@@ -1,4 +1,4 @@
-"""The bundled examples (`metashield_hf.examples`): the catalogue, the digits picture conversion, the SST-2 pair."""
+"""The bundled examples (`metashield_hf.zoo.examples`): the catalogue, the digits picture conversion, the SST-2 pair."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from metashield_hf.examples import (
+from metashield_hf.zoo.examples import (
     BUNDLED_EXAMPLES,
     digits_image_to_tensor,
     digits_tensor_to_image,
