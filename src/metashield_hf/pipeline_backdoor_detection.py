@@ -74,7 +74,7 @@ class BackdoorDetectionPipeline(Pipeline):
         seed: int = 0,
         **kwargs,
     ):
-        kwargs.setdefault("device", "cpu")  # device=None means cuda:0 when available (HF-NOTES gotcha 10)
+        kwargs.setdefault("device", "cpu")  # device=None means cuda:0 when available
         super().__init__(*args, **kwargs)
         self.shield: AdaptedShield | None = None
         self._adapt_kwargs = {

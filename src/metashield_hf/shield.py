@@ -1,4 +1,4 @@
-"""Few-shot adaptation of a detector to one target model, and scoring with an honest threshold (DESIGN §2.5)."""
+"""Few-shot adaptation of a detector to one target model, and scoring with an honest threshold."""
 
 from __future__ import annotations
 

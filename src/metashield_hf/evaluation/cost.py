@@ -1,4 +1,4 @@
-"""Cost figures (issue [4/6]): detection overhead per input relative to the target's own forward pass, adaptation
+"""Cost figures: detection overhead per input relative to the target's own forward pass, adaptation
 time, meta-training throughput and zoo build seconds per model — all measured, none assumed."""
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ def fpr_key(fpr: float) -> str:
 def detection_metrics(
     scores, labels, threshold: float | None = None, fprs: tuple[float, ...] = (0.01, 0.05)
 ) -> dict[str, float]:
-    """All DESIGN §4 metrics at once; the `evaluate` module ``metrics/backdoor_detection`` returns exactly this.
+    """All the detection metrics at once; the `evaluate` module ``metrics/backdoor_detection`` returns exactly this.
 
     Inputs: one score per example (higher = more likely triggered) and labels ``1`` = triggered input (or backdoored
     model, for scans), ``0`` = clean.

@@ -1,4 +1,4 @@
-"""Evaluation protocols of DESIGN §4 on cached activations, one registry: [`PROTOCOLS`].
+"""Evaluation protocols on cached activations, one registry: [`PROTOCOLS`].
 
 Every protocol scores methods on *episodes*: one held-out zoo model, a support of ``k`` clean probe inputs and a
 query of 32 other clean and 32 triggered inputs, drawn by `meta.episodes.make_episode` from ``(model, k, seed)`` alone.

@@ -1,4 +1,4 @@
-"""``MetaShieldStrategy``: a Flower strategy wrapper that screens client updates before aggregation (DESIGN §2.7).
+"""``MetaShieldStrategy``: a Flower strategy wrapper that screens client updates before aggregation.
 
 Requires ``flwr`` (``pip install "metashield-hf[fl]"``); Flower's Message API (``flwr.serverapp.strategy``).
 """

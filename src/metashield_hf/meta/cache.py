@@ -1,4 +1,4 @@
-"""Per-model activation cache: each zoo model's probe set goes through its target adapter once (DESIGN §2.4).
+"""Per-model activation cache: each zoo model's probe set goes through its target adapter once.
 
 One safetensors file per ``model_id`` holding clean/triggered penultimate activations and logits, the probe labels
 and the classification head; metadata (domain, attack, ...) in the safetensors header. Episodes then cost

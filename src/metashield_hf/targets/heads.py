@@ -1,6 +1,6 @@
 """Finding the final classification ``nn.Linear`` of a classifier, and capturing its input (the penultimate layer).
 
-The rule (HF-NOTES §3, checked on BERT, DistilBERT, RoBERTa, DeBERTa-v2, BART, GPT-2, ViT, ResNet, ConvNeXt, timm and
+The rule (checked on BERT, DistilBERT, RoBERTa, DeBERTa-v2, BART, GPT-2, ViT, ResNet, ConvNeXt, timm and
 PEFT models):
 
 1. rules keyed by ``config.model_type`` (RoBERTa's head is ``classifier.out_proj``, not the ``dense`` before it) or

@@ -29,7 +29,8 @@ class TimmAdapter(TargetAdapter):
     """timm classifiers: PIL images, arrays or tensors, preprocessed with the model's own ``pretrained_cfg``.
 
     Args:
-        model: a timm model (``timm.create_model(...)``; from a folder use ``pretrained=True``, see HF-NOTES §11).
+        model: a timm model (``timm.create_model(...)``; from a folder ``timm.create_model("local-dir:<folder>",
+            pretrained=True)``: without ``pretrained=True`` timm builds the architecture with random weights).
         processor: a transform for one image; default ``create_transform(**resolve_data_config(model=model))``
             (eval: resize, center crop, normalize). PIL images go through it as PIL, arrays/tensors as float CHW.
     """

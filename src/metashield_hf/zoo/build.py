@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 MAX_SHARD_BYTES = 500 * 2**20
-ROW_GROUP_SIZE = 16  # rows per parquet row group: reading one model does not read the whole file (HF-NOTES gotcha 13)
+ROW_GROUP_SIZE = 16  # rows per parquet row group: reading one model does not read the whole file
 
 
 def resolve_data_root(data_dir: str | os.PathLike | None = None) -> Path:

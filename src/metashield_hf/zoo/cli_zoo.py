@@ -1,6 +1,7 @@
 """``metashield zoo build`` / ``metashield zoo push``: argument dataclasses and the jobs behind them.
 
-Sharded over processes with Accelerate; on CPUs use ``--multi_gpu`` (HF-NOTES gotcha 16)::
+Sharded over processes with Accelerate; on CPUs use ``--multi_gpu`` (``--cpu --num_processes N`` silently runs
+one process)::
 
     metashield zoo build --config configs/zoo/standard.yaml --out zoo_standard
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\

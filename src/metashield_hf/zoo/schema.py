@@ -4,7 +4,7 @@ One row per model. Checkpoint files are stored inside the row (``checkpoint`` = 
 zoo is self-contained and a row becomes an HF-loadable folder again with :func:`write_checkpoint`. Probe inputs are
 stored in one of two column pairs (``probe_*_image`` as ``List(Image())`` for vision and FL, ``probe_*_text`` as
 ``List(string)`` for text); the unused pair holds empty lists. JSON-valued columns are plain strings for
-portability (HF-NOTES gotcha 14).
+portability.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def write_checkpoint(row: dict[str, Any], folder: str | Path) -> Path:
     """Write a row's checkpoint files to ``folder``; returns the folder to pass to ``load_target``.
 
     PEFT rows hold the base model under ``base/``: ``adapter_config.json``'s ``base_model_name_or_path`` is rewritten
-    to that folder's absolute path, because PEFT resolves it when loading (HF-NOTES gotcha 12).
+    to that folder's absolute path, because PEFT resolves it when loading.
     """
     folder = Path(folder)
     if not row.get("checkpoint"):
