@@ -18,7 +18,9 @@ def private_imports(path: Path) -> list[str]:
         if isinstance(node, ast.ImportFrom) and node.module != "__future__":
             for alias in node.names:
                 if alias.name.startswith("_") and not alias.name.startswith("__"):
-                    found.append(f"{path.relative_to(SRC)}:{node.lineno} from {'.' * node.level}{node.module} import {alias.name}")
+                    found.append(
+                        f"{path.relative_to(SRC)}:{node.lineno} from {'.' * node.level}{node.module} import {alias.name}"
+                    )
     return found
 
 

@@ -107,9 +107,12 @@ def method_results(records: list[dict], head: ScanHead, method: str) -> tuple[li
         )
     res = [r["neural_cleanse"][method.split("@")[1]] for r in records]
     n = len(res)
-    return [x["score"] for x in res], [NEURAL_CLEANSE_THRESHOLD] * n, [x["suspected_target"] for x in res], [
-        x["seconds"] for x in res
-    ]
+    return (
+        [x["score"] for x in res],
+        [NEURAL_CLEANSE_THRESHOLD] * n,
+        [x["suspected_target"] for x in res],
+        [x["seconds"] for x in res],
+    )
 
 
 def summarize(records: list[dict], head: ScanHead, method: str) -> str:

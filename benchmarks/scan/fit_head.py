@@ -40,7 +40,8 @@ class FitHeadArguments:
     report: str = field(default=str(HERE / "results" / "head_fit.md"), metadata={"help": "The choices, as markdown."})
     ship: bool = field(default=False, metadata={"help": "Copy the fitted head over the shipped one."})
     cv_report: bool = field(
-        default=True, metadata={"help": "Also cross-validate the base head's C for the report (minutes; no effect on it)."}
+        default=True,
+        metadata={"help": "Also cross-validate the base head's C for the report (minutes; no effect on it)."},
     )
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 from .arguments import run_command
+from .scan.config import ScanConfig
 
 
 @dataclass
@@ -111,12 +112,25 @@ def _print_detect(result: dict) -> None:
 
 
 @dataclass
-class ScanArguments:
+class ScanArguments(ScanConfig):
     """Scan a checkpoint for a backdoor: ``metashield scan CHECKPOINT --clean-samples SPEC``. Exit code 0 = clean,
-    1 = backdoored, 2 = error."""
+    1 = backdoored, 2 = error. Every [`ScanConfig`] option is a flag."""
 
     positional: ClassVar[tuple[str, ...]] = ("checkpoint",)
 
+    n: int | None = field(default=20, metadata={"help": "Number of clean samples to use (at least 5)."})
+    refine: int | None = field(
+        default=None,
+        metadata={"help": "Opt-in speed-up: classes that continue to the full --steps after a short screen of all "
+                  "classes (0 or none, the default: every class runs the full budget)."},
+    )  # fmt: skip
+    head: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON of a refit model-level head (ScanHead.save); default: the shipped one.",
+            "aliases": ["--scan-head", "--scan_head"],
+        },
+    )
     checkpoint: str | None = field(
         default=None, metadata={"help": "Hub id or folder of the classifier (transformers, timm, PEFT adapter)."}
     )
@@ -124,33 +138,20 @@ class ScanArguments:
         default=None,
         metadata={"help": "Clean inputs: text file, image folder, CSV/JSONL/parquet, or dataset[:split[:column]]."},
     )
-    n: int = field(default=20, metadata={"help": "Number of clean samples to use (at least 5)."})
     detector: str | None = field(default=None, metadata={"help": "Detector folder or Hub id (default: embedded)."})
-    steps: int = field(default=80, metadata={"help": "Adam steps of the per-class trigger synthesis."})
-    refine: int = field(
-        default=0,
-        metadata={"help": "Opt-in speed-up: classes that continue to the full --steps after a short screen of all "
-                  "classes (0, the default: every class runs the full budget; see reports/scan_refine.md)."},
-    )  # fmt: skip
-    screen_steps: int = field(default=40, metadata={"help": "Adam steps of the screen that all classes get."})
-    blend_steps: int | None = field(
-        default=None,
-        metadata={"help": "Image models: Adam steps of the whole-image blend trigger synthesis (default: 20 for "
-                  "image models; 0: none; see reports/scan_blend.md)."},
-    )  # fmt: skip
-    source_steps: int = field(
-        default=0,
-        metadata={"help": "Opt-in, image models: also synthesize source-specific triggers (masks that flip half the "
-                  "samples) in this many steps, e.g. 80 (0, the default: none; see reports/scan_source.md)."},
-    )  # fmt: skip
-    seed: int = field(default=0, metadata={"help": "Seed for everything random."})
-    scan_head: str | None = field(
-        default=None, metadata={"help": "JSON of a refit model-level head (fit_scan_head); default: the shipped one."}
-    )
     neural_cleanse: bool = field(default=False, metadata={"help": "Also run the Neural Cleanse baseline."})
     json: bool = field(default=False, metadata={"help": "Print the report as JSON instead of text."})
-    allow_pickle: bool = field(default=False, metadata={"help": "Accept pickle-only (.bin) checkpoints."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow the checkpoint's own code to run."})
+
+    def __post_init__(self) -> None:
+        try:
+            super().__post_init__()
+        except ValueError as err:  # name the flag: "--blend_steps must be >= 0"
+            raise ValueError(f"--{err}") from None
+
+    def scan_config(self) -> ScanConfig:
+        """The [`ScanConfig`] these flags set (``--refine 0`` means no refine)."""
+        options = {f.name: getattr(self, f.name) for f in fields(ScanConfig)}
+        return ScanConfig(**options | {"refine": self.refine or None})
 
 
 def run_scan(args: ScanArguments) -> dict:
@@ -161,22 +162,13 @@ def run_scan(args: ScanArguments) -> dict:
         raise ValueError("name the checkpoint to scan: metashield scan CHECKPOINT --clean-samples FILE")
     if not args.clean_samples:
         raise ValueError("--clean-samples is required (a text file, image folder, table or dataset[:split[:column]])")
-    if args.n < 5:
+    if args.n is not None and args.n < 5:
         raise ValueError(f"--n must be at least 5 clean samples, got {args.n}")
+    if args.refine is not None and args.refine < 0:
+        raise ValueError(f"--refine must be >= 0, got {args.refine}")
+    report = scan_model(args.checkpoint, args.clean_samples, args.detector, args.scan_config()).to_dict()
     common = {"n": args.n, "steps": args.steps, "seed": args.seed}
     common |= {"allow_pickle": args.allow_pickle, "trust_remote_code": args.trust_remote_code}
-    if args.refine < 0 or args.screen_steps < 1:
-        raise ValueError(f"--refine must be >= 0 and --screen_steps >= 1, got {args.refine} and {args.screen_steps}")
-    if args.blend_steps is not None and args.blend_steps < 0:
-        raise ValueError(f"--blend_steps must be >= 0, got {args.blend_steps}")
-    if args.source_steps < 0:
-        raise ValueError(f"--source_steps must be >= 0, got {args.source_steps}")
-    staged = {"refine": args.refine or None, "screen_steps": args.screen_steps}
-    report = scan_model(
-        args.checkpoint, args.clean_samples, args.detector, head=args.scan_head, blend_steps=args.blend_steps,
-        source_steps=args.source_steps,
-        **common, **staged,
-    ).to_dict()  # fmt: skip
     if args.neural_cleanse:
         report["neural_cleanse"] = neural_cleanse_scan(args.checkpoint, args.clean_samples, **common).to_dict()
     report["exit_code"] = 1 if report["verdict"] == "backdoored" else 0

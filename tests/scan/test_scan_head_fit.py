@@ -41,7 +41,9 @@ def test_the_shipped_head_is_rebuilt_byte_for_byte_from_the_committed_records(tm
     train += [r for name in base["extra_train"] for r in read_records(RECORDS / name)]
     head = fit_heads(train, base["c"], base["text_signals"], base["text_c"], base["large_vocabulary_signals"])
     for name, spec in config["parts"].items():
-        rows = [r for f in spec["standard"] for r in read_records(RECORDS / f) if split_of.get(r["model_id"]) == "train"]
+        rows = [
+            r for f in spec["standard"] for r in read_records(RECORDS / f) if split_of.get(r["model_id"]) == "train"
+        ]
         rows += [r for f in spec["extra_train"] for r in read_records(RECORDS / f)]
         assert {record_variant(r) for r in rows} == {name}  # every row is a scan of the part's variant
         candidates = [tuple(spec["base"]) + tuple(spec["extra"])] + [(*spec["base"], s) for s in spec["extra"]]
@@ -71,7 +73,9 @@ def test_the_committed_held_out_table_is_the_shipped_heads_score_of_the_records(
         rows = [r for r in standard.values() if r["split"] == "test" and r["domain"] == domain]
         y = [int(r["is_backdoored"]) for r in rows]
         s = [score_record(head, r) for r in rows]
-        line = re.search(rf"^\| {domain} \(\d+, \d+ bd\) \| MetaShield scan \| ([0-9.]+) \[.*?\] \| ([0-9.]+) \|", table, re.M)
+        line = re.search(
+            rf"^\| {domain} \(\d+, \d+ bd\) \| MetaShield scan \| ([0-9.]+) \[.*?\] \| ([0-9.]+) \|", table, re.M
+        )
         assert line, domain
         assert float(line.group(1)) == pytest.approx(roc_auc_score(y, s), abs=5e-4), domain
         hits = np.mean([(v > verdict_threshold(head, r)) == bool(t) for v, r, t in zip(s, rows, y, strict=True)])

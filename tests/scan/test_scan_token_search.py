@@ -9,7 +9,6 @@ import torch
 
 from builders import NUM_LABELS, build_text_model
 from metashield_hf.scan import scan_model, token_signals
-from metashield_hf.targets import load_target
 from metashield_hf.scan.token_search import (
     _context_free_candidates,
     _Inserter,
@@ -17,6 +16,7 @@ from metashield_hf.scan.token_search import (
     large_vocabulary,
     search_token_triggers,
 )
+from metashield_hf.targets import load_target
 from test_pipeline import WORDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")

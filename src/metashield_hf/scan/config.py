@@ -114,7 +114,9 @@ class ScanConfig:
         """A copy with ``changes``; an unknown name raises a ``TypeError`` that lists the fields."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
-            raise TypeError(f"unknown scan options {unknown}; ScanConfig has {[f.name for f in dataclasses.fields(self)]}")
+            raise TypeError(
+                f"unknown scan options {unknown}; ScanConfig has {[f.name for f in dataclasses.fields(self)]}"
+            )
         return dataclasses.replace(self, **changes)
 
     def load_head(self) -> ScanHead:

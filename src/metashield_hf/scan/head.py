@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .signals import LARGE_VOCABULARY, SIGNALS, SOURCE, BLEND, SYNTHESIS_SIGNALS
+from .signals import BLEND, LARGE_VOCABULARY, SIGNALS, SOURCE, SYNTHESIS_SIGNALS
 
 #: The part a variant's scan falls back to where the head has none for it (or lacks its signals): a source-specific
 #: scan also ran the blend synthesis (scan_model's default), so it is scored as a blend scan, then as a plain one.

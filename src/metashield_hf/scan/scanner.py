@@ -20,7 +20,6 @@ import torch
 from ..targets import load_target
 from ..targets.base import TargetAdapter, TargetOutput
 from .config import DEFAULT_BLEND_STEPS, MIN_SCAN_SAMPLES, SOURCE_FLIP_THRESHOLD, SOURCE_LOSS_QUANTILE, ScanConfig
-from .head import ScanHead
 from .report import ClassEvidence, ScanReport
 from .signals import (
     BLEND,
@@ -32,7 +31,7 @@ from .signals import (
     token_signals,
     variant_signals,
 )
-from .synthesis import SynthesisResult, anomaly_indices, synthesis_space, synthesize_triggers
+from .synthesis import anomaly_indices, synthesis_space, synthesize_triggers
 
 logger = logging.getLogger(__name__)
 
