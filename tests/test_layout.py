@@ -44,3 +44,19 @@ def test_private_imports_are_found(tmp_path):
 )
 def test_subpackages_import_on_their_own(module):
     assert importlib.import_module(module).__name__ == module
+
+
+def test_the_public_api_names_the_entry_points_and_imports_flower_lazily():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, metashield_hf as m; "
+        "assert 'flwr' not in sys.modules; "
+        "names = {'scan_model', 'score_client_updates', 'load_detector', 'load_target', 'adapt', 'ScanConfig'}; "
+        "assert names <= set(m.__all__) and 'MetaShieldStrategy' in m.__all__; "
+        "assert 'fit_scan_head' not in m.__all__; "
+        "m.MetaShieldStrategy; assert 'flwr' in sys.modules"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
