@@ -1,9 +1,11 @@
-"""`scripts/fl_benchmark.py`, the one command behind `reports/fl.md`, at a tiny size (real MNIST, real Flower rules)."""
+"""`benchmarks/fl/run.py`, the one command behind `benchmarks/fl/results/screening.md`, at a tiny size (real MNIST,
+real Flower rules)."""
 
 from __future__ import annotations
 
 import importlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,14 +14,18 @@ from metashield_hf.zoo.build import resolve_data_root
 
 MNIST = resolve_data_root() / "mnist"
 pytestmark = pytest.mark.skipif(not MNIST.exists(), reason=f"{MNIST} not found (set $METASHIELD_DATA)")
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "fl_benchmark.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fl" / "run.py"
 
 
 def _load_script(monkeypatch):
     # Imported by name from a sys.path entry (not exec'd from its path), so that the spawned --jobs workers can
-    # unpickle the script's functions: spawn hands sys.path to the children.
+    # unpickle the script's functions: spawn hands sys.path to the children. Its name, ``run``, is generic: any
+    # module of that name imported before is set aside, and this one is dropped again after the test.
+    monkeypatch.delitem(sys.modules, SCRIPT.stem, raising=False)
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
-    return importlib.import_module(SCRIPT.stem)
+    module = importlib.import_module(SCRIPT.stem)
+    assert Path(module.__file__).resolve() == SCRIPT, module.__file__
+    return module
 
 
 @pytest.mark.slow
@@ -29,7 +35,7 @@ def test_parallel_settings_land_in_command_line_order_with_complete_counts(tmp_p
             "--warmup-rounds", "1", "--rounds", "2", "--train-size", "600", "--test-size", "200",
             "--scan-steps", "5", "--jobs", "2", "--out", str(tmp_path)]  # fmt: skip
     assert bench.main(argv) == 0
-    result = json.loads((tmp_path / "fl.json").read_text())
+    result = json.loads((tmp_path / "screening.json").read_text())
     assert result["complete"] is True
     # --jobs 2 finishes the settings in any order; the report keeps the command line's.
     assert [(s["dataset"], s["algorithm"]) for s in result["settings"]] == [("mnist", "fedprox"), ("mnist", "fedavg")]
@@ -43,7 +49,7 @@ def test_parallel_settings_land_in_command_line_order_with_complete_counts(tmp_p
             assert r["tp"] + r["fn"] == 2, (screen, r)
             assert r["fp"] + r["tn"] == 2 * (cpr - 1), (screen, r)
         assert set(attack["outcome"]) >= {"none", "metashield", "norm", "krum", "dp_fixed", "dp_adaptive"}
-    markdown = (tmp_path / "fl.md").read_text()
+    markdown = (tmp_path / "screening.md").read_text()
     assert markdown.index("## mnist / fedprox") < markdown.index("## mnist / fedavg")
     assert "| model_replacement | " in markdown
     assert "Not in this run: femnist (`--datasets femnist`)." in markdown

@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 MAD_CONSISTENCY = 1.4826  # MAD -> standard deviation for normal data
 MIN_CLIENTS_FOR_RELATIVE = 3  # below this a median/MAD over the round says nothing; the scan's own verdict is used
 # trigger_drift alone: on captured MNIST rounds (3 captures, 6 attacks) it caught data poisoning, DBA and Neurotoxin
-# where scan_score / class_size_shift caught none, and adding those mostly adds false alarms (see reports/fl.md).
+# where scan_score / class_size_shift caught none, and adding those mostly adds false alarms (see
+# benchmarks/fl/README.md).
 DEFAULT_SIGNALS = ("trigger_drift",)
 KNOWN_SIGNALS = ("trigger_drift", "scan_score", "class_size_shift", "anomaly_index")
 DRIFT_MIN_SCALE = 0.02  # floor of the per-class spread of mask cosines (identical candidates would divide by ~0)

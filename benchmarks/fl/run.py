@@ -12,16 +12,18 @@ one of which the ``--malicious`` clients (of ``--num-clients``) attack (defaults
    an attack-free run.
 3. Cost: MetaShield's screen seconds per round next to the round's client-training seconds (same run).
 
-Writes ``reports/fl.json`` and ``reports/fl.md``. Every number comes from the run.
+Writes ``results/screening.json`` (every per-round score) and ``results/screening.md`` (the tables of
+``benchmarks/fl/README.md``). Every number comes from the run. Run from the repository root:
 
-    python scripts/fl_benchmark.py --jobs 2            # every dataset x algorithm x attack -> reports/fl.md (~50 min)
-    python scripts/fl_benchmark.py --datasets mnist --algorithms fedavg --out /tmp/fl     # one setting (~10 min)
+    python benchmarks/fl/run.py --jobs 2     # every dataset x algorithm x attack -> results/screening.md (~50 min)
+    python benchmarks/fl/run.py --datasets mnist --algorithms fedavg --out artifacts/fl     # one setting (~10 min)
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -29,6 +31,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -37,6 +40,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from transformers import HfArgumentParser  # noqa: E402
 
 from metashield_hf.attacks import ATTACKS  # noqa: E402
 from metashield_hf.fl.baselines import cosine_clusters, norm_outliers  # noqa: E402
@@ -51,7 +55,7 @@ from metashield_hf.fl.simulate import (  # noqa: E402
     screen_defence,
 )
 
-logger = logging.getLogger("fl_benchmark")
+logger = logging.getLogger("benchmarks.fl")
 ATTACK_NAMES = [
     "fl_data_poisoning", "dba", "model_replacement", "model_replacement_constrained", "neurotoxin",
     "targeted_weight_modification",
@@ -79,6 +83,51 @@ DATASET_DEFAULTS = {
     "mnist": {"warmup_rounds": 15, "rounds": 3, "malicious": 1},
     "femnist": {"warmup_rounds": 100, "rounds": 5, "malicious": 2},
 }
+
+
+@dataclass
+class FLBenchmarkArguments:
+    """The run's options; ``None`` for ``warmup_rounds`` / ``rounds`` / ``malicious`` takes ``DATASET_DEFAULTS``."""
+
+    datasets: list[str] = field(
+        default_factory=lambda: ["mnist", "femnist"], metadata={"choices": ["mnist", "femnist"]}
+    )
+    algorithms: list[str] = field(
+        default_factory=lambda: ["fedavg", "fedprox"], metadata={"choices": ["fedavg", "fedprox"]}
+    )
+    attacks: list[str] = field(default_factory=lambda: list(ATTACK_NAMES), metadata={"choices": ATTACK_NAMES})
+    num_clients: int = 20
+    clients_per_round: int = field(default=7, metadata={"help": "Bulyan with f=1 needs at least 7"})
+    warmup_rounds: int | None = field(default=None, metadata={"help": "benign rounds first (default: per dataset)"})
+    rounds: int | None = field(
+        default=None, metadata={"help": "screened rounds, attacked in each (default: per dataset)"}
+    )
+    malicious: int | None = field(default=None, metadata={"help": "malicious clients (default: per dataset)"})
+    local_epochs: int = 2
+    lr: float = 0.05
+    attacker_epochs: int = field(
+        default=10,
+        metadata={
+            "help": "local epochs of the malicious client (the zoo's attackers train 10; with the benign 2 the "
+            "backdoor does not survive averaging)"
+        },
+    )
+    batch_size: int = 32
+    mu: float = 0.01
+    alpha: float = 0.5
+    min_samples: int = field(default=50, metadata={"help": "FEMNIST: keep writers with at least this many samples"})
+    train_size: int = 4000
+    test_size: int = 1000
+    clean_samples: int = 10
+    scan_steps: int = 40
+    z_threshold: float = 3.5
+    target: int = 0
+    seed: int = 0
+    out: str = field(
+        default="benchmarks/fl/results",
+        metadata={"help": "folder for screening.json and screening.md (relative to the working directory)"},
+    )
+    jobs: int = field(default=1, metadata={"help": "settings (dataset x algorithm) run in parallel processes"})
 
 
 def flower_strategies(num_clients_per_round: int, seed: int = 0) -> dict:
@@ -260,9 +309,9 @@ def write_markdown(result: dict, path: Path) -> None:
     lines = [
         "# Federated learning: screening client updates (issue #9 §3–4)",
         "",
-        f"Written by `python scripts/fl_benchmark.py {' '.join(result['argv'])}` in {result['seconds'] / 60:.1f} min "
+        f"Written by `python benchmarks/fl/run.py {' '.join(result['argv'])}` in {result['seconds'] / 60:.1f} min "
         f"on {result['machine']} (torch threads: {torch.get_num_threads()}). All numbers below come from that run "
-        "(`fl.json` beside this file has every per-round score)."
+        "(`screening.json` beside this file has every per-round score)."
         + ("" if result.get("complete") else " **Partial: the run had not finished when this was written.**"),
         "",
         f"Setting: {a['num_clients']} clients, {a['clients_per_round']} per round; benign warm-up rounds, then "
@@ -346,7 +395,7 @@ def write_markdown(result: dict, path: Path) -> None:
         "working backdoor; without boosting, a few attackers need more rounds than this benchmark screens.",
         "- Sized to run on a 2-core machine in under an hour (`--jobs 2`): few clients per round, few screened rounds, "
         "one seed. "
-        "The TPR denominators are small (one or two malicious updates per round); see `tp/fn/fp/tn` in `fl.json`.",
+        "The TPR denominators are small (one or two malicious updates per round); see `tp/fn/fp/tn` in `screening.json`.",
         "- Flower's client-side DP wrappers (`DifferentialPrivacyClientSide*Clipping` with the clients' "
         "`fixedclipping_mod`) are not run: there each client clips its own update, and a malicious client simply "
         "skips the mod, so against backdoors only the server's noise is left, which the server-side rows already "
@@ -363,60 +412,36 @@ def write_markdown(result: dict, path: Path) -> None:
             if missing
             else "- Every dataset × algorithm is in this run."
         )
-        + " The input-level detector on the FEMNIST zoo models is in `reports/femnist_detector/benchmark.md`.",
+        + " The input-level detector on the FEMNIST zoo models is in "
+        "`benchmarks/input_detection/results/femnist_global_models/benchmark.md`.",
         "",
     ]
     path.write_text("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", nargs="+", default=["mnist", "femnist"], choices=["mnist", "femnist"])
-    p.add_argument("--algorithms", nargs="+", default=["fedavg", "fedprox"], choices=["fedavg", "fedprox"])
-    p.add_argument("--attacks", nargs="+", default=ATTACK_NAMES, choices=ATTACK_NAMES)
-    p.add_argument("--num-clients", type=int, default=20)
-    p.add_argument("--clients-per-round", type=int, default=7, help="Bulyan with f=1 needs at least 7")
-    p.add_argument("--warmup-rounds", type=int, default=None, help="benign rounds first (default: per dataset)")
-    p.add_argument("--rounds", type=int, default=None, help="screened rounds, attacked in each (default: per dataset)")
-    p.add_argument("--malicious", type=int, default=None, help="malicious clients (default: per dataset)")
-    p.add_argument("--local-epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument(
-        "--attacker-epochs",
-        type=int,
-        default=10,
-        help="local epochs of the malicious client (the zoo's attackers train 10; with the benign 2 the "
-        "backdoor does not survive averaging)",
+    parser = HfArgumentParser(
+        FLBenchmarkArguments, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--mu", type=float, default=0.01)
-    p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--min-samples", type=int, default=50, help="FEMNIST: keep writers with at least this many samples")
-    p.add_argument("--train-size", type=int, default=4000)
-    p.add_argument("--test-size", type=int, default=1000)
-    p.add_argument("--clean-samples", type=int, default=10)
-    p.add_argument("--scan-steps", type=int, default=40)
-    p.add_argument("--z-threshold", type=float, default=3.5)
-    p.add_argument("--target", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("reports"))
-    p.add_argument("--jobs", type=int, default=1, help="settings (dataset x algorithm) run in parallel processes")
-    args = p.parse_args(argv)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    out = Path(args.out)
     _setup_process()
     t0 = time.perf_counter()
-    args.out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     settings: list[dict] = []
 
     def dump(final: bool = False) -> dict:
         result = {
-        "argv": sys.argv[1:] if argv is None else list(argv), "args": {k: (str(v) if isinstance(v, Path) else v)
-        for k, v in vars(args).items()}, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "seconds": time.perf_counter() - t0, "complete": final,
-        "dp": {"clipping_norm": DP_CLIPPING_NORM, "noise_multiplier": DP_NOISE_MULTIPLIER},
-        "settings": settings,
-        }  # fmt: skip
-        (args.out / "fl.json").write_text(json.dumps(result, indent=1, default=float))
-        write_markdown(result, args.out / "fl.md")
+            "argv": sys.argv[1:] if argv is None else list(argv),
+            "args": dataclasses.asdict(args),
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "seconds": time.perf_counter() - t0,
+            "complete": final,
+            "dp": {"clipping_norm": DP_CLIPPING_NORM, "noise_multiplier": DP_NOISE_MULTIPLIER},
+            "settings": settings,
+        }
+        (out / "screening.json").write_text(json.dumps(result, indent=1, default=float))
+        write_markdown(result, out / "screening.md")
         return result
 
     todo = [(d, a) for d in args.datasets for a in args.algorithms]
@@ -437,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             for future in concurrent.futures.as_completed(futures):
                 record(futures[future], future.result())
     result = dump(final=True)
-    logger.info("wrote %s and %s in %.1f min", args.out / "fl.json", args.out / "fl.md", result["seconds"] / 60)
+    logger.info("wrote %s and %s in %.1f min", out / "screening.json", out / "screening.md", result["seconds"] / 60)
     return 0
 
 
