@@ -78,9 +78,6 @@ def to_device(inputs, device: torch.device, dtype: torch.dtype | None):
     return {k: move(v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
-_to_device = to_device  # the name scan/synthesis.py imports until it switches to ``to_device``
-
-
 class TargetAdapter:
     """Base class of target adapters: raw inputs → model inputs → ``TargetOutput(logits, penultimate)``.
 
@@ -128,6 +125,11 @@ class TargetAdapter:
         self._dtype = param.dtype if param is not None and param.is_floating_point() else None
         self._head: HeadInfo | None = None
         model.eval()
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The floating-point dtype of the model's parameters (what float inputs are cast to), or ``None``."""
+        return self._dtype
 
     # ---- what subclasses provide -------------------------------------------------------------------------------
     @classmethod
