@@ -8,8 +8,8 @@ import torch
 
 from builders import NUM_LABELS, build_image_model, build_text_model
 from metashield_hf import adapt, load_detector
-from metashield_hf.zoo.examples import TinyCNN
 from metashield_hf.shield import calibrate_threshold
+from metashield_hf.zoo.examples import TinyCNN
 from test_pipeline import clean_sentences, digit_images
 
 
