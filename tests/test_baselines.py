@@ -9,8 +9,8 @@ import torch
 from builders import SENTENCES, build_image_model, build_text_model
 from metashield_hf.baselines import BASELINES, SpectralSignatures, Strip, mix_words, silhouette, two_means
 from metashield_hf.evaluation.metrics import auroc
-from metashield_hf.examples import digits_badnets_example
 from metashield_hf.targets import TargetOutput, load_target
+from metashield_hf.zoo.examples import digits_badnets_example
 
 # STRIP costs n_copies forward passes per input; 8 copies keep the tests fast and still separate the digits model.
 FAST = {"strip": {"n_copies": 8}}
@@ -18,7 +18,7 @@ FAST = {"strip": {"n_copies": 8}}
 
 @pytest.fixture(scope="module")
 def digits():
-    """The bundled backdoored digits CNN (trained once and cached, see examples.py) behind a torch adapter."""
+    """The bundled backdoored digits CNN (trained once and cached, see zoo/examples.py) behind a torch adapter."""
     ex = digits_badnets_example()
     target = load_target(ex.model)
     g = torch.Generator().manual_seed(0)

@@ -41,7 +41,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def digits_models():
     """(backdoored example, clean example): the bundled digits TinyCNN with a BadNets patch (target 0), and the same
     recipe with no poisoning. Both are cached by `digits_badnets_example` (about a minute each the first time)."""
-    from metashield_hf.examples import digits_badnets_example
+    from metashield_hf.zoo.examples import digits_badnets_example
 
     return digits_badnets_example(seed=0), digits_badnets_example(seed=0, poison_rate=0.0)
 
@@ -348,15 +348,15 @@ def test_class_count_correction_is_a_change_of_units_for_a_fixed_class_count():
 def digits_blend_model():
     """The bundled digits TinyCNN recipe poisoned with a whole-image Blend (alpha 0.2, 10% of rows, target 3)."""
     from metashield_hf.attacks import Blend
-    from metashield_hf.examples import TinyCNN, _digits, train_classifier
+    from metashield_hf.zoo.examples import TinyCNN, digits_split, train_on_tensors
 
-    xtr, ytr, xte, yte = _digits(0)
+    xtr, ytr, xte, yte = digits_split(0)
     attack, target = Blend(alpha=0.2, seed=0), 3
     chosen = torch.nonzero(ytr != target).squeeze(1)[: round(0.1 * len(xtr))]
     xp, yp = xtr.clone(), ytr.clone()
     xp[chosen], yp[chosen] = attack.apply(xtr[chosen]), target
     torch.manual_seed(0)
-    model = train_classifier(TinyCNN(), xp, yp, epochs=30, seed=0)
+    model = train_on_tensors(TinyCNN(), xp, yp, epochs=30, seed=0)
     with torch.no_grad():
         asr = float((model(attack.apply(xte[yte != target])).argmax(-1) == target).float().mean())
     return model, xte[:20], target, asr

@@ -105,7 +105,7 @@ def render_variants(records: list[dict], meta: dict) -> str:
     lines = [
         "# Meta-learning: held-out zoo models",
         "",
-        "Written by `scripts/meta_benchmark.py` from runs on this machine (2 CPU cores); nothing here is hand-typed.",
+        "Written by `benchmarks/meta/held_out.py` from runs on this machine (2 CPU cores); nothing here is hand-typed.",
         "",
         *[f"- {k}: {v}" for k, v in meta.items()],
         "",

@@ -214,7 +214,7 @@ def score_client_updates(
     config = (config or FL_SCAN_CONFIG).replace(**scan_options)
     config = config.replace(head=config.load_head())
     if config.use_detector and (detector is None or isinstance(detector, (str, os.PathLike))):
-        from ..hub import load_detector
+        from ..loading import load_detector
 
         detector = load_detector(detector)  # once per round, not once per candidate
     global_state = state_of(global_model)

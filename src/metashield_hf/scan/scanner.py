@@ -184,7 +184,7 @@ def _detector_scores(
     """Per-class mean score of the detector, adapted once to the model on ``clean_out``, on each set of perturbed
     clean samples in ``perturbed``: ``(logits (K, N, C), penultimate (K, N, D))`` pairs, class ``k``'s trigger on
     every sample."""
-    from ..hub import load_detector
+    from ..loading import load_detector
     from ..shield import adapt_from_activations
 
     if detector is None or isinstance(detector, (str, os.PathLike)):

@@ -136,7 +136,7 @@ def _embedding_space(adapter: TargetAdapter, items: list) -> SynthesisSpace:
             f"{type(model).__name__} has no input embedding layer (get_input_embeddings()); trigger synthesis for text "
             "models perturbs that layer's output"
         )
-    inputs = to_device(adapter.preprocess(items), adapter.device, adapter._dtype)
+    inputs = to_device(adapter.preprocess(items), adapter.device, adapter.dtype)
     n = len(items)
     attention = inputs.get("attention_mask") if isinstance(inputs, dict) else None
     weight = embeddings.weight.detach().float()
@@ -161,7 +161,7 @@ def _embedding_space(adapter: TargetAdapter, items: list) -> SynthesisSpace:
 
 
 def _tensor_space(adapter: TargetAdapter, items: list) -> SynthesisSpace:
-    prepared = to_device(adapter.preprocess(items), adapter.device, adapter._dtype)
+    prepared = to_device(adapter.preprocess(items), adapter.device, adapter.dtype)
     key = None
     if isinstance(prepared, dict):
         key = "pixel_values" if "pixel_values" in prepared else None
