@@ -3,7 +3,7 @@
 The app is launched in-process on 127.0.0.1 (a free port) once per module. The bundled examples are trained once and
 cached (about a minute per digits model, 15 s per SST-2 model); afterwards the whole file takes well under a minute.
 The browser test drives headless Chromium (/usr/bin/chromium) with Playwright and writes a screenshot of each tab to
-``reports/space/``.
+``spaces/metashield/screenshots/``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.space, pytest.mark.filterwarnings("ignore::pandas.erro
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "spaces" / "metashield" / "app.py"
-SCREENSHOTS = REPO / "reports" / "space"
+SCREENSHOTS = REPO / "spaces" / "metashield" / "screenshots"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",

@@ -257,8 +257,8 @@ def finalize_zoo(out_dir: str | os.PathLike, *, report_path: str | os.PathLike |
 
     Args:
         out_dir: the build folder.
-        report_path: also write the markdown report there (e.g. ``reports/zoo.md``); it is always written to
-            ``out_dir/zoo_report.md``.
+        report_path: also write the markdown report there (e.g. ``benchmarks/meta/results/standard_zoo.md``); it is
+            always written to ``out_dir/zoo_report.md``.
 
     Returns:
         The accepted models as a ``datasets.Dataset`` (what :func:`load_zoo` gives back).

@@ -26,7 +26,9 @@ class ZooBuildArguments:
     out: str = field(metadata={"help": "Build folder; re-running resumes (built and rejected models are skipped)."})
     data_dir: str | None = field(default=None, metadata={"help": "Shared data folder (overrides the config's)."})
     finalize: bool = field(default=True, metadata={"help": "Merge the parts into the dataset after building."})
-    report: str | None = field(default="reports/zoo.md", metadata={"help": "Also write the build report here."})
+    report: str | None = field(
+        default=None, metadata={"help": "Also write the build report here (always also in --out)."}
+    )
     threads: int | None = field(
         default=None, metadata={"help": "torch threads per process (default: 1 when sharded, else torch's)."}
     )

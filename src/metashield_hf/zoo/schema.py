@@ -319,7 +319,7 @@ def render_report(
     failures: list[dict[str, Any]],
     planned: int | None = None,
 ) -> str:
-    """The build report (``reports/zoo.md``): counts, accuracy/ASR distributions, rejects, seconds per model."""
+    """The build report (``REPORT.md`` in the zoo folder; the standard zoo's is ``benchmarks/meta/results/standard_zoo.md``): counts, accuracy/ASR distributions, rejects, seconds per model."""
     n = len(accepted)
     n_clean = sum(not r["is_backdoored"] for r in accepted)
     secs = [r["train_seconds"] for r in accepted]
