@@ -1,4 +1,4 @@
-"""Input-level baselines on the same few-shot episodes as MetaShield (DESIGN §4), one registry: [`BASELINES`].
+"""Input-level baselines on the same few-shot episodes as MetaShield, one registry: [`BASELINES`].
 
 Every baseline has the same interface: ``fit`` on the clean support, then ``score`` inputs (higher = more likely
 triggered). All but STRIP need only activations, so they also run on cached activations:
@@ -201,7 +201,7 @@ class Strip(Baseline):
     https://arxiv.org/abs/1902.06531); text as in STRIP-ViTA, [Gao et al. 2021](https://arxiv.org/abs/1911.10312).
     Each input gets ``n_copies`` superimposed copies, each with a randomly drawn clean support input; the score is
     minus the mean over copies of each copy's prediction entropy ``-Σ_c p_c log₂ p_c`` (the paper's formula; IBM
-    ART's STRIP computes the entropy across copies per class instead, which is at chance, see HF-NOTES §10).
+    ART's STRIP computes the entropy across copies per class instead, which scores at chance).
     Superimposition per modality:
 
     - images (``(C, H, W)`` floats in ``[0, 1]`` after the adapter's conversion): ``clip(x + alpha·x_clean, 0, 1)``,

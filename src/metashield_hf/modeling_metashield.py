@@ -1,7 +1,7 @@
 """MetaShieldDetector: feature encoder → anomaly module → decision layer.
 
 Imports ONLY torch, transformers and the sibling configuration file: ``trust_remote_code`` copies this file and its
-single-dot relative imports, and requires every absolute import to be installed (HF-NOTES §1).
+single-dot relative imports, and requires every absolute import to be installed.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ class MetaShieldDetector(MetaShieldPreTrainedModel):
 
     def adapt(self, target, clean_samples, **kwargs):
         """Adapt to ``target`` from clean samples; see `metashield_hf.shield.adapt` (needs the installed package)."""
-        try:  # inside try: so that trust_remote_code loading does not require the package (HF-NOTES §1)
+        try:  # inside try: so that trust_remote_code loading does not require the package
             from metashield_hf.shield import adapt as _adapt
         except ImportError as err:
             raise ImportError("adapt() needs the metashield-hf package: pip install metashield-hf") from err

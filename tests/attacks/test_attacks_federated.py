@@ -7,8 +7,12 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from torch import nn
 
+from fed_builders import fed_attack as _attack
+from fed_builders import fed_clients as _clients
+from fed_builders import fed_config as _config
+from fed_builders import fed_data as _data
+from fed_builders import fed_model as _model
 from metashield_hf.attacks import (
     ATTACKS,
     DBA,
@@ -21,8 +25,7 @@ from metashield_hf.attacks import (
     attack_from_dict,
 )
 from metashield_hf.attacks.federated import MaliciousContext, StateDict, update_norm
-from metashield_hf.fl.data import ClientData
-from metashield_hf.fl.federation import FedConfig, fedavg_aggregate, local_train, run_federated
+from metashield_hf.fl.federation import fedavg_aggregate, local_train, run_federated
 
 FL = [n for n in ATTACKS.list() if ATTACKS.get(n).domain == "fl"]
 # A white top-left patch on black images: the pixels a trigger changes are exactly where it was put.
@@ -30,43 +33,6 @@ WHITE_TOP_LEFT = {"patch_size": 3, "pattern": "white", "location": "top_left"}
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
-def _model(seed: int = 0) -> nn.Module:
-    """A tiny CNN with a BatchNorm (buffers that move in train mode) and four parameter-owning modules."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1),  # 0
-            nn.BatchNorm2d(4),  # 1
-            nn.ReLU(),
-            nn.Flatten(),
-            nn.Linear(4 * 8 * 8, 16),  # 4
-            nn.ReLU(),
-            nn.Linear(16, 4),  # 6
-        )
-
-
-def _data(n: int = 24, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 1, 8, 8, generator=g), torch.arange(n) % 4
-
-
-def _clients(num: int = 8, size: int = 24) -> list[ClientData]:
-    return [ClientData(*_data(size, seed=k)) for k in range(num)]
-
-
-def _config(**overrides) -> FedConfig:
-    base = dict(num_clients=8, clients_per_round=4, rounds=4, local_epochs=1, lr=0.1, batch_size=8)
-    base.update(malicious_fraction=0.25, attack_rounds=(3, 4), seed=1)
-    return FedConfig(**{**base, **overrides})
-
-
-def _attack(name: str, seed: int = 0) -> object:
-    kwargs = {"trigger": "badnets", "trigger_params": {"patch_size": 2}, "poison_fraction": 0.5, "seed": seed}
-    if name == "model_replacement_constrained":
-        kwargs["norm_bound"] = 0.5
-    return ATTACKS.build(name, **kwargs)
-
-
 def _ctx(
     *,
     train: Callable[..., StateDict] | None = None,

@@ -1,4 +1,4 @@
-"""ψ: dimension-agnostic, fixed-length features of one activation seen against a clean reference set (DESIGN §2.2).
+"""ψ: dimension-agnostic, fixed-length features of one activation seen against a clean reference set.
 
 ψ maps the penultimate activation ``h (D,)`` and logits ``(C,)`` of one input, compared with a few clean samples of
 the same model, to ``F`` numbers that mean the same for a 64-d toy CNN and a 768-d BERT: ``F`` depends only on the

@@ -1,5 +1,4 @@
-"""ψ group ``behaviour``: what the classifier says about the input, relative to what it says on clean data
-(DESIGN §2.2).
+"""ψ group ``behaviour``: what the classifier says about the input, relative to what it says on clean data.
 
 A trigger forces one class, usually with a confidence and margin beyond the clean inputs' (and the forced class need
 not be one the clean set predicts often). Softmax confidence as an anomaly score: [Hendrycks & Gimpel 2017, "A

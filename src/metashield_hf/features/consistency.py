@@ -1,5 +1,4 @@
-"""ψ group ``consistency``: how stable the prediction is when the *model* is perturbed at its last layer
-(DESIGN §2.2).
+"""ψ group ``consistency``: how stable the prediction is when the *model* is perturbed at its last layer.
 
 A trigger drives the penultimate activation deep into its target class's region, so the prediction survives dropout
 at the penultimate layer and noise on the head's weights better than a clean input's (cf. input-perturbation

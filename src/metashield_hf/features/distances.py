@@ -1,4 +1,4 @@
-"""ψ group ``distances``: how far one activation lies from the clean reference set (DESIGN §2.2).
+"""ψ group ``distances``: how far one activation lies from the clean reference set.
 
 Three views of "far", each reported on three width-free scales (absolute per-unit, log-ratio to the clean set's own
 leave-one-out median, and percentile among the clean set):

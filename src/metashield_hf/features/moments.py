@@ -1,4 +1,4 @@
-"""ψ group ``moments``: the shape of one activation vector, standardized against the clean set (DESIGN §2.2).
+"""ψ group ``moments``: the shape of one activation vector, standardized against the clean set.
 
 The ``D`` z-scores of one input are treated as a sample and summarised by width-free statistics. A trigger typically
 makes a few units fire far outside their clean range (heavy tails: kurtosis, max/mean, extreme fraction) or shifts

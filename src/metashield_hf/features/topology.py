@@ -1,5 +1,5 @@
 """ψ group ``topology``: 0-dimensional persistent homology, of the clean cloud plus ``x`` and of ``x``'s activation
-landscape (DESIGN §2.2).
+landscape.
 
 - **Cloud**: in the Rips (single-linkage) filtration of ``clean ∪ {x}``, ``x``'s singleton component dies when its
   first edge appears, i.e. at its distance to the nearest clean point. The clean set's own death times are its

@@ -1,4 +1,4 @@
-"""Screening federated client updates with the model-level scan (DESIGN §2.7).
+"""Screening federated client updates with the model-level scan.
 
 For every client update ``Δk`` of a round the server builds the candidate model ``global + Δk`` and runs
 [`scan_model`] on it with its own few clean samples: no triggered input and no client data. Because the server sees

@@ -1,4 +1,4 @@
-"""Trigger synthesis without triggered examples: per-class mask + pattern reverse engineering (DESIGN §2.6).
+"""Trigger synthesis without triggered examples: per-class mask + pattern reverse engineering.
 
 For every class ``t`` a small *universal* perturbation is optimised that flips the clean samples to ``t``, in the
 Neural Cleanse form ``x' = (1 - m) * x + m * p`` (Wang et al., "Neural Cleanse: Identifying and Mitigating Backdoor

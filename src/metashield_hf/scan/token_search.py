@@ -1,4 +1,4 @@
-"""Discrete trigger search for text classifiers: which few inserted tokens force a class (DESIGN §2.6).
+"""Discrete trigger search for text classifiers: which few inserted tokens force a class.
 
 Text backdoors are keyed on tokens (a rare word, a homoglyph that tokenises to an odd piece, a template's opening
 words), and a continuous perturbation of the embedding layer ([`metashield_hf.synthesis`]) is a poor stand-in for

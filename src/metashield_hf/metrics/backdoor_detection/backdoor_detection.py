@@ -1,4 +1,4 @@
-"""`evaluate` metric for backdoor detection: TPR, FPR, TPR at 1%/5% FPR, AUROC and accuracy (DESIGN §4).
+"""`evaluate` metric for backdoor detection: TPR, FPR, TPR at 1%/5% FPR, AUROC and accuracy.
 
 Shipped inside the package, so it loads offline from its folder (no Hub download)::
 
