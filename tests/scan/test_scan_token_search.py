@@ -166,8 +166,9 @@ def test_context_free_ranking_of_the_trigger_alone(trained, word_tokenizer):
 
 def test_the_wide_context_free_cut_keeps_what_flips_real_samples(trained, word_tokenizer):
     """With ``wide``, the context-free pass keeps ``wide`` tokens per class and cuts them to ``top`` by how surely
-    they send the shortest clean samples of other classes to the class: in the backdoored model the one token kept
-    for the target is the trigger, which the context-free order alone puts first for no class."""
+    they send the shortest clean samples of other classes to the class (a known answer computed token by token).
+    Whether the trigger wins that order depends on how strongly the tiny model learned it, which varies with the
+    numerics of the machine, so the test does not ask it."""
     backdoored, _, trigger, probe = trained
     tok = word_tokenizer
     pool = torch.arange(5, len(tok))
@@ -178,7 +179,14 @@ def test_the_wide_context_free_cut_keeps_what_flips_real_samples(trained, word_t
     trigger_id = tok.convert_tokens_to_ids(trigger)
     assert trigger_id not in _context_free_candidates(ins, pool, valid, 1, 256).tolist()  # no class's first alone
     cut = _context_free_candidates(ins, pool, valid, 1, 256, wide=len(pool))
-    assert len(cut) <= NUM_LABELS and trigger_id in cut.tolist()
+    # known answer: per class, the token that gives the 2 shortest samples of other classes (cut to 8 tokens) the
+    # highest mean probability of the class
+    expected = set()
+    for k in range(NUM_LABELS):
+        sub = ins.subset(ins.shortest(2, [i for i in range(len(probe)) if valid[i, k] > 0]), 8)
+        p = _probs(sub, [[int(t)] for t in pool], 256)[:, :, k].mean(1)
+        expected.add(int(pool[p.argmax()]))
+    assert len(cut) <= NUM_LABELS and set(cut.tolist()) == expected
     # no valid sample for a class (every sample already of it): that class keeps the context-free order
     none_valid = valid.clone()
     none_valid[:, TARGET] = 0

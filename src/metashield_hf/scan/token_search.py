@@ -259,8 +259,8 @@ def _context_free_candidates(
     A backdoor trigger word was trained to decide the class by itself, so on its own it often classifies as the
     target more surely than any natural word. Three positions per vocabulary entry make this the one ranking cheap
     enough to measure every token exactly, at a fraction of the screen's cost per token. But in a model whose
-    natural class words already classify alone with probability near 1, the trigger ties with hundreds of them (the
-    module docstring quotes the ranks). So with ``wide > top`` the ``wide`` best per
+    natural class words already classify alone with probability near 1, the trigger ties with hundreds of them
+    (``benchmarks/scan/README.md`` quotes the ranks). So with ``wide > top`` the ``wide`` best per
     class are kept first, and cut to ``top`` by the mean class probability they give the ``samples`` shortest clean
     samples of the other classes, cut to ``length`` tokens: a trigger flips a real text, a class word on its own
     mostly does not.
