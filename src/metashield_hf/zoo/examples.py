@@ -85,11 +85,18 @@ def train_on_tensors(
 ) -> nn.Module:
     """Train a classifier on in-memory tensors with the zoo's loop as plain Adam (no weight decay, constant rate);
     seeded, the same recipe for clean and poisoned models. Returns ``model`` in eval mode."""
+    loss = lambda m, idx: nn.functional.cross_entropy(m(x[idx]), y[idx])  # noqa: E731
+    return plain_adam(model, loss, len(x), batch=batch, epochs=epochs, lr=lr, seed=seed)
+
+
+def plain_adam(model: nn.Module, loss, n: int, *, batch: int, epochs: int, lr: float, seed: int) -> nn.Module:
+    """The zoo's training loop ([`train_classifier`]) as plain Adam: no weight decay, a constant rate, ``n`` rows in
+    seeded random batches; ``loss(model, row_indices)`` gives a batch's loss."""
     train_classifier(
         model,
-        lambda m, idx: nn.functional.cross_entropy(m(x[idx]), y[idx]),
-        lambda g: torch.randperm(len(x), generator=g).split(batch),
-        steps_per_epoch=math.ceil(len(x) / batch),
+        loss,
+        lambda g: torch.randperm(n, generator=g).split(batch),
+        steps_per_epoch=math.ceil(n / batch),
         epochs=epochs,
         lr=lr,
         weight_decay=0.0,
@@ -201,18 +208,7 @@ def _train_text(model, tokenizer, texts: list[str], labels: list[int], *, epochs
         batch = tokenizer([texts[i] for i in idx], padding=True, truncation=True, return_tensors="pt")
         return m(**batch, labels=y[idx]).loss
 
-    train_classifier(
-        model,
-        loss,
-        lambda g: torch.randperm(len(texts), generator=g).split(32),
-        steps_per_epoch=math.ceil(len(texts) / 32),
-        epochs=epochs,
-        lr=lr,
-        weight_decay=0.0,
-        generator=torch.Generator().manual_seed(seed),
-        final_lr_fraction=1.0,
-    )
-    return model
+    return plain_adam(model, loss, len(texts), batch=32, epochs=epochs, lr=lr, seed=seed)
 
 
 @torch.no_grad()
