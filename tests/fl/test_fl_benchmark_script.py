@@ -17,6 +17,17 @@ pytestmark = pytest.mark.skipif(not MNIST.exists(), reason=f"{MNIST} not found (
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fl" / "run.py"
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """The script sets one torch thread for its whole process; the tests after it get the process back as it was
+    (the Flower simulation test's screen flags other clients when it runs at one thread)."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def _load_script(monkeypatch):
     # Imported by name from a sys.path entry (not exec'd from its path), so that the spawned --jobs workers can
     # unpickle the script's functions: spawn hands sys.path to the children. Its name, ``run``, is generic: any
