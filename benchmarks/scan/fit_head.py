@@ -1,9 +1,9 @@
 """Fit the scan head from the committed scan records, as shipped: ``src/metashield_hf/default_detector/scan_head.json``.
 
-Reads ``configs/head.yaml``: the image/tensor head and the text parts ([`fit_heads`]) on the train records of the
-standard zoo and of the train zoos; then each image variant part (``image/blend``, ``image/source``) chosen among its
-candidate signal sets and L2 strengths by repeated cross-validation on its train records ([`choose_part`]), with a
-verdict threshold that flags ``target_fpr`` of the train clean models. Held-out and check records play no part.
+Reads ``configs/head.yaml`` and fits what it says with [`fit_head_from_spec`]: the image/tensor head and the text
+parts on the train records of the standard zoo and of the train zoos; then each image variant part (``image/blend``,
+``image/source``) chosen among its candidate signal sets and L2 strengths by repeated cross-validation on its train
+records, with a verdict threshold that flags ``target_fpr`` of the train clean models. Held-out and check records play no part.
 Writes the head (``--out``) and ``results/head_fit.md`` (the choices and their cross-validated AUROCs).
 
     python benchmarks/scan/fit_head.py                 # rebuild into results/, compare with the shipped head
@@ -20,14 +20,7 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-from metashield_hf.scan import (
-    DEFAULT_SCAN_HEAD,
-    choose_part,
-    cv_head_c,
-    fit_heads,
-    read_records,
-    with_part,
-)
+from metashield_hf.scan import DEFAULT_SCAN_HEAD, cv_head_c, fit_head_from_spec
 
 HERE = Path(__file__).resolve().parent
 
@@ -45,25 +38,12 @@ class FitHeadArguments:
     )
 
 
-def train_rows(folder: Path, standard: list[str], extra: list[str], split_of: dict[str, str]) -> list[dict]:
-    """The standard zoo's train records (split by ``split_of``) of the files ``standard``, then every record of the
-    train zoos ``extra``."""
-    rows = [r for name in standard for r in read_records(folder / name) if split_of.get(r["model_id"]) == "train"]
-    return rows + [r for name in extra for r in read_records(folder / name)]
-
-
 def main(argv: list[str] | None = None) -> int:
     (args,) = HfArgumentParser(FitHeadArguments).parse_args_into_dataclasses(args=argv)
-    config = yaml.safe_load(Path(args.config).read_text())
-    folder = Path(args.records)
-    base = config["base"]
-    standard = read_records(folder / base["standard"])
-    split_of = {r["model_id"]: r["split"] for r in standard}
-    train = [r for r in standard if r["split"] == "train"] + [
-        r for name in base["extra_train"] for r in read_records(folder / name)
-    ]
+    spec = yaml.safe_load(Path(args.config).read_text())
+    fit = fit_head_from_spec(spec, args.records)
+    base, train = spec["base"], fit.train
     text_signals, large = tuple(base["text_signals"]), tuple(base["large_vocabulary_signals"])
-    head = fit_heads(train, base["c"], text_signals, base["text_c"], large)
     lines = [
         "# How the shipped scan head is fit",
         "",
@@ -82,22 +62,19 @@ def main(argv: list[str] | None = None) -> int:
                 for c, aucs in cv_head_c(train, text_signals, large_signals=large).items()
             )
         )
-    for name, spec in config["parts"].items():
-        rows = train_rows(folder, spec["standard"], spec["extra_train"], split_of)
-        base_signals, extra = tuple(spec["base"]), tuple(spec["extra"])
-        candidates = [base_signals + extra] + [base_signals + (s,) for s in extra]
-        choice = choose_part(rows, candidates, spec["cs"], target_fpr=spec["target_fpr"], name=name)
-        head = with_part(head, f"image/{name}", choice.part)
-        n = len(base_signals)
+    for name, choice in fit.parts.items():
+        n = len(spec["parts"][name]["base"])
         lines += [
             "",
             f"## `image/{name}`",
             "",
-            f"- {len(rows)} train records; candidates (base + ...): "
+            f"- {len(fit.part_rows[name])} train records; candidates (base + ...): "
             + "; ".join(f"{list(s)[n:]} C={c:g} {a:.3f}" for (s, c), a in choice.candidates.items()),
             f"- chosen: base + {list(choice.signals)[n:]} at C={choice.c:g} (cross-validated AUROC {choice.cv_auroc:.3f});"
-            f" verdict threshold {choice.part.threshold:.3f} (flags {spec['target_fpr']:.0%} of the train clean models)",
+            f" verdict threshold {choice.part.threshold:.3f} (flags {spec['parts'][name]['target_fpr']:.0%} of the train "
+            "clean models)",
         ]
+    head = fit.head
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     head.save(out)

@@ -15,7 +15,7 @@ from metashield_hf.scan import (
     DEFAULT_SCAN_HEAD,
     SYNTHESIS_SIGNALS,
     ScanHead,
-    choose_part,
+    fit_head_from_spec,
     fit_heads,
     out_of_fold_scores,
     read_records,
@@ -23,7 +23,6 @@ from metashield_hf.scan import (
     score_record,
     set_fpr_thresholds,
     verdict_threshold,
-    with_part,
 )
 
 STUDY = Path(__file__).resolve().parents[2] / "benchmarks" / "scan"
@@ -33,25 +32,13 @@ RECORDS = STUDY / "results" / "records"
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_the_shipped_head_is_rebuilt_byte_for_byte_from_the_committed_records(tmp_path):
-    config = yaml.safe_load((STUDY / "configs" / "head.yaml").read_text())
-    base = config["base"]
-    standard = read_records(RECORDS / base["standard"])
-    split_of = {r["model_id"]: r["split"] for r in standard}
-    train = [r for r in standard if r["split"] == "train"]
-    train += [r for name in base["extra_train"] for r in read_records(RECORDS / name)]
-    head = fit_heads(train, base["c"], base["text_signals"], base["text_c"], base["large_vocabulary_signals"])
-    for name, spec in config["parts"].items():
-        rows = [
-            r for f in spec["standard"] for r in read_records(RECORDS / f) if split_of.get(r["model_id"]) == "train"
-        ]
-        rows += [r for f in spec["extra_train"] for r in read_records(RECORDS / f)]
-        assert {record_variant(r) for r in rows} == {name}  # every row is a scan of the part's variant
-        candidates = [tuple(spec["base"]) + tuple(spec["extra"])] + [(*spec["base"], s) for s in spec["extra"]]
-        choice = choose_part(rows, candidates, spec["cs"], target_fpr=spec["target_fpr"], name=name)
+    fit = fit_head_from_spec(yaml.safe_load((STUDY / "configs" / "head.yaml").read_text()), RECORDS)
+    for name, choice in fit.parts.items():
+        assert {record_variant(r) for r in fit.part_rows[name]} == {name}  # every row is a scan of the part's variant
         # the threshold flags the asked share of the clean train rows by the cross-validation that chose the part
         assert 0.5 < choice.part.threshold < 1.0
-        head = with_part(head, f"image/{name}", choice.part)
-    head.save(tmp_path / "head.json")
+    assert set(fit.parts) == {"blend", "source"}
+    fit.head.save(tmp_path / "head.json")
     assert (tmp_path / "head.json").read_bytes() == DEFAULT_SCAN_HEAD.read_bytes()
 
 

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -124,14 +123,3 @@ class ScanConfig:
         from .head import ScanHead
 
         return self.head if isinstance(self.head, ScanHead) else ScanHead.load(self.head)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The options as JSON-able values (a head object is named by its ``source``)."""
-        out = dataclasses.asdict(self) if not _is_head(self.head) else {**self.__dict__, "head": self.head.source}
-        if isinstance(out["head"], os.PathLike):
-            out["head"] = str(out["head"])
-        return out
-
-
-def _is_head(value: Any) -> bool:
-    return value is not None and not isinstance(value, (str, os.PathLike))

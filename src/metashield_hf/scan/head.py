@@ -15,10 +15,20 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
-from .signals import BLEND, LARGE_VOCABULARY, SIGNALS, SOURCE, SYNTHESIS_SIGNALS
+from .signals import (
+    BLEND,
+    LARGE_VOCABULARY,
+    SIGNALS,
+    SOURCE,
+    SYNTHESIS_SIGNALS,
+    class_count_signals,
+    token_detector_signal,
+    token_signals,
+)
 
 #: The part a variant's scan falls back to where the head has none for it (or lacks its signals): a source-specific
 #: scan also ran the blend synthesis (scan_model's default), so it is scored as a blend scan, then as a plain one.
@@ -247,10 +257,6 @@ def refresh_record(rec: dict) -> dict:
     """Recompute a record's token signals, suspected target and class-count-corrected synthesis signals from its
     stored per-class evidence with this library's functions, so that a head fit on old records reads the signals the
     current scan computes (in place; returns ``rec``)."""
-    from types import SimpleNamespace
-
-    from .signals import class_count_signals, token_detector_signal, token_signals
-
     ms = rec["metashield"]
     tokens = ms.get("tokens")
     if tokens:
@@ -343,14 +349,24 @@ def out_of_fold_scores(
 ) -> list[np.ndarray]:
     """Per repeat of a stratified k-fold split (strata: domain, label, vocabulary size), every train record's score
     by the heads ([`fit_heads`]) fit on the other folds."""
+
+    def fit_and_score(fit: np.ndarray, held: np.ndarray) -> list[float]:
+        head = fit_heads([train[i] for i in fit], c, text_signals, text_c, large_signals)
+        return [score_record(head, train[i]) for i in held]
+
+    return repeated_cv(_strata(train), fit_and_score, repeats, folds)
+
+
+def repeated_cv(strata: Sequence[str], fit_and_score, repeats: int = 20, folds: int = 5) -> list[np.ndarray]:
+    """Per repeat ``r`` of a stratified ``folds``-fold split (shuffled with seed ``r``), every row's out-of-fold score:
+    ``fit_and_score(fit_rows, held_rows)`` fits on the ``fit_rows`` indices and scores the ``held_rows``."""
     from sklearn.model_selection import StratifiedKFold
 
     out = []
     for rep in range(repeats):
-        scores = np.zeros(len(train))
-        for fit, held in StratifiedKFold(folds, shuffle=True, random_state=rep).split(train, _strata(train)):
-            head = fit_heads([train[i] for i in fit], c, text_signals, text_c, large_signals)
-            scores[held] = [score_record(head, train[i]) for i in held]
+        scores = np.zeros(len(strata))
+        for fit, held in StratifiedKFold(folds, shuffle=True, random_state=rep).split(np.zeros(len(strata)), strata):
+            scores[held] = fit_and_score(fit, held)
         out.append(scores)
     return out
 
@@ -419,19 +435,14 @@ def set_fpr_thresholds(
 def part_cv_scores(rows: Sequence[dict], signals: Sequence[str], c: float, repeats: int = 20) -> list[np.ndarray]:
     """Per repeat, every row's score by a part ([`fit_scan_head`] on ``signals``) fit on the other folds of a
     stratified 5-fold split (strata: dataset and label)."""
-    from sklearn.model_selection import StratifiedKFold
-
     y = _labels(rows)
-    strata = [f"{r['dataset']}{y[i]}" for i, r in enumerate(rows)]
     x = [r["metashield"]["signals"] for r in rows]
-    out = []
-    for rep in range(repeats):
-        scores = np.zeros(len(rows))
-        for fit, held in StratifiedKFold(5, shuffle=True, random_state=rep).split(rows, strata):
-            part = fit_scan_head([x[i] for i in fit], y[fit], c=c, signals=signals)
-            scores[held] = [part.score(x[i]) for i in held]
-        out.append(scores)
-    return out
+
+    def fit_and_score(fit: np.ndarray, held: np.ndarray) -> list[float]:
+        part = fit_scan_head([x[i] for i in fit], y[fit], c=c, signals=signals)
+        return [part.score(x[i]) for i in held]
+
+    return repeated_cv([f"{r['dataset']}{y[i]}" for i, r in enumerate(rows)], fit_and_score, repeats)
 
 
 def mean_auroc(runs: Sequence[np.ndarray], rows: Sequence[dict]) -> float:
@@ -504,3 +515,56 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     """The scan records of a JSONL file (one per line, see [`scan_record`]), refreshed ([`refresh_record`])."""
     lines = Path(path).read_text().splitlines()
     return [refresh_record(json.loads(line)) for line in lines if line.strip()]
+
+
+@dataclass
+class HeadFit:
+    """What [`fit_head_from_spec`] fit, and on which records.
+
+    Attributes:
+        head: the head with its text parts and variant parts.
+        train: the train records of the image head and the text parts.
+        parts: per variant part (``"blend"``, ``"source"``), its [`PartChoice`].
+        part_rows: per variant part, the train records it was chosen and fit on.
+    """
+
+    head: ScanHead
+    train: list[dict]
+    parts: dict[str, PartChoice]
+    part_rows: dict[str, list[dict]]
+
+
+def fit_head_from_spec(spec: dict, records: str | os.PathLike) -> HeadFit:
+    """Fit a whole scan head as ``spec`` says (the layout of ``benchmarks/scan/configs/head.yaml``): the image head
+    and the text parts by [`fit_heads`] on ``spec["base"]``, then each of ``spec["parts"]`` by [`choose_part`] among the
+    base signals plus its extra ones (all, or each alone). Record files are named relative to the folder ``records``;
+    a part's ``standard`` files contribute only the models that the base's ``standard`` file puts in the train split.
+
+    Raises:
+        ValueError: a part's records were not scanned with its variant's synthesis.
+    """
+    folder = Path(records)
+    base = spec["base"]
+    standard = read_records(folder / base["standard"])
+    split_of = {r["model_id"]: r["split"] for r in standard}
+    train = [r for r in standard if r["split"] == "train"]
+    train += [r for name in base["extra_train"] for r in read_records(folder / name)]
+    head = fit_heads(
+        train, base["c"], tuple(base["text_signals"]), base["text_c"], tuple(base["large_vocabulary_signals"])
+    )
+    parts, part_rows = {}, {}
+    for name, part in spec.get("parts", {}).items():
+        rows = [
+            r for f in part["standard"] for r in read_records(folder / f) if split_of.get(r["model_id"]) == "train"
+        ]
+        rows += [r for f in part["extra_train"] for r in read_records(folder / f)]
+        other = [r["model_id"] for r in rows if record_variant(r) != name]
+        if other:
+            raise ValueError(
+                f"part {name!r}: {len(other)} records were not scanned with its synthesis, e.g. {other[0]}"
+            )
+        candidates = [tuple(part["base"]) + tuple(part["extra"])] + [(*part["base"], s) for s in part["extra"]]
+        parts[name] = choose_part(rows, candidates, part["cs"], target_fpr=part["target_fpr"], name=name)
+        part_rows[name] = rows
+        head = with_part(head, f"image/{name}", parts[name].part)
+    return HeadFit(head, train, parts, part_rows)

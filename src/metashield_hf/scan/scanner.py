@@ -238,7 +238,7 @@ def scan_model(
         >>> print(report.to_json())
         ```
     """
-    config = (config or ScanConfig()).replace(**options) if options else (config or ScanConfig())
+    config = (config or ScanConfig()).replace(**options)
     t0 = time.perf_counter()
     adapter = load_target(
         checkpoint,
@@ -289,11 +289,9 @@ def scan_adapter(
     t0 = t_load if started is None else started
     name = checkpoint_name(adapter) if name is None else name
     head = config.load_head()
-    steps, lr, flip_threshold, class_batch = config.steps, config.lr, config.flip_threshold, config.class_batch
-    refine, screen_steps, seed, synthesis = config.refine, config.screen_steps, config.seed, config.synthesis
-    token_search, use_detector, adapt_steps = config.token_search, config.use_detector, config.adapt_steps
-    blend_steps, source_steps = config.blend_steps, config.source_steps
-    tokens_on = token_search and adapter.modality == "text"
+    # synthesis and blend_steps: None in the config means "where the head reads it"; resolved below for this scan
+    synthesis, blend_steps, seed = config.synthesis, config.blend_steps, config.seed
+    tokens_on = config.token_search and adapter.modality == "text"
     variant = None
     if tokens_on:
         from .token_search import large_vocabulary
@@ -306,8 +304,8 @@ def scan_adapter(
     result = anomaly = None
     if synthesis:
         clean_out, result, anomaly = run_synthesis(
-            adapter, items, steps=steps, lr=lr, flip_threshold=flip_threshold, class_batch=class_batch, seed=seed,
-            refine=refine, screen_steps=screen_steps,
+            adapter, items, steps=config.steps, lr=config.lr, flip_threshold=config.flip_threshold,
+            class_batch=config.class_batch, seed=seed, refine=config.refine, screen_steps=config.screen_steps,
         )  # fmt: skip
         num_classes = len(result.sizes)
     else:
@@ -323,7 +321,7 @@ def scan_adapter(
         target, signals = token_signals(tokens)
     t_tok = time.perf_counter()
     det = token_det = None
-    if use_detector:
+    if config.use_detector:
         perturbed = [(result.logits, result.penultimate)] if synthesis else []
         if tokens_on:
             # the detector also reads the clean samples with each class's token trigger: the text head weighs that
@@ -331,7 +329,7 @@ def scan_adapter(
             out = trigger_outputs(adapter, items, [best[-1] for best in tokens.triggers])
             n = len(items)
             perturbed.append((out.logits.view(num_classes, n, -1), out.penultimate.view(num_classes, n, -1)))
-        scores = _detector_scores(detector, adapter, clean_out, perturbed, adapt_steps=adapt_steps, seed=seed)
+        scores = _detector_scores(detector, adapter, clean_out, perturbed, adapt_steps=config.adapt_steps, seed=seed)
         det = scores[0]  # the per-class evidence shows the synthesized inputs' scores where there are any
         token_det = scores[-1] if tokens_on else None
     if token_det is not None:
@@ -349,14 +347,14 @@ def scan_adapter(
     space = result.kind if result is not None else "tokens"
     if blend_steps is None:  # the default: where the head has a part for it, i.e. image scans
         blend_steps = DEFAULT_BLEND_STEPS if space == "pixels" else 0
-    budgets = {BLEND: blend_steps, SOURCE: source_steps}
+    budgets = {BLEND: blend_steps, SOURCE: config.source_steps}
     extra_sizes, extra_s = {}, {}
     for kind, options in EXTRA_SYNTHESES.items():
         if budgets[kind] and space == "pixels":
             t = time.perf_counter()
             _, extra, _ = run_synthesis(
-                adapter, items, **{"flip_threshold": flip_threshold, **options}, steps=budgets[kind], lr=lr,
-                class_batch=class_batch, seed=seed, clean_out=clean_out,
+                adapter, items, **{"flip_threshold": config.flip_threshold, **options}, steps=budgets[kind],
+                lr=config.lr, class_batch=config.class_batch, seed=seed, clean_out=clean_out,
             )  # fmt: skip
             extra_sizes[kind], extra_s[f"{kind}_s"] = extra.sizes, time.perf_counter() - t
             signals |= variant_signals(kind, extra.sizes)
@@ -368,7 +366,7 @@ def scan_adapter(
     # a scan in pixel space is an image scan, whatever the adapter (timm, transformers or a plain torch module)
     head = head.for_modality("image" if space == "pixels" else adapter.modality, signals, variant)
     score = head.score(signals)
-    evidence = class_evidence(adapter, result, anomaly, det, tokens, flip_threshold)
+    evidence = class_evidence(adapter, result, anomaly, det, tokens, config.flip_threshold)
     for kind, sizes in extra_sizes.items():
         for ev, size in zip(evidence, sizes, strict=True):
             setattr(ev, f"{kind}_size", float(size))
@@ -395,18 +393,18 @@ def scan_adapter(
             "total_s": t1 - t0,
         },
         options={
-            "steps": steps if synthesis else None,
-            "refine": refine,
-            "screen_steps": screen_steps if refine is not None else None,
-            "lr": lr,
-            "flip_threshold": flip_threshold,
+            "steps": config.steps if synthesis else None,
+            "refine": config.refine,
+            "screen_steps": config.screen_steps if config.refine is not None else None,
+            "lr": config.lr,
+            "flip_threshold": config.flip_threshold,
             "seed": seed,
             "head": head.source,
             "token_search": tokens is not None,
             "large_vocabulary": variant == LARGE_VOCABULARY,
             "synthesis": synthesis,
             **{f"{kind}_steps": budgets[kind] if kind in extra_sizes else 0 for kind in EXTRA_SYNTHESES},
-            "adapt_steps": adapt_steps,
+            "adapt_steps": config.adapt_steps,
         },  # fmt: skip
         synthesis=result,
     )
