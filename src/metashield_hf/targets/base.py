@@ -21,6 +21,8 @@ from torch import nn
 from ..registry import Registry
 from .heads import HeadInfo, call_model, capture_penultimate, find_head, locate_head
 from .inputs import batched, iter_items
+from .layers import block_modules, capture_layers, evenly_spaced
+from .perturb import PERTURBATIONS, InputRange, amplify, superimpose
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +37,13 @@ class TargetOutput:
         logits: ``(N, C)`` float32 CPU tensor, the classifier's logits.
         penultimate: ``(N, D)`` float32 CPU tensor, the input of the final classification ``nn.Linear``
             (so ``head(penultimate) == logits``).
+        layers: the pooled activations ``(N, width_l)`` of up to ``L`` evenly spaced blocks, input to output, when
+            they were asked for (``adapter(inputs, layers=True)``); ``()`` otherwise.
     """
 
     logits: torch.Tensor
     penultimate: torch.Tensor
+    layers: tuple[torch.Tensor, ...] = ()
 
     def __len__(self) -> int:
         return self.logits.shape[0]
@@ -46,11 +51,15 @@ class TargetOutput:
     def __getitem__(self, index) -> TargetOutput:
         if isinstance(index, int):
             index = slice(index, index + 1)
-        return TargetOutput(self.logits[index], self.penultimate[index])
+        return TargetOutput(self.logits[index], self.penultimate[index], tuple(x[index] for x in self.layers))
 
     @classmethod
     def cat(cls, outputs: list[TargetOutput]) -> TargetOutput:
-        return cls(torch.cat([o.logits for o in outputs]), torch.cat([o.penultimate for o in outputs]))
+        depth = {len(o.layers) for o in outputs}
+        if len(depth) > 1:
+            raise ValueError(f"cannot concatenate outputs with different numbers of layers {sorted(depth)}")
+        layers = tuple(torch.cat([o.layers[i] for o in outputs]) for i in range(depth.pop() if depth else 0))
+        return cls(torch.cat([o.logits for o in outputs]), torch.cat([o.penultimate for o in outputs]), layers)
 
 
 TARGETS: Registry[type[TargetAdapter]] = Registry("target")
@@ -101,6 +110,7 @@ class TargetAdapter:
 
     name: ClassVar[str] = ""
     modality: ClassVar[str] = "tensor"  # "text" | "image" | "tensor"
+    max_layers: int = 8  # blocks of the layer trajectory (``adapter(inputs, layers=True)``)
 
     def __init__(
         self,
@@ -157,6 +167,46 @@ class TargetAdapter:
         """Run the model on prepared inputs and return its logits."""
         return call_model(self.model, model_inputs)
 
+    # ---- input perturbations (the live probes' only view of the domain) ----------------------------------------
+    def prepare_items(self, inputs) -> list:
+        """Raw inputs → the items perturbations work on: ``str`` for text, float ``(C, H, W)`` in ``[0, 1]`` for
+        images (the adapter accepts these back), float tensors for plain torch models."""
+        from .inputs import to_chw_float
+
+        items = list(self.iter_items(inputs))
+        if self.modality == "text":
+            return items
+        if self.modality == "image":
+            channels = getattr(getattr(self, "inner", self), "channels", None)  # PeftAdapter: its family adapter
+            return [to_chw_float(x, channels, model_name(self.model)) for x in items]
+        return [torch.as_tensor(x).float() for x in items]
+
+    def input_range(self, prepared: list) -> InputRange:
+        """What perturbed copies are clipped to: ``[0, 1]`` for images, the range of ``prepared`` for tensors."""
+        return InputRange.of(prepared) if self.modality == "tensor" else InputRange()
+
+    def perturb(self, item, kind: str, *, overlay=None, factor: float = 1.0, rng=None, bounds=None, **options):
+        """One perturbed copy of a prepared item (see [`prepare_items`]), as this adapter's modality defines it.
+
+        Args:
+            item: a prepared item.
+            kind: ``"superimpose"`` (needs ``overlay``, a prepared clean item, and ``rng``) or ``"amplify"`` (``factor``).
+            bounds: the value range (default [`input_range`] of ``[item]``; pass the clean inputs' for tensors).
+            **options: ``alpha`` / ``text_mix`` of the superimposition.
+
+        Raises:
+            ValueError: an unknown kind, or a missing overlay.
+            NotImplementedError: a perturbation the modality does not define (amplifying text).
+        """
+        if kind not in PERTURBATIONS:
+            raise ValueError(f"unknown perturbation {kind!r}; choose from {PERTURBATIONS}")
+        bounds = bounds if bounds is not None else self.input_range([item]) if self.modality == "tensor" else InputRange()
+        if kind == "superimpose":
+            if overlay is None or rng is None:
+                raise ValueError("superimpose needs overlay= (a prepared clean item) and rng=")
+            return superimpose(self.modality, item, overlay, rng, bounds=bounds, **options)
+        return amplify(self.modality, item, factor, bounds=bounds)
+
     # ---- shared machinery -----------------------------------------------------------------------------------
     def _find_head(self, example=None) -> HeadInfo:
         if self._head is None:
@@ -191,30 +241,46 @@ class TargetAdapter:
         bias = None if head.bias is None else head.bias.to(device=penultimate.device, dtype=torch.float32)
         return torch.nn.functional.linear(penultimate.float(), weight, bias)
 
-    def _run_batch(self, items: list) -> TargetOutput:
-        return self.run_prepared(self.preprocess(items))
+    def layer_blocks(self) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` of the up to ``max_layers`` evenly spaced blocks whose pooled outputs form the layer
+        trajectory (the family's rule: `metashield_hf.targets.layers.block_modules`); empty for a model without
+        blocks."""
+        if getattr(self, "_blocks", None) is None or self._blocks[0] != self.max_layers:
+            head = self._find_head().module if self._head is not None else None
+            found = block_modules(self.model, head)
+            chosen = [found[i] for i in evenly_spaced(len(found), self.max_layers)]
+            if not chosen:
+                logger.warning("%s: no blocks found for the layer trajectory", model_name(self.model))
+            self._blocks = (self.max_layers, chosen)
+        return self._blocks[1]
 
-    def run_prepared(self, model_inputs) -> TargetOutput:
+    def _run_batch(self, items: list, layers: bool = False) -> TargetOutput:
+        return self.run_prepared(self.preprocess(items), layers=layers)
+
+    def run_prepared(self, model_inputs, *, layers: bool = False) -> TargetOutput:
         """Logits and penultimate activations of inputs already prepared (what [`preprocess`] returns, or token ids
         built directly, as the token-trigger search does). Call it under ``torch.inference_mode`` once the head is
-        known (after a first ``adapter(...)`` call)."""
+        known (after a first ``adapter(...)`` call). ``layers=True`` also pools the blocks of [`layer_blocks`]."""
         if self._head is None:
             raise RuntimeError("run_prepared needs the head found first: call the adapter on a few inputs before")
         model_inputs = to_device(model_inputs, self.device, self._dtype)
         info = self._head
-        with capture_penultimate(self.model, info.module) as cap:
+        blocks = self.layer_blocks() if layers else []
+        mask = model_inputs.get("attention_mask") if isinstance(model_inputs, dict) else None
+        with capture_penultimate(self.model, info.module) as cap, capture_layers(blocks, mask) as lcap:
             logits = self.forward(model_inputs)
         if info.logits_from_head:
             logits = cap.head_output(logits)
         pen = cap.penultimate(logits)
-        return TargetOutput(logits.float().cpu(), pen.float().cpu())
+        return TargetOutput(logits.float().cpu(), pen.float().cpu(), lcap.layers())
 
-    def __call__(self, inputs, batch_size: int | None = None) -> TargetOutput:
+    def __call__(self, inputs, batch_size: int | None = None, *, layers: bool = False) -> TargetOutput:
         """Run the model on ``inputs`` in batches (``eval()`` mode, ``torch.inference_mode``).
 
         Args:
             inputs: one item or many (see the adapter's modality), a batched tensor, or a `datasets.Dataset`/column.
             batch_size: overrides the adapter's ``batch_size`` for this call.
+            layers: also return the pooled activations of the layer trajectory (``TargetOutput.layers``).
 
         Returns:
             [`TargetOutput`] with float32 CPU ``logits (N, C)`` and ``penultimate (N, D)``.
@@ -233,7 +299,7 @@ class TargetAdapter:
         outputs = []
         with torch.inference_mode():
             for chunk in itertools.chain([first], chunks):
-                outputs.append(self._run_batch(chunk))
+                outputs.append(self._run_batch(chunk, layers))
         out = TargetOutput.cat(outputs)  # outside inference mode: normal tensors downstream code may modify
         bad = ~(torch.isfinite(out.logits).all(1) & torch.isfinite(out.penultimate).all(1))
         if bad.any():

@@ -1,0 +1,81 @@
+"""Input perturbations per modality, what the live probes send through a target adapter.
+
+The probes in `metashield_hf.probes` never look at an input's domain: they ask the adapter
+(``TargetAdapter.prepare_items`` / ``TargetAdapter.perturb``) for perturbed copies, and this module is where each
+modality says what a perturbation means:
+
+| kind | image (float ``(C, H, W)`` in ``[0, 1]``) | tensor (plain torch inputs) | text |
+|---|---|---|---|
+| ``superimpose`` | ``clip(x + alpha·overlay, 0, 1)`` (STRIP's saturating sum) | the same sum, clipped to the clean range | each word replaced with probability ``text_mix`` by a word of the overlay sentence |
+| ``amplify`` | ``clip(factor·x, 0, 1)`` (SCALE-UP) | ``clip(factor·x, low, high)`` | not defined (raises) |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["PERTURBATIONS", "InputRange", "amplify", "mix_words", "superimpose"]
+
+PERTURBATIONS = ("superimpose", "amplify")
+
+
+@dataclass(frozen=True)
+class InputRange:
+    """The value range perturbed tensors are clipped to (images: ``[0, 1]``; plain tensors: what the clean inputs
+    span)."""
+
+    low: float = 0.0
+    high: float = 1.0
+
+    @classmethod
+    def of(cls, items: list[torch.Tensor]) -> InputRange:
+        return cls(min(float(x.min()) for x in items), max(float(x.max()) for x in items))
+
+
+def mix_words(text: str, other: str, rate: float, rng: np.random.Generator) -> str:
+    """Text superimposition: each word of ``text`` is replaced, with probability ``rate``, by a word of ``other``.
+
+    A one-word text stays a one-word text; an empty overlay leaves the text as it is.
+
+    Example:
+        ```python
+        >>> mix_words("a b c", "x", 1.0, np.random.default_rng(0))
+        'x x x'
+        ```
+    """
+    words, pool = text.split(), other.split()
+    if not words or not pool:
+        return text if words else other
+    swap = rng.random(len(words)) < rate
+    picks = rng.integers(len(pool), size=len(words))
+    return " ".join(pool[j] if s else w for w, s, j in zip(words, swap, picks, strict=True))
+
+
+def superimpose(
+    modality: str,
+    x,
+    overlay,
+    rng: np.random.Generator,
+    *,
+    alpha: float = 1.0,
+    text_mix: float = 0.5,
+    bounds: InputRange = InputRange(),
+):
+    """One superimposed copy of the prepared input ``x`` with the prepared clean input ``overlay``."""
+    if modality == "text":
+        return mix_words(x, overlay, text_mix, rng)
+    if modality == "image" and overlay.shape[-2:] != x.shape[-2:]:
+        overlay = torch.nn.functional.interpolate(overlay[None], size=x.shape[-2:], mode="bilinear")[0]
+    if overlay.shape != x.shape:
+        raise ValueError(f"superimpose: input of shape {tuple(x.shape)} but a clean input of shape {tuple(overlay.shape)}")
+    return (x + alpha * overlay).clamp(bounds.low, bounds.high)
+
+
+def amplify(modality: str, x, factor: float, *, bounds: InputRange = InputRange()):
+    """``x`` with every value multiplied by ``factor``, clipped to ``bounds`` (SCALE-UP's pixel amplification)."""
+    if modality == "text":
+        raise NotImplementedError("input amplification is defined for images and tensors, not for text")
+    return (x * factor).clamp(bounds.low, bounds.high)
