@@ -17,6 +17,9 @@ triggered). All but STRIP need only activations, so they also run on cached acti
 | name | paper | needs |
 |---|---|---|
 | ``strip`` | Gao et al. 2019 | the target adapter and raw clean inputs |
+| ``scale_up`` | Guo et al. ICLR 2023 | the target adapter and raw inputs (images, tensors) |
+| ``ibd_psc`` | Hou et al. ICML 2024 | the target adapter and raw inputs |
+| ``ted`` | Mo et al. S&P 2024 | the target adapter (layer activations) and raw inputs |
 | ``activation_clustering`` | Chen et al. 2018 | penultimate activations, predicted classes |
 | ``spectral_signatures`` | Tran et al. 2018 | penultimate activations, predicted classes |
 | ``mahalanobis`` | Lee et al. 2018 + Ledoit & Wolf 2004 | penultimate activations |
@@ -37,9 +40,11 @@ import numpy as np
 import torch
 
 from .features import build_reference, compute_features, loo_features
+from .probes import LiveEvidence
 from .registry import Registry
 from .targets.base import TargetAdapter, TargetOutput
 from .targets.inputs import to_chw_float
+from .targets.perturb import InputRange, superimpose
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +57,11 @@ __all__ = [
     "Mahalanobis",
     "OneClassSVMPenultimate",
     "OneClassSVMPsi",
+    "IbdPsc",
+    "ScaleUp",
     "SpectralSignatures",
     "Strip",
+    "Ted",
 ]
 
 
@@ -175,23 +183,6 @@ BASELINES: Registry[type[Baseline]] = Registry("baseline")
 
 
 # ---- STRIP ----------------------------------------------------------------------------------------------------------
-def mix_words(text: str, other: str, rate: float, rng: np.random.Generator) -> str:
-    """Text superimposition: each word of ``text`` is replaced, with probability ``rate``, by a word of ``other``.
-
-    Example:
-        ```python
-        >>> mix_words("a b c", "x", 1.0, np.random.default_rng(0))
-        'x x x'
-        ```
-    """
-    words, pool = text.split(), other.split()
-    if not words or not pool:
-        return text if words else other
-    swap = rng.random(len(words)) < rate
-    picks = rng.integers(len(pool), size=len(words))
-    return " ".join(pool[j] if s else w for w, s, j in zip(words, swap, picks, strict=True))
-
-
 @BASELINES.register("strip")
 class Strip(Baseline):
     """STRIP: a triggered input keeps its (target) prediction when blended with clean inputs, so the predictions of
@@ -262,15 +253,8 @@ class Strip(Baseline):
 
     def superimpose(self, x, clean, rng: np.random.Generator):
         """One perturbed copy of the prepared input ``x`` with the clean input ``clean``."""
-        if self.modality == "text":
-            return mix_words(x, clean, self.text_mix, rng)
-        if self.modality == "image":
-            if clean.shape[-2:] != x.shape[-2:]:
-                clean = torch.nn.functional.interpolate(clean[None], size=x.shape[-2:], mode="bilinear")[0]
-            return (x + self.alpha * clean).clamp(0.0, 1.0)
-        if clean.shape != x.shape:
-            raise ValueError(f"strip: input of shape {tuple(x.shape)} but clean inputs of shape {tuple(clean.shape)}")
-        return (x + self.alpha * clean).clamp(self.low, self.high)
+        bounds = InputRange(self.low, self.high) if self.modality == "tensor" else InputRange()
+        return superimpose(self.modality, x, clean, rng, alpha=self.alpha, text_mix=self.text_mix, bounds=bounds)
 
     def _score(self, pen, logits, *, inputs) -> np.ndarray:
         rng = np.random.default_rng(self.seed)
@@ -287,6 +271,86 @@ class Strip(Baseline):
             h = -(p * p.clamp_min(1e-300).log2()).sum(-1)  # per-copy prediction entropy (the paper's)
             entropies.append(h.reshape(-1, self.n_copies).mean(1))
         return -torch.cat(entropies).numpy()
+
+
+# ---- the live probes' papers ---------------------------------------------------------------------------------------
+class _ProbeBaseline(Baseline):
+    """A published detector that is one live probe's statistic (`metashield_hf.probes`), scored as the paper does."""
+
+    probe: ClassVar[str] = ""
+    statistic: ClassVar[str] = ""
+    needs_inputs = True
+
+    def __init__(self, *, passes: int | None = None, seed: int = 0, **probe_options):
+        super().__init__(seed=seed)
+        self.passes, self.probe_options = passes, probe_options
+
+    def _fit(self, pen, logits, *, inputs, head_weight, head_bias) -> None:
+        if self.target is None or inputs is None:
+            raise ValueError(
+                f"{self.name} runs the live model: pass target= and inputs= (the raw clean inputs) to fit"
+            )
+        if self.target.modality == "text" and self.probe == "input_amplification":
+            raise ValueError(f"{self.name} amplifies pixel values: it is defined for images and tensors, not text")
+        evidence = LiveEvidence(
+            (self.probe,), probe_passes=10**6, passes={self.probe: self.passes} if self.passes is not None else None,
+            options={self.probe: self.probe_options}, seed=self.seed,
+        )  # fmt: skip
+        self.evidence = evidence.fit(self.target, inputs)
+        self.column = evidence.statistic_names.index(f"{self.probe}.{self.statistic}")
+
+    def _score(self, pen, logits, *, inputs) -> np.ndarray:
+        return self.evidence.statistics(inputs)[:, self.column].astype(np.float64)
+
+
+@BASELINES.register("scale_up")
+class ScaleUp(_ProbeBaseline):
+    """SCALE-UP: a triggered image's prediction survives amplifying its pixel values; the score is the scaled prediction
+    consistency, the fraction of the ``passes`` amplified copies (factors 3, 5, 7, …, clipped to the valid range)
+    that keep the original prediction.
+
+    [Guo et al., ICLR 2023, "SCALE-UP: An Efficient Black-box Input-level Backdoor Detection via Analyzing Scaled
+    Prediction Consistency"](https://arxiv.org/abs/2302.03251). Images and plain tensors; ``passes`` forward passes
+    per input (the paper's 5).
+    """
+
+    name = "scale_up"
+    probe, statistic = "input_amplification", "spc"
+    needs_note = "needs the target model and raw inputs; images and tensors only (amplifying text is undefined)"
+
+
+@BASELINES.register("ibd_psc")
+class IbdPsc(_ProbeBaseline):
+    """IBD-PSC: a triggered input's prediction survives amplifying the parameters of the model's last normalisation
+    layers; the score is the mean probability of the original class over ``passes`` amplified models (factor 1.5,
+    depths from the first one that changes 60% of the clean predictions).
+
+    [Hou et al., ICML 2024, "IBD-PSC: Input-level Backdoor Detection via Parameter-oriented Scaling Consistency"](
+    https://arxiv.org/abs/2405.09786). ``passes`` forward passes per input (the paper's 5).
+    """
+
+    name = "ibd_psc"
+    probe, statistic = "parameter_amplification", "psc"
+    needs_note = "needs the target model and raw inputs (it runs amplified copies of the model)"
+
+
+@BASELINES.register("ted")
+class Ted(_ProbeBaseline):
+    """TED: at every layer, the rank of the nearest clean sample of the input's predicted class; a triggered input's
+    rank trajectory (far from its predicted class early, inside it late) is an outlier among the clean samples'
+    leave-one-out trajectories (mean squared z-score over layers).
+
+    [Mo et al., S&P 2024, "Robust Backdoor Detection for Deep Learning via Topological Evolution Dynamics"](
+    https://arxiv.org/abs/2312.02673). One forward pass per input, with the activations of up to 8 evenly spaced
+    blocks (the paper uses every layer and PCA as the outlier detector, fitted on ~20 clean samples per class).
+    """
+
+    name = "ted"
+    probe, statistic = "trajectory", "ted"
+    needs_note = (
+        "needs the layer activations of the live model; the paper fits its outlier detector on ~20 clean samples per "
+        "class, here the few-shot support (often fewer than one per class)"
+    )
 
 
 # ---- activation-based ---------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ class LiveEvidence:
         probes: probe names, in order (``()``: no live evidence, the one-pass detector).
         probe_passes: the most extra forward passes per input all probes together may spend (default 16).
         passes: per-probe passes overriding the defaults, e.g. ``{"superimposition": 8}``.
+        options: per-probe constructor options, e.g. ``{"parameter_amplification": {"factor": 2.0}}``.
         seed: seeds every probe.
 
     Raises:
@@ -70,6 +71,7 @@ class LiveEvidence:
         *,
         probe_passes: int = DEFAULT_PROBE_PASSES,
         passes: dict[str, int] | None = None,
+        options: dict[str, dict] | None = None,
         seed: int = 0,
     ):
         probes = tuple(probes)
@@ -77,11 +79,13 @@ class LiveEvidence:
             raise ValueError(f"probes {probes} name one more than once; list each once")
         if not isinstance(probe_passes, int) or probe_passes < 0:
             raise ValueError(f"probe_passes must be a non-negative int, got {probe_passes!r}")
-        passes = dict(passes or {})
-        unknown = set(passes) - set(probes)
+        passes, options = dict(passes or {}), dict(options or {})
+        unknown = (set(passes) | set(options)) - set(probes)
         if unknown:
-            raise ValueError(f"passes= names probes that are not selected: {sorted(unknown)}")
-        self.probes: list[Probe] = [PROBES.build(n, passes=passes.get(n), seed=seed) for n in probes]
+            raise ValueError(f"passes= / options= name probes that are not selected: {sorted(unknown)}")
+        self.probes: list[Probe] = [
+            PROBES.build(n, passes=passes.get(n), seed=seed, **options.get(n, {})) for n in probes
+        ]
         need = {p.name: p.passes for p in self.probes}
         if sum(need.values()) > probe_passes:
             raise ValueError(

@@ -47,7 +47,9 @@ class Superimposition(Probe):
 
     def _fit(self, support_items: list, support_out: TargetOutput) -> None:
         if len(support_items) < 2:
-            raise ValueError("superimposition needs at least 2 clean support inputs (a support input is never its own overlay)")
+            raise ValueError(
+                "superimposition needs at least 2 clean support inputs (a support input is never its own overlay)"
+            )
         self.pool = support_items
         self.bounds = self.adapter.input_range(support_items)
         self._support = self._statistics(support_items, support_out, exclude=list(range(len(support_items))))
@@ -104,7 +106,9 @@ class InputAmplification(Probe):
         self._support = self._statistics(support_items, support_out, exclude=None)
 
     def _statistics(self, items: list, out: TargetOutput, exclude) -> np.ndarray:
-        copies = [self.adapter.perturb(x, "amplify", factor=f, bounds=self.bounds) for x in items for f in self.factors]
+        copies = [
+            self.adapter.perturb(x, "amplify", factor=f, bounds=self.bounds) for x in items for f in self.factors
+        ]
         with eval_mode(self.adapter.model):
             logits = self.run(copies, "amplified inputs").logits
         pred = out.logits.argmax(1)

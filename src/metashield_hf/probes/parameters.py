@@ -43,7 +43,9 @@ def amplifiable_layers(model: nn.Module, head: nn.Module | None = None) -> tuple
     """
     skip = {id(m) for m in head.modules()} if head is not None else set()
     norms = [
-        m for m in model.modules() if isinstance(m, _NORMS) and id(m) not in skip and getattr(m, "weight", None) is not None
+        m
+        for m in model.modules()
+        if isinstance(m, _NORMS) and id(m) not in skip and getattr(m, "weight", None) is not None
     ]
     if norms:
         return norms, "normalisation"

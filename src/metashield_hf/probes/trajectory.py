@@ -25,8 +25,12 @@ _MIN_STD = 0.05
 
 
 def layer_ranks(
-    query: list[torch.Tensor], query_pred: torch.Tensor, support: list[torch.Tensor], support_pred: torch.Tensor,
-    *, leave_one_out: bool = False,
+    query: list[torch.Tensor],
+    query_pred: torch.Tensor,
+    support: list[torch.Tensor],
+    support_pred: torch.Tensor,
+    *,
+    leave_one_out: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per layer, the normalised rank of the nearest same-class clean sample, and the log nearest-neighbour distance.
 
@@ -90,9 +94,7 @@ class Trajectory(Probe):
         dz = (dists - self.dist_mu) / self.dist_sd
         half = max(ranks.shape[1] // 2, 1)
         drop = ranks[:, :half].mean(1) - ranks[:, half:].mean(1) if ranks.shape[1] > 1 else np.zeros(len(ranks))
-        return np.stack(
-            [(rz**2).mean(1), (dz**2).mean(1), ranks.mean(1), ranks.max(1), drop, dz[:, -1]], 1
-        )
+        return np.stack([(rz**2).mean(1), (dz**2).mean(1), ranks.mean(1), ranks.max(1), drop, dz[:, -1]], 1)
 
     def _statistics(self, items: list, out: TargetOutput, exclude) -> np.ndarray:
         if len(out.layers) != len(self.layers):

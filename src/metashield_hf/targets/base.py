@@ -200,7 +200,9 @@ class TargetAdapter:
         """
         if kind not in PERTURBATIONS:
             raise ValueError(f"unknown perturbation {kind!r}; choose from {PERTURBATIONS}")
-        bounds = bounds if bounds is not None else self.input_range([item]) if self.modality == "tensor" else InputRange()
+        bounds = (
+            bounds if bounds is not None else self.input_range([item]) if self.modality == "tensor" else InputRange()
+        )
         if kind == "superimpose":
             if overlay is None or rng is None:
                 raise ValueError("superimpose needs overlay= (a prepared clean item) and rng=")

@@ -6,8 +6,9 @@ One rule per family chooses the blocks (:func:`block_modules`):
   ``blocks.i``);
 - **transformers**: the layers of the longest ``nn.ModuleList`` of the base model (BERT's ``encoder.layer``,
   DistilBERT's ``transformer.layer``, ViT's ``encoder.layer``, ResNet/ConvNeXt's ``encoder.stages``);
-- **plain torch**: the top-level children that own parameters, the head and the modules that contain it left out
-  (descending through a lone wrapper such as one ``nn.Sequential``).
+- **plain torch**: the top-level children that own parameters, a ``Sequential`` / ``ModuleList`` among them replaced
+  by its own parameter-owning layers, the head and the modules that contain it left out (descending through a lone
+  wrapper such as one ``nn.Sequential``).
 
 Each block's output is pooled to ``(B, width)`` (:func:`pool_activation`): a conv map ``(B, C, H, W)`` by its global
 average, a token sequence ``(B, T, H)`` by the mean over non-padding tokens, a vector as it is. The layer trajectory
@@ -61,11 +62,19 @@ def _plain_blocks(model: nn.Module, head: nn.Module | None) -> list[tuple[str, n
     prefix, module = "", model
     while True:
         kids = [(f"{prefix}{n}", m) for n, m in module.named_children() if _owns_parameters(m) and m is not head]
-        body = [(n, m) for n, m in kids if not _contains(m, head)]
         if len(kids) == 1 and list(kids[0][1].children()):  # a lone wrapper (one Sequential): look inside it
             prefix, module = kids[0][0] + ".", kids[0][1]
             continue
-        return body
+        break
+    blocks = []
+    for name, m in kids:
+        if _contains(m, head):
+            continue
+        if isinstance(m, (nn.Sequential, nn.ModuleList)):  # a container's own layers: conv, conv, conv, …
+            blocks += [(f"{name}.{n}", c) for n, c in m.named_children() if _owns_parameters(c)]
+        else:
+            blocks.append((name, m))
+    return blocks
 
 
 def block_modules(model: nn.Module, head: nn.Module | None = None) -> list[tuple[str, nn.Module]]:
@@ -145,9 +154,7 @@ class LayerCapture:
 
 
 @contextmanager
-def capture_layers(
-    blocks: list[tuple[str, nn.Module]], mask: torch.Tensor | None = None
-) -> Iterator[LayerCapture]:
+def capture_layers(blocks: list[tuple[str, nn.Module]], mask: torch.Tensor | None = None) -> Iterator[LayerCapture]:
     """Hook ``blocks`` and pool each one's output (its last call) while the model runs inside the ``with`` block.
 
     Args:

@@ -70,7 +70,9 @@ def superimpose(
     if modality == "image" and overlay.shape[-2:] != x.shape[-2:]:
         overlay = torch.nn.functional.interpolate(overlay[None], size=x.shape[-2:], mode="bilinear")[0]
     if overlay.shape != x.shape:
-        raise ValueError(f"superimpose: input of shape {tuple(x.shape)} but a clean input of shape {tuple(overlay.shape)}")
+        raise ValueError(
+            f"superimpose: input of shape {tuple(x.shape)} but a clean input of shape {tuple(overlay.shape)}"
+        )
     return (x + alpha * overlay).clamp(bounds.low, bounds.high)
 
 
