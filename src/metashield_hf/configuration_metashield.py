@@ -35,6 +35,11 @@ class MetaShieldConfig(PretrainedConfig):
             was trained with, so a meta-learned detector adapts the way it learned to).
         adapt_lr (`float`, *optional*, defaults to 0.05):
             Inner-loop learning rate of that default adaptation.
+        probes (`list[str]`, *optional*):
+            The live probes (``metashield_hf.probes``) whose features follow ψ's, in order; ``None`` or ``[]``: the
+            one-pass detector, which reads ψ only.
+        probe_passes (`int`, *optional*, defaults to 16):
+            The budget of extra forward passes per input the probes were trained with.
 
     Example:
         ```python
@@ -57,6 +62,8 @@ class MetaShieldConfig(PretrainedConfig):
         threshold: float = 0.5,
         adapt_steps: int = 0,
         adapt_lr: float = 0.05,
+        probes: list[str] | None = None,
+        probe_passes: int = 16,
         **kwargs,
     ):
         if feature_names is not None:
@@ -81,6 +88,8 @@ class MetaShieldConfig(PretrainedConfig):
         self.threshold = float(threshold)
         self.adapt_steps = int(adapt_steps)
         self.adapt_lr = float(adapt_lr)
+        self.probes = list(probes) if probes else []
+        self.probe_passes = int(probe_passes)
         kwargs.setdefault("id2label", {0: "clean", 1: "backdoored"})
         kwargs.setdefault("label2id", {"clean": 0, "backdoored": 1})  # not derived from id2label in v5
         super().__init__(**kwargs)

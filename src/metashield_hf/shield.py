@@ -13,6 +13,7 @@ import torch
 from .features import compute_features, loo_features
 from .features.reference import Reference, build_reference
 from .modeling_metashield import MetaShieldDetector
+from .probes import LiveEvidence
 from .targets import load_target
 from .targets.base import TargetAdapter, TargetOutput
 
@@ -64,12 +65,19 @@ class AdaptedShield:
     seed: int = 0
     params: dict[str, torch.Tensor] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    evidence: LiveEvidence | None = None
 
     def features(self, inputs) -> tuple[TargetOutput, torch.Tensor]:
-        """Run the target once and return its activations and ψ relative to the clean reference."""
+        """Run the target (once, plus the live probes' passes when the detector reads them) and return its
+        activations and the detector's features relative to the clean samples: ψ, then the live evidence."""
         if self.target is None:
             raise ValueError("this shield was adapted from activations; use features_of(outputs) instead")
-        return self.features_of(self.target(inputs))
+        if self.evidence is None:
+            return self.features_of(self.target(inputs))
+        items = self.target.prepare_items(inputs)
+        out = self.target(items, layers=self.evidence.needs_layers)
+        live = self.evidence.features(items, out)
+        return out, torch.cat([self.features_of(out)[1], live], 1)
 
     def features_of(self, out: TargetOutput) -> tuple[TargetOutput, torch.Tensor]:
         """ψ of already computed target outputs, relative to the clean reference."""
@@ -167,6 +175,12 @@ def adapt(
         )
     t0 = time.perf_counter()
     adapter = load_target(target, processor, batch_size=batch_size, trust_remote_code=trust_remote_code)
+    evidence, live_ref = None, None
+    if detector.config.probes:
+        clean_samples = adapter.prepare_items(clean_samples)  # what the probes perturb, and scored the same way
+        evidence = LiveEvidence(detector.config.probes, probe_passes=detector.config.probe_passes, seed=seed)
+        evidence.fit(adapter, clean_samples)
+        live_ref = evidence.support_features()
     clean_out = adapter(clean_samples)
     head = adapter.head
     shield = adapt_from_activations(
@@ -180,7 +194,9 @@ def adapt(
         seed=seed,
         calibration=calibration,
         target=adapter,
+        live_reference_features=live_ref,
     )
+    shield.evidence = evidence
     shield.timings["adapt_s"] = time.perf_counter() - t0
     return shield
 
@@ -201,6 +217,7 @@ def adapt_from_activations(
     anomaly_out: TargetOutput | None = None,
     reference_features: torch.Tensor | None = None,
     anomaly_features: torch.Tensor | None = None,
+    live_reference_features: torch.Tensor | None = None,
 ) -> AdaptedShield:
     """The core of [`adapt`] on activations already computed (used by meta-training, evaluation and the FL screen).
 
@@ -214,6 +231,9 @@ def adapt_from_activations(
             detector's groups), e.g. by an evaluation episode shared by several detectors; skips recomputing it.
         anomaly_features: ``(m, F)`` ψ of the inner loop's positives already computed (replaces ``anomaly_out`` and
             the pseudo-anomalies).
+        live_reference_features: ``(N, F_live)`` the clean samples' live-probe features
+            (`metashield_hf.probes.LiveEvidence.support_features`), appended to ψ for a detector that reads them;
+            the pseudo-anomalies get the clean samples' mean there (they are made in ψ space only).
         Others: as in [`adapt`].
     """
     if not 0.0 < target_fpr < 1.0:
@@ -227,6 +247,10 @@ def adapt_from_activations(
     groups = tuple(detector.config.feature_groups) if detector.config.feature_groups else None
     ref = build_reference(clean_out.penultimate, clean_out.logits, head_weight, head_bias)
     ref_feats = loo_features(ref, groups, seed=seed) if reference_features is None else reference_features
+    live_fill = None
+    if live_reference_features is not None and reference_features is None:
+        ref_feats = torch.cat([ref_feats, live_reference_features.float()], 1)
+        live_fill = live_reference_features.float().mean(0, keepdim=True)
     if ref_feats.shape[1] != detector.config.feature_dim:
         raise ValueError(
             f"the detector expects {detector.config.feature_dim} features but the feature groups {groups} give "
@@ -242,6 +266,8 @@ def adapt_from_activations(
             anomalies = compute_features(anomaly_out.penultimate, anomaly_out.logits, ref, groups, seed=seed)
         else:
             anomalies = make_pseudo_features(ref, max(len(clean_out), 8), groups, seed)
+        if live_fill is not None and anomalies.shape[1] < ref_feats.shape[1]:
+            anomalies = torch.cat([anomalies, live_fill.expand(len(anomalies), -1)], 1)
         base = params if params is not None else dict(detector.named_parameters())
         start = {k: v.detach().clone().requires_grad_(True) for k, v in base.items()}
         with torch.enable_grad():

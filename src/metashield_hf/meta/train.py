@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..configuration_metashield import MetaShieldConfig
 from ..features import feature_names, resolve_groups
 from ..modeling_metashield import MetaShieldDetector
+from ..probes import LiveEvidence
 from .cache import TaskActivations, cache_path, load_tasks, read_meta
 from .episodes import INNER_MODES, Episode, sample_episode
 from .inner import inner_loop
@@ -60,6 +61,16 @@ class MetaTrainArguments:
     n_query: int = field(default=32, metadata={"help": "Clean and triggered query inputs each, per episode."})
     groups: str | None = field(default=None, metadata={"help": "Comma-separated ψ feature groups (default: all)."})
     hidden_dim: int = field(default=64, metadata={"help": "Detector width."})
+    probes: str = field(
+        default="",
+        metadata={
+            "help": "Comma-separated live probes whose features follow ψ (metashield_hf.probes; empty: the one-pass "
+            "detector). Their episodes come from a live bank (episode_source), not the activation cache."
+        },
+    )
+    probe_passes: int = field(
+        default=16, metadata={"help": "Budget of extra forward passes per input for the probes."}
+    )
     test_fraction: float = field(default=0.3, metadata={"help": "Share of each (domain, attack) held out."})
     holdout_domain: str | None = field(default=None, metadata={"help": "Leave this domain out (e.g. nlp)."})
     holdout_attack: str | None = field(default=None, metadata={"help": "Leave this attack out (e.g. blend)."})
@@ -134,11 +145,14 @@ class MetaTrainOutput:
 
 
 def new_detector(args: MetaTrainArguments) -> MetaShieldDetector:
-    """A freshly initialised detector whose config records the ψ layout of ``args.groups``."""
+    """A freshly initialised detector whose config records the ψ layout of ``args.groups`` and the live probes'."""
     groups = args.group_tuple
+    probes = [p for p in args.probes.split(",") if p]
+    live = LiveEvidence(probes, probe_passes=args.probe_passes).feature_names
     config = MetaShieldConfig(
-        feature_names=feature_names(groups), feature_groups=list(groups), hidden_dim=args.hidden_dim
-    )
+        feature_names=feature_names(groups) + live, feature_groups=list(groups), hidden_dim=args.hidden_dim,
+        probes=probes, probe_passes=args.probe_passes,
+    )  # fmt: skip
     return MetaShieldDetector(config)
 
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..targets.base import TargetAdapter
+from ..targets.base import TargetAdapter, TargetOutput
 from .base import PROBES, Probe, eval_mode
 
 __all__ = ["DEFAULT_PROBES", "DEFAULT_PROBE_PASSES", "LiveEvidence", "standardise_against"]
@@ -136,18 +136,27 @@ class LiveEvidence:
     def _stack(self, blocks: list[np.ndarray], n: int) -> np.ndarray:
         return np.concatenate(blocks, 1) if blocks else np.zeros((n, 0))
 
-    def statistics(self, inputs) -> np.ndarray:
-        """``(B, S)`` raw statistics of raw inputs (``statistic_names`` order)."""
+    def statistics(self, inputs, out: TargetOutput | None = None) -> np.ndarray:
+        """``(B, S)`` raw statistics of raw inputs (``statistic_names`` order).
+
+        ``out``: the target's outputs on ``inputs`` already computed (from their prepared items, with ``layers`` when
+        a probe reads them), to save the ordinary pass.
+        """
         if self.adapter is None:
             raise RuntimeError("LiveEvidence is not fitted: call .fit(adapter, clean_inputs) first")
         items = self.adapter.prepare_items(inputs)
         with eval_mode(self.adapter.model):
-            out = self.adapter(items, layers=self.needs_layers)
+            if out is None:
+                out = self.adapter(items, layers=self.needs_layers)
+            elif len(out) != len(items) or (self.needs_layers and not out.layers):
+                raise ValueError(f"out must hold the {len(items)} inputs' outputs with layers={self.needs_layers}")
             return self._stack([p.statistics(items, out) for p in self.probes], len(items))
 
-    def __call__(self, inputs) -> torch.Tensor:
-        """``(B, F)`` float32 features of raw inputs (``feature_names`` order)."""
-        return torch.from_numpy(standardise_against(self.statistics(inputs), self.support_statistics)).float()
+    def features(self, inputs, out: TargetOutput | None = None) -> torch.Tensor:
+        """``(B, F)`` float32 features of raw inputs (``feature_names`` order); ``out`` as in [`statistics`]."""
+        return torch.from_numpy(standardise_against(self.statistics(inputs, out), self.support_statistics)).float()
+
+    __call__ = features
 
     def support_features(self) -> torch.Tensor:
         """``(N, F)`` features of the clean inputs themselves, each against the others."""

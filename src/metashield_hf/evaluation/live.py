@@ -1,0 +1,174 @@
+"""Live episodes: one zoo model's few-shot episode with everything that needs the live model, computed once.
+
+The activation cache holds one forward pass per probe input; the live probes and the baselines that perturb inputs
+(STRIP, SCALE-UP, IBD-PSC, TED) need the model itself, and their outputs depend on the episode (the clean support is
+what they compare with and draw overlays from). So each episode is computed from the zoo row and stored whole, keyed
+by ``(model, k, seed)``: ψ and the live features of the support and the query, the inner loop's pseudo-anomalies, and
+every baseline's query scores. Meta-training draws from these files (``episode_source``) and evaluation scores every
+method on exactly the same episode.
+
+The episode draw is the activation cache's (`metashield_hf.meta.episodes.make_episode`): the same support and query
+rows for the same ``(k, seed)``, and a source-specific trigger's (TaCT) non-source rows left out of the positives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..baselines import BASELINES
+from ..features import build_reference, compute_features, feature_names, loo_features, resolve_groups
+from ..meta.episodes import MIN_QUERY, MIN_SUPPORT, Episode
+from ..meta.inner import make_pseudo_features
+from ..probes import DEFAULT_PROBE_PASSES, DEFAULT_PROBES, LiveEvidence
+from ..targets.base import TargetAdapter
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LIVE_EPISODE_BASELINES", "episode_from_live", "live_episode", "live_episode_path", "load_live_episode"]
+
+# Every registered baseline runs on a live episode (those that only need activations too).
+LIVE_EPISODE_BASELINES: tuple[str, ...] = tuple(BASELINES.list())
+
+
+def live_episode_path(folder: str | Path, model_id: str, k: int, seed: int) -> Path:
+    return Path(folder) / model_id / f"k{k}_s{seed}.pt"
+
+
+def _draw(n_clean: int, n_triggered: int, k: int, seed: int, n_query: int):
+    k = max(MIN_SUPPORT, min(k, n_clean - MIN_QUERY))
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n_clean, generator=g)
+    support, rest = perm[:k], perm[k:]
+    clean_q = rest[:n_query]
+    pool = rest[rest < n_triggered]
+    pool = pool[torch.randperm(len(pool), generator=g)]
+    return support, clean_q, pool[:n_query]
+
+
+def live_episode(
+    adapter: TargetAdapter,
+    clean: Sequence,
+    triggered: Sequence,
+    labels: Sequence[int],
+    meta: dict,
+    k: int,
+    seed: int,
+    *,
+    probes: Sequence[str] = DEFAULT_PROBES,
+    probe_passes: int = DEFAULT_PROBE_PASSES,
+    groups: Sequence[str] | None = None,
+    n_query: int = 32,
+    baselines: Sequence[str] = LIVE_EPISODE_BASELINES,
+) -> dict:
+    """Compute one live episode of a model.
+
+    Args:
+        adapter: the live target.
+        clean, triggered, labels: the model's probe inputs (``row_probe``) and the clean ones' true labels.
+        meta: the model's metadata (``model_id``, ``domain``, ``attack``, ``is_backdoored``, ``attack_params``).
+        k, seed: the episode (support size, seed), drawn as the activation cache draws it.
+        probes, probe_passes: the live evidence computed for the detector.
+        groups: ψ feature groups (default: all).
+        n_query: clean and triggered query inputs each.
+        baselines: baselines scored on the same episode (a baseline that does not apply to the modality is skipped).
+
+    Returns:
+        A dict of tensors and facts: ``support (k, F)``, ``query (q, F)``, ``pseudo (m, F)`` (ψ then live features),
+        ``labels (q,)``, ``feature_names``, ``scores`` (baseline name → ``(q,)``), ``seconds`` (per method), the
+        support's activations and the head (what adaptation builds its reference from) and the row indices.
+    """
+    groups = resolve_groups(groups)
+    support_idx, clean_q, trig_q = _draw(len(clean), len(triggered), k, seed, n_query)
+    params = json.loads(meta.get("attack_params") or "{}")
+    backdoored = bool(meta.get("is_backdoored", meta.get("attack") != "none"))
+    if backdoored and "source_classes" in params:  # TaCT: only the source classes' triggered inputs are positives
+        fires = torch.isin(torch.as_tensor(labels)[trig_q], torch.tensor(params["source_classes"]))
+        trig_q = trig_q[fires]
+    seconds: dict[str, float] = {}
+    items_s = adapter.prepare_items([clean[i] for i in support_idx.tolist()])
+    items_q = adapter.prepare_items([clean[i] for i in clean_q.tolist()] + [triggered[i] for i in trig_q.tolist()])
+
+    t0 = time.perf_counter()
+    out_s = adapter(items_s, layers=True)
+    out_q = adapter(items_q, layers=True)
+    seconds["forward"] = (time.perf_counter() - t0) * len(items_q) / (len(items_s) + len(items_q))
+    head = adapter.head
+    weight, bias = head.weight.detach().float(), None if head.bias is None else head.bias.detach().float()
+    t0 = time.perf_counter()
+    ref = build_reference(out_s.penultimate, out_s.logits, weight, bias)
+    psi_s = loo_features(ref, groups, seed=seed)
+    psi_q = compute_features(out_q.penultimate, out_q.logits, ref, groups, seed=seed)
+    pseudo = make_pseudo_features(ref, max(len(items_s), 8), groups, seed)
+    seconds["psi"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    evidence = LiveEvidence(probes, probe_passes=probe_passes, seed=seed).fit(adapter, items_s)
+    live_s = evidence.support_features()
+    live_q = evidence.features(items_q, out_q)
+    seconds["live"] = time.perf_counter() - t0
+
+    scores = {}
+    for name in baselines:
+        t0 = time.perf_counter()
+        try:
+            base = BASELINES.build(name, seed=seed)
+            base.fit(out_s, target=adapter, inputs=items_s, head_weight=weight, head_bias=bias)
+            s = base.score(out_q, inputs=items_q)
+        except ValueError as e:  # e.g. SCALE-UP on text, or a support too small for the method
+            logger.info("%s on %s: skipped (%s)", name, meta.get("model_id"), e)
+            continue
+        scores[name] = torch.as_tensor(np.asarray(s, dtype=np.float64))
+        seconds[name] = time.perf_counter() - t0
+
+    n_c = len(clean_q)
+    return {
+        "model_id": meta.get("model_id"),
+        "k": len(support_idx),
+        "seed": seed,
+        "support": torch.cat([psi_s, live_s], 1),
+        "query": torch.cat([psi_q, live_q], 1),
+        "pseudo": torch.cat([pseudo, live_s.mean(0, keepdim=True).expand(len(pseudo), -1)], 1),
+        "labels": torch.cat([torch.zeros(n_c), torch.full((len(trig_q),), float(backdoored))]),
+        "n_clean": n_c,
+        "feature_names": feature_names(groups) + evidence.feature_names,
+        "scores": scores,
+        "seconds": seconds,
+        "extra_passes": evidence.extra_passes,
+        "modality": adapter.modality,
+        "support_penultimate": out_s.penultimate,
+        "support_logits": out_s.logits,
+        "head_weight": weight,
+        "head_bias": bias,
+        "support_index": support_idx,
+        "query_clean_index": clean_q,
+        "query_triggered_index": trig_q,
+    }
+
+
+def load_live_episode(path: str | Path) -> dict:
+    """A stored live episode (``torch.load`` with ``weights_only=True``: tensors, numbers, strings and lists)."""
+    return torch.load(path, weights_only=True)
+
+
+def episode_from_live(ep: dict, columns: Sequence[int] | None = None) -> Episode:
+    """A meta-training [`Episode`] from a live episode, keeping only ``columns`` of its features (default: all)."""
+    cols = slice(None) if columns is None else torch.as_tensor(list(columns))
+    empty = torch.zeros(0, dtype=torch.long)
+    return Episode(
+        ep["support"][:, cols],
+        ep["pseudo"][:, cols],
+        ep["query"][:, cols],
+        ep["labels"],
+        ep["model_id"],
+        ep["support_index"],
+        ep["query_clean_index"],
+        ep["query_triggered_index"],
+        empty,
+    )
