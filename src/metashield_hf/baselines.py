@@ -88,7 +88,8 @@ def _activations(outputs, what: str) -> tuple[torch.Tensor, torch.Tensor]:
 class Baseline:
     """Base class: ``fit(support) -> self`` on clean samples, ``score(outputs) -> (B,)`` (higher = more triggered).
 
-    A subclass sets ``name`` (its registry key), ``min_support``, ``needs_inputs`` (it perturbs raw inputs through the
+    A subclass sets ``name`` (its registry key), ``min_support``, ``modalities`` (the inputs it is defined for),
+    ``needs_inputs`` (it perturbs raw inputs through the
     target adapter, so it cannot run from cached activations) and ``needs_note``, and implements ``_fit``/``_score``.
 
     Args:
@@ -99,6 +100,7 @@ class Baseline:
     min_support: ClassVar[int] = 2
     needs_inputs: ClassVar[bool] = False
     needs_note: ClassVar[str | None] = None
+    modalities: ClassVar[tuple[str, ...]] = ("image", "tensor", "text")
 
     def __init__(self, *, seed: int = 0):
         self.seed = seed
@@ -290,8 +292,10 @@ class _ProbeBaseline(Baseline):
             raise ValueError(
                 f"{self.name} runs the live model: pass target= and inputs= (the raw clean inputs) to fit"
             )
-        if self.target.modality == "text" and self.probe == "input_amplification":
-            raise ValueError(f"{self.name} amplifies pixel values: it is defined for images and tensors, not text")
+        if self.target.modality not in self.modalities:
+            raise ValueError(
+                f"{self.name} is defined for {' and '.join(self.modalities)} inputs, not {self.target.modality}"
+            )
         evidence = LiveEvidence(
             (self.probe,), probe_passes=10**6, passes={self.probe: self.passes} if self.passes is not None else None,
             options={self.probe: self.probe_options}, seed=self.seed,
@@ -316,6 +320,7 @@ class ScaleUp(_ProbeBaseline):
 
     name = "scale_up"
     probe, statistic = "input_amplification", "spc"
+    modalities = ("image", "tensor")
     needs_note = "needs the target model and raw inputs; images and tensors only (amplifying text is undefined)"
 
 

@@ -194,7 +194,7 @@ def test_text_of_one_token_and_no_input_amplification(wordpiece_tokenizer):
         adapter.perturb("good", "amplify", factor=3.0)
     with pytest.raises(ValueError, match="unknown perturbation"):
         adapter.perturb("good", "rotate")
-    with pytest.raises(ValueError, match="amplifies pixel values"):
+    with pytest.raises(ValueError, match="scale_up is defined for image and tensor inputs, not text"):
         BASELINES.build("scale_up").fit(target=adapter, inputs=["good", "bad", "fine"])
 
 

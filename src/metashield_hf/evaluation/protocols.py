@@ -14,7 +14,7 @@ ablation shows its inner loop are drawn first and left out of every method's que
 | ``cross_domain`` | leave one domain out; which ψ groups transfer | one per domain, and per (domain, dropped group) |
 | ``novel_attacks`` | leave one attack group out | one per attack group |
 | ``ablations`` | drop each ψ group; oracle vs deployable; MAML vs pooled vs zero-shot | all groups, and one per dropped group |
-| ``live_baselines`` | STRIP (needs the live model: loaded from its zoo row) on the same episodes | none |
+| ``live_baselines`` | STRIP, SCALE-UP, IBD-PSC, TED (need the live model: loaded from its zoo row) on the same episodes | none |
 | ``cost`` | detection overhead vs the forward pass, adaptation time, episodes/s, zoo s/model | none |
 | ``adaptive`` | latent-separability and source-specific (TaCT) attacks vs plain BadNets | none |
 

@@ -323,6 +323,13 @@ class Evaluation:
         n_c = len(ep.query_clean)
         return s[:n_c], s[n_c:], shield.threshold
 
+    def applies(self, method: Method, model_id: str) -> bool:
+        """Whether a method is defined for the model's modality (SCALE-UP amplifies pixels: not text)."""
+        if method.baseline is None:
+            return True
+        modality = "text" if self.meta(model_id)["domain"] == "nlp" else "image"
+        return modality in BASELINES.get(method.baseline).modalities
+
     def record(self, method: Method, model_id: str, k: int, seed: int) -> dict:
         """The metrics of one method on one episode (computed once per run and reused by every protocol)."""
         key = (method.name, model_id, k, seed)
@@ -371,7 +378,7 @@ class Evaluation:
         for mid in model_ids:
             for k in ks:
                 for seed in range(self.seeds):
-                    out += [self.record(m, mid, k, seed) for m in methods]
+                    out += [self.record(m, mid, k, seed) for m in methods if self.applies(m, mid)]
         return out
 
 
