@@ -155,16 +155,19 @@ def evaluate(test_files: dict[str, list[Path]], detectors: dict[str, Path]) -> l
             backdoored = bool(meta["is_backdoored"])
             base = {"model_id": mid, "domain": meta["domain"], "attack": meta["attack"], "k": int(ep["k"]),
                     "seed": int(ep["seed"]), "backdoored": backdoored}  # fmt: skip
+            sec = ep["seconds"]
             for name, det in loaded.items():
                 s, thr = score_detector(det, ep)
+                t = sec["psi"] + sum(sec[f"probe/{p}"] for p in det.config.probes)
                 rec = {**base, "method": name, "passes": probe_passes(det.config.probes, ep["modality"]),
-                       "fpr": float((s[:n_c] > thr).mean())}  # fmt: skip
+                       "fpr": float((s[:n_c] > thr).mean()), "cost": (sec["forward"] + t) / sec["forward"]}  # fmt: skip
                 if backdoored and len(s) > n_c:
                     rec.update(metrics(s[:n_c], s[n_c:]), tpr=float((s[n_c:] > thr).mean()))
                 records.append(rec)
             for name, sc in ep["scores"].items():
                 s = sc.numpy()
-                rec = {**base, "method": name, "passes": BASELINE_PASSES.get(name, 0)}
+                rec = {**base, "method": name, "passes": BASELINE_PASSES.get(name, 0),
+                       "cost": (sec["forward"] + sec.get(name, 0.0)) / sec["forward"]}  # fmt: skip
                 if backdoored and len(s) > n_c:
                     rec.update(metrics(s[:n_c], s[n_c:]))
                 records.append(rec)
@@ -188,6 +191,7 @@ def summarise(records: list[dict]) -> dict:
                 cell[metric] = (float(np.mean(means)), float(np.std(means)),
                                 len({r["model_id"] for r in rows if r.get(metric) is not None}))  # fmt: skip
         cell["passes"] = float(np.mean([r["passes"] for r in rows]))
+        cell["cost"] = float(np.median([r["cost"] for r in rows]))
         out[method][dom][k] = cell
     return out
 
@@ -200,7 +204,10 @@ def render(summary: dict, facts: dict) -> str:
     ks = sorted({k for m in summary.values() for d in m.values() for k in d})
     for k in ks:
         lines += ["", f"## k = {k}: TPR@5%FPR / AUROC (mean ± std over seeds; n = backdoored models)", ""]
-        lines += ["| method | extra passes | " + " | ".join(doms) + " |", "|---|---:|" + "---|" * len(doms)]
+        lines += [
+            "| method | extra passes | cost | " + " | ".join(doms) + " |",
+            "|---|---:|---:|" + "---|" * len(doms),
+        ]
         for m in methods:
             cells = []
             for d in doms:
@@ -210,8 +217,10 @@ def render(summary: dict, facts: dict) -> str:
                     cells.append(f"{t[0]:.3f} ± {t[1]:.3f} / {a[0]:.3f} (n={t[2]})")
                 else:
                     cells.append("—")
-            passes = np.mean([summary[m][d][k]["passes"] for d in summary[m] if k in summary[m][d]])
-            lines.append(f"| {m} | {passes:.1f} | " + " | ".join(cells) + " |")
+            allk = summary[m].get("all", {}).get(k, {})
+            lines.append(
+                f"| {m} | {allk.get('passes', 0):.1f} | {allk.get('cost', 0):.1f}x | " + " | ".join(cells) + " |"
+            )
         lines += ["", f"## k = {k}: the detectors' own threshold (target FPR 0.05): FPR on clean inputs / TPR", ""]
         lines += ["| method | " + " | ".join(doms) + " |", "|---|" + "---|" * len(doms)]
         for m in methods:
@@ -275,6 +284,9 @@ def main() -> None:
         "command": "python benchmarks/input_detection/live.py " + " ".join(
             f"--{k} {v}" for k, v in vars(args).items() if v not in (None, False) and k != "threads"),
         "bank_seconds": round(bank_seconds, 1),
+        "columns": "extra passes: forward passes per input beyond the ordinary one (mean over models); cost: median "
+        "wall time of scoring the query (ordinary pass + the method, support fitting included) over the ordinary "
+        "pass alone, on this machine's CPU",
     }  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

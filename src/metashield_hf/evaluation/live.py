@@ -113,6 +113,7 @@ def live_episode(
     live_s = evidence.support_features()
     live_q = evidence.features(items_q, out_q)
     seconds["live"] = time.perf_counter() - t0
+    seconds |= {f"probe/{name}": t for name, t in evidence.seconds.items()}
 
     scores = {}
     for name in baselines:

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -95,6 +96,7 @@ class LiveEvidence:
             )
         self.probe_passes, self.seed = probe_passes, seed
         self.adapter: TargetAdapter | None = None
+        self.seconds: dict[str, float] = dict.fromkeys(self.names, 0.0)  # wall time per probe (fit + scoring)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -129,7 +131,9 @@ class LiveEvidence:
         with eval_mode(adapter.model):
             out = adapter(items, layers=self.needs_layers)
             for p in self.probes:
+                t0 = time.perf_counter()
                 p.fit(adapter, items, out)
+                self.seconds[p.name] += time.perf_counter() - t0
         self.support_statistics = self._stack([p.support_statistics() for p in self.probes], len(items))
         return self
 
@@ -150,7 +154,12 @@ class LiveEvidence:
                 out = self.adapter(items, layers=self.needs_layers)
             elif len(out) != len(items) or (self.needs_layers and not out.layers):
                 raise ValueError(f"out must hold the {len(items)} inputs' outputs with layers={self.needs_layers}")
-            return self._stack([p.statistics(items, out) for p in self.probes], len(items))
+            blocks = []
+            for p in self.probes:
+                t0 = time.perf_counter()
+                blocks.append(p.statistics(items, out))
+                self.seconds[p.name] += time.perf_counter() - t0
+            return self._stack(blocks, len(items))
 
     def features(self, inputs, out: TargetOutput | None = None) -> torch.Tensor:
         """``(B, F)`` float32 features of raw inputs (``feature_names`` order); ``out`` as in [`statistics`]."""
