@@ -43,7 +43,9 @@ class BackdoorDetectionPipeline(Pipeline):
         target_fpr: false-positive rate for the calibrated threshold (default 0.05).
         adapt_steps: deployable inner-loop steps (default: the detector's ``config.adapt_steps``).
         target_processor: tokenizer / image processor when ``target_model`` is an object that needs one.
-        seed: seed of the feature perturbations.
+        seed: seed of the feature perturbations and the live probes.
+        probe_passes: the most extra forward passes per input the detector's live probes may spend (default: the
+            budget it was trained with; an error when its probes need more).
 
     Returns, per input: ``{"label": "backdoored"|"clean", "score": float, "threshold": float, "predicted_class": int}``.
 
@@ -72,6 +74,7 @@ class BackdoorDetectionPipeline(Pipeline):
         adapt_steps: int | None = None,
         target_processor=None,
         seed: int = 0,
+        probe_passes: int | None = None,
         **kwargs,
     ):
         kwargs.setdefault("device", "cpu")  # device=None means cuda:0 when available
@@ -82,6 +85,7 @@ class BackdoorDetectionPipeline(Pipeline):
             "steps": adapt_steps,
             "seed": seed,
             "processor": target_processor,
+            "probe_passes": probe_passes,
         }
         if target_model is not None or clean_samples is not None:
             self.set_target(target_model, clean_samples)

@@ -133,6 +133,7 @@ def adapt(
     batch_size: int = 32,
     trust_remote_code: bool = False,
     calibration: str = "quantile",
+    probe_passes: int | None = None,
 ) -> AdaptedShield:
     """Adapt ``detector`` to ``target`` from clean samples only.
 
@@ -149,6 +150,9 @@ def adapt(
         batch_size: batch size of the target's forward passes.
         trust_remote_code: passed to the target loader; off unless you trust the checkpoint.
         calibration: ``"quantile"`` (aims at ``target_fpr``) or ``"conformal"`` (guarantees it; conservative).
+        probe_passes: the most extra forward passes per input the detector's live probes may spend (``None``: the
+            budget it was trained with); a budget below what its probes need is an error, since the detector reads
+            every probe's features (a one-pass detector runs none).
 
     Returns:
         An [`AdaptedShield`]. Its threshold comes from leave-one-out scores of the clean samples, so the FPR estimate
@@ -178,7 +182,8 @@ def adapt(
     evidence, live_ref = None, None
     if detector.config.probes:
         clean_samples = adapter.prepare_items(clean_samples)  # what the probes perturb, and scored the same way
-        evidence = LiveEvidence(detector.config.probes, probe_passes=detector.config.probe_passes, seed=seed)
+        budget = detector.config.probe_passes if probe_passes is None else probe_passes
+        evidence = LiveEvidence(detector.config.probes, probe_passes=budget, seed=seed)
         evidence.fit(adapter, clean_samples)
         live_ref = evidence.support_features()
     clean_out = adapter(clean_samples)

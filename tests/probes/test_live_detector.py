@@ -42,6 +42,11 @@ def test_adapt_fits_the_probes_and_scores_psi_then_live_features(example):
     assert len(shield.predict(x)) == 8
 
 
+def test_a_budget_below_the_probes_needs_is_an_error(example):
+    with pytest.raises(ValueError, match=r"the probes need 16 extra forward passes per input .* probe_passes is 8"):
+        adapt(live_detector(), example.model, example.clean_pool[:8], probe_passes=8)
+
+
 def test_a_one_pass_detector_runs_no_probe(example):
     det = MetaShieldDetector(MetaShieldConfig(feature_names=feature_names())).eval()
     shield = adapt(det, example.model, example.clean_pool[:8])
