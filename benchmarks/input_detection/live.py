@@ -24,11 +24,13 @@ import logging
 import random
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import HfArgumentParser
 
 from metashield_hf import MetaShieldDetector
 from metashield_hf.evaluation.live import (
@@ -53,19 +55,22 @@ TRAIN_K, TRAIN_SEEDS = (5, 10, 20), (100, 101, 102, 103)
 BASELINE_PASSES = {"strip": 20, "scale_up": 5, "ibd_psc": 5, "ted": 0}
 
 
-def parse() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--zoo", required=True)
-    p.add_argument("--work", required=True, help="folder of live episodes, caches and trained detectors")
-    p.add_argument("--out", required=True, help="results path without suffix (.json and .md are written)")
-    p.add_argument("--split", help="split.json to reuse; default: drawn from the zoo (30%% of each (domain, attack))")
-    p.add_argument("--k", default="10,20")
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--detectors", nargs="*", default=None, help="NAME=FOLDER: evaluate these instead of training")
-    p.add_argument("--all_test", action="store_true", help="every model of the zoo is held out (a blind zoo)")
-    p.add_argument("--threads", type=int, default=2)
-    return p.parse_args()
+@dataclass
+class LiveArguments:
+    """Options of the live-evidence study."""
+
+    zoo: str = field(metadata={"help": "The zoo folder (or Hub id) whose models are scored."})
+    work: str = field(metadata={"help": "Folder of live episodes, the activation cache and trained detectors."})
+    out: str = field(metadata={"help": "Results path without suffix (.json and .md are written)."})
+    split: str | None = field(default=None, metadata={"help": "split.json to reuse (default: 30% of each stratum)."})
+    k: str = field(default="10,20", metadata={"help": "Support sizes of the held-out episodes."})
+    seeds: int = field(default=5, metadata={"help": "Episode seeds per (model, k)."})
+    steps: int = field(default=300, metadata={"help": "Outer MAML steps of each trained variant."})
+    detectors: list[str] | None = field(
+        default=None, metadata={"help": "NAME=FOLDER: evaluate these frozen detectors instead of training."}
+    )
+    all_test: bool = field(default=False, metadata={"help": "Every model of the zoo is held out (a blind zoo)."})
+    threads: int = field(default=2, metadata={"help": "torch threads."})
 
 
 def build_bank(zoo, ids: set[str], folder: Path, plan: dict[str, list[tuple[int, int, bool]]]) -> None:
@@ -235,8 +240,9 @@ def render(summary: dict, facts: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    args = parse()
+def main(argv: list[str] | None = None) -> None:
+    parser = HfArgumentParser(LiveArguments, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     work = Path(args.work)
