@@ -62,7 +62,7 @@ class LiveArguments:
     zoo: str = field(metadata={"help": "The zoo folder (or Hub id) whose models are scored."})
     work: str = field(metadata={"help": "Folder of live episodes, the activation cache and trained detectors."})
     out: str = field(metadata={"help": "Results path without suffix (.json and .md are written)."})
-    split: str | None = field(default=None, metadata={"help": "split.json to reuse (default: 30% of each stratum)."})
+    split: str | None = field(default=None, metadata={"help": "split.json to reuse (default: 30%% of each stratum)."})
     k: str = field(default="10,20", metadata={"help": "Support sizes of the held-out episodes."})
     seeds: int = field(default=5, metadata={"help": "Episode seeds per (model, k)."})
     steps: int = field(default=300, metadata={"help": "Outer MAML steps of each trained variant."})
