@@ -69,6 +69,10 @@ class LiveArguments:
     detectors: list[str] | None = field(
         default=None, metadata={"help": "NAME=FOLDER: evaluate these frozen detectors instead of training."}
     )
+    variants: str = field(
+        default="live,one_pass,ablations",
+        metadata={"help": "Which detectors to train: live (v2), one_pass, ablations (one per probe dropped)."},
+    )
     all_test: bool = field(default=False, metadata={"help": "Every model of the zoo is held out (a blind zoo)."})
     threads: int = field(default=2, metadata={"help": "torch threads."})
 
@@ -270,8 +274,14 @@ def main(argv: list[str] | None = None) -> None:
         from metashield_hf.meta.cache import cache_activations
 
         cache_activations(zoo, work / "cache")  # train() reads the split's tasks from it (one pass per model)
-        variants = {"metashield-v2 (live)": list(DEFAULT_PROBES), "one-pass (ψ only, retrained)": []}
-        variants |= {f"v2 without {p}": [q for q in DEFAULT_PROBES if q != p] for p in DEFAULT_PROBES}
+        wanted = set(args.variants.split(","))
+        variants = {}
+        if "live" in wanted:
+            variants["metashield-v2 (live)"] = list(DEFAULT_PROBES)
+        if "one_pass" in wanted:
+            variants["one-pass (ψ only, retrained)"] = []
+        if "ablations" in wanted:
+            variants |= {f"v2 without {p}": [q for q in DEFAULT_PROBES if q != p] for p in DEFAULT_PROBES}
         detectors = {}
         for name, probes in variants.items():
             slug = name.split(" ")[0] if name.startswith("metashield") else name.replace(" ", "_").replace("(", "")
