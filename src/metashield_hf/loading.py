@@ -11,14 +11,21 @@ from pathlib import Path
 from .modeling_metashield import MetaShieldDetector
 
 DEFAULT_DETECTOR_DIR = Path(__file__).parent / "default_detector"
+# The one-pass detector (ψ only: it reads activations alone, so the model-level scan and the federated screen, which
+# score synthesized activations, use it); its own folder when the default detector reads live probes.
+ONE_PASS_DETECTOR_DIR = (
+    DEFAULT_DETECTOR_DIR / "one_pass" if (DEFAULT_DETECTOR_DIR / "one_pass").is_dir() else DEFAULT_DETECTOR_DIR
+)
 
 
-def load_detector(name_or_path: str | Path | None = None, **kwargs) -> MetaShieldDetector:
+def load_detector(name_or_path: str | Path | None = None, *, one_pass: bool = False, **kwargs) -> MetaShieldDetector:
     """Load a detector (the embedded ``metashield-base`` when ``name_or_path`` is None).
 
     Args:
         name_or_path: a folder written by ``save_pretrained`` or a Hub id; ``None`` loads the one shipped in the
             package (``DEFAULT_DETECTOR_DIR``), which needs no network.
+        one_pass: with ``name_or_path=None``, the embedded one-pass detector (``ONE_PASS_DETECTOR_DIR``: ψ only, no
+            live probe), what jobs that score activations without the inputs behind them need.
         **kwargs: passed to ``MetaShieldDetector.from_pretrained`` (e.g. ``revision``).
 
     Returns:
@@ -30,7 +37,8 @@ def load_detector(name_or_path: str | Path | None = None, **kwargs) -> MetaShiel
         >>> detector = load_detector()
         ```
     """
-    path = DEFAULT_DETECTOR_DIR if name_or_path is None else name_or_path
+    default = ONE_PASS_DETECTOR_DIR if one_pass else DEFAULT_DETECTOR_DIR
+    path = default if name_or_path is None else name_or_path
     if not (Path(path) / "config.json").exists() and Path(path).exists():
         raise ValueError(f"{path} is a folder but has no config.json: it is not a saved MetaShield detector")
     return MetaShieldDetector.from_pretrained(str(path), **kwargs)

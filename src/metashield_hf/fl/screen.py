@@ -216,7 +216,7 @@ def score_client_updates(
     if config.use_detector and (detector is None or isinstance(detector, (str, os.PathLike))):
         from ..loading import load_detector
 
-        detector = load_detector(detector)  # once per round, not once per candidate
+        detector = load_detector(detector, one_pass=True)  # once per round, not once per candidate
     global_state = state_of(global_model)
     deltas = to_deltas(global_state, updates, as_deltas=as_deltas)
     use_relative = relative and len(deltas) >= MIN_CLIENTS_FOR_RELATIVE

@@ -188,7 +188,12 @@ def _detector_scores(
     from ..shield import adapt_from_activations
 
     if detector is None or isinstance(detector, (str, os.PathLike)):
-        detector = load_detector(detector)
+        detector = load_detector(detector, one_pass=True)
+    if detector.config.probes:
+        raise ValueError(
+            f"the scan scores synthesized activations, which live probes cannot perturb; pass a one-pass detector "
+            f"(this one reads the probes {detector.config.probes}; load_detector(one_pass=True) is the embedded one)"
+        )
     head = adapter.head
     shield = adapt_from_activations(
         detector,
