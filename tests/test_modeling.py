@@ -127,6 +127,13 @@ def test_remote_code_loads_without_the_package(detector, tmp_path):
 
 
 def test_embedded_default_detector_loads():
+    from metashield_hf.probes import LiveEvidence
+
     det = load_detector()
     assert isinstance(det, MetaShieldDetector)
-    assert det.config.feature_names == feature_names(det.config.feature_groups)
+    live = LiveEvidence(det.config.probes, probe_passes=det.config.probe_passes).feature_names
+    assert det.config.feature_names == feature_names(det.config.feature_groups) + live
+    one_pass = load_detector(one_pass=True)  # what the scan and the FL screen read activations with
+    assert one_pass.config.probes == [] and one_pass.config.feature_names == feature_names(
+        one_pass.config.feature_groups
+    )
