@@ -84,3 +84,10 @@ def test_live_episode_is_deterministic_and_holds_every_method(example):
                         {**meta, "attack_params": '{"source_classes": [1, 2]}'}, k=10, seed=1, n_query=16,
                         baselines=())  # fmt: skip
     assert len(tact["query_triggered_index"]) < 16 and tact["scores"] == {}
+
+
+def test_training_with_probes_needs_live_episodes(tmp_path):
+    from metashield_hf.meta.train import MetaTrainArguments, train
+
+    with pytest.raises(ValueError, match="live probes' features come from live episodes"):
+        train(MetaTrainArguments(out=str(tmp_path / "run"), cache_dir=str(tmp_path), probes="trajectory"))

@@ -252,6 +252,12 @@ def train(
         >>> detector = MetaShieldDetector.from_pretrained(out.detector_dir)
         ```
     """
+    if args.probes and episode_source is None:
+        raise ValueError(
+            f"--probes {args.probes}: the live probes' features come from live episodes (the model itself, not the "
+            "activation cache); pass episode_source= built from metashield_hf.evaluation.live (as "
+            "benchmarks/input_detection/live.py does), or train without --probes"
+        )
     out = Path(args.out)
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), log_with=[CSVTracker("log", out)])
 
