@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import logging
 import random
 import time
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
             slug = name.split(" ")[0] if name.startswith("metashield") else name.replace(" ", "_").replace("(", "")
             slug = "".join(c for c in slug if c.isalnum() or c in "-_")
             detectors[name] = train_variant(slug, probes, args, work, set(train_ids), files)
-        detectors["metashield-base v1 (shipped)"] = DEFAULT_DETECTOR_DIR
+        detectors["metashield-base v1 (shipped)"] = Path(os.path.relpath(DEFAULT_DETECTOR_DIR))
     else:
         detectors = dict(d.split("=", 1) for d in args.detectors)
     records = evaluate({m: files[m] for m in test_ids}, {n: Path(p) for n, p in detectors.items()})
