@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import logging
+import os
 import random
 import time
 from collections import defaultdict
