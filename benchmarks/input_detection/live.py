@@ -42,6 +42,7 @@ from metashield_hf.evaluation.live import (
     load_live_episode,
 )
 from metashield_hf.evaluation.metrics import auroc, tpr_at_fpr
+from metashield_hf.features import feature_names
 from metashield_hf.loading import DEFAULT_DETECTOR_DIR
 from metashield_hf.meta.split import split_models
 from metashield_hf.meta.train import MetaTrainArguments, train
@@ -119,8 +120,6 @@ def train_variant(name, probes, args, work: Path, train_ids, bank_files) -> Path
     )  # fmt: skip
     episodes = {m: [load_live_episode(f) for f in files] for m, files in bank_files.items() if m in train_ids}
     first = next(iter(episodes.values()))[0]
-    from metashield_hf.features import feature_names
-
     cols = columns(first["feature_names"], probes, feature_names())
 
     def source(tasks, rng: random.Random):
@@ -142,8 +141,6 @@ def metrics(neg: np.ndarray, pos: np.ndarray) -> dict:
 
 
 def score_detector(det: MetaShieldDetector, ep: dict) -> tuple[np.ndarray, float]:
-    from metashield_hf.features import feature_names
-
     probes = list(det.config.probes or [])
     groups = det.config.feature_groups
     cols = columns(ep["feature_names"], probes, feature_names(groups))

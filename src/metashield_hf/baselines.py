@@ -300,7 +300,7 @@ class _ProbeBaseline(Baseline):
             (self.probe,), probe_passes=10**6, passes={self.probe: self.passes} if self.passes is not None else None,
             options={self.probe: self.probe_options}, seed=self.seed,
         )  # fmt: skip
-        self.evidence = evidence.fit(self.target, inputs)
+        self.evidence = evidence.fit(self.target, inputs, support=False)
         self.column = evidence.statistic_names.index(f"{self.probe}.{self.statistic}")
 
     def _score(self, pen, logits, *, inputs) -> np.ndarray:

@@ -184,9 +184,9 @@ def adapt(
         clean_samples = adapter.prepare_items(clean_samples)  # what the probes perturb, and scored the same way
         budget = detector.config.probe_passes if probe_passes is None else probe_passes
         evidence = LiveEvidence(detector.config.probes, probe_passes=budget, seed=seed)
-        evidence.fit(adapter, clean_samples)
-        live_ref = evidence.support_features()
-    clean_out = adapter(clean_samples)
+    clean_out = adapter(clean_samples, layers=evidence is not None and evidence.needs_layers)
+    if evidence is not None:
+        live_ref = evidence.fit(adapter, clean_samples, out=clean_out).support_features()
     head = adapter.head
     shield = adapt_from_activations(
         detector,

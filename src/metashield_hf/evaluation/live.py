@@ -13,7 +13,6 @@ rows for the same ``(k, seed)``, and a source-specific trigger's (TaCT) non-sour
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -24,10 +23,11 @@ import torch
 
 from ..baselines import BASELINES
 from ..features import build_reference, compute_features, feature_names, loo_features, resolve_groups
-from ..meta.episodes import MIN_QUERY, MIN_SUPPORT, Episode
+from ..meta.episodes import Episode, draw_rows
 from ..meta.inner import make_pseudo_features
 from ..probes import DEFAULT_PROBE_PASSES, DEFAULT_PROBES, LiveEvidence
 from ..targets.base import TargetAdapter
+from .scoring import firing_rows_of
 
 logger = logging.getLogger(__name__)
 
@@ -39,17 +39,6 @@ LIVE_EPISODE_BASELINES: tuple[str, ...] = tuple(BASELINES.list())
 
 def live_episode_path(folder: str | Path, model_id: str, k: int, seed: int) -> Path:
     return Path(folder) / model_id / f"k{k}_s{seed}.pt"
-
-
-def _draw(n_clean: int, n_triggered: int, k: int, seed: int, n_query: int):
-    k = max(MIN_SUPPORT, min(k, n_clean - MIN_QUERY))
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n_clean, generator=g)
-    support, rest = perm[:k], perm[k:]
-    clean_q = rest[:n_query]
-    pool = rest[rest < n_triggered]
-    pool = pool[torch.randperm(len(pool), generator=g)]
-    return support, clean_q, pool[:n_query]
 
 
 def live_episode(
@@ -85,20 +74,20 @@ def live_episode(
         support's activations and the head (what adaptation builds its reference from) and the row indices.
     """
     groups = resolve_groups(groups)
-    support_idx, clean_q, trig_q = _draw(len(clean), len(triggered), k, seed, n_query)
-    params = json.loads(meta.get("attack_params") or "{}")
+    support_idx, clean_q, pool = draw_rows(len(clean), len(triggered), k, seed, n_query)
+    trig_q = pool[:n_query]
+    trig_q = trig_q[firing_rows_of(meta, labels, trig_q)]  # TaCT: only the source classes' rows are positives
     backdoored = bool(meta.get("is_backdoored", meta.get("attack") != "none"))
-    if backdoored and "source_classes" in params:  # TaCT: only the source classes' triggered inputs are positives
-        fires = torch.isin(torch.as_tensor(labels)[trig_q], torch.tensor(params["source_classes"]))
-        trig_q = trig_q[fires]
     seconds: dict[str, float] = {}
     items_s = adapter.prepare_items([clean[i] for i in support_idx.tolist()])
     items_q = adapter.prepare_items([clean[i] for i in clean_q.tolist()] + [triggered[i] for i in trig_q.tolist()])
 
-    t0 = time.perf_counter()
     out_s = adapter(items_s, layers=True)
+    t0 = time.perf_counter()
     out_q = adapter(items_q, layers=True)
-    seconds["forward"] = (time.perf_counter() - t0) * len(items_q) / (len(items_s) + len(items_q))
+    seconds["forward"] = (
+        time.perf_counter() - t0
+    )  # the query's ordinary pass: what each method's cost is a multiple of
     head = adapter.head
     weight, bias = head.weight.detach().float(), None if head.bias is None else head.bias.detach().float()
     t0 = time.perf_counter()
@@ -109,7 +98,7 @@ def live_episode(
     seconds["psi"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    evidence = LiveEvidence(probes, probe_passes=probe_passes, seed=seed).fit(adapter, items_s)
+    evidence = LiveEvidence(probes, probe_passes=probe_passes, seed=seed).fit(adapter, items_s, out=out_s)
     live_s = evidence.support_features()
     live_q = evidence.features(items_q, out_q)
     seconds["live"] = time.perf_counter() - t0
@@ -117,14 +106,12 @@ def live_episode(
 
     scores = {}
     for name in baselines:
-        t0 = time.perf_counter()
-        try:
-            base = BASELINES.build(name, seed=seed)
-            base.fit(out_s, target=adapter, inputs=items_s, head_weight=weight, head_bias=bias)
-            s = base.score(out_q, inputs=items_q)
-        except ValueError as e:  # e.g. SCALE-UP on text, or a support too small for the method
-            logger.info("%s on %s: skipped (%s)", name, meta.get("model_id"), e)
+        if adapter.modality not in BASELINES.get(name).modalities:  # SCALE-UP amplifies pixels: not text
             continue
+        t0 = time.perf_counter()
+        base = BASELINES.build(name, seed=seed)
+        base.fit(out_s, target=adapter, inputs=items_s, head_weight=weight, head_bias=bias)
+        s = base.score(out_q, inputs=items_q)
         scores[name] = torch.as_tensor(np.asarray(s, dtype=np.float64))
         seconds[name] = time.perf_counter() - t0
 

@@ -85,12 +85,19 @@ class EvalEpisode:
 def firing_rows(task: TaskActivations, rows: torch.Tensor) -> torch.Tensor:
     """Which triggered probe rows the backdoor is meant to fire on: all, except for a source-specific trigger (TaCT),
     whose other classes' triggered inputs are cover inputs that keep their label, not backdoor activations."""
+    return firing_rows_of(task.meta, task.labels, rows)
+
+
+def firing_rows_of(meta: dict, labels, rows: torch.Tensor) -> torch.Tensor:
+    """[`firing_rows`] from a model's metadata (``attack``, ``is_backdoored``, ``attack_params``) and its probe
+    inputs' true labels, for callers that hold no cached task (the live episodes)."""
     import json
 
-    params = json.loads(task.meta.get("attack_params") or "{}")
-    if not task.backdoored or "source_classes" not in params:
+    params = json.loads(meta.get("attack_params") or "{}")
+    backdoored = bool(meta.get("is_backdoored", meta.get("attack") != "none"))
+    if not backdoored or "source_classes" not in params:
         return torch.ones(len(rows), dtype=torch.bool)
-    return torch.isin(task.labels[rows], torch.tensor(params["source_classes"]))
+    return torch.isin(torch.as_tensor(labels)[rows], torch.tensor(params["source_classes"]))
 
 
 def roc_curve_at(scores_neg: np.ndarray, scores_pos: np.ndarray, grid: np.ndarray = ROC_GRID) -> list[float]:

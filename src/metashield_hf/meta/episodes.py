@@ -50,6 +50,23 @@ class Episode:
     oracle_index: torch.Tensor
 
 
+def draw_rows(
+    n_clean: int, n_triggered: int, k: int, seed: int, n_query: int = 32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The probe rows of one episode: ``(support, clean query, shuffled triggered pool)``, deterministic under ``seed``.
+
+    ``k`` is capped so that at least ``MIN_QUERY`` clean rows remain for the query. The pool holds the triggered rows
+    whose clean twin is not in the support (the query must be new to the detector); an episode takes its triggered
+    query (and, in ``oracle`` mode, its inner-loop positives first) from its front.
+    """
+    k = max(MIN_SUPPORT, min(k, n_clean - MIN_QUERY))
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n_clean, generator=g)
+    support_idx, rest = perm[:k], perm[k:]
+    pool = rest[rest < n_triggered]
+    return support_idx, rest[:n_query], pool[torch.randperm(len(pool), generator=g)]
+
+
 def make_episode(
     task: TaskActivations,
     k: int,
@@ -85,18 +102,11 @@ def make_episode(
     n = len(task.clean)
     if n < MIN_SUPPORT + MIN_QUERY:
         raise ValueError(f"{task.model_id}: {n} clean probe inputs; episodes need at least {MIN_SUPPORT + MIN_QUERY}")
-    k = max(MIN_SUPPORT, min(k, n - MIN_QUERY))
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=g)
-    support_idx, rest = perm[:k], perm[k:]
-    clean_q = rest[:n_query]
     c, t = task.clean, task.triggered
+    support_idx, clean_q, pool = draw_rows(n, len(t), k, seed, n_query)
+    k = len(support_idx)
     ref = build_reference(c.penultimate[support_idx], c.logits[support_idx], task.head_weight, task.head_bias)
     support = loo_features(ref, groups, seed=seed)
-
-    # Triggered rows whose clean twin is in the support are never used: the query must be new to the detector.
-    pool = rest[rest < len(t)]
-    pool = pool[torch.randperm(len(pool), generator=g)]
     m = max(k, 8)
     oracle_idx = torch.zeros(0, dtype=torch.long)
     if inner_mode == "oracle" and task.backdoored:

@@ -52,8 +52,10 @@ class Probe:
 
     A subclass sets ``names`` (its statistics, higher = more trigger-like), ``min_passes`` (the fewest extra forward
     passes per input it can work with; 0 for evidence from the ordinary pass) and implements ``_fit`` and
-    ``_statistics``; ``_fit`` sets ``self._support``, the ``(N, S)`` statistics of the support items themselves
-    (leave-one-out where the probe draws on the support). ``passes`` is what it spends per input; the caller gives it a budget.
+    ``_statistics``. ``_statistics(items, out, exclude)`` with ``exclude[i]`` set scores the support items themselves,
+    leaving support item ``exclude[i]`` out where the probe draws on the support; a probe that computes those
+    statistics while fitting anyway sets ``self._support`` in ``_fit``. ``passes`` is what it spends per input; the
+    caller gives it a budget.
 
     Args:
         passes: extra forward passes per input (``None``: the probe's default).
@@ -83,16 +85,23 @@ class Probe:
         reads the trajectory)."""
         self.adapter = adapter
         self.applies = adapter.modality in self.modalities
-        self._n = len(support_items)
+        self._support: np.ndarray | None = None
+        self._support_inputs = (support_items, support_out)
         if self.applies:
             self._fit(support_items, support_out)
         return self
 
     def support_statistics(self) -> np.ndarray:
-        """``(N, S)`` statistics of the clean support itself (leave-one-out where the probe uses the support)."""
+        """``(N, S)`` statistics of the clean support itself (leave-one-out where the probe uses the support),
+        computed on first use."""
         if self.adapter is None:
             raise RuntimeError(f"probe {self.name!r} is not fitted")
-        return self._support if self.applies else np.zeros((self._n, len(self.names)))
+        items, out = self._support_inputs
+        if not self.applies:
+            return np.zeros((len(items), len(self.names)))
+        if self._support is None:
+            self._support = self._statistics(items, out, exclude=list(range(len(items))))
+        return self._support
 
     def statistics(self, items: list, out: TargetOutput) -> np.ndarray:
         """``(B, S)`` float64 statistics of prepared items whose ordinary outputs are ``out``."""

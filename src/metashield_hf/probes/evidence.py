@@ -96,6 +96,7 @@ class LiveEvidence:
             )
         self.probe_passes, self.seed = probe_passes, seed
         self.adapter: TargetAdapter | None = None
+        self._support: np.ndarray | None = None
         self.seconds: dict[str, float] = dict.fromkeys(self.names, 0.0)  # wall time per probe (fit + scoring)
 
     @property
@@ -122,23 +123,59 @@ class LiveEvidence:
             return sum(p.passes for p in self.probes)
         return sum(p.passes for p in self.probes if p.applies)
 
-    def fit(self, adapter: TargetAdapter, clean_inputs) -> LiveEvidence:
-        """Fit every probe on the clean inputs of ``adapter``'s model (put in ``eval()`` mode, restored after)."""
+    def fit(
+        self, adapter: TargetAdapter, clean_inputs, out: TargetOutput | None = None, *, support: bool = True
+    ) -> LiveEvidence:
+        """Fit every probe on the clean inputs of ``adapter``'s model (put in ``eval()`` mode, restored after).
+
+        Args:
+            out: the target's outputs on the clean inputs already computed, as in [`statistics`].
+            support: also compute the clean inputs' own statistics now (what the detector's features compare with);
+                a baseline that only scores new inputs passes ``False`` and never pays for them.
+        """
         self.adapter = adapter
         items = adapter.prepare_items(clean_inputs)
         if len(items) < 3:
             raise ValueError(f"live evidence needs at least 3 clean inputs, got {len(items)}")
-        with eval_mode(adapter.model):
-            out = adapter(items, layers=self.needs_layers)
-            for p in self.probes:
-                t0 = time.perf_counter()
-                p.fit(adapter, items, out)
-                self.seconds[p.name] += time.perf_counter() - t0
-        self.support_statistics = self._stack([p.support_statistics() for p in self.probes], len(items))
+        self._support, self._n_support = None, len(items)
+        self._each_probe(items, out, lambda p, out: p.fit(adapter, items, out))
+        if support:
+            self.support_statistics  # noqa: B018  (computed and kept: a failing probe fails here, at fit)
         return self
 
-    def _stack(self, blocks: list[np.ndarray], n: int) -> np.ndarray:
+    def _each_probe(self, items: list, out: TargetOutput | None, call) -> list:
+        """``call(probe, out)`` for every probe in eval mode, timed per probe; ``out`` computed when not given."""
+        results = []
+        with eval_mode(self.adapter.model):
+            if out is None:
+                out = self.adapter(items, layers=self.needs_layers)
+            elif len(out) != len(items) or (self.needs_layers and not out.layers):
+                raise ValueError(f"out must hold the {len(items)} inputs' outputs with layers={self.needs_layers}")
+            for p in self.probes:
+                t0 = time.perf_counter()
+                results.append(call(p, out))
+                self.seconds[p.name] += time.perf_counter() - t0
+        return results
+
+    @staticmethod
+    def _stack(blocks: list[np.ndarray], n: int) -> np.ndarray:
         return np.concatenate(blocks, 1) if blocks else np.zeros((n, 0))
+
+    @property
+    def support_statistics(self) -> np.ndarray:
+        """``(N, S)`` statistics of the clean inputs themselves (leave-one-out where a probe draws on them), computed
+        once (at [`fit`] unless it was told not to)."""
+        if self.adapter is None:
+            raise RuntimeError("LiveEvidence is not fitted: call .fit(adapter, clean_inputs) first")
+        if self._support is None:
+            blocks = []
+            with eval_mode(self.adapter.model):
+                for p in self.probes:
+                    t0 = time.perf_counter()
+                    blocks.append(p.support_statistics())
+                    self.seconds[p.name] += time.perf_counter() - t0
+            self._support = self._stack(blocks, self._n_support)
+        return self._support
 
     def statistics(self, inputs, out: TargetOutput | None = None) -> np.ndarray:
         """``(B, S)`` raw statistics of raw inputs (``statistic_names`` order).
@@ -149,17 +186,7 @@ class LiveEvidence:
         if self.adapter is None:
             raise RuntimeError("LiveEvidence is not fitted: call .fit(adapter, clean_inputs) first")
         items = self.adapter.prepare_items(inputs)
-        with eval_mode(self.adapter.model):
-            if out is None:
-                out = self.adapter(items, layers=self.needs_layers)
-            elif len(out) != len(items) or (self.needs_layers and not out.layers):
-                raise ValueError(f"out must hold the {len(items)} inputs' outputs with layers={self.needs_layers}")
-            blocks = []
-            for p in self.probes:
-                t0 = time.perf_counter()
-                blocks.append(p.statistics(items, out))
-                self.seconds[p.name] += time.perf_counter() - t0
-            return self._stack(blocks, len(items))
+        return self._stack(self._each_probe(items, out, lambda p, out: p.statistics(items, out)), len(items))
 
     def features(self, inputs, out: TargetOutput | None = None) -> torch.Tensor:
         """``(B, F)`` float32 features of raw inputs (``feature_names`` order); ``out`` as in [`statistics`]."""

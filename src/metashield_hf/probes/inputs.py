@@ -52,7 +52,6 @@ class Superimposition(Probe):
             )
         self.pool = support_items
         self.bounds = self.adapter.input_range(support_items)
-        self._support = self._statistics(support_items, support_out, exclude=list(range(len(support_items))))
 
     def _statistics(self, items: list, out: TargetOutput, exclude: list[int] | None) -> np.ndarray:
         rng = np.random.default_rng(self.seed)
@@ -66,7 +65,7 @@ class Superimposition(Probe):
                 picks = picks + (picks >= exclude[i])
             copies += [
                 self.adapter.perturb(x, "superimpose", overlay=self.pool[j], rng=rng, bounds=self.bounds,
-                                     **({"text_mix": self.text_mix} if self.adapter.modality == "text" else {"alpha": self.alpha}))
+                                     alpha=self.alpha, text_mix=self.text_mix)
                 for j in picks
             ]  # fmt: skip
         with eval_mode(self.adapter.model):
@@ -103,7 +102,6 @@ class InputAmplification(Probe):
 
     def _fit(self, support_items: list, support_out: TargetOutput) -> None:
         self.bounds = self.adapter.input_range(support_items)
-        self._support = self._statistics(support_items, support_out, exclude=None)
 
     def _statistics(self, items: list, out: TargetOutput, exclude) -> np.ndarray:
         copies = [

@@ -108,7 +108,7 @@ class ParameterAmplification(Probe):
     def _models(self) -> list[list[nn.Module]]:
         return [self.layers[len(self.layers) - d :] for d in self.depths]
 
-    def _scores(self, items: list, out: TargetOutput) -> np.ndarray:
+    def _statistics(self, items: list, out: TargetOutput, exclude=None) -> np.ndarray:
         pred = out.logits.argmax(1)
         psc, kept = [], []
         with eval_mode(self.adapter.model):
@@ -138,7 +138,3 @@ class ParameterAmplification(Probe):
         last = len(self.layers)
         first = max(1, min(start, last - self.passes + 1))
         self.depths = list(range(first, min(first + self.passes, last + 1)))
-        self._support = self._scores(support_items, support_out)
-
-    def _statistics(self, items: list, out: TargetOutput, exclude) -> np.ndarray:
-        return self._scores(items, out)

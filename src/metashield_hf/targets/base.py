@@ -134,6 +134,7 @@ class TargetAdapter:
         self.device = self.device or torch.device("cpu")
         self._dtype = param.dtype if param is not None and param.is_floating_point() else None
         self._head: HeadInfo | None = None
+        self._blocks: tuple[int, list[tuple[str, nn.Module]]] | None = None  # (max_layers, chosen blocks)
         model.eval()
 
     @property
@@ -200,9 +201,7 @@ class TargetAdapter:
         """
         if kind not in PERTURBATIONS:
             raise ValueError(f"unknown perturbation {kind!r}; choose from {PERTURBATIONS}")
-        bounds = (
-            bounds if bounds is not None else self.input_range([item]) if self.modality == "tensor" else InputRange()
-        )
+        bounds = bounds if bounds is not None else self.input_range([item])
         if kind == "superimpose":
             if overlay is None or rng is None:
                 raise ValueError("superimpose needs overlay= (a prepared clean item) and rng=")
@@ -247,7 +246,7 @@ class TargetAdapter:
         """``(name, module)`` of the up to ``max_layers`` evenly spaced blocks whose pooled outputs form the layer
         trajectory (the family's rule: `metashield_hf.targets.layers.block_modules`); empty for a model without
         blocks."""
-        if getattr(self, "_blocks", None) is None or self._blocks[0] != self.max_layers:
+        if self._blocks is None or self._blocks[0] != self.max_layers:
             head = self._find_head().module if self._head is not None else None
             found = block_modules(self.model, head)
             chosen = [found[i] for i in evenly_spaced(len(found), self.max_layers)]
