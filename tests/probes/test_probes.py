@@ -96,18 +96,28 @@ def test_ibd_psc_known_answer_on_a_layernorm_model():
 
 
 def test_scale_up_known_answer_on_a_scale_invariant_model():
-    # A bias-free ReLU-free linear model is scale-invariant: with bounds wide enough no amplified copy changes the
-    # prediction, so every consistency is 1.
+    # A bias-free linear model is scale-invariant: while the amplified copies (the paper's factors 3, 5, 7, 9, 11)
+    # stay inside the clip range, none changes the prediction, so every consistency is 1.
     model = nn.Sequential(nn.Linear(4, 3, bias=False))
     target = load_target(model)
-    x = data() + 10.0  # values 10..11; the clean range becomes the clip range
-    ev = LiveEvidence(
-        ("input_amplification",), options={"input_amplification": {"factors": (1.0, 1.0, 1.0, 1.0, 1.0)}}
-    )
-    ev.fit(target, x[:6])
-    assert np.all(ev.statistics(x[6:])[:, 0] == 1.0)
-    scores = BASELINES.build("scale_up").fit(target=target, inputs=torch.rand(6, 4)).score(inputs=torch.rand(4, 4))
-    assert scores.shape == (4,) and np.all((scores >= 0) & (scores <= 1))
+    wide = torch.tensor([[100.0] * 4, [-100.0] * 4])  # the clean range, and so the clip range, is [-100, 100]
+    support, x = torch.cat([data()[:4], wide]), data(8, seed=1)  # x * 11 <= 11: never clipped
+    ev = LiveEvidence(("input_amplification",))
+    ev.fit(target, support)
+    assert ev.probes[0].factors == (3.0, 5.0, 7.0, 9.0, 11.0)
+    assert np.all(ev.statistics(x)[:, 0] == 1.0)
+    scores = BASELINES.build("scale_up").fit(target=target, inputs=support).score(inputs=x)
+    assert scores.shape == (8,) and np.all((scores >= 0) & (scores <= 1))
+    assert np.all(scores == 1.0)
+    # With a bias the prediction depends on scale: class 1 while sum(x) < 2.5, class 0 beyond. sum(x) = 0.6 keeps
+    # class 1 at x3 (1.8) and flips at x5, x7, x9, x11: a consistency of exactly 1/5.
+    biased = nn.Linear(4, 3)
+    with torch.no_grad():
+        biased.weight.zero_()
+        biased.weight[0] = 1.0
+        biased.bias.copy_(torch.tensor([0.0, 2.5, -10.0]))
+    probe = BASELINES.build("scale_up").fit(target=load_target(nn.Sequential(biased)), inputs=support)
+    np.testing.assert_allclose(probe.score(inputs=torch.full((2, 4), 0.15)), [0.2, 0.2])
 
 
 def test_ted_rank_known_answer():
