@@ -43,7 +43,6 @@ from .features import build_reference, compute_features, loo_features
 from .probes import LiveEvidence
 from .registry import Registry
 from .targets.base import TargetAdapter, TargetOutput
-from .targets.inputs import to_chw_float
 from .targets.perturb import InputRange, superimpose
 
 logger = logging.getLogger(__name__)
@@ -233,7 +232,7 @@ class Strip(Baseline):
         if self.target is None or inputs is None:
             raise ValueError("strip superimposes raw clean inputs through the model: pass target= and inputs= to fit")
         self.modality = self.target.modality
-        pool = [self._prepare(x) for x in self.target.iter_items(inputs)]
+        pool = self.target.prepare_items(inputs)
         if len(pool) < self.min_support:
             raise ValueError(f"strip needs at least {self.min_support} clean inputs, got {len(pool)}")
         if len(pool) != pen.shape[0]:
@@ -242,16 +241,8 @@ class Strip(Baseline):
             )
         self.pool = pool
         if self.modality == "tensor":  # the clip range of the saturating sum: what the clean inputs span
-            self.low = min(float(x.min()) for x in pool)
-            self.high = max(float(x.max()) for x in pool)
-
-    def _prepare(self, item):
-        if self.modality == "text":
-            return item
-        if self.modality == "image":  # PeftAdapter keeps the family adapter (and its channel count) in .inner
-            target = getattr(self.target, "inner", self.target)
-            return to_chw_float(item, getattr(target, "channels", None))
-        return torch.as_tensor(item).float()
+            bounds = self.target.input_range(pool)
+            self.low, self.high = bounds.low, bounds.high
 
     def superimpose(self, x, clean, rng: np.random.Generator):
         """One perturbed copy of the prepared input ``x`` with the clean input ``clean``."""
@@ -260,7 +251,7 @@ class Strip(Baseline):
 
     def _score(self, pen, logits, *, inputs) -> np.ndarray:
         rng = np.random.default_rng(self.seed)
-        items = [self._prepare(x) for x in self.target.iter_items(inputs)]
+        items = self.target.prepare_items(inputs)
         entropies = []
         per_call = max(1, self.batch_size // self.n_copies)  # inputs per adapter call, to bound memory
         for start in range(0, len(items), per_call):
