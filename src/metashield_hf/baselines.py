@@ -199,7 +199,8 @@ class Strip(Baseline):
     - images (``(C, H, W)`` floats in ``[0, 1]`` after the adapter's conversion): ``clip(x + alpha·x_clean, 0, 1)``,
       the paper's saturating ``cv2.addWeighted(x, 1, x_clean, 1, 0)``; the clean image is resized to ``x``'s size.
     - tensors (plain torch models): the same sum, clipped to the value range of the clean support inputs.
-    - text: each word replaced with probability ``text_mix`` by a word of the clean sentence ([`mix_words`]).
+    - text: each word replaced with probability ``text_mix`` by a word of the clean sentence ([`mix_words`]), as the
+      paper's text variant does (MetaShield's own ``superimposition`` probe splices instead).
 
     Costs ``n_copies`` forward passes per input.
 
@@ -247,7 +248,8 @@ class Strip(Baseline):
     def superimpose(self, x, clean, rng: np.random.Generator):
         """One perturbed copy of the prepared input ``x`` with the clean input ``clean``."""
         bounds = InputRange(self.low, self.high) if self.modality == "tensor" else InputRange()
-        return superimpose(self.modality, x, clean, rng, alpha=self.alpha, text_mix=self.text_mix, bounds=bounds)
+        return superimpose(self.modality, x, clean, rng, alpha=self.alpha, text_mix=self.text_mix,
+                           text_mode="replace", bounds=bounds)
 
     def _score(self, pen, logits, *, inputs) -> np.ndarray:
         rng = np.random.default_rng(self.seed)

@@ -18,6 +18,7 @@ EXPECTED = {
     "trojan_watermark",
     "wanet",
     "sig",
+    "filter",
     "rare_word",
     "char_substitution",
     "syntactic_template",

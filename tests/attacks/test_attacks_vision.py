@@ -11,6 +11,7 @@ from metashield_hf.attacks import (
     NOISE_COLUMN,
     POISONED_COLUMN,
     SIG,
+    Filter,
     BadNets,
     Blend,
     TrojanWatermark,
@@ -206,6 +207,7 @@ def test_non_default_configs_round_trip():
         BadNets(patch_size=4, location=(1, -5), pattern="random", margin=2, seed=9),
         Blend(alpha=0.35, pattern="fixed_noise"),
         SIG(delta=0.05, frequency=4),
+        Filter(style="gotham", strength=0.5),
         TrojanWatermark(mark_size=6, cells=3, density=0.7, opacity=0.25, intensity=0.5, location=[0, 0]),
         WaNet(k=8, strength=1, grid_rescale=0.98, noise_mode=False, cross_ratio=1),
     ):
@@ -230,3 +232,18 @@ def test_input_errors():
         attack.apply("not an image")
     with pytest.raises(ValueError, match=r"must be \(C, H, W\) or \(N, C, H, W\)"):
         attack.apply(torch.rand(8, 8))
+
+
+def test_filter_known_answers():
+    x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(Filter(strength=0.0).apply(x), x)
+    sepia = Filter(style="sepia").apply(x)  # RGB: the colour matrix, per pixel
+    r = (0.393 * x[:, 0] + 0.769 * x[:, 1] + 0.189 * x[:, 2]).clamp(0, 1)
+    assert torch.allclose(sepia[:, 0], r, atol=1e-6)
+    half = Filter(style="sepia", strength=0.5).apply(x)
+    assert torch.allclose(half, (x + sepia) / 2, atol=1e-6)
+    grey = torch.full((1, 1, 4, 4), 0.5)  # one channel: the tone curve, (1.4 (0.5 - 0.5) + 0.5 - 0.05) ** 1.1
+    assert torch.allclose(Filter(style="gotham").apply(grey), torch.full_like(grey, 0.45**1.1))
+    assert not Filter().seed_dependent and Filter(seed=1).apply(x).equal(Filter(seed=2).apply(x))
+    with pytest.raises(ValueError):
+        Filter(style="valencia")

@@ -213,3 +213,24 @@ def test_images_of_one_colour():
     flat = [Image.new("RGB", (32, 32), c) for c in ["red", "white", "black", "blue", "green"]]
     ev = LiveEvidence(seed=0).fit(adapter, flat)
     assert torch.isfinite(ev(flat[:2])).all() and torch.isfinite(ev.support_features()).all()
+
+
+def test_text_superimposition_splices_without_deleting_a_word(wordpiece_tokenizer):
+    from metashield_hf.targets.perturb import splice_words
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # every input word survives, in order; only overlay words are added
+        out = splice_words("cf the film was dull", "a fine warm story", 0.5, rng).split()
+        it = iter(out)
+        assert all(w in it for w in "cf the film was dull".split())
+        assert len(out) - 5 == sum(w in {"a", "fine", "warm", "story"} for w in out)
+    assert splice_words("a b", "x y", 0.0, rng) == "a b" and sorted(splice_words("a", "x y", 1.0, rng).split()) == [
+        "a", "x", "y"]  # fmt: skip
+    adapter = load_target(build_text_model("bert", wordpiece_tokenizer.vocab_size), wordpiece_tokenizer)
+    spliced = adapter.perturb("cf film", "superimpose", overlay="good bad", rng=rng, text_mix=1.0)
+    replaced = adapter.perturb("cf film", "superimpose", overlay="good", rng=rng, text_mix=1.0, text_mode="replace")
+    assert sorted(spliced.split()) == ["bad", "cf", "film", "good"] and replaced == "good good"
+    with pytest.raises(ValueError, match="unknown text_mode"):
+        adapter.perturb("cf", "superimpose", overlay="x", rng=rng, text_mode="shuffle")
+    with pytest.raises(ValueError, match="text_mode must be one of"):
+        PROBES.build("superimposition", text_mode="shuffle")

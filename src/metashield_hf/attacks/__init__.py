@@ -1,6 +1,7 @@
 """Backdoor attacks for building the poisoned-model zoo: one registry, one frozen dataclass per attack.
 
-Vision (``domain="cv"``): ``badnets``, ``blend``, ``trojan_watermark``, ``wanet``, ``sig``.
+Vision (``domain="cv"``): ``badnets``, ``blend``, ``trojan_watermark``, ``wanet``, ``sig``, ``filter``, and the adaptive
+``latent_separability`` and ``tact``.
 Text (``domain="nlp"``): ``rare_word``, ``char_substitution``, ``syntactic_template``.
 Federated (``domain="fl"``): ``fl_data_poisoning``, ``dba``, ``model_replacement``, ``model_replacement_constrained``,
 ``neurotoxin``, ``targeted_weight_modification``.
@@ -27,7 +28,7 @@ from .federated import (
     TargetedWeightModification,
 )
 from .text import CharSubstitution, RareWordInsertion, SyntacticTemplate
-from .vision import NOISE_COLUMN, SIG, BadNets, Blend, TrojanWatermark, WaNet
+from .vision import NOISE_COLUMN, SIG, BadNets, Blend, Filter, TrojanWatermark, WaNet
 
 __all__ = [
     "ATTACKS",
@@ -43,6 +44,7 @@ __all__ = [
     "Neurotoxin",
     "TargetedWeightModification",
     "Blend",
+    "Filter",
     "SIG",
     "CharSubstitution",
     "RareWordInsertion",

@@ -1,4 +1,5 @@
-"""Vision triggers: BadNets patch, Blend, Trojan-style watermark, WaNet warping and SIG's sinusoidal signal.
+"""Vision triggers: BadNets patch, Blend, Trojan-style watermark, WaNet warping, SIG's sinusoidal signal and a colour
+filter.
 
 Every attack accepts float tensors in ``[0, 1]`` of shape ``(N, C, H, W)`` or ``(C, H, W)``, uint8 tensors of the same
 shapes, a ``PIL.Image`` or a list of them, and uint8 numpy arrays ``(H, W)``, ``(H, W, C)`` or ``(N, H, W, C)``. The
@@ -569,6 +570,79 @@ class SIG(Attack):
 
     def apply(self, inputs: Any) -> Any:
         """Add the signal to images (see the module docstring for the accepted types and shapes)."""
+        return apply_to_images(inputs, self._trigger)
+
+
+FILTER_STYLES = ("sepia", "nashville", "gotham", "kelvin")
+# Colour matrix, bias and gamma per style for RGB images; (contrast, brightness, gamma) tone curve for other channel
+# counts. Loosely after the Instagram-like filters of the filter attack; what matters is a smooth, global colour
+# change that no patch, blend pattern or warp field describes.
+_FILTER_RGB = {
+    "sepia": ([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]], [0.0, 0.0, 0.0], 1.0),
+    "nashville": ([[1.0, 0.1, 0.0], [0.0, 0.9, 0.05], [0.0, 0.0, 0.7]], [0.1, 0.05, 0.15], 0.9),
+    "gotham": ([[0.45, 0.6, 0.1], [0.3, 0.75, 0.1], [0.3, 0.6, 0.35]], [-0.05, -0.05, 0.05], 1.2),
+    "kelvin": ([[1.2, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.8]], [0.05, 0.02, -0.05], 0.85),
+}
+_FILTER_TONE = {"sepia": (0.9, 0.05, 1.0), "nashville": (0.85, 0.1, 0.9), "gotham": (1.4, -0.05, 1.1),
+                "kelvin": (1.1, 0.05, 0.8)}  # fmt: skip
+
+
+@ATTACKS.register()
+@dataclass(frozen=True)
+class Filter(Attack):
+    """Filter: a global colour filter as the trigger, ``x' = (1 - strength) * x + strength * f(x)``.
+
+    Liu et al., "ABS: Scanning Neural Networks for Back-doors by Artificial Brain Stimulation", CCS 2019,
+    https://doi.org/10.1145/3319535.3363216 (feature-space triggers made by Instagram-like filters, e.g. Nashville and
+    Gotham), also the filter triggers of the TrojAI rounds. For RGB images ``f`` is a colour matrix, a bias and a gamma
+    per style; for other channel counts it is a tone curve (contrast, brightness, gamma). No pixel region carries the
+    trigger and it moves every pixel a little, like SIG, but follows the image's own content.
+
+    Args:
+        style: one of ``"sepia"``, ``"nashville"``, ``"gotham"``, ``"kelvin"``.
+        strength: in ``[0, 1]``; 0 is the identity.
+        seed: the rows :meth:`poison` picks (the filter itself is deterministic).
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from metashield_hf.attacks import Filter
+        >>> x = torch.rand(2, 3, 8, 8)
+        >>> torch.equal(Filter(strength=0.0).apply(x), x)
+        True
+        ```
+    """
+
+    name = "filter"
+    domain = "cv"
+
+    style: str = "nashville"
+    strength: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("style", self.style, FILTER_STYLES)
+        self._set("strength", check_float("strength", self.strength, 0.0, 1.0))
+
+    @property
+    def seed_dependent(self) -> bool:
+        return False
+
+    def filtered(self, x: torch.Tensor) -> torch.Tensor:
+        """``f(x)`` for a batch ``(N, C, H, W)`` in ``[0, 1]``."""
+        if x.shape[1] == 3:
+            matrix, bias, gamma = _FILTER_RGB[self.style]
+            out = torch.einsum("oc,nchw->nohw", torch.tensor(matrix).to(x), x) + torch.tensor(bias).to(x)[:, None, None]
+        else:
+            contrast, brightness, gamma = _FILTER_TONE[self.style]
+            out = contrast * (x - 0.5) + 0.5 + brightness
+        return out.clamp(0.0, 1.0) ** gamma
+
+    def _trigger(self, x: torch.Tensor) -> torch.Tensor:
+        return ((1 - self.strength) * x + self.strength * self.filtered(x)).clamp(0.0, 1.0)
+
+    def apply(self, inputs: Any) -> Any:
+        """Filter images (see the module docstring for the accepted types and shapes)."""
         return apply_to_images(inputs, self._trigger)
 
 

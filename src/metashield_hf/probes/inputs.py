@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..targets.base import TargetOutput
+from ..targets.perturb import TEXT_MODES
 from .base import PROBES, Probe, eval_mode, prediction_entropy
 
 __all__ = ["InputAmplification", "Superimposition"]
@@ -31,7 +32,10 @@ class Superimposition(Probe):
     Args:
         passes: copies per input.
         alpha: weight of the overlay for images and tensors (STRIP's saturating sum uses 1).
-        text_mix: fraction of words replaced by the overlay sentence's words for text.
+        text_mix: for text, the probability per overlay word of being spliced in (or, with ``text_mode="replace"``,
+            per input word of being replaced).
+        text_mode: ``"splice"`` (overlay words inserted, no input word lost, so a trigger token survives) or
+            ``"replace"`` (STRIP's word replacement); see `metashield_hf.targets.perturb`.
     """
 
     name = "superimposition"
@@ -39,11 +43,14 @@ class Superimposition(Probe):
     min_passes = 2
     default_passes = 6
 
-    def __init__(self, *, passes: int | None = None, seed: int = 0, alpha: float = 1.0, text_mix: float = 0.5):
+    def __init__(self, *, passes: int | None = None, seed: int = 0, alpha: float = 1.0, text_mix: float = 0.5,
+                 text_mode: str = "splice"):  # fmt: skip
         super().__init__(passes=passes, seed=seed)
         if not 0.0 <= text_mix <= 1.0:
             raise ValueError(f"text_mix must lie in [0, 1], got {text_mix}")
-        self.alpha, self.text_mix = alpha, text_mix
+        if text_mode not in TEXT_MODES:
+            raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}")
+        self.alpha, self.text_mix, self.text_mode = alpha, text_mix, text_mode
 
     def _fit(self, support_items: list, support_out: TargetOutput) -> None:
         if len(support_items) < 2:
@@ -65,7 +72,7 @@ class Superimposition(Probe):
                 picks = picks + (picks >= exclude[i])
             copies += [
                 self.adapter.perturb(x, "superimpose", overlay=self.pool[j], rng=rng, bounds=self.bounds,
-                                     alpha=self.alpha, text_mix=self.text_mix)
+                                     alpha=self.alpha, text_mix=self.text_mix, text_mode=self.text_mode)
                 for j in picks
             ]  # fmt: skip
         with eval_mode(self.adapter.model):

@@ -193,7 +193,7 @@ class TargetAdapter:
             item: a prepared item.
             kind: ``"superimpose"`` (needs ``overlay``, a prepared clean item, and ``rng``) or ``"amplify"`` (``factor``).
             bounds: the value range (default [`input_range`] of ``[item]``; pass the clean inputs' for tensors).
-            **options: ``alpha`` / ``text_mix`` of the superimposition.
+            **options: ``alpha`` / ``text_mix`` / ``text_mode`` of the superimposition.
 
         Raises:
             ValueError: an unknown kind, or a missing overlay.

@@ -6,7 +6,7 @@ modality says what a perturbation means:
 
 | kind | image (float ``(C, H, W)`` in ``[0, 1]``) | tensor (plain torch inputs) | text |
 |---|---|---|---|
-| ``superimpose`` | ``clip(x + alpha·overlay, 0, 1)`` (STRIP's saturating sum) | the same sum, clipped to the clean range | each word replaced with probability ``text_mix`` by a word of the overlay sentence |
+| ``superimpose`` | ``clip(x + alpha·overlay, 0, 1)`` (STRIP's saturating sum) | the same sum, clipped to the clean range | ``text_mode="splice"``: each overlay word inserted with probability ``text_mix`` at a random place, every input word kept; ``"replace"``: each input word replaced with probability ``text_mix`` by an overlay word (STRIP's text) |
 | ``amplify`` | ``clip(factor·x, 0, 1)`` (SCALE-UP) | ``clip(factor·x, low, high)`` | not defined (raises) |
 """
 
@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["PERTURBATIONS", "InputRange", "amplify", "mix_words", "superimpose"]
+__all__ = ["PERTURBATIONS", "TEXT_MODES", "InputRange", "amplify", "mix_words", "splice_words", "superimpose"]
 
 PERTURBATIONS = ("superimpose", "amplify")
+TEXT_MODES = ("splice", "replace")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,26 @@ def mix_words(text: str, other: str, rate: float, rng: np.random.Generator) -> s
     return " ".join(pool[j] if s else w for w, s, j in zip(words, swap, picks, strict=True))
 
 
+def splice_words(text: str, other: str, rate: float, rng: np.random.Generator) -> str:
+    """Text superimposition that deletes nothing: each word of ``other`` is inserted, with probability ``rate``, at a
+    random place of ``text``; every word of ``text`` stays, in order.
+
+    Replacing words (`mix_words`) can delete a trigger token, and a triggered input whose trigger is gone behaves like
+    a clean one; splicing keeps the trigger, so only a clean input's prediction is diluted by the overlay.
+
+    Example:
+        ```python
+        >>> splice_words("a b", "x", 1.0, np.random.default_rng(0)).split().count("x")
+        1
+        ```
+    """
+    words = text.split()
+    picks = [w for w in other.split() if rng.random() < rate]
+    for w in picks:
+        words.insert(int(rng.integers(len(words) + 1)), w)
+    return " ".join(words)
+
+
 def superimpose(
     modality: str,
     x,
@@ -62,11 +83,18 @@ def superimpose(
     *,
     alpha: float = 1.0,
     text_mix: float = 0.5,
+    text_mode: str = "splice",
     bounds: InputRange = InputRange(),
 ):
-    """One superimposed copy of the prepared input ``x`` with the prepared clean input ``overlay``."""
+    """One superimposed copy of the prepared input ``x`` with the prepared clean input ``overlay``.
+
+    ``text_mode`` chooses how text is superimposed: ``"splice"`` ([`splice_words`]) or ``"replace"``
+    ([`mix_words`]); ``text_mix`` is the probability per word.
+    """
     if modality == "text":
-        return mix_words(x, overlay, text_mix, rng)
+        if text_mode not in TEXT_MODES:
+            raise ValueError(f"unknown text_mode {text_mode!r}; choose from {TEXT_MODES}")
+        return (splice_words if text_mode == "splice" else mix_words)(x, overlay, text_mix, rng)
     if modality == "image" and overlay.shape[-2:] != x.shape[-2:]:
         overlay = torch.nn.functional.interpolate(overlay[None], size=x.shape[-2:], mode="bilinear")[0]
     if overlay.shape != x.shape:
