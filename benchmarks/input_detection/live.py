@@ -36,19 +36,18 @@ from transformers import HfArgumentParser
 from metashield_hf import MetaShieldDetector
 from metashield_hf.evaluation.live import (
     LIVE_EPISODE_BASELINES,
+    detector_columns,
     episode_from_live,
     live_episode,
     live_episode_path,
     load_live_episode,
+    score_live_episode,
 )
 from metashield_hf.evaluation.metrics import auroc, tpr_at_fpr
-from metashield_hf.features import feature_names
 from metashield_hf.loading import DEFAULT_DETECTOR_DIR
 from metashield_hf.meta.split import split_models
 from metashield_hf.meta.train import MetaTrainArguments, train
-from metashield_hf.probes import DEFAULT_PROBES, PROBES, LiveEvidence
-from metashield_hf.shield import adapt_from_activations
-from metashield_hf.targets.base import TargetOutput
+from metashield_hf.probes import DEFAULT_PROBES, PROBES
 from metashield_hf.zoo import load_zoo, row_probe, row_to_target
 
 logger = logging.getLogger("live")
@@ -103,12 +102,6 @@ def build_bank(zoo, ids: set[str], folder: Path, plan: dict[str, list[tuple[int,
             tmp.rename(path)
 
 
-def columns(names: list[str], probes: list[str], groups_names: list[str]) -> list[int]:
-    live = LiveEvidence(probes, probe_passes=10**6).feature_names
-    want = groups_names + live
-    return [names.index(n) for n in want]
-
-
 def train_variant(name, probes, args, work: Path, train_ids, bank_files) -> Path:
     out = work / "detectors" / name
     if (out / "detector" / "config.json").exists():
@@ -120,7 +113,7 @@ def train_variant(name, probes, args, work: Path, train_ids, bank_files) -> Path
     )  # fmt: skip
     episodes = {m: [load_live_episode(f) for f in files] for m, files in bank_files.items() if m in train_ids}
     first = next(iter(episodes.values()))[0]
-    cols = columns(first["feature_names"], probes, feature_names())
+    cols = detector_columns(first["feature_names"], probes)
 
     def source(tasks, rng: random.Random):
         task = rng.choice(tasks)
@@ -140,18 +133,6 @@ def metrics(neg: np.ndarray, pos: np.ndarray) -> dict:
     return {"auroc": auroc(s, y), "tpr@5fpr": tpr_at_fpr(s, y, 0.05)}
 
 
-def score_detector(det: MetaShieldDetector, ep: dict) -> tuple[np.ndarray, float]:
-    probes = list(det.config.probes or [])
-    groups = det.config.feature_groups
-    cols = columns(ep["feature_names"], probes, feature_names(groups))
-    sup = TargetOutput(ep["support_logits"], ep["support_penultimate"])
-    shield = adapt_from_activations(
-        det, sup, ep["head_weight"], ep["head_bias"], steps=det.config.adapt_steps, lr=det.config.adapt_lr,
-        seed=int(ep["seed"]), reference_features=ep["support"][:, cols], anomaly_features=ep["pseudo"][:, cols],
-    )  # fmt: skip
-    return shield.score_features(ep["query"][:, cols]).numpy(), shield.threshold
-
-
 def evaluate(test_files: dict[str, list[Path]], detectors: dict[str, Path]) -> list[dict]:
     loaded = {n: MetaShieldDetector.from_pretrained(p).eval() for n, p in detectors.items()}
     records = []
@@ -164,7 +145,7 @@ def evaluate(test_files: dict[str, list[Path]], detectors: dict[str, Path]) -> l
                     "seed": int(ep["seed"]), "backdoored": backdoored}  # fmt: skip
             sec = ep["seconds"]
             for name, det in loaded.items():
-                s, thr = score_detector(det, ep)
+                s, thr = score_live_episode(det, ep)
                 t = sec["psi"] + sum(sec[f"probe/{p}"] for p in det.config.probes)
                 rec = {**base, "method": name, "passes": probe_passes(det.config.probes, ep["modality"]),
                        "fpr": float((s[:n_c] > thr).mean()), "cost": (sec["forward"] + t) / sec["forward"]}  # fmt: skip

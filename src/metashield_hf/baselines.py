@@ -248,8 +248,9 @@ class Strip(Baseline):
     def superimpose(self, x, clean, rng: np.random.Generator):
         """One perturbed copy of the prepared input ``x`` with the clean input ``clean``."""
         bounds = InputRange(self.low, self.high) if self.modality == "tensor" else InputRange()
-        return superimpose(self.modality, x, clean, rng, alpha=self.alpha, text_mix=self.text_mix,
-                           text_mode="replace", bounds=bounds)
+        return superimpose(
+            self.modality, x, clean, rng, alpha=self.alpha, text_mix=self.text_mix, text_mode="replace", bounds=bounds
+        )
 
     def _score(self, pen, logits, *, inputs) -> np.ndarray:
         rng = np.random.default_rng(self.seed)

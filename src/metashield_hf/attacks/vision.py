@@ -632,7 +632,9 @@ class Filter(Attack):
         """``f(x)`` for a batch ``(N, C, H, W)`` in ``[0, 1]``."""
         if x.shape[1] == 3:
             matrix, bias, gamma = _FILTER_RGB[self.style]
-            out = torch.einsum("oc,nchw->nohw", torch.tensor(matrix).to(x), x) + torch.tensor(bias).to(x)[:, None, None]
+            out = (
+                torch.einsum("oc,nchw->nohw", torch.tensor(matrix).to(x), x) + torch.tensor(bias).to(x)[:, None, None]
+            )
         else:
             contrast, brightness, gamma = _FILTER_TONE[self.style]
             out = contrast * (x - 0.5) + 0.5 + brightness

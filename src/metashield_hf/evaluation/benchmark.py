@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 class EvaluateArguments:
     """Run evaluation protocols: ``metashield evaluate --protocol NAME[,NAME...]|all --zoo DIR --detector DIR --out DIR``.
 
-    Protocols: in_domain, few_shot, cross_domain, novel_attacks, ablations, cost, adaptive (or all).
+    Protocols: in_domain, few_shot, cross_domain, novel_attacks, ablations, live_baselines, live, cost, adaptive (or
+    all).
     """
 
     protocol: str = field(default="in_domain", metadata={"help": "Comma-separated protocol names, or 'all'."})
@@ -37,6 +38,10 @@ class EvaluateArguments:
         metadata={"help": "Activation cache (default: <detector>/../../cache, as benchmarks/meta/run.sh)."},
     )
     split: str | None = field(default=None, metadata={"help": "split.json (default: <detector>/../split.json)."})
+    live_detector: str | None = field(
+        default=None,
+        metadata={"help": "A detector reading live probes, scored by the live protocol (needs --zoo)."},
+    )
     pooled: str | None = field(default=None, metadata={"help": "Pooled detector (default: sibling pooled/detector)."})
     oracle: str | None = field(default=None, metadata={"help": "Oracle-trained detector (default: sibling)."})
     prior: str | None = field(default=None, metadata={"help": "Untrained prior (default: sibling prior/)."})
@@ -101,6 +106,7 @@ def build_evaluation(args: EvaluateArguments) -> Evaluation:
         ("pooled", args.pooled, _sibling(det, "pooled")),
         ("oracle", args.oracle, _sibling(det, "oracle")),
         ("prior", args.prior, _sibling(det, "prior", "")),
+        ("live", args.live_detector, None),
     ):
         if given or default:
             detectors[name] = given or default

@@ -26,12 +26,21 @@ from ..features import build_reference, compute_features, feature_names, loo_fea
 from ..meta.episodes import Episode, draw_rows
 from ..meta.inner import make_pseudo_features
 from ..probes import DEFAULT_PROBE_PASSES, DEFAULT_PROBES, LiveEvidence
-from ..targets.base import TargetAdapter
+from ..shield import adapt_from_activations
+from ..targets.base import TargetAdapter, TargetOutput
 from .scoring import firing_rows_of
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LIVE_EPISODE_BASELINES", "episode_from_live", "live_episode", "live_episode_path", "load_live_episode"]
+__all__ = [
+    "LIVE_EPISODE_BASELINES",
+    "detector_columns",
+    "episode_from_live",
+    "live_episode",
+    "live_episode_path",
+    "load_live_episode",
+    "score_live_episode",
+]
 
 # Every registered baseline runs on a live episode (those that only need activations too).
 LIVE_EPISODE_BASELINES: tuple[str, ...] = tuple(BASELINES.list())
@@ -55,6 +64,7 @@ def live_episode(
     groups: Sequence[str] | None = None,
     n_query: int = 32,
     baselines: Sequence[str] = LIVE_EPISODE_BASELINES,
+    rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> dict:
     """Compute one live episode of a model.
 
@@ -67,6 +77,8 @@ def live_episode(
         groups: ψ feature groups (default: all).
         n_query: clean and triggered query inputs each.
         baselines: baselines scored on the same episode (a baseline that does not apply to the modality is skipped).
+        rows: ``(support, clean query, triggered query)`` probe rows already drawn by the caller (`metashield
+            evaluate`'s episodes, whose triggered query leaves out the oracle ablation's rows); default: drawn here.
 
     Returns:
         A dict of tensors and facts: ``support (k, F)``, ``query (q, F)``, ``pseudo (m, F)`` (ψ then live features),
@@ -74,9 +86,12 @@ def live_episode(
         support's activations and the head (what adaptation builds its reference from) and the row indices.
     """
     groups = resolve_groups(groups)
-    support_idx, clean_q, pool = draw_rows(len(clean), len(triggered), k, seed, n_query)
-    trig_q = pool[:n_query]
-    trig_q = trig_q[firing_rows_of(meta, labels, trig_q)]  # TaCT: only the source classes' rows are positives
+    if rows is None:
+        support_idx, clean_q, pool = draw_rows(len(clean), len(triggered), k, seed, n_query)
+        trig_q = pool[:n_query]
+        trig_q = trig_q[firing_rows_of(meta, labels, trig_q)]  # TaCT: only the source classes' rows are positives
+    else:
+        support_idx, clean_q, trig_q = rows
     backdoored = bool(meta.get("is_backdoored", meta.get("attack") != "none"))
     seconds: dict[str, float] = {}
     items_s = adapter.prepare_items([clean[i] for i in support_idx.tolist()])
@@ -160,3 +175,39 @@ def episode_from_live(ep: dict, columns: Sequence[int] | None = None) -> Episode
         ep["query_triggered_index"],
         empty,
     )
+
+
+def detector_columns(names: Sequence[str], probes: Sequence[str], groups: Sequence[str] | None = None) -> list[int]:
+    """The columns of a live episode's features (``names``) that a detector reads, in its order: the ψ of ``groups``
+    (default: all), then the features of ``probes``.
+
+    Raises:
+        ValueError: a feature the episode does not hold (it was computed with other probes).
+    """
+    want = feature_names(groups) + LiveEvidence(probes, probe_passes=10**6).feature_names
+    missing = [n for n in want if n not in names]
+    if missing:
+        raise ValueError(f"the live episode lacks {len(missing)} features the detector reads, e.g. {missing[:3]}")
+    return [list(names).index(n) for n in want]
+
+
+def score_live_episode(
+    detector, ep: dict, *, steps: int | None = None, lr: float | None = None
+) -> tuple[np.ndarray, float]:
+    """``(query scores, calibrated threshold)`` of a MetaShield detector adapted on a live episode's support, as
+    `adapt` would adapt it on the live model (the episode's seed; ``steps`` / ``lr`` of the inner loop default to the
+    detector's own)."""
+    cols = detector_columns(ep["feature_names"], detector.config.probes or [], detector.config.feature_groups)
+    support = TargetOutput(ep["support_logits"], ep["support_penultimate"])
+    shield = adapt_from_activations(
+        detector,
+        support,
+        ep["head_weight"],
+        ep["head_bias"],
+        steps=detector.config.adapt_steps if steps is None else steps,
+        lr=detector.config.adapt_lr if lr is None else lr,
+        seed=int(ep["seed"]),
+        reference_features=ep["support"][:, cols],
+        anomaly_features=ep["pseudo"][:, cols],
+    )
+    return shield.score_features(ep["query"][:, cols]).numpy(), shield.threshold

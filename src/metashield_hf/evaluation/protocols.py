@@ -15,6 +15,7 @@ ablation shows its inner loop are drawn first and left out of every method's que
 | ``novel_attacks`` | leave one attack group out | one per attack group |
 | ``ablations`` | drop each ψ group; oracle vs deployable; MAML vs pooled vs zero-shot | all groups, and one per dropped group |
 | ``live_baselines`` | STRIP, SCALE-UP, IBD-PSC, TED (need the live model: loaded from its zoo row) on the same episodes | none |
+| ``live`` | a detector reading live probes (``--live_detector``) vs the one-pass detector and every baseline | none |
 | ``cost`` | detection overhead vs the forward pass, adaptation time, episodes/s, zoo s/model | none |
 | ``adaptive`` | latent-separability and source-specific (TaCT) attacks vs plain BadNets | none |
 
@@ -254,6 +255,35 @@ def live_baselines(ev: Evaluation) -> dict:
     }
 
 
+@PROTOCOLS.register("live")
+def live(ev: Evaluation) -> dict:
+    """A detector that reads live evidence (``--live_detector``) next to the one-pass detector and every baseline,
+    cached and live, on the same episodes of the held-out models."""
+    if "live" not in ev.detectors:
+        return {"sections": [], "note": "not run: pass --live_detector (a detector whose config lists probes)"}
+    if ev.zoo is None:
+        return {"sections": [], "note": "not run: pass --zoo (the live models are loaded from its rows)"}
+    live_method = ev.shield_method("metashield_live", ev.detectors["live"])
+    if not live_method.live:
+        raise ValueError(f"--live_detector {ev.detectors['live']} reads no live probe (its config.probes is empty)")
+    methods = [ev.comparison_methods()[0], live_method, *(Method(b, baseline=b) for b in ev.baselines)]
+    methods += [Method(b, baseline=b) for b in ev.live_baselines]
+    records = ev.run(methods, ev.test_ids, ev.k)
+    probes = ", ".join(live_method.detector.config.probes)
+    return {
+        "sections": [
+            _section(
+                "Live evidence, held-out models",
+                records,
+                "domain",
+                f"metashield_live reads ψ and the probes {probes} (at most {live_method.detector.config.probe_passes} "
+                "extra forward passes per input), computed on the live model loaded from its zoo row and stored per "
+                "episode; metashield is the one-pass detector on cached ψ. Same episodes for every method.",
+            )
+        ]
+    }
+
+
 @PROTOCOLS.register("cost")
 def cost(ev: Evaluation) -> dict:
     """Detection overhead vs the target's forward pass (live zoo models), adaptation time, meta-training episodes/s,
@@ -364,4 +394,6 @@ def parse_protocols(text: str) -> list[str]:
 
 
 # Cheap protocols first, so that a partial run has the headline numbers; the trained detectors are shared.
-ORDER = ("in_domain", "few_shot", "ablations", "cross_domain", "novel_attacks", "live_baselines", "cost", "adaptive")
+ORDER = (
+    "in_domain", "few_shot", "ablations", "cross_domain", "novel_attacks", "live_baselines", "live", "cost", "adaptive",
+)  # fmt: skip

@@ -51,7 +51,11 @@ def adaptation_of(detector: MetaShieldDetector, path: str | Path) -> tuple[int, 
 
 @dataclass
 class Method:
-    """One scorer: a MetaShield detector (``detector`` + ``adapt_steps``) or a baseline (``baseline`` name)."""
+    """One scorer: a MetaShield detector (``detector`` + ``adapt_steps``) or a baseline (``baseline`` name).
+
+    ``live``: the detector reads live evidence (``config.probes``): it is scored on the episode's live episode
+    (`evaluation.live.live_episode`, computed from the zoo row and stored), not on cached ψ.
+    """
 
     name: str
     detector: MetaShieldDetector | None = None
@@ -59,6 +63,7 @@ class Method:
     adapt_lr: float = 0.05
     oracle: bool = False
     baseline: str | None = None
+    live: bool = False
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -253,7 +258,7 @@ class Evaluation:
         det = self.detector(path)
         steps, lr = adaptation_of(det, path)
         steps = (steps if self.adapt_steps is None else self.adapt_steps) if adapt else 0
-        return Method(name, det, adapt_steps=steps, adapt_lr=lr, oracle=oracle)
+        return Method(name, det, adapt_steps=steps, adapt_lr=lr, oracle=oracle, live=bool(det.config.probes))
 
     def comparison_methods(self) -> list[Method]:
         """MetaShield, the pooled transfer detector (if given) and every cached baseline: the headline comparison."""
@@ -294,9 +299,28 @@ class Evaluation:
                 )
             ds, i = self._zoo_index[model_id]
             row = ds[i]
-            clean, triggered, _ = row_probe(row)
-            self._live = (model_id, row_to_target(row, batch_size=256), clean, triggered)
-        return self._live[1:]
+            clean, triggered, labels = row_probe(row)
+            self._live = (model_id, row_to_target(row, batch_size=256), clean, triggered, labels)
+        return self._live[1:4]
+
+    def live_episode(self, method: Method, ep: EvalEpisode) -> dict:
+        """The live episode of ``ep`` (its very rows) for a live detector's probes, computed once from the zoo row and
+        stored under ``out/live_episodes/<probes>-<passes>/`` (a rerun reads it back)."""
+        from .live import live_episode, live_episode_path, load_live_episode
+
+        cfg = method.detector.config
+        folder = self.out / "live_episodes" / f"{'+'.join(cfg.probes)}-{cfg.probe_passes}"
+        mid = ep.task.model_id
+        path = live_episode_path(folder, mid, ep.k, ep.seed)
+        if path.exists():
+            return load_live_episode(path)
+        adapter, clean, triggered = self.live(mid)
+        live = live_episode(adapter, clean, triggered, self._live[4], ep.task.meta, ep.k, ep.seed,
+                            probes=cfg.probes, probe_passes=cfg.probe_passes, baselines=(),
+                            rows=(ep.support, ep.query_clean, ep.query_triggered))  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(live, path)
+        return live
 
     # ---- scoring ------------------------------------------------------------------------------------------------
     def score(self, method: Method, ep: EvalEpisode) -> tuple[np.ndarray, np.ndarray, float | None]:
@@ -309,6 +333,14 @@ class Evaluation:
             base.fit(c[ep.support], target=adapter, inputs=[clean_in[i] for i in ep.support.tolist()])
             neg = base.score(inputs=[clean_in[i] for i in ep.query_clean.tolist()])
             return neg, base.score(inputs=[trig_in[i] for i in ep.query_triggered.tolist()]), None
+        if method.live:
+            from .live import score_live_episode
+
+            s, thr = score_live_episode(
+                method.detector, self.live_episode(method, ep), steps=method.adapt_steps, lr=method.adapt_lr
+            )
+            n_c = len(ep.query_clean)
+            return s[:n_c], s[n_c:], thr
         if method.baseline is not None:
             base = BASELINES.build(method.baseline, seed=ep.seed)
             base.fit(c[ep.support], head_weight=task.head_weight, head_bias=task.head_bias)
