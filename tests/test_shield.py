@@ -47,6 +47,19 @@ def test_conformal_threshold_known_answers():
         calibrate_threshold(scores, 0.05, "magic")
 
 
+def test_normal_and_tolerance_thresholds_known_answers():
+    logits = np.array([-1.0, 0.0, 1.0])  # mean 0, sample sd 1
+    scores = 1 / (1 + np.exp(-logits))
+    normal = calibrate_threshold(scores, 0.05, "normal")
+    assert normal == pytest.approx(1 / (1 + np.exp(-1.6448536)), rel=1e-6)  # sigmoid(z_0.95)
+    # n = 3, p = 0.95, confidence 0.9: the one-sided normal tolerance factor is 5.311 (Natrella's tables)
+    assert calibrate_threshold(scores, 0.05, "tolerance") == pytest.approx(1 / (1 + np.exp(-5.311)), rel=1e-3)
+    rng = np.random.default_rng(0)
+    big = 1 / (1 + np.exp(-rng.normal(0.5, 2.0, 20000)))  # with many samples both rules meet the asked rate
+    for rule in ("normal", "tolerance"):
+        assert (big > calibrate_threshold(big, 0.05, rule)).mean() == pytest.approx(0.05, abs=0.005)
+
+
 def test_same_seed_same_scores(detector, cnn):
     x = digits(30)
     a = adapt(detector, cnn, x[:20], seed=3).score(x[20:])
