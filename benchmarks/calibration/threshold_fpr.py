@@ -70,7 +70,6 @@ def main(argv: list[str] | None = None) -> None:
                     det, TargetOutput(c.logits[support], c.penultimate[support]), task.head_weight, task.head_bias,
                     steps=det.config.adapt_steps, lr=det.config.adapt_lr, target_fpr=args.target_fpr, seed=seed,
                 )  # fmt: skip
-                rows = torch.cat([clean_q, pool])
                 out = TargetOutput(torch.cat([c.logits[clean_q], t.logits[pool]]),
                                    torch.cat([c.penultimate[clean_q], t.penultimate[pool]]))  # fmt: skip
                 s = shield.score_features(shield.features_of(out)[1]).numpy()
@@ -87,7 +86,6 @@ def main(argv: list[str] | None = None) -> None:
                     y = np.r_[np.zeros(len(neg)), np.ones(len(pos))]
                     rec["tpr@5fpr"] = tpr_at_fpr(np.r_[neg, pos], y, 0.05)
                 records.append(rec)
-                del rows
 
     summary: dict = defaultdict(dict)
     for dom in sorted({r["domain"] for r in records}) + ["all"]:

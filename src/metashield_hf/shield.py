@@ -53,7 +53,9 @@ def calibrate_threshold(scores: np.ndarray, target_fpr: float, method: str = "qu
 
         z = np.log(np.clip(scores, 1e-9, 1 - 1e-9)) - np.log1p(-np.clip(scores, 1e-9, 1 - 1e-9))
         zp = norm.ppf(1.0 - target_fpr)
-        factor = zp if method == "normal" else nct.ppf(TOLERANCE_CONFIDENCE, df=n - 1, nc=zp * math.sqrt(n)) / math.sqrt(n)
+        factor = (
+            zp if method == "normal" else nct.ppf(TOLERANCE_CONFIDENCE, df=n - 1, nc=zp * math.sqrt(n)) / math.sqrt(n)
+        )
         bound = z.mean() + factor * (z.std(ddof=1) if n > 1 else 0.0)
         return float(1.0 / (1.0 + math.exp(-bound)))
     k = math.ceil((n + 1) * (1.0 - target_fpr))

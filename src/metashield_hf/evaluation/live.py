@@ -100,9 +100,8 @@ def live_episode(
     out_s = adapter(items_s, layers=True)
     t0 = time.perf_counter()
     out_q = adapter(items_q, layers=True)
-    seconds["forward"] = (
-        time.perf_counter() - t0
-    )  # the query's ordinary pass: what each method's cost is a multiple of
+    # the query's ordinary pass: what each method's cost is a multiple of
+    seconds["forward"] = time.perf_counter() - t0
     head = adapter.head
     weight, bias = head.weight.detach().float(), None if head.bias is None else head.bias.detach().float()
     t0 = time.perf_counter()

@@ -280,7 +280,8 @@ class Evaluation:
         return self.shield_method(f"metashield[{name}]", folder)
 
     def live(self, model_id: str) -> tuple:
-        """``(adapter, clean probe inputs, triggered probe inputs)`` of a zoo model (the last one is kept loaded)."""
+        """``(adapter, clean probe inputs, triggered probe inputs, their true labels)`` of a zoo model (the last one is
+        kept loaded)."""
         if self._live is None or self._live[0] != model_id:
             from ..zoo import load_zoo, row_probe, row_to_target
 
@@ -301,7 +302,7 @@ class Evaluation:
             row = ds[i]
             clean, triggered, labels = row_probe(row)
             self._live = (model_id, row_to_target(row, batch_size=256), clean, triggered, labels)
-        return self._live[1:4]
+        return self._live[1:]
 
     def live_episode(self, method: Method, ep: EvalEpisode) -> dict:
         """The live episode of ``ep`` (its very rows) for a live detector's probes, computed once from the zoo row and
@@ -314,8 +315,8 @@ class Evaluation:
         path = live_episode_path(folder, mid, ep.k, ep.seed)
         if path.exists():
             return load_live_episode(path)
-        adapter, clean, triggered = self.live(mid)
-        live = live_episode(adapter, clean, triggered, self._live[4], ep.task.meta, ep.k, ep.seed,
+        adapter, clean, triggered, labels = self.live(mid)
+        live = live_episode(adapter, clean, triggered, labels, ep.task.meta, ep.k, ep.seed,
                             probes=cfg.probes, probe_passes=cfg.probe_passes, baselines=(),
                             rows=(ep.support, ep.query_clean, ep.query_triggered))  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -328,7 +329,7 @@ class Evaluation:
         task, c, t = ep.task, ep.task.clean, ep.task.triggered
         if method.baseline is not None and BASELINES.get(method.baseline).needs_inputs:
             # Same episode on the live model: the cache's probe rows are the zoo row's probe inputs, in order.
-            adapter, clean_in, trig_in = self.live(task.model_id)
+            adapter, clean_in, trig_in, _ = self.live(task.model_id)
             base = BASELINES.build(method.baseline, seed=ep.seed)
             base.fit(c[ep.support], target=adapter, inputs=[clean_in[i] for i in ep.support.tolist()])
             neg = base.score(inputs=[clean_in[i] for i in ep.query_clean.tolist()])
