@@ -1,93 +1,185 @@
-"""A first look at issue [3/5]: the inner loop's positives from the scan's trigger synthesis instead of pseudo-anomalies.
+"""Issue [3/5]: the inner loop's positives from the scan's trigger synthesis instead of pseudo-anomalies.
 
-For the first ``--models`` backdoored image / FL models of ``--zoo`` and ``--seeds`` episodes each (k = ``--k`` clean
-support inputs, 32 clean + 32 triggered query inputs, `meta.episodes.draw_rows`), the shipped one-pass detector is
-adapted three ways and scored on the same query:
+For every model of ``--zoo`` (clean ones included: they measure the false alarms), every ``k`` of ``--k`` and
+``--seeds`` episodes (k clean support inputs; every other clean probe input and up to 64 triggered ones as the query,
+`meta.episodes.draw_rows`), the detector is adapted three ways on the same support and scored on the same query:
 
-- ``pseudo``: today's inner loop (pseudo-anomalies in ψ space);
-- ``synthesized``: the target's outputs on the support with the synthesized trigger of the class whose trigger is the
-  most anomalous (`metashield_hf.scan.scanner.run_synthesis`, ``--steps`` steps) as the inner loop's positives;
-- ``oracle``: 20 truly triggered inputs (not in the query) as the positives (deployment never has them).
+- ``pseudo``: generic pseudo-anomalies in ψ space (``adapt(..., positives="pseudo")``);
+- ``synthesized``: the support with the synthesized trigger of the class easiest to force
+  (`metashield_hf.scan.positives.synthesized_positives`, the scan's own synthesis budget: what
+  ``adapt(..., positives="synthesized")`` runs);
+- ``oracle``: 20 truly triggered inputs outside the query (backdoored models only; deployment never has them).
 
-The detector was meta-trained with pseudo-anomalies, so this measures what synthesis adds without meta-training as
-deployed. Writes ``--out`` ``.md`` / ``.json``.
+Per domain and k: TPR@5%FPR and AUROC on the backdoored models, the FPR at the detector's calibrated threshold on every
+model's clean query (mean and 90th percentile over episodes), the TPR at that threshold, and the synthesis seconds per
+architecture. Writes ``--out`` ``.md`` / ``.json``; ``--resume`` skips episodes already in the ``.jsonl`` beside it.
 
     python benchmarks/input_detection/synthesized_positives.py --zoo artifacts/zoo/live_dev \
-        --out benchmarks/input_detection/results/synthesized_positives/live_dev_first_look
+        --out benchmarks/input_detection/results/synthesized_positives/live_dev
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from metashield_hf.evaluation.metrics import tpr_at_fpr
+from metashield_hf.evaluation.metrics import auroc, rates, tpr_at_fpr
 from metashield_hf.loading import load_detector
 from metashield_hf.meta.episodes import draw_rows
-from metashield_hf.scan.scanner import run_synthesis
+from metashield_hf.scan.positives import synthesized_positives
 from metashield_hf.shield import adapt_from_activations
-from metashield_hf.targets.base import TargetOutput
 from metashield_hf.zoo import load_zoo, row_probe, row_to_target
+
+METHODS = ("pseudo", "synthesized", "oracle")
 
 
 @dataclass
 class SynthesizedPositivesArguments:
     zoo: str = field(metadata={"help": "Zoo folder."})
-    out: str = field(metadata={"help": "Results path without suffix."})
-    models: int = field(default=8, metadata={"help": "Backdoored image / FL models scored (in zoo order)."})
-    seeds: int = field(default=2, metadata={"help": "Episodes per model."})
-    k: int = field(default=20, metadata={"help": "Clean support inputs."})
-    steps: int = field(default=40, metadata={"help": "Steps of the trigger synthesis."})
+    out: str = field(metadata={"help": "Results path without suffix (.md, .json; episodes in .jsonl)."})
+    k: str = field(default="10,20", metadata={"help": "Clean support sizes, comma-separated."})
+    seeds: int = field(default=3, metadata={"help": "Episodes per model and k."})
+    detector: str | None = field(default=None, metadata={"help": "One-pass detector folder (default: embedded)."})
+    max_models: int | None = field(default=None, metadata={"help": "Score only the first N models (smoke runs)."})
+    target_fpr: float = field(default=0.05, metadata={"help": "FPR the threshold is calibrated for."})
+
+
+def episode(det, adapter, clean, triggered, k: int, seed: int, target_fpr: float) -> dict:
+    """One support draw adapted three ways; the query's TPR@5%FPR, AUROC and rates at each calibrated threshold."""
+    support, clean_q, pool = draw_rows(len(clean), len(triggered), k, seed, n_query=len(clean))
+    items_s = adapter.prepare_items([clean[j] for j in support.tolist()])
+    trig_q = [triggered[j] for j in pool[:64].tolist()]
+    query = [clean[j] for j in clean_q.tolist()] + trig_q
+    with torch.no_grad():
+        out_s, out_q = adapter(items_s), adapter(adapter.prepare_items(query))
+        oracle = adapter(adapter.prepare_items([triggered[j] for j in pool[64:84].tolist()])) if trig_q else None
+    t = time.perf_counter()
+    found = synthesized_positives(adapter, items_s, out_s, seed=seed)
+    rec = {"k": len(items_s), "seed": seed, "synthesis_s": time.perf_counter() - t, "classes": found.classes}
+    y = np.r_[np.zeros(len(clean_q)), np.ones(len(trig_q))]
+    w = adapter.head.weight.detach().float()
+    b = None if adapter.head.bias is None else adapter.head.bias.detach().float()
+    for name, positives in (("pseudo", None), ("synthesized", found.outputs), ("oracle", oracle)):
+        if name == "oracle" and (oracle is None or len(oracle) == 0):
+            continue
+        shield = adapt_from_activations(det, out_s, w, b, steps=det.config.adapt_steps, lr=det.config.adapt_lr,
+                                        seed=seed, target_fpr=target_fpr, anomaly_out=positives)  # fmt: skip
+        s = shield.score_features(shield.features_of(out_q)[1]).numpy()
+        r = {"fpr_at_threshold": float((s[: len(clean_q)] > shield.threshold).mean()),
+             "expected_fpr": shield.fpr_estimate["mean"]}  # fmt: skip
+        if trig_q:
+            r |= {"tpr_at_5fpr": tpr_at_fpr(s, y, 0.05), "auroc": auroc(s, y),
+                  "tpr_at_threshold": rates(s, y, shield.threshold)["tpr"]}  # fmt: skip
+        rec[name] = r
+    return rec
+
+
+def summarize(records: list[dict]) -> dict:
+    """Per (domain, k, method): means over backdoored episodes, FPR mean / p90 over every episode."""
+    cells: dict = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        for dom in (r["domain"], "all"):
+            for m in METHODS:
+                if m not in r:
+                    continue
+                c = cells[(dom, r["k"], m)]
+                c["fpr"].append(r[m]["fpr_at_threshold"])
+                if r["is_backdoored"] and "tpr_at_5fpr" in r[m]:
+                    for key in ("tpr_at_5fpr", "auroc", "tpr_at_threshold"):
+                        c[key].append(r[m][key])
+    out = {}
+    for (dom, k, m), c in sorted(cells.items()):
+        out[f"{dom}|{k}|{m}"] = {
+            **{key: float(np.mean(c[key])) for key in ("tpr_at_5fpr", "auroc", "tpr_at_threshold") if c[key]},
+            "fpr_mean": float(np.mean(c["fpr"])),
+            "fpr_p90": float(np.quantile(c["fpr"], 0.9)),
+            "n_backdoored_episodes": len(c["tpr_at_5fpr"]),
+            "n_episodes": len(c["fpr"]),
+        }
+    return out
+
+
+def report(args, records: list[dict], summary: dict) -> str:
+    doms = sorted({r["domain"] for r in records}) + ["all"]
+    ks = sorted({r["k"] for r in records})
+    lines = [
+        f"# Inner-loop positives: {Path(args.zoo).name}",
+        "",
+        f"{len({r['model_id'] for r in records})} models ({len({r['model_id'] for r in records if r['is_backdoored']})}"
+        f" backdoored), k in {ks}, {args.seeds} episodes each; detector: {args.detector or 'embedded one-pass'}; "
+        f"threshold calibrated for FPR {args.target_fpr} (quantile rule). TPR / AUROC: mean over backdoored models' "
+        "episodes; FPR at the threshold: every model's held-out clean probe inputs, mean and 90th percentile over "
+        "episodes. `gap closed` = (synthesized - pseudo) / (oracle - pseudo).",
+        "",
+        "| domain | k | positives | TPR@5%FPR | AUROC | TPR at threshold | FPR at threshold (mean / p90) | gap closed |",
+        "|---|---:|---|---:|---:|---:|---|---:|",
+    ]
+    for dom in doms:
+        for k in ks:
+            for m in METHODS:
+                c = summary.get(f"{dom}|{k}|{m}")
+                if c is None:
+                    continue
+                gap = ""
+                if m == "synthesized" and f"{dom}|{k}|oracle" in summary and "tpr_at_5fpr" in c:
+                    p, o = summary[f"{dom}|{k}|pseudo"]["tpr_at_5fpr"], summary[f"{dom}|{k}|oracle"]["tpr_at_5fpr"]
+                    gap = f"{(c['tpr_at_5fpr'] - p) / (o - p):.2f}" if abs(o - p) > 1e-9 else "n/a"
+                tpr, auc, at = (
+                    f"{c[key]:.3f}" if key in c else "-" for key in ("tpr_at_5fpr", "auroc", "tpr_at_threshold")
+                )
+                lines.append(
+                    f"| {dom} | {k} | {m} | {tpr} | {auc} | {at} | {c['fpr_mean']:.3f} / {c['fpr_p90']:.3f} | {gap} |"
+                )
+    arch = defaultdict(list)
+    for r in records:
+        arch[(r["architecture"], r["k"])].append(r["synthesis_s"])
+    lines += ["", "Synthesis seconds per adaptation (the scan's default budget, 1 torch thread, this machine's CPU):", "",
+              "| architecture | k | median s | max s |", "|---|---:|---:|---:|"]  # fmt: skip
+    lines += [f"| {a} | {k} | {np.median(v):.2f} | {np.max(v):.2f} |" for (a, k), v in sorted(arch.items())]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     (args,) = HfArgumentParser(SynthesizedPositivesArguments).parse_args_into_dataclasses(args=argv)
     torch.set_num_threads(1)
-    det = load_detector(one_pass=True)
+    det = load_detector(args.detector, one_pass=True)
     zoo = load_zoo(args.zoo)
-    meta = zoo.select_columns(["model_id", "domain", "is_backdoored"]).to_list()
-    rows = [i for i, m in enumerate(meta) if m["is_backdoored"] and m["domain"] != "nlp"][: args.models]
-    records = []
-    for i in rows:
+    meta = zoo.select_columns(["model_id", "domain", "architecture", "is_backdoored"]).to_list()
+    if args.max_models:
+        meta = meta[: args.max_models]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = out.with_suffix(".jsonl")
+    records = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+    done = {(r["model_id"], r["k"], r["seed"]) for r in records}
+    ks = [int(x) for x in args.k.split(",")]
+    for i, m in enumerate(tqdm(meta, desc="models")):
+        todo = [(k, s) for k in ks for s in range(args.seeds) if (m["model_id"], k, s) not in done]
+        if not todo:
+            continue
         row = zoo[i]
         adapter = row_to_target(row, batch_size=256)
         clean, triggered, _ = row_probe(row)
-        w = adapter.head.weight.detach().float()
-        b = None if adapter.head.bias is None else adapter.head.bias.detach().float()
-        for seed in range(args.seeds):
-            support, clean_q, pool = draw_rows(len(clean), len(triggered), args.k, seed, 32)
-            items_s = adapter.prepare_items([clean[j] for j in support.tolist()])
-            query = [clean[j] for j in clean_q.tolist()] + [triggered[j] for j in pool[:32].tolist()]
-            with torch.no_grad():
-                out_s, out_q = adapter(items_s), adapter(adapter.prepare_items(query))
-                oracle = adapter(adapter.prepare_items([triggered[j] for j in pool[32:52].tolist()]))
-            _, result, anomaly = run_synthesis(adapter, items_s, steps=args.steps, lr=0.3, flip_threshold=0.9,
-                                               class_batch=16, seed=seed, clean_out=out_s)  # fmt: skip
-            c = int(np.argmax(anomaly))
-            synthesized = TargetOutput(result.logits[c], result.penultimate[c])
-            y = np.r_[np.zeros(len(clean_q)), np.ones(len(query) - len(clean_q))]
-            rec = {"model_id": row["model_id"], "seed": seed, "synthesized_class": c}
-            for name, positives in (("pseudo", None), ("synthesized", synthesized), ("oracle", oracle)):
-                shield = adapt_from_activations(det, out_s, w, b, steps=det.config.adapt_steps, lr=det.config.adapt_lr,
-                                                seed=seed, anomaly_out=positives)  # fmt: skip
-                s = shield.score_features(shield.features_of(out_q)[1]).numpy()
-                rec[name] = tpr_at_fpr(s, y, 0.05)
+        if not m["is_backdoored"]:
+            triggered = []
+        for k, seed in todo:
+            rec = {**m, **episode(det, adapter, clean, triggered, k, seed, args.target_fpr)}
+            rec["k"] = k
             records.append(rec)
-            print(rec, flush=True)
-    names = ("pseudo", "synthesized", "oracle")
-    mean = {n: float(np.mean([r[n] for r in records])) for n in names}
-    text = (f"# Inner-loop positives, first look: {Path(args.zoo).name}\n\n{len(rows)} backdoored image / FL models x "
-            f"{args.seeds} episodes, k = {args.k}, shipped one-pass detector; TPR@5%FPR (mean over episodes)\n\n"
-            "| positives | TPR@5%FPR |\n|---|---:|\n" + "".join(f"| {n} | {mean[n]:.3f} |\n" for n in names))  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+    summary = summarize(records)
+    text = report(args, records, summary)
     out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "mean": mean, "records": records}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "summary": summary}, indent=1))
     print(text)
 
 

@@ -29,8 +29,39 @@ class DetectArguments:
         default=None, metadata={"help": "Deployable inner-loop steps at adaptation (default: the detector's own)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed for everything random."})
+    positives: str = field(
+        default="pseudo",
+        metadata={"help": "Inner-loop positives: pseudo (generic pseudo-anomalies) or synthesized (scan's triggers)."},
+    )
+    scan_first: bool = field(
+        default=False,
+        metadata={"help": "Scan the target first and adapt with the scan's synthesized triggers (one synthesis)."},
+    )
     json: bool = field(default=False, metadata={"help": "Print JSON instead of a table."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the target's own code to run."})
+
+
+def _adapt_for_detect(detector, target, clean, args: DetectArguments, **options):
+    """``detector.adapt`` with the detect flags; with ``--scan_first`` the scan's report hands over its triggers."""
+    kw = {"steps": args.adapt_steps, "target_fpr": args.target_fpr, "seed": args.seed, **options}
+    if not args.scan_first:
+        return None, detector.adapt(target, clean, positives=args.positives, **kw)
+    from .scan import scan_model
+
+    report = scan_model(target, clean, seed=args.seed, trust_remote_code=args.trust_remote_code)
+    return report, report.shield(detector, target, clean, **kw)
+
+
+def _shield_summary(shield, report) -> dict:
+    """What the detect output says about the adaptation: the positives used and the threshold's expected FPR."""
+    found = shield.positives
+    return {
+        "positives": "pseudo"
+        if found is None or found.outputs is None
+        else f"{found.source} (classes {found.classes})",
+        "expected_fpr": {k: round(float(v), 4) for k, v in shield.fpr_estimate.items() if k in ("mean", "p90")},
+        **({"scan": {"verdict": report.verdict, "score": round(report.score, 4)}} if report is not None else {}),
+    }
 
 
 def run_detect(args: DetectArguments) -> dict:
@@ -48,7 +79,7 @@ def run_detect(args: DetectArguments) -> dict:
         ex = digits_badnets_example(seed=args.seed)
         g = np.random.default_rng(args.seed)
         clean = ex.clean_pool[g.permutation(len(ex.clean_pool))[: args.n]]
-        shield = detector.adapt(ex.model, clean, steps=args.adapt_steps, target_fpr=args.target_fpr, seed=args.seed)
+        report, shield = _adapt_for_detect(detector, ex.model, clean, args)
         s_clean, s_trig = shield.score(ex.test_clean), shield.score(ex.test_triggered)
         scores = np.concatenate([s_clean, s_trig])
         labels = np.r_[np.zeros(len(s_clean)), np.ones(len(s_trig))]
@@ -64,28 +95,30 @@ def run_detect(args: DetectArguments) -> dict:
             **{k: round(v, 4) for k, v in rates(scores, labels, shield.threshold).items()},
             "auroc": round(auroc(scores, labels), 4),
             "adapt_seconds": round(shield.timings["adapt_s"], 3),
+            **_shield_summary(shield, report),
         }
     if args.clean_samples is None or args.inputs is None:
         raise ValueError("--target needs --clean_samples and --inputs")
     clean = load_samples(args.clean_samples, args.n, seed=args.seed)
-    shield = detector.adapt(
-        args.target,
-        clean,
-        steps=args.adapt_steps,
-        target_fpr=args.target_fpr,
-        seed=args.seed,
-        trust_remote_code=args.trust_remote_code,
-    )
+    report, shield = _adapt_for_detect(detector, args.target, clean, args, trust_remote_code=args.trust_remote_code)
     inputs = load_samples(args.inputs)
     rows = shield.predict(inputs)
     for row, item in zip(rows, inputs, strict=True):
         row["input"] = item if isinstance(item, str) else f"<{type(item).__name__}>"
-    return {"threshold": shield.threshold, "results": rows}
+    return {"threshold": shield.threshold, **_shield_summary(shield, report), "results": rows}
 
 
 def _print_detect(result: dict) -> None:
+    fpr = result["expected_fpr"]
+    adaptation = (
+        f"positives: {result['positives']}; expected FPR at the threshold {fpr['mean']:.3f} "
+        f"(90th percentile over draws of the clean samples {fpr['p90']:.3f})"
+    )
+    if "scan" in result:
+        adaptation = f"scan first: {result['scan']['verdict']} (score {result['scan']['score']:.3f}); " + adaptation
     if "results" in result:
         print(f"threshold {result['threshold']:.4f}")
+        print(adaptation)
         print(f"{'label':<11} {'score':>7} {'class':>5}  input")
         for r in result["results"]:
             print(f"{r['label']:<11} {r['score']:>7.4f} {r['predicted_class']:>5}  {str(r['input'])[:80]}")
@@ -99,6 +132,7 @@ def _print_detect(result: dict) -> None:
         f"  adapted with {result['n_clean_samples']} clean samples in {result['adapt_seconds']:.2f} s; "
         f"threshold {result['threshold']:.4f}"
     )
+    print(f"  {adaptation}")
     print(f"  {'inputs':<16} {'n':>5} {'mean score':>11} {'flagged':>8}")
     print(
         f"  {'held-out clean':<16} {result['held_out_clean']['n']:>5} {result['held_out_clean']['mean_score']:>11.4f} "

@@ -46,6 +46,9 @@ class BackdoorDetectionPipeline(Pipeline):
         seed: seed of the feature perturbations and the live probes.
         probe_passes: the most extra forward passes per input the detector's live probes may spend (default: the
             budget it was trained with; an error when its probes need more).
+        positives: the inner loop's positives, ``"pseudo"`` or ``"synthesized"`` (see [`adapt`]).
+        scan_first: scan the target first ([`scan_model`] on the same clean samples, kept as ``self.scan_report``)
+            and adapt with the scan's synthesized triggers as positives, so the synthesis runs once.
 
     Returns, per input: ``{"label": "backdoored"|"clean", "score": float, "threshold": float, "predicted_class": int}``.
 
@@ -75,12 +78,17 @@ class BackdoorDetectionPipeline(Pipeline):
         target_processor=None,
         seed: int = 0,
         probe_passes: int | None = None,
+        positives: str = "pseudo",
+        scan_first: bool = False,
         **kwargs,
     ):
         kwargs.setdefault("device", "cpu")  # device=None means cuda:0 when available
         super().__init__(*args, **kwargs)
         self.shield: AdaptedShield | None = None
+        self.scan_report = None
+        self._scan_first = scan_first
         self._adapt_kwargs = {
+            "positives": positives,
             "target_fpr": target_fpr,
             "steps": adapt_steps,
             "seed": seed,
@@ -95,6 +103,11 @@ class BackdoorDetectionPipeline(Pipeline):
         if target_model is None or clean_samples is None:
             raise ValueError("backdoor-detection needs both target_model= and clean_samples= (5-50 clean inputs)")
         kw = {**self._adapt_kwargs, **adapt_kwargs}
+        if self._scan_first and "scan_report" not in kw:
+            from .scan import scan_model
+
+            self.scan_report = scan_model(target_model, clean_samples, processor=kw.get("processor"), seed=kw["seed"])
+            kw["scan_report"] = self.scan_report
         self.shield = adapt(self.model, target_model, clean_samples, batch_size=self._batch_size or 32, **kw)
         return self.shield
 

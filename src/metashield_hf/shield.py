@@ -14,6 +14,8 @@ from .features import compute_features, loo_features
 from .features.reference import Reference, build_reference
 from .modeling_metashield import MetaShieldDetector
 from .probes import LiveEvidence
+from .scan.config import ScanConfig
+from .scan.positives import POSITIVES, SynthesizedPositives, positives_from_report, synthesized_positives
 from .targets import load_target
 from .targets.base import TargetAdapter, TargetOutput
 
@@ -22,8 +24,37 @@ logger = logging.getLogger(__name__)
 MIN_CLEAN = 3
 
 
+_WARNED_SMALL_K: set[tuple[int, float]] = set()  # (k, target FPR) pairs already warned about: said once
 CALIBRATIONS = ("quantile", "conformal", "normal", "tolerance")
 TOLERANCE_CONFIDENCE = 0.9  # the "tolerance" rule's confidence that the FPR is at most the target
+
+
+def expected_fpr(calibration_scores: np.ndarray, threshold: float, quantile: float = 0.9) -> dict[str, float]:
+    """What FPR a threshold keeps on new clean inputs, from the ``n`` clean scores it was calibrated on.
+
+    For exchangeable clean scores, the chance that a new clean input scores above the ``r``-th smallest calibration
+    score is Beta(n + 1 - r, r)-distributed over the draw of the clean samples, whatever the detector. ``r`` counts
+    the calibration scores at or below ``threshold`` (a threshold between two ranks keeps at most the lower rank's
+    FPR, so this errs on the side of more false alarms).
+
+    Returns:
+        ``{"mean", "p90" (the ``quantile``), "n", "smallest_honest_fpr"}``; ``smallest_honest_fpr`` is ``1/(n+1)``,
+        the mean FPR of the largest clean score as threshold, below which no rank rule can aim.
+    """
+    from scipy.stats import beta
+
+    scores = np.asarray(calibration_scores, dtype=np.float64)
+    n = len(scores)
+    r = int((scores <= threshold).sum())
+    if n == 0 or r == 0:
+        return {"mean": 1.0, "p90": 1.0, "n": n, "smallest_honest_fpr": 1.0 / (n + 1)}
+    a, b = n + 1 - r, r
+    return {
+        "mean": float(a / (a + b)),
+        "p90": float(beta.ppf(quantile, a, b)),
+        "n": n,
+        "smallest_honest_fpr": 1.0 / (n + 1),
+    }
 
 
 def calibrate_threshold(scores: np.ndarray, target_fpr: float, method: str = "quantile") -> float:
@@ -75,6 +106,9 @@ class AdaptedShield:
     """A detector adapted to one target model: reference statistics, adapted weights and a calibrated threshold.
 
     Use :meth:`score` for scores in ``[0, 1]`` (higher = more likely triggered) and :meth:`predict` for decisions.
+    ``fpr_estimate`` says what false-positive rate the threshold keeps (mean and 90th percentile over draws of the
+    clean samples, [`expected_fpr`]); ``positives`` what the inner loop's positives were (``None``: pseudo-anomalies
+    by request).
     """
 
     detector: MetaShieldDetector
@@ -89,6 +123,8 @@ class AdaptedShield:
     params: dict[str, torch.Tensor] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     evidence: LiveEvidence | None = None
+    positives: SynthesizedPositives | None = None
+    fpr_estimate: dict[str, float] = field(default_factory=dict)
 
     def features(self, inputs) -> tuple[TargetOutput, torch.Tensor]:
         """Run the target (once, plus the live probes' passes when the detector reads them) and return its
@@ -157,6 +193,9 @@ def adapt(
     trust_remote_code: bool = False,
     calibration: str = "quantile",
     probe_passes: int | None = None,
+    positives: str = "pseudo",
+    scan_report=None,
+    synthesis: ScanConfig | None = None,
 ) -> AdaptedShield:
     """Adapt ``detector`` to ``target`` from clean samples only.
 
@@ -177,10 +216,17 @@ def adapt(
         probe_passes: the most extra forward passes per input the detector's live probes may spend (``None``: the
             budget it was trained with); a budget below what its probes need is an error, since the detector reads
             every probe's features (a one-pass detector runs none).
+        positives: the inner loop's positives: ``"pseudo"`` (generic pseudo-anomalies in activation space) or
+            ``"synthesized"`` (the clean samples with the trigger the scan's synthesis finds for the class easiest to
+            force, [`synthesized_positives`]; pseudo-anomalies when the synthesis reaches no class, recorded in
+            ``shield.positives``).
+        scan_report: a [`ScanReport`] of this model: its synthesized triggers are the positives (nothing is
+            synthesized again); implies ``positives="synthesized"``. A report of another model is refused.
+        synthesis: the synthesis budget ([`ScanConfig`]; default: the scan's own).
 
     Returns:
         An [`AdaptedShield`]. Its threshold comes from leave-one-out scores of the clean samples, so the FPR estimate
-        is not optimistic.
+        is not optimistic; ``shield.fpr_estimate`` gives its mean and spread.
 
     Example:
         ```python
@@ -191,6 +237,8 @@ def adapt(
     """
     if not 0.0 < target_fpr < 1.0:
         raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
+    if positives not in POSITIVES:
+        raise ValueError(f"positives must be one of {POSITIVES}, got {positives!r}")
     steps = detector.config.adapt_steps if steps is None else steps
     lr = detector.config.adapt_lr if lr is None else lr
     if steps < 0:
@@ -211,6 +259,15 @@ def adapt(
     clean_out = adapter(clean_samples, layers=evidence is not None and evidence.needs_layers)
     if evidence is not None:
         live_ref = evidence.fit(adapter, clean_samples, out=clean_out).support_features()
+    found = None
+    if steps > 0 and (scan_report is not None or positives == "synthesized"):
+        items = clean_samples if evidence is not None else adapter.prepare_items(clean_samples)
+        if scan_report is not None:
+            found = positives_from_report(scan_report, adapter, items, seed=seed)
+        else:
+            found = synthesized_positives(adapter, items, clean_out, config=synthesis, seed=seed)
+        if found.outputs is None:
+            logger.warning("synthesized positives: %s; the inner loop uses pseudo-anomalies", found.reason)
     head = adapter.head
     shield = adapt_from_activations(
         detector,
@@ -224,8 +281,10 @@ def adapt(
         calibration=calibration,
         target=adapter,
         live_reference_features=live_ref,
+        anomaly_out=None if found is None else found.outputs,
     )
     shield.evidence = evidence
+    shield.positives = found
     shield.timings["adapt_s"] = time.perf_counter() - t0
     return shield
 
@@ -254,8 +313,9 @@ def adapt_from_activations(
         clean_out: the target's outputs on the clean samples.
         head_weight, head_bias: the target's classification head.
         params: start from these detector parameters instead of the detector's own (e.g. meta-learned fast weights).
-        anomaly_out: outputs on known-triggered inputs to use in the inner loop instead of pseudo-anomalies: the
-            ``oracle`` ablation only (deployment never has triggered examples).
+        anomaly_out: outputs on triggered inputs to use in the inner loop instead of pseudo-anomalies: synthesized
+            triggers ([`synthesized_positives`]), or true ones in the ``oracle`` ablation (deployment never has
+            triggered examples).
         reference_features: ``(N, F)`` leave-one-out ψ of ``clean_out`` already computed (with this ``seed`` and the
             detector's groups), e.g. by an evaluation episode shared by several detectors; skips recomputing it.
         anomaly_features: ``(m, F)`` ψ of the inner loop's positives already computed (replaces ``anomaly_out`` and
@@ -311,5 +371,14 @@ def adapt_from_activations(
     ]
     shield.calibration_scores = np.asarray(loo)
     shield.threshold = calibrate_threshold(shield.calibration_scores, target_fpr, calibration)
+    shield.fpr_estimate = expected_fpr(shield.calibration_scores, shield.threshold)
+    if target_fpr < shield.fpr_estimate["smallest_honest_fpr"] and (len(loo), target_fpr) not in _WARNED_SMALL_K:
+        _WARNED_SMALL_K.add((len(loo), target_fpr))
+        logger.warning(
+            "%d clean samples cannot calibrate FPR %.3f: the smallest honest rate is 1/(k+1) = %.3f; expect an FPR "
+            "near %.3f (90th percentile over draws %.3f); pass at least %d clean samples for this rate",
+            len(loo), target_fpr, shield.fpr_estimate["smallest_honest_fpr"], shield.fpr_estimate["mean"],
+            shield.fpr_estimate["p90"], math.ceil(1.0 / target_fpr) - 1,
+        )  # fmt: skip
     shield.timings = {"reference_s": t_ref - t0, "adapt_s": time.perf_counter() - t0}
     return shield

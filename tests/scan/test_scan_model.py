@@ -37,15 +37,6 @@ FAST = ["--steps", "5"]  # the CLI tests check plumbing, not detection quality
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="session")
-def digits_models():
-    """(backdoored example, clean example): the bundled digits TinyCNN with a BadNets patch (target 0), and the same
-    recipe with no poisoning. Both are cached by `digits_badnets_example` (about a minute each the first time)."""
-    from metashield_hf.zoo.examples import digits_badnets_example
-
-    return digits_badnets_example(seed=0), digits_badnets_example(seed=0, poison_rate=0.0)
-
-
 @pytest.fixture(scope="module")
 def bert_folder(tmp_path_factory, wordpiece_tokenizer):
     folder = tmp_path_factory.mktemp("scan") / "bert"

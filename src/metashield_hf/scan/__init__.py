@@ -11,6 +11,8 @@ synthesis.
 - `signals.py`: the model-level signals and their names
 - `head.py`: [`ScanHead`] and its fitting on scan records (cross-validation, false-positive thresholds)
 - `scanner.py`: [`scan_model`], [`scan_adapter`]
+- `positives.py`: the synthesized triggers as adaptation's inner-loop positives ([`synthesized_positives`],
+  [`positives_from_report`]) and the model fingerprint that ties a report to its model
 - `neural_cleanse.py`: [`neural_cleanse_scan`]
 """
 
@@ -42,6 +44,13 @@ from .head import (
     with_part,
 )
 from .neural_cleanse import NEURAL_CLEANSE_THRESHOLD, neural_cleanse_scan
+from .positives import (
+    POSITIVES,
+    SynthesizedPositives,
+    model_fingerprint,
+    positives_from_report,
+    synthesized_positives,
+)
 from .report import ClassEvidence, ScanReport
 from .scanner import checkpoint_name, prepare_clean_items, run_synthesis, scan_adapter, scan_model
 from .signals import (
@@ -114,4 +123,9 @@ __all__ = [
     "token_signals",
     "verdict_threshold",
     "with_part",
+    "POSITIVES",
+    "SynthesizedPositives",
+    "model_fingerprint",
+    "positives_from_report",
+    "synthesized_positives",
 ]

@@ -69,6 +69,8 @@ class ScanReport:
         options: the scan options that made the report.
         synthesis: the mask synthesis's [`SynthesisResult`] (masks, patterns, outputs on the perturbed samples), for
             callers that reuse the synthesized triggers; ``None`` where it did not run. Not part of ``to_dict()``.
+        fingerprint: a hash of the scanned model's parameters ([`model_fingerprint`]): [`shield`] and
+            ``adapt(..., scan_report=)`` refuse a report of another model.
     """
 
     checkpoint: str
@@ -86,10 +88,27 @@ class ScanReport:
     timings: dict[str, float] = field(default_factory=dict)
     options: dict = field(default_factory=dict)
     synthesis: Any = field(default=None, repr=False, compare=False)
+    fingerprint: str | None = None
 
     @property
     def is_backdoored(self) -> bool:
         return self.verdict == "backdoored"
+
+    def shield(self, detector, target, clean_samples, **adapt_options):
+        """Protect the scanned model: ``adapt(detector, target, clean_samples, scan_report=self, ...)``, whose inner
+        loop takes this scan's synthesized triggers as positives instead of synthesizing them again.
+
+        Example:
+            ```python
+            >>> report = scan_model(model, clean_images[:20])
+            >>> shield = report.shield(load_detector(), model, clean_images[:20])
+            >>> shield.positives.source
+            'scan_report'
+            ```
+        """
+        from ..shield import adapt
+
+        return adapt(detector, target, clean_samples, scan_report=self, **adapt_options)
 
     def to_dict(self) -> dict:
         """The report as JSON-able values (without the synthesis tensors)."""

@@ -20,6 +20,7 @@ import torch
 from ..targets import load_target
 from ..targets.base import TargetAdapter, TargetOutput
 from .config import DEFAULT_BLEND_STEPS, MIN_SCAN_SAMPLES, SOURCE_FLIP_THRESHOLD, SOURCE_LOSS_QUANTILE, ScanConfig
+from .positives import model_fingerprint
 from .report import ClassEvidence, ScanReport
 from .signals import (
     BLEND,
@@ -412,6 +413,7 @@ def scan_adapter(
             "adapt_steps": config.adapt_steps,
         },  # fmt: skip
         synthesis=result,
+        fingerprint=model_fingerprint(adapter),
     )
     logger.info(
         "scan of %s: %s (score %.3f, suspected target %d) in %.1f s",
