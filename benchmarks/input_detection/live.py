@@ -12,6 +12,15 @@ Steps (each resumable; generated files under ``--work``, git-ignored):
 
 ``--detectors NAME=FOLDER`` evaluates frozen detectors instead of training (the blind check: a zoo none of them saw).
 
+``--positives pseudo,synthesized,oracle`` (issue [3/5]) also stores each episode's synthesized positives (the scan's
+synthesis on the support, `metashield_hf.scan.positives`) and oracle positives, meta-trains the one-pass variant once
+per kind of positives (as deployed: the inner loop of training sees what adaptation will see), and scores every
+detector with each kind; ``--no_live_probes`` and ``--no_baselines`` skip what that study does not read.
+
+    python benchmarks/input_detection/live.py --zoo artifacts/zoo/live_dev --work artifacts/live/positives \
+        --out benchmarks/input_detection/results/synthesized_positives/meta_trained_live_dev \
+        --positives pseudo,synthesized,oracle --variants one_pass --no_live_probes --no_baselines
+
     python benchmarks/input_detection/live.py --zoo artifacts/zoo/live_dev --work artifacts/live/dev \
         --out benchmarks/input_detection/results/live_evidence/dev_held_out
 """
@@ -35,6 +44,7 @@ from transformers import HfArgumentParser
 
 from metashield_hf import MetaShieldDetector
 from metashield_hf.evaluation.live import (
+    EPISODE_POSITIVES,
     LIVE_EPISODE_BASELINES,
     detector_columns,
     episode_from_live,
@@ -48,6 +58,7 @@ from metashield_hf.loading import DEFAULT_DETECTOR_DIR
 from metashield_hf.meta.split import split_models
 from metashield_hf.meta.train import MetaTrainArguments, train
 from metashield_hf.probes import DEFAULT_PROBES, PROBES
+from metashield_hf.scan import ScanConfig
 from metashield_hf.zoo import load_zoo, row_probe, row_to_target
 
 logger = logging.getLogger("live")
@@ -75,10 +86,20 @@ class LiveArguments:
         metadata={"help": "Which detectors to train: live (v2), one_pass, ablations (one per probe dropped)."},
     )
     all_test: bool = field(default=False, metadata={"help": "Every model of the zoo is held out (a blind zoo)."})
+    positives: str = field(
+        default="pseudo",
+        metadata={
+            "help": "Inner-loop positives, comma-separated: pseudo, synthesized (the scan's synthesis), oracle."
+        },
+    )
+    no_live_probes: bool = field(default=False, metadata={"help": "Episodes without live probes (one-pass only)."})
+    no_baselines: bool = field(default=False, metadata={"help": "Held-out episodes without the baselines."})
     threads: int = field(default=2, metadata={"help": "torch threads."})
 
 
-def build_bank(zoo, ids: set[str], folder: Path, plan: dict[str, list[tuple[int, int, bool]]]) -> None:
+def build_bank(
+    zoo, ids: set[str], folder: Path, plan: dict[str, list[tuple[int, int, bool]]], *, probes, synthesis, baselines
+) -> None:
     names = zoo.select_columns(["model_id"])["model_id"]
     todo = [i for i, m in enumerate(names) if m in ids and any(
         not live_episode_path(folder, m, k, s).exists() for k, s, _ in plan[m])]  # fmt: skip
@@ -93,8 +114,8 @@ def build_bank(zoo, ids: set[str], folder: Path, plan: dict[str, list[tuple[int,
             path = live_episode_path(folder, mid, k, seed)
             if path.exists():
                 continue
-            ep = live_episode(adapter, clean, triggered, labels, meta, k, seed,
-                              baselines=LIVE_EPISODE_BASELINES if with_baselines else ())  # fmt: skip
+            ep = live_episode(adapter, clean, triggered, labels, meta, k, seed, probes=probes, synthesis=synthesis,
+                              baselines=baselines if with_baselines else ())  # fmt: skip
             ep["meta"] = meta
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
@@ -102,7 +123,7 @@ def build_bank(zoo, ids: set[str], folder: Path, plan: dict[str, list[tuple[int,
             tmp.rename(path)
 
 
-def train_variant(name, probes, args, work: Path, train_ids, bank_files) -> Path:
+def train_variant(name, probes, args, work: Path, train_ids, bank_files, positives: str = "pseudo") -> Path:
     out = work / "detectors" / name
     if (out / "detector" / "config.json").exists():
         return out / "detector"
@@ -117,7 +138,7 @@ def train_variant(name, probes, args, work: Path, train_ids, bank_files) -> Path
 
     def source(tasks, rng: random.Random):
         task = rng.choice(tasks)
-        return episode_from_live(rng.choice(episodes[task.model_id]), cols)
+        return episode_from_live(rng.choice(episodes[task.model_id]), cols, positives)
 
     train(targs, episode_source=source)
     return out / "detector"
@@ -133,7 +154,12 @@ def metrics(neg: np.ndarray, pos: np.ndarray) -> dict:
     return {"auroc": auroc(s, y), "tpr@5fpr": tpr_at_fpr(s, y, 0.05)}
 
 
-def evaluate(test_files: dict[str, list[Path]], detectors: dict[str, Path]) -> list[dict]:
+def evaluate(
+    test_files: dict[str, list[Path]], detectors: dict[str, Path], positives: dict[str, str] | None = None
+) -> list[dict]:
+    """Every detector (adapted with its ``positives[name]``, default pseudo) and every stored baseline on each
+    held-out episode."""
+    positives = positives or {}
     loaded = {n: MetaShieldDetector.from_pretrained(p).eval() for n, p in detectors.items()}
     records = []
     for mid, files in tqdm(sorted(test_files.items()), desc="evaluate (models)"):
@@ -145,8 +171,10 @@ def evaluate(test_files: dict[str, list[Path]], detectors: dict[str, Path]) -> l
                     "seed": int(ep["seed"]), "backdoored": backdoored}  # fmt: skip
             sec = ep["seconds"]
             for name, det in loaded.items():
-                s, thr = score_live_episode(det, ep)
+                kind = positives.get(name, "pseudo")
+                s, thr = score_live_episode(det, ep, positives=kind)
                 t = sec["psi"] + sum(sec[f"probe/{p}"] for p in det.config.probes)
+                t += sec.get("synthesis", 0.0) if kind == "synthesized" else 0.0
                 rec = {**base, "method": name, "passes": probe_passes(det.config.probes, ep["modality"]),
                        "fpr": float((s[:n_c] > thr).mean()), "cost": (sec["forward"] + t) / sec["forward"]}  # fmt: skip
                 if backdoored and len(s) > n_c:
@@ -244,8 +272,14 @@ def main(argv: list[str] | None = None) -> None:
     (work / "split.json").write_text(json.dumps({"train": sorted(train_ids), "test": sorted(test_ids)}, indent=1))
     plan = {m: [(k, s, False) for k in TRAIN_K for s in TRAIN_SEEDS] for m in train_ids}
     plan |= {m: [(k, s, True) for k in ks for s in range(args.seeds)] for m in test_ids}
+    kinds = [p for p in args.positives.split(",") if p]
+    unknown = sorted(set(kinds) - set(EPISODE_POSITIVES))
+    if unknown:
+        raise ValueError(f"--positives: unknown {unknown}; choose from {EPISODE_POSITIVES}")
     t0 = time.perf_counter()
-    build_bank(zoo, set(plan), work / "episodes", plan)
+    build_bank(zoo, set(plan), work / "episodes", plan, probes=() if args.no_live_probes else DEFAULT_PROBES,
+               synthesis=ScanConfig() if "synthesized" in kinds else None,
+               baselines=() if args.no_baselines else LIVE_EPISODE_BASELINES)  # fmt: skip
     bank_seconds = time.perf_counter() - t0
     files = {m: [live_episode_path(work / "episodes", m, k, s) for k, s, _ in plan[m]] for m in plan}
 
@@ -261,15 +295,27 @@ def main(argv: list[str] | None = None) -> None:
             variants["one-pass (ψ only, retrained)"] = []
         if "ablations" in wanted:
             variants |= {f"v2 without {p}": [q for q in DEFAULT_PROBES if q != p] for p in DEFAULT_PROBES}
-        detectors = {}
-        for name, probes in variants.items():
-            slug = name.split(" ")[0] if name.startswith("metashield") else name.replace(" ", "_").replace("(", "")
-            slug = "".join(c for c in slug if c.isalnum() or c in "-_")
-            detectors[name] = train_variant(slug, probes, args, work, set(train_ids), files)
-        detectors["metashield-base v1 (shipped)"] = Path(os.path.relpath(DEFAULT_DETECTOR_DIR))
+        if args.no_live_probes and any(variants.values()):
+            raise ValueError("--no_live_probes: the episodes hold no live features; train --variants one_pass only")
+        detectors, adapt_with = {}, {}
+        for base_name, probes in variants.items():
+            for kind in kinds:  # meta-trained as deployed: the training inner loop sees this kind of positives
+                name = base_name if kind == "pseudo" else f"{base_name}, {kind} positives"
+                slug = name.split(" ")[0] if name.startswith("metashield") else name.replace(" ", "_").replace("(", "")
+                slug = "".join(c for c in slug if c.isalnum() or c in "-_")
+                if name.startswith("metashield") and kind != "pseudo":
+                    slug += f"_{kind}"
+                detectors[name] = train_variant(slug, probes, args, work, set(train_ids), files, kind)
+                adapt_with[name] = kind
+        frozen = {"metashield-base v1 (shipped)": Path(os.path.relpath(DEFAULT_DETECTOR_DIR))}
     else:
-        detectors = dict(d.split("=", 1) for d in args.detectors)
-    records = evaluate({m: files[m] for m in test_ids}, {n: Path(p) for n, p in detectors.items()})
+        detectors, adapt_with = {}, {}
+        frozen = {n: Path(p) for n, p in (d.split("=", 1) for d in args.detectors)}
+    for name, path in frozen.items():  # frozen detectors: adapted with each kind of positives
+        for kind in kinds:
+            label = name if kind == "pseudo" else f"{name}, {kind} positives"
+            detectors[label], adapt_with[label] = path, kind
+    records = evaluate({m: files[m] for m in test_ids}, {n: Path(p) for n, p in detectors.items()}, adapt_with)
     summary = summarise(records)
     facts = {
         "title": f"Live evidence: held-out models of {Path(args.zoo).name}",

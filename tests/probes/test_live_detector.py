@@ -91,3 +91,36 @@ def test_training_with_probes_needs_live_episodes(tmp_path):
 
     with pytest.raises(ValueError, match="live probes' features come from live episodes"):
         train(MetaTrainArguments(out=str(tmp_path / "run"), cache_dir=str(tmp_path), probes="trajectory"))
+
+
+def test_live_episode_holds_synthesized_and_oracle_positives(example):
+    """Meta-training as deployed: an episode stores the support with the scan's synthesized trigger (what adapt's
+    `positives="synthesized"` makes, same seed) and, for a backdoored model, true triggers outside the query."""
+    from metashield_hf.evaluation.live import episode_positives, score_live_episode
+    from metashield_hf.scan import ScanConfig, synthesized_positives
+
+    target = load_target(example.model)
+    clean, triggered = list(example.test_clean[:80]), list(example.test_triggered[:80])
+    meta = {"model_id": "digits", "domain": "cv", "attack": "badnets", "is_backdoored": True}
+    budget = ScanConfig(steps=30)
+    ep = live_episode(target, clean, triggered, [0] * 80, meta, k=10, seed=3, n_query=16, probes=(), baselines=(),
+                      synthesis=budget)  # fmt: skip
+    f = len(ep["feature_names"])
+    assert ep["synthesized"].shape == (10, f) and ep["synthesized_classes"] == [example.target_label]
+    assert ep["oracle"].shape[1] == f and 0 < len(ep["oracle"]) <= 20
+    oracle_rows = set(range(80)) - set(ep["query_triggered_index"].tolist()) - set(ep["support_index"].tolist())
+    assert len(ep["oracle"]) <= len(oracle_rows)
+    # the same positives as adaptation's own synthesis on the same support and seed
+    items = target.prepare_items([clean[i] for i in ep["support_index"].tolist()])
+    found = synthesized_positives(target, items, config=budget, seed=3)
+    assert found.classes == ep["synthesized_classes"]
+    # a detector adapted with each kind of positives scores the query differently; a missing kind falls back
+    det = MetaShieldDetector(MetaShieldConfig(feature_names=feature_names(), adapt_steps=2)).eval()
+    pseudo, _ = score_live_episode(det, ep)
+    synth, _ = score_live_episode(det, ep, positives="synthesized")
+    assert pseudo.shape == synth.shape == (32,) and not np.allclose(pseudo, synth)
+    clean_ep = {k: v for k, v in ep.items() if k != "oracle"}
+    torch.testing.assert_close(episode_positives(clean_ep, "oracle"), ep["pseudo"])
+    assert episode_from_live(ep, positives="synthesized").inner_anomalies.shape == (10, f)
+    with pytest.raises(ValueError, match="positives must be one of"):
+        episode_positives(ep, "triggered")
