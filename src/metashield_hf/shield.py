@@ -33,9 +33,10 @@ def expected_fpr(calibration_scores: np.ndarray, threshold: float, quantile: flo
     """What FPR a threshold keeps on new clean inputs, from the ``n`` clean scores it was calibrated on.
 
     For exchangeable clean scores, the chance that a new clean input scores above the ``r``-th smallest calibration
-    score is Beta(n + 1 - r, r)-distributed over the draw of the clean samples, whatever the detector. ``r`` counts
-    the calibration scores at or below ``threshold`` (a threshold between two ranks keeps at most the lower rank's
-    FPR, so this errs on the side of more false alarms).
+    score is Beta(n + 1 - r, r)-distributed over the draw of the clean samples, whatever the detector: mean
+    ``(n + 1 - r) / (n + 1)``. A threshold between the ``r``-th and ``(r+1)``-th scores (the interpolated quantile)
+    gets the mean and the ``quantile`` of the two ranks' laws interpolated at its place between them. Leave-one-out
+    calibration scores run higher than new clean inputs' scores, so the estimate errs towards more false alarms.
 
     Returns:
         ``{"mean", "p90" (the ``quantile``), "n", "smallest_honest_fpr"}``; ``smallest_honest_fpr`` is ``1/(n+1)``,
@@ -43,18 +44,23 @@ def expected_fpr(calibration_scores: np.ndarray, threshold: float, quantile: flo
     """
     from scipy.stats import beta
 
-    scores = np.asarray(calibration_scores, dtype=np.float64)
+    scores = np.sort(np.asarray(calibration_scores, dtype=np.float64))
     n = len(scores)
     r = int((scores <= threshold).sum())
+    out = {"n": n, "smallest_honest_fpr": 1.0 / (n + 1)}
     if n == 0 or r == 0:
-        return {"mean": 1.0, "p90": 1.0, "n": n, "smallest_honest_fpr": 1.0 / (n + 1)}
-    a, b = n + 1 - r, r
-    return {
-        "mean": float(a / (a + b)),
-        "p90": float(beta.ppf(quantile, a, b)),
-        "n": n,
-        "smallest_honest_fpr": 1.0 / (n + 1),
-    }
+        return {"mean": 1.0, "p90": 1.0, **out}
+
+    def law(rank: int) -> tuple[float, float]:
+        if rank >= n + 1:  # above every score: nothing is flagged by the ranks' account
+            return 0.0, 0.0
+        a, b = n + 1 - rank, rank
+        return a / (a + b), float(beta.ppf(quantile, a, b))
+
+    lo, hi = law(r), law(r + 1)
+    gap = scores[r] - scores[r - 1] if r < n else 0.0
+    frac = float(np.clip((threshold - scores[r - 1]) / gap, 0.0, 1.0)) if gap > 0 else 0.0
+    return {"mean": float(lo[0] + frac * (hi[0] - lo[0])), "p90": float(lo[1] + frac * (hi[1] - lo[1])), **out}
 
 
 def calibrate_threshold(scores: np.ndarray, target_fpr: float, method: str = "quantile") -> float:

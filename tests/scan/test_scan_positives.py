@@ -114,12 +114,17 @@ def test_token_only_text_report_gives_token_trigger_positives(wordpiece_tokenize
 # ---- the threshold's honesty -------------------------------------------------------------------------------------
 def test_expected_fpr_is_the_beta_law_of_the_rank():
     scores = np.arange(1.0, 21.0)  # 20 calibration scores
-    est = expected_fpr(scores, 19.5)  # 19 scores at or below: Beta(2, 19)
+    est = expected_fpr(scores, 19.0)  # at the 19th smallest: Beta(2, 19)
     assert est["mean"] == pytest.approx(2 / 21) and est["p90"] == pytest.approx(beta.ppf(0.9, 2, 19))
     assert est["n"] == 20 and est["smallest_honest_fpr"] == pytest.approx(1 / 21)
-    top = expected_fpr(scores, 20.0)  # the largest score: the smallest honest rate
-    assert top["mean"] == pytest.approx(1 / 21)
+    half = expected_fpr(scores, 19.5)  # halfway to the 20th: the two laws interpolated
+    assert half["mean"] == pytest.approx(1.5 / 21)
+    assert half["p90"] == pytest.approx((beta.ppf(0.9, 2, 19) + beta.ppf(0.9, 1, 20)) / 2)
+    assert expected_fpr(scores, 20.0)["mean"] == pytest.approx(1 / 21)  # the largest score: the smallest honest rate
     assert expected_fpr(scores, 0.0)["mean"] == 1.0  # below every clean score: everything is flagged
+    # the interpolated 95th percentile, what adapt's default rule takes, sits between the 19th and 20th ranks
+    q = expected_fpr(scores, float(np.quantile(scores, 0.95)))
+    assert 1 / 21 < q["mean"] < 2 / 21
 
 
 def test_small_k_warns_once_with_the_smallest_honest_rate(detector, caplog):
