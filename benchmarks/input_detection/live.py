@@ -94,6 +94,7 @@ class LiveArguments:
     )
     no_live_probes: bool = field(default=False, metadata={"help": "Episodes without live probes (one-pass only)."})
     no_baselines: bool = field(default=False, metadata={"help": "Held-out episodes without the baselines."})
+    train_seeds: int = field(default=len(TRAIN_SEEDS), metadata={"help": "Episode seeds per (training model, k)."})
     threads: int = field(default=2, metadata={"help": "torch threads."})
 
 
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         train_ids, test_ids = split_models(metas, test_fraction=0.3, seed=0)
     (work / "split.json").write_text(json.dumps({"train": sorted(train_ids), "test": sorted(test_ids)}, indent=1))
-    plan = {m: [(k, s, False) for k in TRAIN_K for s in TRAIN_SEEDS] for m in train_ids}
+    plan = {m: [(k, s, False) for k in TRAIN_K for s in TRAIN_SEEDS[: args.train_seeds]] for m in train_ids}
     plan |= {m: [(k, s, True) for k in ks for s in range(args.seeds)] for m in test_ids}
     kinds = [p for p in args.positives.split(",") if p]
     unknown = sorted(set(kinds) - set(EPISODE_POSITIVES))
