@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+
+import pytest
 
 from builders import build_text_model
 from metashield_hf.cli import main
@@ -74,3 +77,47 @@ def test_detect_bad_input_exits_2(tmp_path, capsys):
     assert main(["detect", "--target", str(tmp_path)]) == 2
     assert "--clean_samples" in capsys.readouterr().err
     assert main(["nonsense"]) == 2
+
+
+def _broken_checkpoints(root, tokenizer) -> dict:
+    """Checkpoint folders broken the ways users' downloads break: a truncated and a garbage model.safetensors, and a
+    config whose label count disagrees with the weights."""
+    import json as _json
+
+    good = root / "good"
+    build_text_model("bert", len(tokenizer)).save_pretrained(good)
+    tokenizer.save_pretrained(good)
+    cases = {}
+    for kind in ("truncated", "garbage", "labels"):
+        folder = root / kind
+        shutil.copytree(good, folder)
+        weights = folder / "model.safetensors"
+        if kind == "truncated":
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        elif kind == "garbage":
+            weights.write_bytes(b"\x00not a safetensors file" * 64)
+        else:
+            cfg = _json.loads((folder / "config.json").read_text())
+            cfg["id2label"] = {str(i): f"L{i}" for i in range(5)}
+            cfg["label2id"] = {f"L{i}": i for i in range(5)}
+            (folder / "config.json").write_text(_json.dumps(cfg))
+        cases[kind] = folder
+    return cases
+
+
+@pytest.mark.parametrize("command", ["scan", "detect"])
+def test_broken_checkpoints_exit_2_with_one_line_and_json(command, tmp_path, wordpiece_tokenizer, capsys):
+    """An error is never a verdict: exit 2 (not 1, "backdoored"), one line on stderr, and a JSON object with --json."""
+    (tmp_path / "clean.txt").write_text("\n".join(clean_sentences(8, 0)))
+    for kind, folder in _broken_checkpoints(tmp_path, wordpiece_tokenizer).items():
+        if command == "scan":
+            argv = ["scan", str(folder), "--clean-samples", str(tmp_path / "clean.txt"), "--steps", "2", "--json"]
+        else:
+            argv = ["detect", "--target", str(folder), "--clean_samples", str(tmp_path / "clean.txt"),
+                    "--inputs", str(tmp_path / "clean.txt"), "--n", "8", "--json"]  # fmt: skip
+        assert main(argv) == 2, kind
+        captured = capsys.readouterr()
+        err_lines = [line for line in captured.err.splitlines() if line.startswith(f"metashield {command}: error:")]
+        assert len(err_lines) == 1 and "Traceback" not in captured.err, (kind, captured.err[-500:])
+        out = json.loads(captured.out)
+        assert set(out) == {"error", "type"} and out["error"] and "\n" not in out["error"], kind

@@ -40,19 +40,37 @@ def parse_args(cls: type, argv: list[str]) -> Any:
     return parser.parse_args_into_dataclasses(args=argv)[0]
 
 
+logger = logging.getLogger(__name__)
+
+
+def error_line(err: BaseException, limit: int = 400) -> str:
+    """An exception as one line: ``Type: message`` (the type dropped for the plain errors of bad input), whitespace
+    collapsed, cut at ``limit`` characters."""
+    text = " ".join(str(err).split()) or repr(err)
+    if not isinstance(err, (ValueError, OSError, KeyError)):
+        text = f"{type(err).__name__}: {text}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def run_command(name: str, cls: type, job: Callable[[Any], Any], show: Callable[[Any], None], argv: list[str]) -> int:
     """Parse ``argv`` into ``cls``, run ``job`` and print its result with ``show`` (or as JSON with ``--json``).
 
     Returns:
-        The exit code: 0 on success, 2 on bad input (the error is printed as ``metashield NAME: error: ...``), and a
-        result's own ``exit_code`` where a command reports a finding (scan: 1 for a backdoored model).
+        The exit code: 0 on success, 2 on any error (a broken file, a shape mismatch, bad flags: printed on one line as
+        ``metashield NAME: error: ...``, and with ``--json`` as ``{"error": ...}`` on stdout, so that no error reads
+        as a finding), and a result's own ``exit_code`` where a command reports a finding (scan: 1 for a backdoored
+        model). The traceback goes to the debug log.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args = parse_args(cls, argv)
         result = job(args)
-    except (ValueError, OSError, KeyError) as err:
-        print(f"metashield {name}: error: {err}", file=sys.stderr)
+    except Exception as err:  # every error is exit 2: a CI gate must never read a broken file as "backdoored"
+        logger.debug("metashield %s failed", name, exc_info=True)
+        line = error_line(err)
+        print(f"metashield {name}: error: {line}", file=sys.stderr)
+        if "--json" in argv:
+            print(json.dumps({"error": line, "type": type(err).__name__}))
         return 2
     if result is None:  # a non-main process of a distributed job: the main process prints
         return 0
