@@ -121,3 +121,27 @@ def test_broken_checkpoints_exit_2_with_one_line_and_json(command, tmp_path, wor
         assert len(err_lines) == 1 and "Traceback" not in captured.err, (kind, captured.err[-500:])
         out = json.loads(captured.out)
         assert set(out) == {"error", "type"} and out["error"] and "\n" not in out["error"], kind
+
+
+def test_allow_pickle_reaches_every_entry_point(tmp_path, wordpiece_tokenizer, capsys):
+    """Pickle-only weights are refused with advice that `detect`, `adapt` and the pipeline all accept."""
+    import torch
+
+    from metashield_hf import adapt, load_detector
+
+    folder = tmp_path / "pickled"
+    model = build_text_model("bert", len(wordpiece_tokenizer))
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    wordpiece_tokenizer.save_pretrained(folder)
+    (tmp_path / "clean.txt").write_text("\n".join(clean_sentences(8, 0)))
+    argv = ["detect", "--target", str(folder), "--clean_samples", str(tmp_path / "clean.txt"),
+            "--inputs", str(tmp_path / "clean.txt"), "--n", "8", "--json"]  # fmt: skip
+    assert main(argv) == 2
+    assert "--allow_pickle" in capsys.readouterr().err
+    assert main([*argv, "--allow_pickle"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["results"]) == 8
+    detector = load_detector()
+    with pytest.raises(ValueError, match="allow_pickle=True"):
+        adapt(detector, str(folder), clean_sentences(8, 0))
+    assert adapt(detector, str(folder), clean_sentences(8, 0), allow_pickle=True).threshold > 0

@@ -39,6 +39,9 @@ class DetectArguments:
     )
     json: bool = field(default=False, metadata={"help": "Print JSON instead of a table."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the target's own code to run."})
+    allow_pickle: bool = field(
+        default=False, metadata={"help": "Accept the target's pickle-only weights (only for files you trust)."}
+    )
 
 
 def _adapt_for_detect(detector, target, clean, args: DetectArguments, **options):
@@ -48,7 +51,9 @@ def _adapt_for_detect(detector, target, clean, args: DetectArguments, **options)
         return None, detector.adapt(target, clean, positives=args.positives, **kw)
     from .scan import scan_model
 
-    report = scan_model(target, clean, seed=args.seed, trust_remote_code=args.trust_remote_code)
+    report = scan_model(
+        target, clean, seed=args.seed, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle
+    )
     return report, report.shield(detector, target, clean, **kw)
 
 
@@ -100,7 +105,9 @@ def run_detect(args: DetectArguments) -> dict:
     if args.clean_samples is None or args.inputs is None:
         raise ValueError("--target needs --clean_samples and --inputs")
     clean = load_samples(args.clean_samples, args.n, seed=args.seed)
-    report, shield = _adapt_for_detect(detector, args.target, clean, args, trust_remote_code=args.trust_remote_code)
+    report, shield = _adapt_for_detect(
+        detector, args.target, clean, args, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle
+    )
     inputs = load_samples(args.inputs)
     rows = shield.predict(inputs)
     for row, item in zip(rows, inputs, strict=True):

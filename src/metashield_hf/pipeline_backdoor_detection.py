@@ -47,6 +47,8 @@ class BackdoorDetectionPipeline(Pipeline):
         probe_passes: the most extra forward passes per input the detector's live probes may spend (default: the
             budget it was trained with; an error when its probes need more).
         positives: the inner loop's positives, ``"pseudo"`` or ``"synthesized"`` (see [`adapt`]).
+        trust_remote_code_target / allow_pickle: let the target's own modelling code run / accept its pickle-only
+            weights (both off: only for checkpoints you trust; ``trust_remote_code`` is the detector's own flag).
         scan_first: scan the target first ([`scan_model`] on the same clean samples, kept as ``self.scan_report``)
             and adapt with the scan's synthesized triggers as positives, so the synthesis runs once.
 
@@ -80,6 +82,8 @@ class BackdoorDetectionPipeline(Pipeline):
         probe_passes: int | None = None,
         positives: str = "pseudo",
         scan_first: bool = False,
+        trust_remote_code_target: bool = False,
+        allow_pickle: bool = False,
         **kwargs,
     ):
         kwargs.setdefault("device", "cpu")  # device=None means cuda:0 when available
@@ -89,6 +93,8 @@ class BackdoorDetectionPipeline(Pipeline):
         self._scan_first = scan_first
         self._adapt_kwargs = {
             "positives": positives,
+            "trust_remote_code": trust_remote_code_target,
+            "allow_pickle": allow_pickle,
             "target_fpr": target_fpr,
             "steps": adapt_steps,
             "seed": seed,
@@ -106,7 +112,10 @@ class BackdoorDetectionPipeline(Pipeline):
         if self._scan_first and "scan_report" not in kw:
             from .scan import scan_model
 
-            self.scan_report = scan_model(target_model, clean_samples, processor=kw.get("processor"), seed=kw["seed"])
+            self.scan_report = scan_model(
+                target_model, clean_samples, processor=kw.get("processor"), seed=kw["seed"],
+                trust_remote_code=kw["trust_remote_code"], allow_pickle=kw["allow_pickle"],
+            )  # fmt: skip
             kw["scan_report"] = self.scan_report
         self.shield = adapt(self.model, target_model, clean_samples, batch_size=self._batch_size or 32, **kw)
         return self.shield

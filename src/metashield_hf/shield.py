@@ -197,6 +197,7 @@ def adapt(
     processor=None,
     batch_size: int = 32,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
     calibration: str = "quantile",
     probe_passes: int | None = None,
     positives: str = "pseudo",
@@ -217,6 +218,7 @@ def adapt(
         processor: tokenizer / image processor when ``target`` is a model object that needs one.
         batch_size: batch size of the target's forward passes.
         trust_remote_code: passed to the target loader; off unless you trust the checkpoint.
+        allow_pickle: accept pickle-only weights (``pytorch_model.bin``); off unless you trust the files.
         calibration: ``"quantile"`` (aims at ``target_fpr``), ``"conformal"`` (guarantees it; conservative),
             ``"normal"`` or ``"tolerance"`` (normal fits to the clean scores' logits); see [`calibrate_threshold`].
         probe_passes: the most extra forward passes per input the detector's live probes may spend (``None``: the
@@ -256,7 +258,9 @@ def adapt(
             "pass more clean inputs of the target's modality"
         )
     t0 = time.perf_counter()
-    adapter = load_target(target, processor, batch_size=batch_size, trust_remote_code=trust_remote_code)
+    adapter = load_target(
+        target, processor, batch_size=batch_size, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
     evidence, live_ref = None, None
     if detector.config.probes:
         clean_samples = adapter.prepare_items(clean_samples)  # what the probes perturb, and scored the same way
