@@ -8,7 +8,9 @@ For every model of ``--zoo`` (clean ones included: they measure the false alarms
 - ``synthesized``: the support with the synthesized trigger of the class easiest to force
   (`metashield_hf.scan.positives.synthesized_positives`, the scan's own synthesis budget: what
   ``adapt(..., positives="synthesized")`` runs);
-- ``oracle``: 20 truly triggered inputs outside the query (backdoored models only; deployment never has them).
+- ``oracle``: 20 truly triggered inputs outside the query (backdoored models only; deployment never has them);
+- ``auto`` (derived, not a fourth adaptation): what ``adapt(..., positives="auto")`` runs on the model, synthesized
+  for image and tensor models and pseudo for text.
 
 Per domain and k: TPR@5%FPR and AUROC on the backdoored models, the FPR at the detector's calibrated threshold on every
 model's clean query (mean and 90th percentile over episodes), the TPR at that threshold, and the synthesis seconds per
@@ -34,11 +36,11 @@ from transformers import HfArgumentParser
 from metashield_hf.evaluation.metrics import auroc, rates, tpr_at_fpr
 from metashield_hf.loading import load_detector
 from metashield_hf.meta.episodes import draw_rows
-from metashield_hf.scan.positives import synthesized_positives
+from metashield_hf.scan.positives import positives_for, synthesized_positives
 from metashield_hf.shield import adapt_from_activations
 from metashield_hf.zoo import load_zoo, row_probe, row_to_target
 
-METHODS = ("pseudo", "synthesized", "oracle")
+METHODS = ("pseudo", "synthesized", "auto", "oracle")
 
 
 @dataclass
@@ -63,7 +65,8 @@ def episode(det, adapter, clean, triggered, k: int, seed: int, target_fpr: float
         oracle = adapter(adapter.prepare_items([triggered[j] for j in pool[64:84].tolist()])) if trig_q else None
     t = time.perf_counter()
     found = synthesized_positives(adapter, items_s, out_s, seed=seed)
-    rec = {"k": len(items_s), "seed": seed, "synthesis_s": time.perf_counter() - t, "classes": found.classes}
+    rec = {"k": len(items_s), "seed": seed, "synthesis_s": time.perf_counter() - t, "classes": found.classes,
+           "modality": adapter.modality}  # fmt: skip
     y = np.r_[np.zeros(len(clean_q)), np.ones(len(trig_q))]
     w = adapter.head.weight.detach().float()
     b = None if adapter.head.bias is None else adapter.head.bias.detach().float()
@@ -86,6 +89,8 @@ def summarize(records: list[dict]) -> dict:
     """Per (domain, k, method): means over backdoored episodes, FPR mean / p90 over every episode."""
     cells: dict = defaultdict(lambda: defaultdict(list))
     for r in records:
+        modality = r.get("modality", "text" if r["domain"] == "nlp" else "image")
+        r = {**r, "auto": r[positives_for("auto", modality)]}  # what adapt(positives="auto") runs on this model
         for dom in (r["domain"], "all"):
             for m in METHODS:
                 if m not in r:
@@ -129,7 +134,7 @@ def report(args, records: list[dict], summary: dict) -> str:
                 if c is None:
                     continue
                 gap = ""
-                if m == "synthesized" and f"{dom}|{k}|oracle" in summary and "tpr_at_5fpr" in c:
+                if m in ("synthesized", "auto") and f"{dom}|{k}|oracle" in summary and "tpr_at_5fpr" in c:
                     p, o = summary[f"{dom}|{k}|pseudo"]["tpr_at_5fpr"], summary[f"{dom}|{k}|oracle"]["tpr_at_5fpr"]
                     gap = f"{(c['tpr_at_5fpr'] - p) / (o - p):.2f}" if abs(o - p) > 1e-9 else "n/a"
                 tpr, auc, at = (

@@ -15,7 +15,13 @@ from .features.reference import Reference, build_reference
 from .modeling_metashield import MetaShieldDetector
 from .probes import LiveEvidence
 from .scan.config import ScanConfig
-from .scan.positives import POSITIVES, SynthesizedPositives, positives_from_report, synthesized_positives
+from .scan.positives import (
+    POSITIVES,
+    SynthesizedPositives,
+    positives_for,
+    positives_from_report,
+    synthesized_positives,
+)
 from .targets import load_target
 from .targets.base import TargetAdapter, TargetOutput
 
@@ -227,7 +233,7 @@ def adapt(
         positives: the inner loop's positives: ``"pseudo"`` (generic pseudo-anomalies in activation space) or
             ``"synthesized"`` (the clean samples with the trigger the scan's synthesis finds for the class easiest to
             force, [`synthesized_positives`]; pseudo-anomalies when the synthesis reaches no class, recorded in
-            ``shield.positives``).
+            ``shield.positives``), or ``"auto"`` (synthesized for image and tensor models, pseudo for text).
         scan_report: a [`ScanReport`] of this model: its synthesized triggers are the positives (nothing is
             synthesized again); implies ``positives="synthesized"``. A report of another model is refused.
         synthesis: the synthesis budget ([`ScanConfig`]; default: the scan's own).
@@ -270,6 +276,7 @@ def adapt(
     if evidence is not None:
         live_ref = evidence.fit(adapter, clean_samples, out=clean_out).support_features()
     found = None
+    positives = positives_for(positives, adapter.modality)
     if steps > 0 and (scan_report is not None or positives == "synthesized"):
         items = clean_samples if evidence is not None else adapter.prepare_items(clean_samples)
         if scan_report is not None:

@@ -81,6 +81,19 @@ def test_synthesis_that_reaches_no_class_falls_back_to_pseudo_anomalies(detector
     assert shield.threshold == pytest.approx(pseudo.threshold)  # the fallback is exactly today's inner loop
 
 
+def test_auto_positives_synthesize_for_images_and_tensors_not_text(detector):
+    from metashield_hf.scan import positives_for
+
+    assert positives_for("auto", "image") == positives_for("auto", "tensor") == "synthesized"
+    assert positives_for("auto", "text") == "pseudo" and positives_for("pseudo", "image") == "pseudo"
+    with pytest.raises(ValueError, match="positives must be one of"):
+        positives_for("oracle", "image")
+    model, processor = build_image_model("resnet")
+    budget = ScanConfig(steps=2)
+    shield = adapt(detector, model, digit_images(8, 0), processor=processor, positives="auto", synthesis=budget)
+    assert shield.positives is not None and shield.positives.source == "synthesis"
+
+
 def test_bad_positives_and_fingerprints(detector):
     model, processor = build_image_model("resnet")
     with pytest.raises(ValueError, match="positives must be one of"):

@@ -45,9 +45,11 @@ from .head import (
 )
 from .neural_cleanse import NEURAL_CLEANSE_THRESHOLD, neural_cleanse_scan
 from .positives import (
+    AUTO_SYNTHESIZED_MODALITIES,
     POSITIVES,
     SynthesizedPositives,
     model_fingerprint,
+    positives_for,
     positives_from_report,
     synthesized_positives,
 )
@@ -123,8 +125,10 @@ __all__ = [
     "token_signals",
     "verdict_threshold",
     "with_part",
+    "AUTO_SYNTHESIZED_MODALITIES",
     "POSITIVES",
     "SynthesizedPositives",
+    "positives_for",
     "model_fingerprint",
     "positives_from_report",
     "synthesized_positives",

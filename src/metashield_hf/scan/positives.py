@@ -24,10 +24,22 @@ from .config import ScanConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["POSITIVES", "SynthesizedPositives", "model_fingerprint", "positives_from_report", "synthesized_positives"]
+__all__ = [
+    "AUTO_SYNTHESIZED_MODALITIES",
+    "POSITIVES",
+    "SynthesizedPositives",
+    "model_fingerprint",
+    "positives_for",
+    "positives_from_report",
+    "synthesized_positives",
+]
 
-#: What ``adapt(..., positives=)`` accepts: generic pseudo-anomalies, or the synthesized triggers' outputs.
-POSITIVES = ("pseudo", "synthesized")
+#: What ``adapt(..., positives=)`` accepts: generic pseudo-anomalies, the synthesized triggers' outputs, or ``auto``
+#: (synthesized for image and tensor models, pseudo for text, whose synthesis runs in embedding space:
+#: see [`positives_for`]).
+POSITIVES = ("pseudo", "synthesized", "auto")
+#: Modalities whose synthesized triggers ``auto`` uses (the continuous synthesis acts on their real input space).
+AUTO_SYNTHESIZED_MODALITIES = ("image", "tensor")
 #: Classes whose synthesized inputs become positives (the most anomalous, i.e. easiest to force, first).
 DEFAULT_POSITIVE_CLASSES = 1
 
@@ -51,6 +63,16 @@ class SynthesizedPositives:
     source: str
     reason: str = ""
     seconds: float = 0.0
+
+
+def positives_for(positives: str, modality: str) -> str:
+    """Resolve ``positives`` for a target of ``modality``: ``auto`` is ``synthesized`` for image and tensor models
+    and ``pseudo`` for text (an embedding-space trigger is not a text a user could type)."""
+    if positives not in POSITIVES:
+        raise ValueError(f"positives must be one of {POSITIVES}, got {positives!r}")
+    if positives != "auto":
+        return positives
+    return "synthesized" if modality in AUTO_SYNTHESIZED_MODALITIES else "pseudo"
 
 
 def model_fingerprint(model) -> str:
