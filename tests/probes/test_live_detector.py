@@ -122,5 +122,7 @@ def test_live_episode_holds_synthesized_and_oracle_positives(example):
     clean_ep = {k: v for k, v in ep.items() if k != "oracle"}
     torch.testing.assert_close(episode_positives(clean_ep, "oracle"), ep["pseudo"])
     assert episode_from_live(ep, positives="synthesized").inner_anomalies.shape == (10, f)
+    torch.testing.assert_close(episode_positives(ep, "auto"), ep["synthesized"])  # an image model: synthesized
+    torch.testing.assert_close(episode_positives({**ep, "modality": "text"}, "auto"), ep["pseudo"])
     with pytest.raises(ValueError, match="positives must be one of"):
         episode_positives(ep, "triggered")

@@ -29,7 +29,7 @@ from ..meta.episodes import Episode, draw_rows
 from ..meta.inner import make_pseudo_features
 from ..probes import DEFAULT_PROBE_PASSES, DEFAULT_PROBES, LiveEvidence
 from ..scan.config import ScanConfig
-from ..scan.positives import synthesized_positives
+from ..scan.positives import positives_for, synthesized_positives
 from ..shield import adapt_from_activations
 from ..targets.base import TargetAdapter, TargetOutput
 from .scoring import firing_rows_of
@@ -50,8 +50,9 @@ __all__ = [
 # Every registered baseline runs on a live episode (those that only need activations too).
 LIVE_EPISODE_BASELINES: tuple[str, ...] = tuple(BASELINES.list())
 #: The inner-loop positives a live episode can hold: ``pseudo`` always, ``synthesized`` when computed with a synthesis
-#: budget, ``oracle`` (true triggers; ablation only) for backdoored models. A missing or empty one falls back to pseudo.
-EPISODE_POSITIVES = ("pseudo", "synthesized", "oracle")
+#: budget, ``oracle`` (true triggers; ablation only) for backdoored models; ``auto`` is what ``adapt(positives="auto")``
+#: uses on the episode's modality. A missing or empty one falls back to pseudo.
+EPISODE_POSITIVES = ("pseudo", "synthesized", "auto", "oracle")
 ORACLE_ROWS = 20  # truly triggered inputs (outside the query) given to the oracle ablation's inner loop
 
 
@@ -197,6 +198,8 @@ def episode_positives(ep: dict, positives: str = "pseudo") -> torch.Tensor:
     none of that kind (a clean model has no oracle; a synthesis that reached no class gave none)."""
     if positives not in EPISODE_POSITIVES:
         raise ValueError(f"positives must be one of {EPISODE_POSITIVES}, got {positives!r}")
+    if positives == "auto":
+        positives = positives_for("auto", ep.get("modality", "tensor"))
     got = ep.get(positives)
     return got if got is not None and len(got) else ep["pseudo"]
 
