@@ -58,7 +58,7 @@ from metashield_hf.loading import DEFAULT_DETECTOR_DIR
 from metashield_hf.meta.split import split_models
 from metashield_hf.meta.train import MetaTrainArguments, train
 from metashield_hf.probes import DEFAULT_PROBES, PROBES
-from metashield_hf.scan import ScanConfig
+from metashield_hf.scan import AUTO_SYNTHESIZED_MODALITIES, ScanConfig
 from metashield_hf.zoo import load_zoo, row_probe, row_to_target
 
 logger = logging.getLogger("live")
@@ -175,7 +175,10 @@ def evaluate(
                 kind = positives.get(name, "pseudo")
                 s, thr = score_live_episode(det, ep, positives=kind)
                 t = sec["psi"] + sum(sec[f"probe/{p}"] for p in det.config.probes)
-                t += sec.get("synthesis", 0.0) if kind == "synthesized" else 0.0
+                synthesized = kind == "synthesized" or (
+                    kind == "auto" and ep["modality"] in AUTO_SYNTHESIZED_MODALITIES
+                )
+                t += sec.get("synthesis", 0.0) if synthesized else 0.0
                 rec = {**base, "method": name, "passes": probe_passes(det.config.probes, ep["modality"]),
                        "fpr": float((s[:n_c] > thr).mean()), "cost": (sec["forward"] + t) / sec["forward"]}  # fmt: skip
                 if backdoored and len(s) > n_c:
