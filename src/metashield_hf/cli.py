@@ -30,8 +30,11 @@ class DetectArguments:
     )
     seed: int = field(default=0, metadata={"help": "Seed for everything random."})
     positives: str = field(
-        default="pseudo",
-        metadata={"help": "Inner-loop positives: pseudo (generic pseudo-anomalies) or synthesized (scan's triggers)."},
+        default="auto",
+        metadata={
+            "help": "Inner-loop positives: auto (synthesized for image/tensor models, pseudo for text), pseudo "
+            "(generic pseudo-anomalies) or synthesized (the scan's triggers)."
+        },
     )
     scan_first: bool = field(
         default=False,

@@ -46,7 +46,7 @@ class BackdoorDetectionPipeline(Pipeline):
         seed: seed of the feature perturbations and the live probes.
         probe_passes: the most extra forward passes per input the detector's live probes may spend (default: the
             budget it was trained with; an error when its probes need more).
-        positives: the inner loop's positives, ``"pseudo"`` or ``"synthesized"`` (see [`adapt`]).
+        positives: the inner loop's positives, ``"auto"`` (default), ``"pseudo"`` or ``"synthesized"`` (see [`adapt`]).
         trust_remote_code_target / allow_pickle: let the target's own modelling code run / accept its pickle-only
             weights (both off: only for checkpoints you trust; ``trust_remote_code`` is the detector's own flag).
         scan_first: scan the target first ([`scan_model`] on the same clean samples, kept as ``self.scan_report``)
@@ -80,7 +80,7 @@ class BackdoorDetectionPipeline(Pipeline):
         target_processor=None,
         seed: int = 0,
         probe_passes: int | None = None,
-        positives: str = "pseudo",
+        positives: str = "auto",
         scan_first: bool = False,
         trust_remote_code_target: bool = False,
         allow_pickle: bool = False,

@@ -206,7 +206,7 @@ def adapt(
     allow_pickle: bool = False,
     calibration: str = "quantile",
     probe_passes: int | None = None,
-    positives: str = "pseudo",
+    positives: str = "auto",
     scan_report=None,
     synthesis: ScanConfig | None = None,
 ) -> AdaptedShield:
@@ -230,10 +230,11 @@ def adapt(
         probe_passes: the most extra forward passes per input the detector's live probes may spend (``None``: the
             budget it was trained with); a budget below what its probes need is an error, since the detector reads
             every probe's features (a one-pass detector runs none).
-        positives: the inner loop's positives: ``"pseudo"`` (generic pseudo-anomalies in activation space) or
-            ``"synthesized"`` (the clean samples with the trigger the scan's synthesis finds for the class easiest to
+        positives: the inner loop's positives: ``"auto"`` (the default: synthesized for image and tensor models,
+            pseudo for text), ``"pseudo"`` (generic pseudo-anomalies in activation space) or ``"synthesized"`` (the clean samples with the trigger the scan's synthesis finds for the class easiest to
             force, [`synthesized_positives`]; pseudo-anomalies when the synthesis reaches no class, recorded in
-            ``shield.positives``), or ``"auto"`` (synthesized for image and tensor models, pseudo for text).
+            ``shield.positives``). Text models get pseudo-anomalies under ``"auto"``: the text synthesis runs in
+            embedding space, and its positives cost text models detection (``benchmarks/input_detection/README.md``).
         scan_report: a [`ScanReport`] of this model: its synthesized triggers are the positives (nothing is
             synthesized again); implies ``positives="synthesized"``. A report of another model is refused.
         synthesis: the synthesis budget ([`ScanConfig`]; default: the scan's own).

@@ -156,7 +156,8 @@ def positives_from_report(
     """The positives a scan already synthesized, for the same model.
 
     A report whose mask synthesis ran gives its perturbed samples' outputs (on the scan's clean samples); a text scan
-    by the token search alone gives its token triggers, inserted into ``items`` (one forward pass).
+    gives its token triggers, inserted into ``items`` (one forward pass), in preference to its embedding-space
+    synthesis, whose points no tokenized text reaches.
 
     Raises:
         ValueError: the report was made on another model (its fingerprint differs), or carries no fingerprint.
@@ -174,13 +175,14 @@ def positives_from_report(
         )
     anomaly = np.array([np.nan if e.anomaly_index is None else e.anomaly_index for e in report.per_class])
     result = report.synthesis
-    if result is not None:
+    has_tokens = any(e.token_trigger for e in report.per_class)
+    if result is not None and not (adapter.modality == "text" and has_tokens):  # text: real tokens over embeddings
         classes = _choose(anomaly, result.reached, n_classes)
         if not classes:
             return SynthesizedPositives(None, [], "scan_report", "the scan's synthesis reached no class")
         out = _stack(result.logits, result.penultimate, classes)
         return SynthesizedPositives(out, classes, "scan_report", "", time.perf_counter() - t0)
-    # a token-only text scan: its suspected target first, then the classes whose token triggers flip the most
+    # a text scan's token triggers: its suspected target first, then the classes whose token triggers flip the most
     flips = np.array([(e.token_flip_rates or [0.0])[-1] for e in report.per_class])
     order = [report.suspected_target] + [int(c) for c in np.argsort(-flips, kind="stable")]
     classes = list(dict.fromkeys(c for c in order if report.per_class[c].token_trigger))[:n_classes]
