@@ -145,3 +145,19 @@ def test_allow_pickle_reaches_every_entry_point(tmp_path, wordpiece_tokenizer, c
     with pytest.raises(ValueError, match="allow_pickle=True"):
         adapt(detector, str(folder), clean_sentences(8, 0))
     assert adapt(detector, str(folder), clean_sentences(8, 0), allow_pickle=True).threshold > 0
+
+
+@pytest.mark.parametrize("command", ["detect", "scan"])
+def test_help_names_the_command_and_the_exit_codes(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: metashield {command} ") and "exit codes: 0 success" in text
+    assert "2 error" in text
+
+
+def test_top_level_help_lists_commands_and_exit_codes(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "scan" in text and "detect" in text and "1 scan found a backdoor" in text

@@ -13,18 +13,22 @@ from collections.abc import Callable
 from dataclasses import asdict, fields
 from typing import Any
 
+#: What ``--help`` says of the exit codes: one meaning each, so that a CI gate can read them.
+EXIT_CODES = "exit codes: 0 success (scan: clean), 1 scan found a backdoor, 2 error (bad input, broken file, bad flag)"
 
-def parse_args(cls: type, argv: list[str]) -> Any:
+
+def parse_args(cls: type, argv: list[str], prog: str | None = None) -> Any:
     """Parse ``argv`` into the dataclass ``cls`` with ``HfArgumentParser``.
 
     ``--config run.yaml`` alone reads every setting from the YAML; with other flags, the YAML gives the defaults and
     the flags override them. A command whose dataclass has its own ``config`` field (the zoo config of
     ``zoo build``) takes ``--config`` as that field instead. A dataclass with ``positional = ("name",)`` accepts its
-    first value without the flag (``metashield scan CHECKPOINT ...``).
+    first value without the flag (``metashield scan CHECKPOINT ...``). ``prog`` names the command in the usage line
+    (``metashield scan``); the help ends with the exit codes.
     """
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(cls)
+    parser = HfArgumentParser(cls, prog=prog, epilog=EXIT_CODES)
     if "config" in {f.name for f in fields(cls)}:
         return parser.parse_args_into_dataclasses(args=argv)[0]
     positional = getattr(cls, "positional", ())
@@ -63,7 +67,7 @@ def run_command(name: str, cls: type, job: Callable[[Any], Any], show: Callable[
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        args = parse_args(cls, argv)
+        args = parse_args(cls, argv, prog=f"metashield {name}")
         result = job(args)
     except Exception as err:  # every error is exit 2: a CI gate must never read a broken file as "backdoored"
         logger.debug("metashield %s failed", name, exc_info=True)

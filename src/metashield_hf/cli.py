@@ -294,7 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     name = " ".join(argv[:2]) if " ".join(argv[:2]) in COMMANDS else (argv[0] if argv else "")
     if name not in COMMANDS:
-        print(f"usage: metashield {{{' | '.join(COMMANDS)}}} [--help] ...", file=sys.stderr)
+        from .arguments import EXIT_CODES
+
+        stream = sys.stdout if argv and argv[0] in {"-h", "--help"} else sys.stderr
+        print(f"usage: metashield {{{' | '.join(COMMANDS)}}} [--help] ...\n{EXIT_CODES}", file=stream)
         return 0 if argv and argv[0] in {"-h", "--help"} else 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cls, job, show = COMMANDS[name]()
