@@ -12,14 +12,16 @@ Steps (each resumable; generated files under ``--work``, git-ignored):
 
 ``--detectors NAME=FOLDER`` evaluates frozen detectors instead of training (the blind check: a zoo none of them saw).
 
-``--positives pseudo,synthesized,oracle`` (issue [3/5]) also stores each episode's synthesized positives (the scan's
-synthesis on the support, `metashield_hf.scan.positives`) and oracle positives, meta-trains the one-pass variant once
+``--positives pseudo,synthesized,auto,oracle`` (issue [3/5]) also stores each episode's synthesized positives (the
+scan's synthesis on the support, `metashield_hf.scan.positives`) and oracle positives, meta-trains the one-pass variant once
 per kind of positives (as deployed: the inner loop of training sees what adaptation will see), and scores every
 detector with each kind; ``--no_live_probes`` and ``--no_baselines`` skip what that study does not read.
 
     python benchmarks/input_detection/live.py --zoo artifacts/zoo/live_dev --work artifacts/live/positives \
         --out benchmarks/input_detection/results/synthesized_positives/meta_trained_live_dev \
-        --positives pseudo,synthesized,oracle --variants one_pass --no_live_probes --no_baselines
+        --split benchmarks/input_detection/results/live_evidence/dev_split.json \
+        --positives pseudo,synthesized,auto,oracle --variants one_pass --no_live_probes --no_baselines \
+        --train_seeds 2 --seeds 3 --threads 1
 
     python benchmarks/input_detection/live.py --zoo artifacts/zoo/live_dev --work artifacts/live/dev \
         --out benchmarks/input_detection/results/live_evidence/dev_held_out
@@ -58,7 +60,7 @@ from metashield_hf.loading import DEFAULT_DETECTOR_DIR
 from metashield_hf.meta.split import split_models
 from metashield_hf.meta.train import MetaTrainArguments, train
 from metashield_hf.probes import DEFAULT_PROBES, PROBES
-from metashield_hf.scan import AUTO_SYNTHESIZED_MODALITIES, ScanConfig
+from metashield_hf.scan import ScanConfig, positives_for
 from metashield_hf.zoo import load_zoo, row_probe, row_to_target
 
 logger = logging.getLogger("live")
@@ -89,7 +91,7 @@ class LiveArguments:
     positives: str = field(
         default="pseudo",
         metadata={
-            "help": "Inner-loop positives, comma-separated: pseudo, synthesized (the scan's synthesis), oracle."
+            "help": "Inner-loop positives, comma-separated: pseudo, synthesized (the scan's synthesis), auto, oracle."
         },
     )
     no_live_probes: bool = field(default=False, metadata={"help": "Episodes without live probes (one-pass only)."})
@@ -175,10 +177,8 @@ def evaluate(
                 kind = positives.get(name, "pseudo")
                 s, thr = score_live_episode(det, ep, positives=kind)
                 t = sec["psi"] + sum(sec[f"probe/{p}"] for p in det.config.probes)
-                synthesized = kind == "synthesized" or (
-                    kind == "auto" and ep["modality"] in AUTO_SYNTHESIZED_MODALITIES
-                )
-                t += sec.get("synthesis", 0.0) if synthesized else 0.0
+                if kind != "oracle" and positives_for(kind, ep["modality"]) == "synthesized":
+                    t += sec.get("synthesis", 0.0)
                 rec = {**base, "method": name, "passes": probe_passes(det.config.probes, ep["modality"]),
                        "fpr": float((s[:n_c] > thr).mean()), "cost": (sec["forward"] + t) / sec["forward"]}  # fmt: skip
                 if backdoored and len(s) > n_c:
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"--positives: unknown {unknown}; choose from {EPISODE_POSITIVES}")
     t0 = time.perf_counter()
     build_bank(zoo, set(plan), work / "episodes", plan, probes=() if args.no_live_probes else DEFAULT_PROBES,
-               synthesis=ScanConfig() if "synthesized" in kinds else None,
+               synthesis=ScanConfig() if {"synthesized", "auto"} & set(kinds) else None,
                baselines=() if args.no_baselines else LIVE_EPISODE_BASELINES)  # fmt: skip
     bank_seconds = time.perf_counter() - t0
     files = {m: [live_episode_path(work / "episodes", m, k, s) for k, s, _ in plan[m]] for m in plan}

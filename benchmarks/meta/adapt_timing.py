@@ -2,8 +2,8 @@
 synthesized positives, issue [3/5]: <= 5 s for the zoo's small models).
 
     python benchmarks/meta/adapt_timing.py --zoo artifacts/zoo/standard --n 20
-    python benchmarks/meta/adapt_timing.py --zoo artifacts/zoo/live_dev --positives synthesized --minilm \
-        --out benchmarks/meta/results/adapt_timing_synthesized.json
+    python benchmarks/meta/adapt_timing.py --zoo artifacts/zoo/live_dev --positives auto --minilm \
+        --out benchmarks/meta/results/adapt_timing_auto_positives.json       # and pseudo / synthesized
 
 Times the full call as a user makes it (target forward passes on the raw clean inputs, ψ, the synthesis where asked,
 inner loop, calibration) on one model per (domain, architecture), after one warm-up call; ``--minilm`` adds the real
@@ -33,20 +33,27 @@ class AdaptTimingArguments:
     n: int = field(default=20, metadata={"help": "Clean samples given to adapt()."})
     out: str = field(default="benchmarks/meta/results/adapt_timing.json", metadata={"help": "JSON records file."})
     positives: str = field(
-        default="pseudo", metadata={"help": "adapt()'s inner-loop positives (pseudo, synthesized)."}
+        default="pseudo", metadata={"help": "adapt()'s inner-loop positives (pseudo, synthesized, auto)."}
     )
     minilm: bool = field(default=False, metadata={"help": "Also time the pretrained MiniLM with a fresh head."})
     threads: int = field(default=2, metadata={"help": "torch intra-op threads."})
+    refine: int | None = field(
+        default=None, metadata={"help": "Synthesis budget: refine only this many classes after a 40-step screen."}
+    )
 
 
-def _timed(detector, target, clean, positives: str) -> dict:
-    detector.adapt(target, clean, positives=positives)  # warm-up (first forward passes allocate)
+def _timed(detector, target, clean, positives: str, refine: int | None = None) -> dict:
+    from metashield_hf.scan import ScanConfig
+
+    options = {"positives": positives, "synthesis": ScanConfig(refine=refine)}
+    detector.adapt(target, clean, **options)  # warm-up (first forward passes allocate)
     t0 = time.perf_counter()
-    shield = detector.adapt(target, clean, positives=positives)
+    shield = detector.adapt(target, clean, **options)
     seconds = time.perf_counter() - t0
     found = shield.positives
     return {
         "positives": positives,
+        "refine": refine,
         "seconds": round(seconds, 3),
         "reference_seconds": round(shield.timings["reference_s"], 3),
         "synthesis_seconds": None if found is None else round(found.seconds, 3),
@@ -86,7 +93,7 @@ def time_adaptation(args: AdaptTimingArguments) -> list[dict]:
         with tempfile.TemporaryDirectory() as work:
             target = row_to_target(row, work)
             clean, _, _ = row_probe(row)
-            rec = _timed(detector, target, clean[: args.n], args.positives)
+            rec = _timed(detector, target, clean[: args.n], args.positives, args.refine)
         results.append({"model_id": row["model_id"], "domain": row["domain"], "family": row["family"],
                         "architecture": row["architecture"], "n": args.n, "adapt_steps": detector.config.adapt_steps,
                         **rec})  # fmt: skip
@@ -95,7 +102,7 @@ def time_adaptation(args: AdaptTimingArguments) -> list[dict]:
         from metashield_hf.targets import load_target
 
         model, tokenizer, texts = _minilm(args.n)
-        rec = _timed(detector, load_target(model, tokenizer), texts, args.positives)
+        rec = _timed(detector, load_target(model, tokenizer), texts, args.positives, args.refine)
         results.append({"model_id": "all-MiniLM-L6-v2 + fresh head", "domain": "nlp", "family": "transformers_text",
                         "architecture": "minilm", "n": args.n, "adapt_steps": detector.config.adapt_steps,
                         **rec})  # fmt: skip

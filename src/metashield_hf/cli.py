@@ -52,21 +52,16 @@ def _adapt_for_detect(detector, target, clean, args: DetectArguments, **options)
     kw = {"steps": args.adapt_steps, "target_fpr": args.target_fpr, "seed": args.seed, **options}
     if not args.scan_first:
         return None, detector.adapt(target, clean, positives=args.positives, **kw)
-    from .scan import scan_model
+    from .shield import adapt_after_scan
 
-    report = scan_model(
-        target, clean, seed=args.seed, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle
-    )
-    return report, report.shield(detector, target, clean, **kw)
+    return adapt_after_scan(detector, target, clean, **kw)
 
 
 def _shield_summary(shield, report) -> dict:
     """What the detect output says about the adaptation: the positives used and the threshold's expected FPR."""
     found = shield.positives
     return {
-        "positives": "pseudo"
-        if found is None or found.outputs is None
-        else f"{found.source} (classes {found.classes})",
+        "positives": f"{found.source} (classes {found.classes})" if found and found.outputs is not None else "pseudo",
         "expected_fpr": {k: round(float(v), 4) for k, v in shield.fpr_estimate.items() if k in ("mean", "p90")},
         **({"scan": {"verdict": report.verdict, "score": round(report.score, 4)}} if report is not None else {}),
     }

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import Pipeline
 
-from metashield_hf.shield import AdaptedShield, adapt
+from metashield_hf.shield import AdaptedShield, adapt, adapt_after_scan
 
 
 class _Chunk:
@@ -108,16 +108,11 @@ class BackdoorDetectionPipeline(Pipeline):
         """(Re-)adapt the detector to a target from its clean samples."""
         if target_model is None or clean_samples is None:
             raise ValueError("backdoor-detection needs both target_model= and clean_samples= (5-50 clean inputs)")
-        kw = {**self._adapt_kwargs, **adapt_kwargs}
+        kw = {**self._adapt_kwargs, "batch_size": self._batch_size or 32, **adapt_kwargs}
         if self._scan_first and "scan_report" not in kw:
-            from .scan import scan_model
-
-            self.scan_report = scan_model(
-                target_model, clean_samples, processor=kw.get("processor"), seed=kw["seed"],
-                trust_remote_code=kw["trust_remote_code"], allow_pickle=kw["allow_pickle"],
-            )  # fmt: skip
-            kw["scan_report"] = self.scan_report
-        self.shield = adapt(self.model, target_model, clean_samples, batch_size=self._batch_size or 32, **kw)
+            self.scan_report, self.shield = adapt_after_scan(self.model, target_model, clean_samples, **kw)
+        else:
+            self.shield = adapt(self.model, target_model, clean_samples, **kw)
         return self.shield
 
     def _sanitize_parameters(self, threshold=None, **kwargs):

@@ -58,14 +58,13 @@ def expected_fpr(calibration_scores: np.ndarray, threshold: float, quantile: flo
         return {"mean": 1.0, "p90": 1.0, **out}
 
     def law(rank: int) -> tuple[float, float]:
-        if rank >= n + 1:  # above every score: nothing is flagged by the ranks' account
-            return 0.0, 0.0
         a, b = n + 1 - rank, rank
         return a / (a + b), float(beta.ppf(quantile, a, b))
 
-    lo, hi = law(r), law(r + 1)
-    gap = scores[r] - scores[r - 1] if r < n else 0.0
-    frac = float(np.clip((threshold - scores[r - 1]) / gap, 0.0, 1.0)) if gap > 0 else 0.0
+    lo = law(r)
+    if r == n:  # at or above the largest score: no next rank to reach
+        return {"mean": float(lo[0]), "p90": lo[1], **out}
+    hi, frac = law(r + 1), float((threshold - scores[r - 1]) / (scores[r] - scores[r - 1]))
     return {"mean": float(lo[0] + frac * (hi[0] - lo[0])), "p90": float(lo[1] + frac * (hi[1] - lo[1])), **out}
 
 
@@ -231,8 +230,9 @@ def adapt(
             budget it was trained with); a budget below what its probes need is an error, since the detector reads
             every probe's features (a one-pass detector runs none).
         positives: the inner loop's positives: ``"auto"`` (the default: synthesized for image and tensor models,
-            pseudo for text), ``"pseudo"`` (generic pseudo-anomalies in activation space) or ``"synthesized"`` (the clean samples with the trigger the scan's synthesis finds for the class easiest to
-            force, [`synthesized_positives`]; pseudo-anomalies when the synthesis reaches no class, recorded in
+            pseudo for text), ``"pseudo"`` (generic pseudo-anomalies in activation space) or ``"synthesized"``
+            (the clean samples with the trigger the scan's synthesis finds for the class easiest to force,
+            [`synthesized_positives`]; pseudo-anomalies when the synthesis reaches no class, recorded in
             ``shield.positives``). Text models get pseudo-anomalies under ``"auto"``: the text synthesis runs in
             embedding space, and its positives cost text models detection (``benchmarks/input_detection/README.md``).
         scan_report: a [`ScanReport`] of this model: its synthesized triggers are the positives (nothing is
@@ -305,6 +305,42 @@ def adapt(
     shield.positives = found
     shield.timings["adapt_s"] = time.perf_counter() - t0
     return shield
+
+
+def adapt_after_scan(
+    detector: MetaShieldDetector,
+    target,
+    clean_samples,
+    *,
+    scan_config: ScanConfig | None = None,
+    processor=None,
+    batch_size: int = 32,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    seed: int = 0,
+    **adapt_options,
+):
+    """Scan a checkpoint, then protect it with the scan's synthesized triggers as the inner loop's positives: the
+    ``scan_first`` flow of the pipeline and of ``metashield detect``. The checkpoint is loaded and synthesized once.
+
+    Args:
+        detector: the input-level detector to adapt (the scan scores with the embedded one-pass detector).
+        target, clean_samples, processor, batch_size, trust_remote_code, allow_pickle, seed: as in [`adapt`].
+        scan_config: the scan's options (default: ``ScanConfig()``); its seed is ``seed``.
+        **adapt_options: the rest of [`adapt`]'s options.
+
+    Returns:
+        ``(ScanReport, AdaptedShield)``.
+    """
+    from .scan.scanner import checkpoint_name, prepare_clean_items, scan_adapter
+
+    config = (scan_config or ScanConfig()).replace(seed=seed)
+    adapter = load_target(
+        target, processor, batch_size=batch_size, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
+    items = prepare_clean_items(adapter, clean_samples, config.n, seed)
+    report = scan_adapter(adapter, items, config, name=checkpoint_name(target))
+    return report, adapt(detector, adapter, clean_samples, scan_report=report, seed=seed, **adapt_options)
 
 
 def adapt_from_activations(

@@ -6,8 +6,8 @@ what they compare with and draw overlays from). So each episode is computed from
 by ``(model, k, seed)``: ψ and the live features of the support and the query, the inner loop's positives (generic
 pseudo-anomalies; with ``synthesis``, the support carrying the scan's synthesized trigger, as
 ``adapt(positives="synthesized")`` makes them; for backdoored models, truly triggered inputs outside the query, the
-``oracle`` ablation), and every baseline's query scores. Meta-training draws from these files (``episode_source``) and evaluation scores every
-method on exactly the same episode.
+``oracle`` ablation), and every baseline's query scores. Meta-training draws from these files (``episode_source``)
+and evaluation scores every method on exactly the same episode.
 
 The episode draw is the activation cache's (`metashield_hf.meta.episodes.make_episode`): the same support and query
 rows for the same ``(k, seed)``, and a source-specific trigger's (TaCT) non-source rows left out of the positives.

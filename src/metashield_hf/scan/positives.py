@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,8 +123,6 @@ def synthesized_positives(
         n_classes: how many classes' synthesized inputs to return.
         seed: seeds the synthesis.
     """
-    import time
-
     from .scanner import run_synthesis
 
     if n_classes < 1:
@@ -162,8 +161,6 @@ def positives_from_report(
     Raises:
         ValueError: the report was made on another model (its fingerprint differs), or carries no fingerprint.
     """
-    import time
-
     t0 = time.perf_counter()
     fingerprint = getattr(report, "fingerprint", None)
     if not fingerprint:

@@ -64,8 +64,8 @@ def _weights(folder: Path, stem: str, allow_pickle: bool) -> str:
     if pickles:
         if not allow_pickle:
             raise ValueError(
-                f"{folder} only has pickle weights ({', '.join(pickles)}); pass allow_pickle=True (--allow_pickle on the command line) if you trust it "
-                "(it is then read with torch.load(weights_only=True))"
+                f"{folder} only has pickle weights ({', '.join(pickles)}); pass allow_pickle=True (--allow_pickle on "
+                "the command line) if you trust it (it is then read with torch.load(weights_only=True))"
             )
         return "pickle"
     raise ValueError(
