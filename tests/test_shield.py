@@ -141,3 +141,55 @@ def test_missing_folder_and_unknown_hub_id(detector, tmp_path):
 def test_bad_target_fpr(detector, cnn):
     with pytest.raises(ValueError, match="target_fpr"):
         adapt(detector, cnn, digits(6), target_fpr=1.5)
+
+
+def test_calibration_copies_join_the_threshold_not_the_estimate(detector, cnn):
+    plain = adapt(detector, cnn, digits(20), target_fpr=0.1, seed=1, positives="pseudo")
+    shield = adapt(detector, cnn, digits(20), target_fpr=0.1, seed=1, positives="pseudo", calibration_copies=3)
+    assert shield.augmented_scores.shape == (60,)
+    np.testing.assert_allclose(shield.calibration_scores, plain.calibration_scores)  # copies change no LOO score
+    pooled = np.concatenate([shield.calibration_scores, shield.augmented_scores])
+    assert shield.threshold == pytest.approx(np.quantile(pooled, 0.9))
+    assert shield.fpr_estimate["n"] == 20  # copies are not new draws of the clean distribution
+    assert not np.allclose(shield.augmented_scores, np.repeat(shield.calibration_scores, 3))
+
+
+def test_an_unchanged_copy_scores_as_its_origin_left_out(detector, cnn):
+    from metashield_hf.shield import augmented_scores
+    from metashield_hf.targets.base import TargetOutput
+
+    shield = adapt(detector, cnn, digits(12), seed=2, positives="pseudo")
+    ref = shield.reference
+    order = torch.arange(12).flip(0)  # copies in any order, each scored against the reference without its origin
+    copies = augmented_scores(shield, TargetOutput(ref.logits[order], ref.penultimate[order]), order)
+    np.testing.assert_allclose(copies, shield.calibration_scores[order.numpy()], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="clean sample 12"):
+        augmented_scores(shield, TargetOutput(ref.logits[:1], ref.penultimate[:1]), torch.tensor([12]))
+
+
+def test_calibration_copies_on_a_text_model(detector, wordpiece_tokenizer):
+    model = build_text_model("bert", len(wordpiece_tokenizer))
+    shield = adapt(detector, model, clean_sentences(10, 0), processor=wordpiece_tokenizer, calibration_copies=2)
+    assert shield.augmented_scores.shape == (20,)
+    assert np.isfinite(shield.augmented_scores).all()
+    with pytest.raises(ValueError, match="calibration_copies must be >= 0"):
+        adapt(detector, model, clean_sentences(10, 0), processor=wordpiece_tokenizer, calibration_copies=-1)
+
+
+def test_augment_perturbation_per_modality():
+    from metashield_hf.targets.perturb import InputRange, augment
+
+    rng = np.random.default_rng(0)
+    dropped = augment("text", "the cat sat on the mat", rng)
+    assert len(dropped.split()) == 5 and set(dropped.split()) <= {"the", "cat", "sat", "on", "mat"}
+    assert sorted(augment("text", "two words", rng).split()) == ["two", "words"]
+    assert augment("text", "one", rng) == "one"
+    img = torch.zeros(3, 32, 32)
+    img[:, 16, 16] = 1.0
+    out = augment("image", img, rng)
+    assert out.shape == img.shape and out.min() >= 0 and out.max() <= 1
+    y, x = divmod(int(out[0].argmax()), 32)
+    assert abs(y - 16) <= 2 and abs(x - 16) <= 2  # shifted by at most H/16 = 2 pixels
+    t = torch.linspace(-3, 3, 50)
+    noisy = augment("tensor", t, rng, bounds=InputRange(-3.0, 3.0))
+    assert 0 < (noisy - t).abs().max() < 0.6 and noisy.min() >= -3

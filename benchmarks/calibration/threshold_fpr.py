@@ -10,6 +10,9 @@ leave-one-out clean scores' ``1 - target_fpr`` quantile, or the conformal rank w
 - the TPR on the triggered inputs (backdoored models), beside the TPR at 5% FPR with the threshold set on the query's
   own clean scores (what the ranking allows): how much of the ranking the decision loses.
 
+With ``--augmented`` (a folder `augmented_cache.py` wrote), every rule also runs on the leave-one-out scores pooled
+with the scores of the support's augmented copies (``adapt(..., calibration_copies=)``), as rows ``RULE+aug``.
+
     python benchmarks/calibration/threshold_fpr.py --caches artifacts/live/dev/cache \
         --out benchmarks/calibration/results/shipped_detector_live_dev
 """
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
@@ -46,6 +50,11 @@ class ThresholdArguments:
     draws: int = field(default=20, metadata={"help": "Support draws (seeds) per model and k."})
     target_fpr: float = field(default=0.05, metadata={"help": "The false-positive rate the threshold aims at."})
     calibration: str = field(default="quantile,conformal", metadata={"help": "Threshold rules to compare."})
+    augmented: str | None = field(
+        default=None,
+        metadata={"help": "Folder of augmented copies' activations (augmented_cache.py): each rule is also applied to "
+                  "the leave-one-out scores pooled with the support's copies' scores (rows named RULE+aug)."},
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,18 +66,30 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"{args.detector} reads live probes; this study scores cached activations (one-pass only)")
     ks = [int(x) for x in args.k.split(",")]
     rules = args.calibration.split(",")
+    base_rules = list(rules)
+    if args.augmented:
+        rules += [f"{r}+aug" for r in base_rules]
     files = sorted(p for c in args.caches for p in Path(c).glob("*.safetensors"))
     records = []
     for path in tqdm(files, desc="models"):
         task = load_task(path)
         c, t = task.clean, task.triggered
+        aug = load_file(Path(args.augmented) / path.name) if args.augmented else None
         for k in ks:
             for seed in range(args.draws):
                 support, clean_q, pool = draw_rows(len(c), len(t), k, seed, n_query=len(c))
                 pool = pool[firing_rows(task, pool)]
+                aug_out, origin = None, None
+                if aug is not None:  # the support's copies, their origins renumbered to support positions
+                    position = torch.full((len(c),), -1, dtype=torch.long)
+                    position[torch.as_tensor(support)] = torch.arange(len(support))
+                    keep = position[aug["origin"]] >= 0
+                    aug_out = TargetOutput(aug["logits"][keep], aug["penultimate"][keep])
+                    origin = position[aug["origin"][keep]]
                 shield = adapt_from_activations(
                     det, TargetOutput(c.logits[support], c.penultimate[support]), task.head_weight, task.head_bias,
                     steps=det.config.adapt_steps, lr=det.config.adapt_lr, target_fpr=args.target_fpr, seed=seed,
+                    augmented_out=aug_out, augmented_origin=origin,
                 )  # fmt: skip
                 out = TargetOutput(torch.cat([c.logits[clean_q], t.logits[pool]]),
                                    torch.cat([c.penultimate[clean_q], t.penultimate[pool]]))  # fmt: skip
@@ -78,7 +99,10 @@ def main(argv: list[str] | None = None) -> None:
                        "backdoored": task.backdoored, "k": len(support), "seed": seed, "n_clean": len(neg),
                        "n_triggered": len(pos) if task.backdoored else 0}  # fmt: skip
                 for rule in rules:
-                    thr = calibrate_threshold(shield.calibration_scores, args.target_fpr, rule)
+                    scores = shield.calibration_scores
+                    if rule.endswith("+aug"):
+                        scores = np.concatenate([scores, shield.augmented_scores])
+                    thr = calibrate_threshold(scores, args.target_fpr, rule.removesuffix("+aug"))
                     rec[f"fpr/{rule}"] = float((neg > thr).mean())
                     if task.backdoored and len(pos):
                         rec[f"tpr/{rule}"] = float((pos > thr).mean())

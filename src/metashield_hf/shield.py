@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .features import compute_features, loo_features
-from .features.reference import Reference, build_reference
+from .features.reference import Reference, build_reference, reference_without
 from .modeling_metashield import MetaShieldDetector
 from .probes import LiveEvidence
 from .scan.config import ScanConfig
@@ -112,6 +112,40 @@ def calibrate_threshold(scores: np.ndarray, target_fpr: float, method: str = "qu
     return float(np.sort(scores)[k - 1])
 
 
+def augmented_outputs(
+    adapter: TargetAdapter, clean_samples, copies: int, *, seed: int = 0
+) -> tuple[TargetOutput, torch.Tensor]:
+    """The target's outputs on ``copies`` augmented copies of each clean sample (``adapter.perturb(..., "augment")``)
+    and each copy's clean sample index."""
+    items = adapter.prepare_items(clean_samples)
+    bounds = adapter.input_range(items)
+    rng = np.random.default_rng([seed, 0xA06])
+    made, origin = [], []
+    for i, item in enumerate(items):
+        for _ in range(copies):
+            made.append(adapter.perturb(item, "augment", rng=rng, bounds=bounds))
+            origin.append(i)
+    return adapter(made), torch.as_tensor(origin, dtype=torch.long)
+
+
+def augmented_scores(shield: AdaptedShield, out: TargetOutput, origin: torch.Tensor) -> np.ndarray:
+    """Scores of augmented copies of the shield's clean samples, each against the reference without its origin (the
+    footing of its origin's leave-one-out score)."""
+    ref, feats = shield.reference, shield.reference_features
+    scores = np.empty(len(out))
+    for i in torch.unique(origin).tolist():
+        if not 0 <= i < ref.num_samples:
+            raise ValueError(f"augmented copy of clean sample {i}, but the shield has {ref.num_samples}")
+        rows = (origin == i).nonzero().flatten()
+        psi = compute_features(out.penultimate[rows], out.logits[rows], reference_without(ref, i), shield.groups,
+                               seed=shield.seed)  # fmt: skip
+        if psi.shape[1] < feats.shape[1]:  # live-probe columns: the clean samples' mean, as for pseudo-anomalies
+            psi = torch.cat([psi, feats[:, psi.shape[1] :].mean(0, keepdim=True).expand(len(psi), -1)], 1)
+        others = torch.cat([feats[:i], feats[i + 1 :]])
+        scores[rows.numpy()] = shield.score_features(psi, others).numpy()
+    return scores
+
+
 @dataclass
 class AdaptedShield:
     """A detector adapted to one target model: reference statistics, adapted weights and a calibrated threshold.
@@ -136,6 +170,7 @@ class AdaptedShield:
     evidence: LiveEvidence | None = None
     positives: SynthesizedPositives | None = None
     fpr_estimate: dict[str, float] = field(default_factory=dict)
+    augmented_scores: np.ndarray = field(default_factory=lambda: np.empty(0))
 
     def features(self, inputs) -> tuple[TargetOutput, torch.Tensor]:
         """Run the target (once, plus the live probes' passes when the detector reads them) and return its
@@ -208,6 +243,7 @@ def adapt(
     positives: str = "auto",
     scan_report=None,
     synthesis: ScanConfig | None = None,
+    calibration_copies: int = 0,
 ) -> AdaptedShield:
     """Adapt ``detector`` to ``target`` from clean samples only.
 
@@ -238,6 +274,11 @@ def adapt(
         scan_report: a [`ScanReport`] of this model: its synthesized triggers are the positives (nothing is
             synthesized again); implies ``positives="synthesized"``. A report of another model is refused.
         synthesis: the synthesis budget ([`ScanConfig`]; default: the scan's own).
+        calibration_copies: mild label-preserving copies of each clean sample (``TargetAdapter.perturb(...,
+            "augment")``: shifted and noisy images, a dropped word) whose scores join the leave-one-out clean scores
+            the threshold is calibrated on. Each copy is scored against the reference without its origin, as its
+            origin is. More scores smooth the rank rule's steps, but copies are not new draws of the clean
+            distribution: ``fpr_estimate`` still counts the ``k`` samples only. Needs a one-pass detector.
 
     Returns:
         An [`AdaptedShield`]. Its threshold comes from leave-one-out scores of the clean samples, so the FPR estimate
@@ -258,6 +299,10 @@ def adapt(
     lr = detector.config.adapt_lr if lr is None else lr
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+    if calibration_copies < 0:
+        raise ValueError(f"calibration_copies must be >= 0, got {calibration_copies}")
+    if calibration_copies and detector.config.probes:
+        raise ValueError("calibration_copies needs a one-pass detector (this one reads live probes)")
     n = _count(clean_samples)
     if n is not None and n < MIN_CLEAN:
         raise ValueError(
@@ -286,6 +331,9 @@ def adapt(
             found = synthesized_positives(adapter, items, clean_out, config=synthesis, seed=seed)
         if found.outputs is None:
             logger.warning("synthesized positives: %s; the inner loop uses pseudo-anomalies", found.reason)
+    augmented_out, origin = None, None
+    if calibration_copies:
+        augmented_out, origin = augmented_outputs(adapter, clean_samples, calibration_copies, seed=seed)
     head = adapter.head
     shield = adapt_from_activations(
         detector,
@@ -300,6 +348,8 @@ def adapt(
         target=adapter,
         live_reference_features=live_ref,
         anomaly_out=None if found is None else found.outputs,
+        augmented_out=augmented_out,
+        augmented_origin=origin,
     )
     shield.evidence = evidence
     shield.positives = found
@@ -360,6 +410,8 @@ def adapt_from_activations(
     reference_features: torch.Tensor | None = None,
     anomaly_features: torch.Tensor | None = None,
     live_reference_features: torch.Tensor | None = None,
+    augmented_out: TargetOutput | None = None,
+    augmented_origin: torch.Tensor | None = None,
 ) -> AdaptedShield:
     """The core of [`adapt`] on activations already computed (used by meta-training, evaluation and the FL screen).
 
@@ -377,6 +429,8 @@ def adapt_from_activations(
         live_reference_features: ``(N, F_live)`` the clean samples' live-probe features
             (`metashield_hf.probes.LiveEvidence.support_features`), appended to ψ for a detector that reads them;
             the pseudo-anomalies get the clean samples' mean there (they are made in ψ space only).
+        augmented_out, augmented_origin: outputs on augmented copies of the clean samples ([`augmented_outputs`])
+            and, per copy, the index of its clean sample; their scores join the calibration scores.
         Others: as in [`adapt`].
     """
     if not 0.0 < target_fpr < 1.0:
@@ -424,7 +478,13 @@ def adapt_from_activations(
         for i in range(len(ref_feats))
     ]
     shield.calibration_scores = np.asarray(loo)
-    shield.threshold = calibrate_threshold(shield.calibration_scores, target_fpr, calibration)
+    pool = shield.calibration_scores
+    if augmented_out is not None and len(augmented_out):
+        if augmented_origin is None or len(augmented_origin) != len(augmented_out):
+            raise ValueError("augmented_out needs augmented_origin, the clean sample index of each copy")
+        shield.augmented_scores = augmented_scores(shield, augmented_out, augmented_origin)
+        pool = np.concatenate([pool, shield.augmented_scores])
+    shield.threshold = calibrate_threshold(pool, target_fpr, calibration)
     shield.fpr_estimate = expected_fpr(shield.calibration_scores, shield.threshold)
     if target_fpr < shield.fpr_estimate["smallest_honest_fpr"] and (len(loo), target_fpr) not in _WARNED_SMALL_K:
         _WARNED_SMALL_K.add((len(loo), target_fpr))

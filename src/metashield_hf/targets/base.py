@@ -22,7 +22,7 @@ from ..registry import Registry
 from .heads import HeadInfo, call_model, capture_penultimate, find_head, locate_head
 from .inputs import batched, iter_items
 from .layers import block_modules, capture_layers, evenly_spaced
-from .perturb import PERTURBATIONS, InputRange, amplify, superimpose
+from .perturb import PERTURBATIONS, InputRange, amplify, augment, superimpose
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,8 @@ class TargetAdapter:
 
         Args:
             item: a prepared item.
-            kind: ``"superimpose"`` (needs ``overlay``, a prepared clean item, and ``rng``) or ``"amplify"`` (``factor``).
+            kind: ``"superimpose"`` (needs ``overlay``, a prepared clean item, and ``rng``), ``"amplify"``
+                (``factor``) or ``"augment"`` (a mild label-preserving copy; needs ``rng``).
             bounds: the value range (default [`input_range`] of ``[item]``; pass the clean inputs' for tensors).
             **options: ``alpha`` / ``text_mix`` / ``text_mode`` of the superimposition.
 
@@ -206,6 +207,10 @@ class TargetAdapter:
             if overlay is None or rng is None:
                 raise ValueError("superimpose needs overlay= (a prepared clean item) and rng=")
             return superimpose(self.modality, item, overlay, rng, bounds=bounds, **options)
+        if kind == "augment":
+            if rng is None:
+                raise ValueError("augment needs rng=")
+            return augment(self.modality, item, rng, bounds=bounds)
         return amplify(self.modality, item, factor, bounds=bounds)
 
     # ---- shared machinery -----------------------------------------------------------------------------------

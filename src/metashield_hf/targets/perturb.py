@@ -8,6 +8,10 @@ modality says what a perturbation means:
 |---|---|---|---|
 | ``superimpose`` | ``clip(x + alpha·overlay, 0, 1)`` (STRIP's saturating sum) | the same sum, clipped to the clean range | ``text_mode="splice"``: each overlay word inserted with probability ``text_mix`` at a random place, every input word kept; ``"replace"``: each input word replaced with probability ``text_mix`` by an overlay word (STRIP's text) |
 | ``amplify`` | ``clip(factor·x, 0, 1)`` (SCALE-UP) | ``clip(factor·x, low, high)`` | not defined (raises) |
+| ``augment`` | a shift of up to ``H/16`` pixels (edges replicated) plus noise of 1% of the range | noise of 2% of the clean range | one word dropped (texts of 4+ words), else two neighbours swapped |
+
+``augment`` makes label-preserving, near-clean copies: what the shield calibrates its threshold on besides the clean
+samples themselves (``adapt(..., calibration_copies=)``).
 """
 
 from __future__ import annotations
@@ -17,9 +21,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["PERTURBATIONS", "TEXT_MODES", "InputRange", "amplify", "mix_words", "splice_words", "superimpose"]
+__all__ = [
+    "PERTURBATIONS",
+    "TEXT_MODES",
+    "InputRange",
+    "amplify",
+    "augment",
+    "mix_words",
+    "splice_words",
+    "superimpose",
+]
 
-PERTURBATIONS = ("superimpose", "amplify")
+PERTURBATIONS = ("superimpose", "amplify", "augment")
 TEXT_MODES = ("splice", "replace")
 
 
@@ -109,3 +122,40 @@ def amplify(modality: str, x, factor: float, *, bounds: InputRange = InputRange(
     if modality == "text":
         raise NotImplementedError("input amplification is defined for images and tensors, not for text")
     return (x * factor).clamp(bounds.low, bounds.high)
+
+
+def augment(modality: str, x, rng: np.random.Generator, *, bounds: InputRange = InputRange()):
+    """One mild, label-preserving copy of the prepared input ``x``: a near-clean input for threshold calibration.
+
+    Images are shifted by up to ``max(1, H // 16)`` pixels in each direction (edges replicated) with Gaussian noise of
+    1% of the value range; plain tensors get noise of 2% of the clean range; a text of four or more words loses one
+    word at random, a shorter one has two neighbouring words swapped (a one-word text stays as it is).
+
+    Example:
+        ```python
+        >>> augment("text", "a b c d", np.random.default_rng(0)).count(" ")
+        2
+        ```
+    """
+    if modality == "text":
+        words = x.split()
+        if len(words) >= 4:
+            del words[int(rng.integers(len(words)))]
+        elif len(words) >= 2:
+            i = int(rng.integers(len(words) - 1))
+            words[i], words[i + 1] = words[i + 1], words[i]
+        return " ".join(words)
+    span = bounds.high - bounds.low
+    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    if modality == "image" and x.dim() >= 2:
+        h, w = x.shape[-2:]
+        r = max(1, h // 16)
+        dy, dx = (int(v) for v in rng.integers(-r, r + 1, size=2))
+        flat = x.reshape(-1, 1, h, w)
+        padded = torch.nn.functional.pad(flat, (r, r, r, r), mode="replicate")
+        x = padded[..., r + dy : r + dy + h, r + dx : r + dx + w].reshape(x.shape)
+        noise = 0.01
+    else:
+        noise = 0.02
+    x = x + noise * span * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    return x.clamp(bounds.low, bounds.high)
