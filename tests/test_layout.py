@@ -55,3 +55,26 @@ def test_the_public_api_names_the_entry_points_and_imports_flower_lazily():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_the_cli_imports_neither_torch_nor_transformers():
+    """``metashield --help`` parses flags only: the package and the CLI import their heavy parts when a job runs."""
+    code = (
+        "import sys, metashield_hf.cli; "
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'flwr', 'numpy'}); "
+        "assert not heavy, heavy"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("package", ["metashield_hf", "metashield_hf.scan"])
+def test_every_public_name_imports_from_its_lazy_package(package):
+    code = (
+        f"import importlib; package = importlib.import_module({package!r}); "
+        "missing = [n for n in package.__all__ if n not in package._LAZY]; assert not missing, missing; "
+        f"[exec(f'from {package} import {{name}}') for name in package.__all__]; "
+        "assert set(package.__all__) <= set(dir(package))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]

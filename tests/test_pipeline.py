@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -140,3 +142,26 @@ def test_pipeline_without_target_says_what_is_missing():
         detect("text")
     with pytest.raises(ValueError, match="needs both target_model= and clean_samples="):
         detect.set_target(None, ["a"])
+
+
+@pytest.mark.parametrize(
+    "first", ["import metashield_hf", "from transformers import pipeline"], ids=["package_first", "pipeline_first"]
+)
+def test_the_task_and_auto_classes_register_whichever_is_imported_first(first):
+    """``import metashield_hf`` registers lazily (when transformers loads its registries), so the order must not
+    matter."""
+    code = "\n".join(
+        [
+            first,
+            "import metashield_hf",
+            "from transformers import AutoConfig, AutoModel, pipeline",
+            "from transformers.pipelines import PIPELINE_REGISTRY",
+            "assert 'backdoor-detection' in PIPELINE_REGISTRY.get_supported_tasks()",
+            "folder = str(metashield_hf.DEFAULT_DETECTOR_DIR)",
+            "assert type(AutoConfig.from_pretrained(folder)).__name__ == 'MetaShieldConfig'",
+            "assert type(AutoModel.from_pretrained(folder)) is metashield_hf.MetaShieldDetector",
+            "assert type(pipeline('backdoor-detection')) is metashield_hf.BackdoorDetectionPipeline",
+        ]
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]

@@ -2,28 +2,62 @@
 
 The entry points users call: the input-level detector (``load_detector``, ``adapt``, the ``backdoor-detection``
 pipeline), the model-level scan (``scan_model``), the FL screen (``score_client_updates``, and ``MetaShieldStrategy``
-for Flower, imported when first used since ``flwr`` is optional) and the target adapters (``load_target``). Research
-internals live in their subpackages (``metashield_hf.scan``, ``.fl``, ``.zoo``, ``.meta``, ``.evaluation``).
+for Flower) and the target adapters (``load_target``). Research internals live in their subpackages
+(``metashield_hf.scan``, ``.fl``, ``.zoo``, ``.meta``, ``.evaluation``).
+
+Every name is imported when first used (PEP 562), so ``import metashield_hf`` and the CLI's ``--help`` do not pay for
+torch, transformers' pipelines or ``flwr`` (an optional extra). The ``backdoor-detection`` task and the Auto classes
+are registered as soon as transformers loads its registries ([`metashield_hf.registration`]), so
+``pipeline("backdoor-detection", ...)`` works after ``import metashield_hf`` whichever is imported first.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .configuration_metashield import MetaShieldConfig
-from .fl.screen import score_client_updates
-from .hub import TASK, backdoor_detection_pipeline, register, save_for_hub
-from .loading import DEFAULT_DETECTOR_DIR, load_detector
-from .modeling_metashield import MetaShieldDetector, MetaShieldOutput
-from .pipeline_backdoor_detection import BackdoorDetectionPipeline
-from .scan import ScanConfig, ScanHead, ScanReport, neural_cleanse_scan, scan_adapter, scan_model
-from .shield import AdaptedShield, adapt
-from .targets import load_target
-from .targets.base import TargetOutput
+from .registration import register_when_imported
 
-register()
+if TYPE_CHECKING:
+    from .configuration_metashield import MetaShieldConfig
+    from .fl.screen import score_client_updates
+    from .fl.strategy import MetaShieldStrategy
+    from .hub import TASK, backdoor_detection_pipeline, register, save_for_hub
+    from .loading import DEFAULT_DETECTOR_DIR, load_detector
+    from .modeling_metashield import MetaShieldDetector, MetaShieldOutput
+    from .pipeline_backdoor_detection import BackdoorDetectionPipeline
+    from .scan import ScanConfig, ScanHead, ScanReport, neural_cleanse_scan, scan_adapter, scan_model
+    from .shield import AdaptedShield, adapt
+    from .targets import load_target
+    from .targets.base import TargetOutput
+
+# Each public name and the module that defines it, imported on first access.
+_LAZY = {
+    "AdaptedShield": ".shield",
+    "BackdoorDetectionPipeline": ".pipeline_backdoor_detection",
+    "DEFAULT_DETECTOR_DIR": ".loading",
+    "MetaShieldConfig": ".configuration_metashield",
+    "MetaShieldDetector": ".modeling_metashield",
+    "MetaShieldOutput": ".modeling_metashield",
+    "MetaShieldStrategy": ".fl.strategy",
+    "TASK": ".registration",
+    "ScanConfig": ".scan.config",
+    "ScanHead": ".scan.head",
+    "ScanReport": ".scan.report",
+    "TargetOutput": ".targets.base",
+    "adapt": ".shield",
+    "backdoor_detection_pipeline": ".hub",
+    "load_detector": ".loading",
+    "load_target": ".targets",
+    "neural_cleanse_scan": ".scan.neural_cleanse",
+    "register": ".hub",
+    "save_for_hub": ".hub",
+    "scan_adapter": ".scan.scanner",
+    "scan_model": ".scan.scanner",
+    "score_client_updates": ".fl.screen",
+}
 
 __all__ = [
     "AdaptedShield",
@@ -52,9 +86,16 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: importing metashield_hf must not import flwr (an optional extra).
-    if name == "MetaShieldStrategy":
-        from .fl.strategy import MetaShieldStrategy
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # the next access is a plain attribute lookup
+    return value
 
-        return MetaShieldStrategy
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+register_when_imported()  # last: a registry already loaded registers now, and that imports modules of this package

@@ -10,13 +10,12 @@ import json
 import shutil
 from pathlib import Path
 
-from transformers import AutoConfig, AutoModel, pipeline
-from transformers.pipelines import PIPELINE_REGISTRY
+from transformers import pipeline
 
-from .configuration_metashield import MetaShieldConfig
 from .loading import DEFAULT_DETECTOR_DIR, load_detector
 from .modeling_metashield import MetaShieldDetector
 from .pipeline_backdoor_detection import BackdoorDetectionPipeline
+from .registration import TASK, register_task
 
 __all__ = [
     "DEFAULT_DETECTOR_DIR",
@@ -27,27 +26,16 @@ __all__ = [
     "save_for_hub",
 ]
 
-TASK = "backdoor-detection"
 _CODE_FILES = ("configuration_metashield.py", "modeling_metashield.py", "pipeline_backdoor_detection.py")
 
 
 def register() -> None:
-    """Register ``metashield`` with AutoConfig/AutoModel and the ``backdoor-detection`` task (idempotent)."""
-    try:
-        AutoConfig.register("metashield", MetaShieldConfig)
-        AutoModel.register(MetaShieldConfig, MetaShieldDetector)
-    except ValueError:  # already registered (module re-imported)
-        pass
-    # The default resolves offline: it is the folder shipped inside the package.
-    PIPELINE_REGISTRY.register_pipeline(
-        TASK,
-        pipeline_class=BackdoorDetectionPipeline,
-        pt_model=AutoModel,
-        default={"model": (str(DEFAULT_DETECTOR_DIR), None)},
-        type="multimodal",
-    )
-    MetaShieldConfig.register_for_auto_class()
-    MetaShieldDetector.register_for_auto_class("AutoModel")
+    """Register ``metashield`` with AutoConfig/AutoModel and the ``backdoor-detection`` task now (idempotent).
+
+    ``import metashield_hf`` already does this as soon as transformers loads those registries
+    ([`metashield_hf.registration`]); calling it is only needed to register eagerly.
+    """
+    register_task()
 
 
 def backdoor_detection_pipeline(target_model, clean_samples, detector=None, **kwargs) -> BackdoorDetectionPipeline:

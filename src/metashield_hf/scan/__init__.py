@@ -14,62 +14,133 @@ synthesis.
 - `positives.py`: the synthesized triggers as adaptation's inner-loop positives ([`synthesized_positives`],
   [`positives_from_report`]) and the model fingerprint that ties a report to its model
 - `neural_cleanse.py`: [`neural_cleanse_scan`]
+
+Every name is imported when first used (PEP 562): ``metashield scan --help`` builds its flags from
+[`ScanConfig`] without importing torch.
 """
 
 from __future__ import annotations
 
-from .config import DEFAULT_BLEND_STEPS, MIN_SCAN_SAMPLES, SOURCE_FLIP_THRESHOLD, SOURCE_LOSS_QUANTILE, ScanConfig
-from .head import (
-    DEFAULT_SCAN_HEAD,
-    NEURAL_CLEANSE_RULE_HEAD,
-    HeadFit,
-    PartChoice,
-    ScanHead,
-    choose_part,
-    cv_head_c,
-    fit_head_from_spec,
-    fit_heads,
-    fit_scan_head,
-    fpr_threshold,
-    out_of_fold_scores,
-    read_records,
-    record_modality,
-    record_variant,
-    refresh_record,
-    repeated_cv,
-    scan_record,
-    score_record,
-    set_fpr_thresholds,
-    verdict_threshold,
-    with_part,
-)
-from .neural_cleanse import NEURAL_CLEANSE_THRESHOLD, neural_cleanse_scan
-from .positives import (
-    AUTO_SYNTHESIZED_MODALITIES,
-    POSITIVES,
-    SynthesizedPositives,
-    model_fingerprint,
-    positives_for,
-    positives_from_report,
-    synthesized_positives,
-)
-from .report import ClassEvidence, ScanReport
-from .scanner import checkpoint_name, prepare_clean_items, run_synthesis, scan_adapter, scan_model
-from .signals import (
-    BLEND,
-    BLEND_SIGNALS,
-    LARGE_VOCABULARY,
-    SIGNALS,
-    SOURCE,
-    SOURCE_SIGNALS,
-    SYNTHESIS_SIGNALS,
-    TOKEN_SIGNALS,
-    class_count_signals,
-    token_detector_signal,
-    token_signals,
-)
-from .synthesis import SynthesisResult, anomaly_indices, chance_anomaly_index, synthesize_triggers
-from .token_search import TokenSearchResult, search_token_triggers
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import DEFAULT_BLEND_STEPS, MIN_SCAN_SAMPLES, SOURCE_FLIP_THRESHOLD, SOURCE_LOSS_QUANTILE, ScanConfig
+    from .head import (
+        DEFAULT_SCAN_HEAD,
+        NEURAL_CLEANSE_RULE_HEAD,
+        HeadFit,
+        PartChoice,
+        ScanHead,
+        choose_part,
+        cv_head_c,
+        fit_head_from_spec,
+        fit_heads,
+        fit_scan_head,
+        fpr_threshold,
+        out_of_fold_scores,
+        read_records,
+        record_modality,
+        record_variant,
+        refresh_record,
+        repeated_cv,
+        scan_record,
+        score_record,
+        set_fpr_thresholds,
+        verdict_threshold,
+        with_part,
+    )
+    from .neural_cleanse import NEURAL_CLEANSE_THRESHOLD, neural_cleanse_scan
+    from .positives import (
+        AUTO_SYNTHESIZED_MODALITIES,
+        POSITIVES,
+        SynthesizedPositives,
+        model_fingerprint,
+        positives_for,
+        positives_from_report,
+        synthesized_positives,
+    )
+    from .report import ClassEvidence, ScanReport
+    from .scanner import checkpoint_name, prepare_clean_items, run_synthesis, scan_adapter, scan_model
+    from .signals import (
+        BLEND,
+        BLEND_SIGNALS,
+        LARGE_VOCABULARY,
+        SIGNALS,
+        SOURCE,
+        SOURCE_SIGNALS,
+        SYNTHESIS_SIGNALS,
+        TOKEN_SIGNALS,
+        class_count_signals,
+        token_detector_signal,
+        token_signals,
+    )
+    from .synthesis import SynthesisResult, anomaly_indices, chance_anomaly_index, synthesize_triggers
+    from .token_search import TokenSearchResult, search_token_triggers
+
+# Each name and the module that defines it, imported on first access.
+_LAZY = {
+    "DEFAULT_BLEND_STEPS": ".config",
+    "MIN_SCAN_SAMPLES": ".config",
+    "SOURCE_FLIP_THRESHOLD": ".config",
+    "SOURCE_LOSS_QUANTILE": ".config",
+    "ScanConfig": ".config",
+    "DEFAULT_SCAN_HEAD": ".head",
+    "NEURAL_CLEANSE_RULE_HEAD": ".head",
+    "HeadFit": ".head",
+    "PartChoice": ".head",
+    "ScanHead": ".head",
+    "choose_part": ".head",
+    "cv_head_c": ".head",
+    "fit_head_from_spec": ".head",
+    "fit_heads": ".head",
+    "fit_scan_head": ".head",
+    "fpr_threshold": ".head",
+    "out_of_fold_scores": ".head",
+    "read_records": ".head",
+    "record_modality": ".head",
+    "record_variant": ".head",
+    "refresh_record": ".head",
+    "repeated_cv": ".head",
+    "scan_record": ".head",
+    "score_record": ".head",
+    "set_fpr_thresholds": ".head",
+    "verdict_threshold": ".head",
+    "with_part": ".head",
+    "NEURAL_CLEANSE_THRESHOLD": ".neural_cleanse",
+    "neural_cleanse_scan": ".neural_cleanse",
+    "AUTO_SYNTHESIZED_MODALITIES": ".positives",
+    "POSITIVES": ".positives",
+    "SynthesizedPositives": ".positives",
+    "model_fingerprint": ".positives",
+    "positives_for": ".positives",
+    "positives_from_report": ".positives",
+    "synthesized_positives": ".positives",
+    "ClassEvidence": ".report",
+    "ScanReport": ".report",
+    "checkpoint_name": ".scanner",
+    "prepare_clean_items": ".scanner",
+    "run_synthesis": ".scanner",
+    "scan_adapter": ".scanner",
+    "scan_model": ".scanner",
+    "BLEND": ".signals",
+    "BLEND_SIGNALS": ".signals",
+    "LARGE_VOCABULARY": ".signals",
+    "SIGNALS": ".signals",
+    "SOURCE": ".signals",
+    "SOURCE_SIGNALS": ".signals",
+    "SYNTHESIS_SIGNALS": ".signals",
+    "TOKEN_SIGNALS": ".signals",
+    "class_count_signals": ".signals",
+    "token_detector_signal": ".signals",
+    "token_signals": ".signals",
+    "SynthesisResult": ".synthesis",
+    "anomaly_indices": ".synthesis",
+    "chance_anomaly_index": ".synthesis",
+    "synthesize_triggers": ".synthesis",
+    "TokenSearchResult": ".token_search",
+    "search_token_triggers": ".token_search",
+}
 
 __all__ = [
     "BLEND",
@@ -133,3 +204,16 @@ __all__ = [
     "positives_from_report",
     "synthesized_positives",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # the next access is a plain attribute lookup
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
