@@ -144,11 +144,19 @@ class BackdoorDetectionPipeline(Pipeline):
             raise ValueError(
                 "no target: build the pipeline with target_model= and clean_samples=, or pass them in the call"
             )
-        out, feats = self.shield.features(inputs.items)
-        return {"features": feats.to(self.dtype), "target_logits": out.logits}
+        items, erase = inputs.items, self.shield.erase
+        if erase is not None:  # the erase check perturbs prepared items
+            items = self.shield.target.prepare_items(items)
+        out, feats = self.shield.features(items)
+        model_inputs = {"features": feats.to(self.dtype), "target_logits": out.logits}
+        if erase is not None:
+            model_inputs["erase_drops"] = torch.as_tensor(erase.drops(self.shield.target, items, out.logits))
+        return model_inputs
 
     def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
         scores = self.shield.score_features(model_inputs["features"])
+        if "erase_drops" in model_inputs:  # the larger of the detector's score and the erase check's drop
+            scores = torch.maximum(scores, model_inputs["erase_drops"].to(scores.dtype))
         return {"scores": scores, "target_logits": model_inputs["target_logits"]}
 
     def postprocess(self, model_outputs: dict[str, Any], threshold: float | None = None) -> list[dict]:

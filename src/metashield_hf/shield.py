@@ -15,6 +15,7 @@ from .features.reference import Reference, build_reference, reference_without
 from .modeling_metashield import MetaShieldDetector
 from .probes import LiveEvidence
 from .scan.config import ScanConfig
+from .scan.erase import ERASE_FLIP_DROP, EraseCheck
 from .scan.positives import (
     POSITIVES,
     SynthesizedPositives,
@@ -32,6 +33,8 @@ MIN_CLEAN = 3
 
 _WARNED_SMALL_K: set[tuple[int, float]] = set()  # (k, target FPR) pairs already warned about: said once
 CALIBRATIONS = ("quantile", "conformal", "normal", "tolerance")
+#: What ``adapt(..., erase=)`` accepts.
+ERASES = ("auto", "off")
 TOLERANCE_CONFIDENCE = 0.9  # the "tolerance" rule's confidence that the FPR is at most the target
 
 
@@ -153,7 +156,9 @@ class AdaptedShield:
     Use :meth:`score` for scores in ``[0, 1]`` (higher = more likely triggered) and :meth:`predict` for decisions.
     ``fpr_estimate`` says what false-positive rate the threshold keeps (mean and 90th percentile over draws of the
     clean samples, [`expected_fpr`]); ``positives`` what the inner loop's positives were (``None``: pseudo-anomalies
-    by request).
+    by request). ``erase`` is the erase check of the synthesized trigger ([`EraseCheck`]) when the shield uses it:
+    an input's score is then the larger of the detector's score and the check's probability drop, and
+    ``erase_note`` says why the check is off otherwise.
     """
 
     detector: MetaShieldDetector
@@ -171,6 +176,8 @@ class AdaptedShield:
     positives: SynthesizedPositives | None = None
     fpr_estimate: dict[str, float] = field(default_factory=dict)
     augmented_scores: np.ndarray = field(default_factory=lambda: np.empty(0))
+    erase: EraseCheck | None = None
+    erase_note: str = ""
 
     def features(self, inputs) -> tuple[TargetOutput, torch.Tensor]:
         """Run the target (once, plus the live probes' passes when the detector reads them) and return its
@@ -197,13 +204,24 @@ class AdaptedShield:
 
     def score(self, inputs) -> np.ndarray:
         """Scores in ``[0, 1]`` for a batch of raw inputs (any type the target adapter accepts)."""
-        _, feats = self.features(inputs)
-        return self.score_features(feats).numpy()
+        return self.scored(inputs)[1].numpy()
+
+    def scored(self, inputs) -> tuple[TargetOutput, torch.Tensor]:
+        """The target's outputs on ``inputs`` and their scores: the detector's, or with the erase check on, the larger
+        of the detector's and the check's probability drop."""
+        if self.erase is not None:
+            inputs = self.target.prepare_items(inputs)
+        out, feats = self.features(inputs)
+        scores = self.score_features(feats)
+        if self.erase is not None:
+            drops = torch.as_tensor(self.erase.drops(self.target, inputs, out.logits), dtype=scores.dtype)
+            scores = torch.maximum(scores, drops)
+        return out, scores
 
     def predict(self, inputs) -> list[dict]:
         """One ``{"label", "score", "threshold", "predicted_class"}`` dict per input."""
-        out, feats = self.features(inputs)
-        return self.decide(self.score_features(feats), out.logits)
+        out, scores = self.scored(inputs)
+        return self.decide(scores, out.logits)
 
     def decide(self, scores: torch.Tensor, logits: torch.Tensor) -> list[dict]:
         classes = logits.argmax(-1).tolist()
@@ -244,6 +262,7 @@ def adapt(
     scan_report=None,
     synthesis: ScanConfig | None = None,
     calibration_copies: int = 0,
+    erase: str = "auto",
 ) -> AdaptedShield:
     """Adapt ``detector`` to ``target`` from clean samples only.
 
@@ -279,6 +298,11 @@ def adapt(
             the threshold is calibrated on. Each copy is scored against the reference without its origin, as its
             origin is. More scores smooth the rank rule's steps, but copies are not new draws of the clean
             distribution: ``fpr_estimate`` still counts the ``k`` samples only. Needs a one-pass detector.
+        erase: the erase check of the synthesized trigger ([`EraseCheck`]; one extra forward pass per input):
+            ``"auto"`` (the default) uses it when the positives were synthesized in the model's input space and
+            erasing the trigger's region drops the target class's probability by ``ERASE_FLIP_DROP`` on at most
+            ``max(1, ⌊target_fpr·k⌋)`` of the ``k`` clean samples ([`use_erase`]); ``"off"`` never. The clean samples' drops join their calibration
+            scores, so the threshold covers both; ``shield.erase_note`` says why the check is off.
 
     Returns:
         An [`AdaptedShield`]. Its threshold comes from leave-one-out scores of the clean samples, so the FPR estimate
@@ -299,6 +323,8 @@ def adapt(
     lr = detector.config.adapt_lr if lr is None else lr
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+    if erase not in ERASES:
+        raise ValueError(f"erase must be one of {ERASES}, got {erase!r}")
     if calibration_copies < 0:
         raise ValueError(f"calibration_copies must be >= 0, got {calibration_copies}")
     if calibration_copies and detector.config.probes:
@@ -353,8 +379,37 @@ def adapt(
     )
     shield.evidence = evidence
     shield.positives = found
+    if erase == "auto" and found is not None:
+        items = clean_samples if evidence is not None else adapter.prepare_items(clean_samples)
+        check, shield.erase_note = EraseCheck.from_positives(adapter, items, found)
+        if check is not None:
+            use_erase(shield, check, check.drops(adapter, items, clean_out.logits), calibration)
+    elif erase == "auto":
+        shield.erase_note = "no synthesized positives"
+    else:
+        shield.erase_note = "off by request"
     shield.timings["adapt_s"] = time.perf_counter() - t0
     return shield
+
+
+def use_erase(
+    shield: AdaptedShield, check: EraseCheck, support_drops: np.ndarray, calibration: str = "quantile"
+) -> bool:
+    """Turn ``check`` on for ``shield`` unless erasing moves its clean samples: at most ``max(1, ⌊target_fpr·k⌋)``
+    of the ``k`` may drop by ``ERASE_FLIP_DROP`` or more. Their drops then join their leave-one-out scores (the larger
+    of the two per sample), and the threshold and its FPR estimate are recalibrated, so a clean sample the erasure
+    moves raises the threshold rather than the false alarms. Returns whether the check is on."""
+    drops = np.asarray(support_drops, dtype=np.float64)
+    flips = int((drops >= ERASE_FLIP_DROP).sum())
+    if flips > max(1, math.floor(shield.target_fpr * len(drops))):
+        shield.erase_note = f"erasing the synthesized trigger's region flips {flips} of {len(drops)} clean samples"
+        return False
+    shield.erase, shield.erase_note = check, ""
+    shield.calibration_scores = np.maximum(shield.calibration_scores, drops)
+    pool = np.concatenate([shield.calibration_scores, shield.augmented_scores])
+    shield.threshold = calibrate_threshold(pool, shield.target_fpr, calibration)
+    shield.fpr_estimate = expected_fpr(shield.calibration_scores, shield.threshold)
+    return True
 
 
 def adapt_after_scan(

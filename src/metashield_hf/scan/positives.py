@@ -57,6 +57,9 @@ class SynthesizedPositives:
             (a text scan's token triggers inserted into the clean samples).
         reason: why ``outputs`` is ``None`` (empty otherwise).
         seconds: what producing them cost.
+        mask: the first class's synthesized mask in the model's input space (``(1, *mask_shape[1:])``), where the
+            synthesis ran there (pixels, tensors); ``None`` for embeddings and token triggers. What the erase check
+            ([`EraseCheck`]) blanks out.
     """
 
     outputs: TargetOutput | None
@@ -64,6 +67,7 @@ class SynthesizedPositives:
     source: str
     reason: str = ""
     seconds: float = 0.0
+    mask: torch.Tensor | None = None
 
 
 def positives_for(positives: str, modality: str) -> str:
@@ -95,6 +99,13 @@ def _choose(anomaly: np.ndarray | None, reached: np.ndarray, n_classes: int) -> 
         return []
     order = np.argsort(-np.nan_to_num(np.asarray(anomaly, dtype=np.float64), nan=-np.inf), kind="stable")
     return [int(c) for c in order if bool(reached[c])][:n_classes]
+
+
+def _input_mask(result, classes: list[int]) -> torch.Tensor | None:
+    """The first class's mask where the synthesis ran in the model's input space (not in embeddings)."""
+    if result.kind not in ("pixels", "tensor") or not classes:
+        return None
+    return result.masks[classes[0]][None].detach().float().cpu()
 
 
 def _stack(logits: torch.Tensor, penultimate: torch.Tensor, classes: list[int]) -> TargetOutput:
@@ -134,14 +145,14 @@ def synthesized_positives(
     _, result, anomaly = run_synthesis(
         adapter, items, steps=config.steps, lr=config.lr, flip_threshold=config.flip_threshold,
         class_batch=config.class_batch, seed=seed, refine=config.refine, screen_steps=config.screen_steps,
-        clean_out=clean_out,
+        clean_out=clean_out, progress=config.progress,
     )  # fmt: skip
     classes = _choose(anomaly, result.reached, n_classes)
     if not classes:
         reason = f"no class's synthesized trigger flipped {config.flip_threshold:.0%} of the clean samples"
         return SynthesizedPositives(None, [], "synthesis", reason, time.perf_counter() - t0)
     out = _stack(result.logits, result.penultimate, classes)
-    return SynthesizedPositives(out, classes, "synthesis", "", time.perf_counter() - t0)
+    return SynthesizedPositives(out, classes, "synthesis", "", time.perf_counter() - t0, _input_mask(result, classes))
 
 
 def positives_from_report(
@@ -178,7 +189,9 @@ def positives_from_report(
         if not classes:
             return SynthesizedPositives(None, [], "scan_report", "the scan's synthesis reached no class")
         out = _stack(result.logits, result.penultimate, classes)
-        return SynthesizedPositives(out, classes, "scan_report", "", time.perf_counter() - t0)
+        return SynthesizedPositives(
+            out, classes, "scan_report", "", time.perf_counter() - t0, _input_mask(result, classes)
+        )
     # a text scan's token triggers: its suspected target first, then the classes whose token triggers flip the most
     flips = np.array([(e.token_flip_rates or [0.0])[-1] for e in report.per_class])
     order = [report.suspected_target] + [int(c) for c in np.argsort(-flips, kind="stable")]

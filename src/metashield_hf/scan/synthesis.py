@@ -32,10 +32,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..targets.base import TargetAdapter, to_device
 from ..targets.heads import select_tokens
 from ..targets.transformers_models import unwrap
+from .progress import tqdm_disable
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ class SynthesisSpace:
         low / high: bounds of the pattern, broadcastable to ``pattern_shape``.
         kind: ``"pixels"``, ``"embeddings"`` or ``"tensor"`` (for reports).
         device: where ``run`` wants the mask and pattern rows.
+        inputs: the clean batch in the space (``(N, *pattern_shape[1:])``) where the space is the model's own input
+            (pixels, tensors); ``None`` for embeddings.
     """
 
     run: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
@@ -65,6 +69,7 @@ class SynthesisSpace:
     high: torch.Tensor
     kind: str
     device: torch.device = torch.device("cpu")
+    inputs: torch.Tensor | None = None
 
 
 @dataclass
@@ -199,7 +204,7 @@ def _tensor_space(adapter: TargetAdapter, items: list) -> SynthesisSpace:
         return _forward(adapter, batch)
 
     return SynthesisSpace(
-        run, n, mask_shape, pattern_shape, low.float().cpu(), high.float().cpu(), kind, adapter.device
+        run, n, mask_shape, pattern_shape, low.float().cpu(), high.float().cpu(), kind, adapter.device, x
     )
 
 
@@ -269,6 +274,7 @@ def _optimise(
     patience: int,
     history: list[float],
     loss_quantile: float = 1.0,
+    on_step: Callable[[], object] | None = None,
 ) -> dict:
     """``steps`` more Adam steps (after ``done`` already taken) on one batch of classes; returns the new state.
 
@@ -318,6 +324,8 @@ def _optimise(
             s["cost"] = torch.where(down >= patience, cost / cost_multiplier, cost)
             s["up"], s["down"] = torch.where(up >= patience, 0, up), torch.where(down >= patience, 0, down)
             history.append(float(loss))
+        if on_step is not None:
+            on_step()
     s["m_logit"], s["p_logit"] = s["m_logit"].detach(), s["p_logit"].detach()
     return s
 
@@ -358,6 +366,8 @@ def synthesize_triggers(
     seed: int = 0,
     uniform_mask: bool = False,
     loss_quantile: float = 1.0,
+    progress: bool | None = None,
+    stage: str = "synthesis",
 ) -> SynthesisResult:
     """Reverse engineer one mask + pattern per class that flips the clean samples to that class.
 
@@ -394,6 +404,9 @@ def synthesize_triggers(
             those it is lowest on at each step (1: all of them). With a flip threshold below 1, this lets the mask
             settle on the samples it can flip cheaply, as a source-specific trigger (TaCT, Tang et al. 2021) flips
             only some classes' inputs, instead of growing to flip the rest too.
+        progress: a tqdm bar on stderr over the Adam steps, named ``"{stage} class(es) i[-j]/K"`` after the classes
+            of the batch it optimises (``None``: only when stderr is a terminal).
+        stage: what the bar calls this synthesis (``"blend synthesis"``, ...).
 
     Returns:
         A [`SynthesisResult`] with per-class sizes, flip rates, masks, patterns and the perturbed outputs.
@@ -427,11 +440,16 @@ def synthesize_triggers(
         loss_quantile=loss_quantile,
     )
 
-    def run(state: dict, count: int, done: int) -> dict:
+    batches = -(-num_classes // class_batch)
+    total = batches * first + (-(-min(refine, num_classes) // class_batch) * (steps - first) if staged else 0)
+    bar = tqdm(total=total, desc=stage, unit="step", disable=tqdm_disable(progress))
+
+    def run(state: dict, count: int, done: int, phase: str = "") -> dict:
         parts = []
         for start in range(0, len(state["classes"]), class_batch):
             part = _rows_of(state, slice(start, start + class_batch))
-            parts.append(_optimise(space, part, clean_pred, steps=count, done=done, **settings))
+            bar.set_description(f"{stage}{phase} {_class_range(part['classes'], num_classes)}")
+            parts.append(_optimise(space, part, clean_pred, steps=count, done=done, on_step=bar.update, **settings))
         return _cat(parts)
 
     # initial masks and patterns drawn per class batch (mask, then pattern), so a seed starts where it always did
@@ -440,19 +458,29 @@ def synthesize_triggers(
         for a in range(0, num_classes, class_batch)
     ]
     state, done, kept = _cat(states), 0, {}
-    for mark in [*marks, first]:
-        state, done = run(state, mark - done, done), mark
-        if mark < first:
-            kept[mark] = _finish(space, state, class_batch, mark)
-    if staged:
-        got, sizes, flips = _recorded(state)
-        chosen = refine_candidates(sizes, got, flips, refine)
-        refined = run(_rows_of(state, chosen), steps - first, first)
-        for name, value in refined.items():
-            state[name][chosen] = value
+    with bar:
+        for mark in [*marks, first]:
+            state, done = run(state, mark - done, done, " screen" if staged else ""), mark
+            if mark < first:
+                kept[mark] = _finish(space, state, class_batch, mark)
+        if staged:
+            got, sizes, flips = _recorded(state)
+            chosen = refine_candidates(sizes, got, flips, refine)
+            refined = run(_rows_of(state, chosen), steps - first, first, " refine")
+            for name, value in refined.items():
+                state[name][chosen] = value
     result = _finish(space, state, class_batch, steps)
     result.history, result.snapshots = history, kept
     return result
+
+
+def _class_range(classes: torch.Tensor, num_classes: int) -> str:
+    """How a progress bar names a batch of classes, 1-based: ``class 3/10``, ``classes 1-10/10``, ``classes 2,7/10``."""
+    ids = [int(c) + 1 for c in classes]
+    if len(ids) == 1:
+        return f"class {ids[0]}/{num_classes}"
+    consecutive = ids == list(range(ids[0], ids[-1] + 1))
+    return f"classes {f'{ids[0]}-{ids[-1]}' if consecutive else ','.join(map(str, ids))}/{num_classes}"
 
 
 def _finish(space: SynthesisSpace, state: dict, class_batch: int, steps: int) -> SynthesisResult:
