@@ -45,16 +45,21 @@ class DetectArguments:
     allow_pickle: bool = field(
         default=False, metadata={"help": "Accept the target's pickle-only weights (only for files you trust)."}
     )
+    progress: bool = field(
+        default=True,
+        metadata={"help": "Progress bars on stderr for the synthesis and the scan (--no_progress: none)."},
+    )
 
 
 def _adapt_for_detect(detector, target, clean, args: DetectArguments, **options):
     """``detector.adapt`` with the detect flags; with ``--scan_first`` the scan's report hands over its triggers."""
     kw = {"steps": args.adapt_steps, "target_fpr": args.target_fpr, "seed": args.seed, **options}
     if not args.scan_first:
-        return None, detector.adapt(target, clean, positives=args.positives, **kw)
+        synthesis = ScanConfig(progress=args.progress)
+        return None, detector.adapt(target, clean, positives=args.positives, synthesis=synthesis, **kw)
     from .shield import adapt_after_scan
 
-    return adapt_after_scan(detector, target, clean, **kw)
+    return adapt_after_scan(detector, target, clean, scan_config=ScanConfig(progress=args.progress), **kw)
 
 
 def _shield_summary(shield, report) -> dict:
@@ -180,6 +185,9 @@ class ScanArguments(ScanConfig):
     detector: str | None = field(default=None, metadata={"help": "Detector folder or Hub id (default: embedded)."})
     neural_cleanse: bool = field(default=False, metadata={"help": "Also run the Neural Cleanse baseline."})
     json: bool = field(default=False, metadata={"help": "Print the report as JSON instead of text."})
+    progress: bool = field(
+        default=True, metadata={"help": "Progress bars on stderr naming each stage (--no_progress: none)."}
+    )
 
     def __post_init__(self) -> None:
         try:

@@ -14,6 +14,7 @@ synthesis.
 - `positives.py`: the synthesized triggers as adaptation's inner-loop positives ([`synthesized_positives`],
   [`positives_from_report`]) and the model fingerprint that ties a report to its model
 - `neural_cleanse.py`: [`neural_cleanse_scan`]
+- `progress.py`: the progress bars' on/off rule and the cost estimate logged before a scan
 
 Every name is imported when first used (PEP 562): ``metashield scan --help`` builds its flags from
 [`ScanConfig`] without importing torch.

@@ -99,6 +99,13 @@ class ScanConfig:
     allow_pickle: bool = field(
         default=False, metadata={"help": "Load pickle-only checkpoints (only for files you trust)."}
     )
+    progress: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Progress bars on stderr naming each stage (synthesis per class, token search, detector); "
+            "None: only when stderr is a terminal, so logs and tests stay quiet."
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("steps", "screen_steps", "class_batch", "batch_size"):

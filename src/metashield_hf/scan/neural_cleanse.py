@@ -66,8 +66,9 @@ def neural_cleanse_scan(
     items = prepare_clean_items(adapter, clean_samples, n, seed)
     t_load = time.perf_counter()
     _, result, anomaly = run_synthesis(
-        adapter, items, steps=steps, lr=lr, flip_threshold=flip_threshold, class_batch=class_batch, seed=seed
-    )
+        adapter, items, steps=steps, lr=lr, flip_threshold=flip_threshold, class_batch=class_batch, seed=seed,
+        stage="neural cleanse synthesis",
+    )  # fmt: skip
     t1 = time.perf_counter()
     target = int(np.argmax(anomaly))
     evidence = class_evidence(adapter, result, anomaly)

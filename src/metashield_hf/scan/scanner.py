@@ -16,11 +16,13 @@ import time
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..targets import load_target
 from ..targets.base import TargetAdapter, TargetOutput
 from .config import DEFAULT_BLEND_STEPS, MIN_SCAN_SAMPLES, SOURCE_FLIP_THRESHOLD, SOURCE_LOSS_QUANTILE, ScanConfig
 from .positives import model_fingerprint
+from .progress import log_scan_cost, tqdm_disable
 from .report import ClassEvidence, ScanReport
 from .signals import (
     BLEND,
@@ -99,19 +101,17 @@ def run_synthesis(
     uniform_mask=False,
     loss_quantile=1.0,
     clean_out=None,
+    progress=None,
+    stage="synthesis",
 ):
     """The per-class trigger synthesis on clean ``items``: ``(clean outputs, SynthesisResult, anomaly indices)``.
 
     Shared by [`scan_model`], its extra syntheses, [`neural_cleanse_scan`] and the FL screen, so that all of them
-    synthesize alike. The keywords are [`synthesize_triggers`]'s; ``clean_out``: the clean outputs of an earlier
-    synthesis on the same items, not recomputed."""
+    synthesize alike. The keywords are [`synthesize_triggers`]'s; ``clean_out``: the clean outputs of the same items
+    (not recomputed), given by a caller that already has them."""
     if clean_out is None:
         clean_out = _clean_outputs(adapter, items)
-        if clean_out.logits.shape[1] < 3:
-            logger.warning(
-                "only %d classes: the anomaly index (MAD over classes) cannot single out a target",
-                clean_out.logits.shape[1],
-            )
+        _warn_few_classes(clean_out.logits.shape[1])
     num_classes = clean_out.logits.shape[1]
     space = synthesis_space(adapter, items)
     if refine is not None:  # at least one class is left to the screen alone, or there is nothing to save
@@ -131,8 +131,15 @@ def run_synthesis(
         seed=seed,
         uniform_mask=uniform_mask,
         loss_quantile=loss_quantile,
+        progress=progress,
+        stage=stage,
     )
     return clean_out, result, anomaly_indices(result.sizes)
+
+
+def _warn_few_classes(num_classes: int) -> None:
+    if num_classes < 3:
+        logger.warning("only %d classes: the anomaly index (MAD over classes) cannot single out a target", num_classes)
 
 
 def class_evidence(
@@ -180,35 +187,48 @@ EXTRA_SYNTHESES = {
 
 
 def _detector_scores(
-    detector, adapter, clean_out: TargetOutput, perturbed: list, *, adapt_steps: int | None, seed: int
+    detector,
+    adapter,
+    clean_out: TargetOutput,
+    perturbed: list,
+    *,
+    adapt_steps: int | None,
+    seed: int,
+    progress: bool | None = None,
 ) -> list[np.ndarray]:
     """Per-class mean score of the detector, adapted once to the model on ``clean_out``, on each set of perturbed
     clean samples in ``perturbed``: ``(logits (K, N, C), penultimate (K, N, D))`` pairs, class ``k``'s trigger on
-    every sample."""
+    every sample. ``progress``: a bar over the adaptation and each set's scoring."""
     from ..loading import load_detector
     from ..shield import adapt_from_activations
 
-    if detector is None or isinstance(detector, (str, os.PathLike)):
-        detector = load_detector(detector, one_pass=True)
-    if detector.config.probes:
-        raise ValueError(
-            f"the scan scores synthesized activations, which live probes cannot perturb; pass a one-pass detector "
-            f"(this one reads the probes {detector.config.probes}; load_detector(one_pass=True) is the embedded one)"
+    bar = tqdm(total=1 + len(perturbed), desc="detector: adapt", unit="stage", disable=tqdm_disable(progress))
+    with bar:
+        if detector is None or isinstance(detector, (str, os.PathLike)):
+            detector = load_detector(detector, one_pass=True)
+        if detector.config.probes:
+            raise ValueError(
+                f"the scan scores synthesized activations, which live probes cannot perturb; pass a one-pass detector "
+                f"(this one reads the probes {detector.config.probes}; load_detector(one_pass=True) is the embedded "
+                "one)"
+            )
+        head = adapter.head
+        shield = adapt_from_activations(
+            detector,
+            clean_out,
+            head.weight.detach().float().cpu(),
+            None if head.bias is None else head.bias.detach().float().cpu(),
+            steps=detector.config.adapt_steps if adapt_steps is None else adapt_steps,
+            seed=seed,
         )
-    head = adapter.head
-    shield = adapt_from_activations(
-        detector,
-        clean_out,
-        head.weight.detach().float().cpu(),
-        None if head.bias is None else head.bias.detach().float().cpu(),
-        steps=detector.config.adapt_steps if adapt_steps is None else adapt_steps,
-        seed=seed,
-    )
-    scores = []
-    for logits, penultimate in perturbed:
-        k, n = logits.shape[:2]
-        _, feats = shield.features_of(TargetOutput(logits.reshape(k * n, -1), penultimate.reshape(k * n, -1)))
-        scores.append(shield.score_features(feats).view(k, n).mean(1).numpy().astype(np.float64))
+        bar.update()
+        scores = []
+        for i, (logits, penultimate) in enumerate(perturbed):
+            bar.set_description(f"detector: score triggered set {i + 1}/{len(perturbed)}")
+            k, n = logits.shape[:2]
+            _, feats = shield.features_of(TargetOutput(logits.reshape(k * n, -1), penultimate.reshape(k * n, -1)))
+            scores.append(shield.score_features(feats).view(k, n).mean(1).numpy().astype(np.float64))
+            bar.update()
     return scores
 
 
@@ -308,22 +328,27 @@ def scan_adapter(
     if not synthesis and not tokens_on:
         raise ValueError("synthesis=False needs the token search: a text model and token_search=True")
     result = anomaly = None
+    t_forward = time.perf_counter()
+    clean_out = _clean_outputs(adapter, items)
+    num_classes = clean_out.logits.shape[1]
     if synthesis:
-        clean_out, result, anomaly = run_synthesis(
+        log_scan_cost(
+            name, adapter.modality, config, num_classes, len(items), time.perf_counter() - t_forward, tokens_on
+        )
+        _warn_few_classes(num_classes)
+        _, result, anomaly = run_synthesis(
             adapter, items, steps=config.steps, lr=config.lr, flip_threshold=config.flip_threshold,
             class_batch=config.class_batch, seed=seed, refine=config.refine, screen_steps=config.screen_steps,
+            clean_out=clean_out, progress=config.progress,
         )  # fmt: skip
-        num_classes = len(result.sizes)
-    else:
-        clean_out = _clean_outputs(adapter, items)
-        num_classes = clean_out.logits.shape[1]
     t_syn = time.perf_counter()
     tokens = None
     signals: dict[str, float] = {}
     if tokens_on:
         from .token_search import search_token_triggers, trigger_outputs
 
-        tokens = search_token_triggers(adapter, items, clean_out.logits.argmax(-1), num_classes)
+        pred = clean_out.logits.argmax(-1)
+        tokens = search_token_triggers(adapter, items, pred, num_classes, progress=config.progress)
         target, signals = token_signals(tokens)
     t_tok = time.perf_counter()
     det = token_det = None
@@ -335,7 +360,15 @@ def scan_adapter(
             out = trigger_outputs(adapter, items, [best[-1] for best in tokens.triggers])
             n = len(items)
             perturbed.append((out.logits.view(num_classes, n, -1), out.penultimate.view(num_classes, n, -1)))
-        scores = _detector_scores(detector, adapter, clean_out, perturbed, adapt_steps=config.adapt_steps, seed=seed)
+        scores = _detector_scores(
+            detector,
+            adapter,
+            clean_out,
+            perturbed,
+            adapt_steps=config.adapt_steps,
+            seed=seed,
+            progress=config.progress,
+        )
         det = scores[0]  # the per-class evidence shows the synthesized inputs' scores where there are any
         token_det = scores[-1] if tokens_on else None
     if token_det is not None:
@@ -361,6 +394,7 @@ def scan_adapter(
             _, extra, _ = run_synthesis(
                 adapter, items, **{"flip_threshold": config.flip_threshold, **options}, steps=budgets[kind],
                 lr=config.lr, class_batch=config.class_batch, seed=seed, clean_out=clean_out,
+                progress=config.progress, stage=f"{kind} synthesis",
             )  # fmt: skip
             extra_sizes[kind], extra_s[f"{kind}_s"] = extra.sizes, time.perf_counter() - t
             signals |= variant_signals(kind, extra.sizes)

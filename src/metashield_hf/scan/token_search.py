@@ -35,9 +35,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..targets.base import TargetAdapter
 from ..targets.transformers_models import unwrap
+from .progress import tqdm_disable
 
 logger = logging.getLogger(__name__)
 
@@ -301,6 +303,7 @@ def search_token_triggers(
     context_free_candidates: int = 128,
     context_free_wide: int = 1024,
     batch_rows: int = 2048,
+    progress: bool | None = None,
 ) -> TokenSearchResult:
     """Search each class's best trigger of 1..``max_tokens`` tokens among the model's vocabulary.
 
@@ -336,6 +339,8 @@ def search_token_triggers(
             tokens per class, then the ``context_free_candidates`` of them that give the class the highest mean
             probability on the 2 shortest clean samples of other classes, cut to 8 tokens (``0``: no such cut).
         batch_rows: perturbed sequences per forward pass.
+        progress: a tqdm bar on stderr over the search's stages (prefilter, screen, each class's beam, dominance),
+            named after the current one (``None``: only when stderr is a terminal).
 
     Returns:
         A [`TokenSearchResult`]; deterministic (no randomness is involved).
@@ -350,26 +355,34 @@ def search_token_triggers(
     prefiltered = len(pool) > exhaustive_limit
     if max_tokens is None:
         max_tokens = 2 if prefiltered else 3
+    if prefiltered and hotflip_candidates <= 0 and context_free_candidates <= 0:
+        raise ValueError(
+            f"a vocabulary of {len(pool)} tokens (> exhaustive_limit={exhaustive_limit}) needs at least one "
+            "prefilter: hotflip_candidates or context_free_candidates > 0"
+        )
+    prefilters = int(hotflip_candidates > 0) + int(context_free_candidates > 0) if prefiltered else 0
+    bar = tqdm(total=prefilters + num_classes + 2, desc="token search", unit="stage", disable=tqdm_disable(progress))
     if prefiltered:
-        if hotflip_candidates <= 0 and context_free_candidates <= 0:
-            raise ValueError(
-                f"a vocabulary of {len(pool)} tokens (> exhaustive_limit={exhaustive_limit}) needs at least one "
-                "prefilter: hotflip_candidates or context_free_candidates > 0"
-            )
         picks = []  # only the prefilters asked for run (each costs a pass over the vocabulary)
         if hotflip_candidates > 0:
+            bar.set_description("token search: HotFlip prefilter")
             picks.append(_hotflip_candidates(ins, pool, valid, hotflip_candidates))
+            bar.update()
         if context_free_candidates > 0:
+            bar.set_description("token search: context-free prefilter")
             picks.append(
                 _context_free_candidates(ins, pool, valid, context_free_candidates, batch_rows, wide=context_free_wide)
             )
+            bar.update()
         pool = torch.cat(picks).unique()
     # 1. screen every candidate on a few samples, by the mean class probability it gives (smoother than flips)
     m = min(screen_samples, n) if screen_samples > 0 else n
     # the shortest samples, cut short: a screen needs only a rough ranking, and these rows are the cheapest
     index = ins.shortest(m)
     screen = ins.subset(index, screen_length)
+    bar.set_description(f"token search: screen {len(pool)} tokens")
     _, prob_s = _class_stats(_probs(screen, [[int(t)] for t in pool], batch_rows), valid[index])
+    bar.update()
     shortlist = prob_s.topk(min(rescore, len(pool)), dim=0).indices  # (R, K)
     flips = np.zeros((num_classes, max_tokens))
     tprobs = np.zeros((num_classes, max_tokens))
@@ -377,6 +390,7 @@ def search_token_triggers(
     best: list[list[list[int]]] = [[] for _ in range(num_classes)]
     top_singles: list[list[int]] = []
     for k in range(num_classes):
+        bar.set_description(f"token search class {k + 1}/{num_classes}")
         # 2. the shortlist on all samples, ranked by flip rate (ties: mean class probability)
         cands = [[int(pool[i])] for i in shortlist[:, k]]
         for length in range(max_tokens):
@@ -401,14 +415,18 @@ def search_token_triggers(
                 gain = _slot_gains(ins, pool, valid, b, [k])[:, 0]
                 extra = pool[gain.topk(min(extend_hotflip, len(pool))).indices].tolist()
                 cands += [b + [t] for t in dict.fromkeys(singles + extra)]
+        bar.update()
     against = [
         [t for u in range(num_classes) if u != k for t in top_singles[u][:opposing]] for k in range(num_classes)
     ]
     dominance = np.zeros((num_classes, max_tokens))
+    bar.set_description("token search: dominance")
     for j in range(max_tokens):
         trigs = [t for k in range(num_classes) for t in (best[k][j] + against[k], against[k] + best[k][j])]
         pred = _probs(ins, trigs, batch_rows).argmax(-1)  # (2K, N)
         dominance[:, j] = (pred.view(num_classes, -1) == torch.arange(num_classes)[:, None]).float().mean(1).numpy()
+    bar.update()
+    bar.close()
     texts = [ins.tok.decode(b[-1]) for b in best]
     return TokenSearchResult(
         flip_rates=flips,
