@@ -83,6 +83,9 @@ class SynthesisResult:
         flip_rates: ``(K,)`` flip rate of the recorded mask.
         masks / patterns: the recorded masks ``(K, *mask_shape[1:])`` and patterns.
         logits / penultimate: the target's outputs on the perturbed clean samples, ``(K, N, C)`` / ``(K, N, D)``.
+        inputs: the clean batch in the space where it is the model's own input (pixels, tensors), ``(N, *S)``, so that
+            pictures of the patched samples ([`render_report`]) need neither the model nor its preprocessing again;
+            ``None`` for embeddings.
     """
 
     sizes: np.ndarray
@@ -96,6 +99,7 @@ class SynthesisResult:
     steps: int
     history: list[float] = field(default_factory=list)
     snapshots: dict[int, SynthesisResult] = field(default_factory=dict)
+    inputs: torch.Tensor | None = field(default=None, repr=False)
 
 
 @contextmanager
@@ -508,6 +512,7 @@ def _finish(space: SynthesisSpace, state: dict, class_batch: int, steps: int) ->
         penultimate=torch.cat(pen_all),
         kind=space.kind,
         steps=steps,
+        inputs=space.inputs,
     )
 
 
