@@ -185,6 +185,10 @@ class ScanArguments(ScanConfig):
     detector: str | None = field(default=None, metadata={"help": "Detector folder or Hub id (default: embedded)."})
     neural_cleanse: bool = field(default=False, metadata={"help": "Also run the Neural Cleanse baseline."})
     json: bool = field(default=False, metadata={"help": "Print the report as JSON instead of text."})
+    report: str | None = field(
+        default=None,
+        metadata={"help": "Folder for the pictures: each class's trigger and the evidence chart as PNGs, index.html."},
+    )
     progress: bool = field(
         default=True, metadata={"help": "Progress bars on stderr naming each stage (--no_progress: none)."}
     )
@@ -201,6 +205,13 @@ class ScanArguments(ScanConfig):
         return ScanConfig(**options | {"refine": self.refine or None})
 
 
+def _clean_texts(args: ScanArguments) -> list:
+    """The clean samples of a text scan, as the scan read them (for the report's pictures)."""
+    from .samples import load_samples
+
+    return load_samples(args.clean_samples, args.n, seed=args.seed)
+
+
 def run_scan(args: ScanArguments) -> dict:
     """The job behind ``metashield scan``; returns the report as a dict (``exit_code`` 1 when backdoored)."""
     from .scan import neural_cleanse_scan, scan_model
@@ -213,7 +224,14 @@ def run_scan(args: ScanArguments) -> dict:
         raise ValueError(f"--n must be at least 5 clean samples, got {args.n}")
     if args.refine is not None and args.refine < 0:
         raise ValueError(f"--refine must be >= 0, got {args.refine}")
-    report = scan_model(args.checkpoint, args.clean_samples, args.detector, args.scan_config()).to_dict()
+    scanned = scan_model(args.checkpoint, args.clean_samples, args.detector, args.scan_config())
+    report = scanned.to_dict()
+    if args.report:
+        from .scan.pictures import write_html_report
+
+        texts = scanned.space in ("tokens", "embeddings")  # the sentences a token trigger is shown in
+        clean = _clean_texts(args) if texts else None
+        report["report_dir"] = str(write_html_report(scanned, args.report, clean).parent)
     common = {"n": args.n, "steps": args.steps, "seed": args.seed}
     common |= {"allow_pickle": args.allow_pickle, "trust_remote_code": args.trust_remote_code}
     if args.neural_cleanse:
@@ -249,6 +267,8 @@ def _print_scan(report: dict) -> None:
             f"{c['flip_rate']:>9.2f} {num(c['anomaly_index'], '.2f'):>8} {num(c['detector_score'], '.3f'):>8}"
             f"{trig}{mark}"
         )
+    if report.get("report_dir"):
+        print(f"  pictures and the HTML report: {report['report_dir']}/index.html")
     nc = report.get("neural_cleanse")
     if nc:
         print(
