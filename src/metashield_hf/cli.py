@@ -49,11 +49,16 @@ class DetectArguments:
         default=True,
         metadata={"help": "Progress bars on stderr for the synthesis and the scan (--no_progress: none)."},
     )
+    device: str | None = field(
+        default=None,
+        metadata={"help": "Where the target runs: cpu, cuda, cuda:N, mps, xpu (default: cuda if present, else cpu)."},
+    )
 
 
 def _adapt_for_detect(detector, target, clean, args: DetectArguments, **options):
     """``detector.adapt`` with the detect flags; with ``--scan_first`` the scan's report hands over its triggers."""
     kw = {"steps": args.adapt_steps, "target_fpr": args.target_fpr, "seed": args.seed, **options}
+    kw["device"] = args.device
     if not args.scan_first:
         synthesis = ScanConfig(progress=args.progress)
         return None, detector.adapt(target, clean, positives=args.positives, synthesis=synthesis, **kw)
@@ -234,6 +239,7 @@ def run_scan(args: ScanArguments) -> dict:
         report["report_dir"] = str(write_html_report(scanned, args.report, clean).parent)
     common = {"n": args.n, "steps": args.steps, "seed": args.seed}
     common |= {"allow_pickle": args.allow_pickle, "trust_remote_code": args.trust_remote_code}
+    common["device"] = args.device
     if args.neural_cleanse:
         report["neural_cleanse"] = neural_cleanse_scan(args.checkpoint, args.clean_samples, **common).to_dict()
     report["exit_code"] = 1 if report["verdict"] == "backdoored" else 0

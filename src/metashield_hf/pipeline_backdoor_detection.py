@@ -51,6 +51,9 @@ class BackdoorDetectionPipeline(Pipeline):
             weights (both off: only for checkpoints you trust; ``trust_remote_code`` is the detector's own flag).
         scan_first: scan the target first ([`scan_model`] on the same clean samples, kept as ``self.scan_report``)
             and adapt with the scan's synthesized triggers as positives, so the synthesis runs once.
+        target_device: where the target classifier runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...; default: CUDA when
+            present for a checkpoint named by path or Hub id, a model object stays where it is). The pipeline's own
+            ``device`` is the detector's, which stays on CPU by default: it scores the target's CPU activations.
 
     Returns, per input: ``{"label": "backdoored"|"clean", "score": float, "threshold": float, "predicted_class": int}``.
 
@@ -84,6 +87,7 @@ class BackdoorDetectionPipeline(Pipeline):
         scan_first: bool = False,
         trust_remote_code_target: bool = False,
         allow_pickle: bool = False,
+        target_device: str | None = None,
         **kwargs,
     ):
         kwargs.setdefault("device", "cpu")  # device=None means cuda:0 when available
@@ -100,6 +104,7 @@ class BackdoorDetectionPipeline(Pipeline):
             "seed": seed,
             "processor": target_processor,
             "probe_passes": probe_passes,
+            "device": target_device,
         }
         if target_model is not None or clean_samples is not None:
             self.set_target(target_model, clean_samples)

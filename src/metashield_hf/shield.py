@@ -23,7 +23,7 @@ from .scan.positives import (
     positives_from_report,
     synthesized_positives,
 )
-from .targets import load_target
+from .targets import load_target, target_device
 from .targets.base import TargetAdapter, TargetOutput
 
 logger = logging.getLogger(__name__)
@@ -263,6 +263,7 @@ def adapt(
     synthesis: ScanConfig | None = None,
     calibration_copies: int = 0,
     erase: str = "auto",
+    device: str | None = None,
 ) -> AdaptedShield:
     """Adapt ``detector`` to ``target`` from clean samples only.
 
@@ -303,6 +304,8 @@ def adapt(
             erasing the trigger's region drops the target class's probability by ``ERASE_FLIP_DROP`` on at most
             ``max(1, ⌊target_fpr·k⌋)`` of the ``k`` clean samples ([`use_erase`]); ``"off"`` never. The clean samples' drops join their calibration
             scores, so the threshold covers both; ``shield.erase_note`` says why the check is off.
+        device: where the target runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...; [`resolve_device`]); ``None``: CUDA
+            when present for a checkpoint named by path or Hub id, and a model object stays where it is.
 
     Returns:
         An [`AdaptedShield`]. Its threshold comes from leave-one-out scores of the clean samples, so the FPR estimate
@@ -337,7 +340,12 @@ def adapt(
         )
     t0 = time.perf_counter()
     adapter = load_target(
-        target, processor, batch_size=batch_size, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+        target,
+        processor,
+        batch_size=batch_size,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        device=target_device(target, device),
     )
     evidence, live_ref = None, None
     if detector.config.probes:
@@ -423,6 +431,7 @@ def adapt_after_scan(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     seed: int = 0,
+    device: str | None = None,
     **adapt_options,
 ):
     """Scan a checkpoint, then protect it with the scan's synthesized triggers as the inner loop's positives: the
@@ -430,7 +439,7 @@ def adapt_after_scan(
 
     Args:
         detector: the input-level detector to adapt (the scan scores with the embedded one-pass detector).
-        target, clean_samples, processor, batch_size, trust_remote_code, allow_pickle, seed: as in [`adapt`].
+        target, clean_samples, processor, batch_size, trust_remote_code, allow_pickle, seed, device: as in [`adapt`].
         scan_config: the scan's options (default: ``ScanConfig()``); its seed is ``seed``.
         **adapt_options: the rest of [`adapt`]'s options.
 
@@ -441,7 +450,12 @@ def adapt_after_scan(
 
     config = (scan_config or ScanConfig()).replace(seed=seed)
     adapter = load_target(
-        target, processor, batch_size=batch_size, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+        target,
+        processor,
+        batch_size=batch_size,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        device=target_device(target, device if device is not None else config.device),
     )
     items = prepare_clean_items(adapter, clean_samples, config.n, seed)
     report = scan_adapter(adapter, items, config, name=checkpoint_name(target))

@@ -99,6 +99,13 @@ class ScanConfig:
     allow_pickle: bool = field(
         default=False, metadata={"help": "Load pickle-only checkpoints (only for files you trust)."}
     )
+    device: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the model runs: cpu, cuda, cuda:N, mps or xpu (None: cuda when CUDA is present, else cpu, "
+            "for a checkpoint named by path or Hub id; a model object stays where it is)."
+        },
+    )
     progress: bool | None = field(
         default=None,
         metadata={

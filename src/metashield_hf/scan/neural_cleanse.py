@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from ..targets import load_target
+from ..targets import load_target, target_device
 from .report import ScanReport
 from .scanner import checkpoint_name, class_evidence, prepare_clean_items, run_synthesis
 from .signals import synthesis_signals
@@ -34,6 +34,7 @@ def neural_cleanse_scan(
     batch_size: int = 32,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    device: str | None = None,
 ) -> ScanReport:
     """Neural Cleanse baseline: per-class mask + pattern reverse engineering and the MAD anomaly index.
 
@@ -44,8 +45,8 @@ def neural_cleanse_scan(
     compare on equal terms) without the detector and the learned head.
 
     Args:
-        checkpoint / clean_samples / processor / n / seed / batch_size / trust_remote_code / allow_pickle: as in
-            [`scan_model`].
+        checkpoint / clean_samples / processor / n / seed / batch_size / trust_remote_code / allow_pickle / device: as
+            in [`scan_model`].
         steps / lr / flip_threshold / class_batch: the synthesis settings.
         threshold: anomaly index above which the verdict is ``"backdoored"``.
 
@@ -61,7 +62,12 @@ def neural_cleanse_scan(
     """
     t0 = time.perf_counter()
     adapter = load_target(
-        checkpoint, processor, batch_size=batch_size, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+        checkpoint,
+        processor,
+        batch_size=batch_size,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        device=target_device(checkpoint, device),
     )
     items = prepare_clean_items(adapter, clean_samples, n, seed)
     t_load = time.perf_counter()

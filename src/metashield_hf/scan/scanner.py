@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..targets import load_target
+from ..targets import load_target, target_device
 from ..targets.base import TargetAdapter, TargetOutput
 from .config import DEFAULT_BLEND_STEPS, MIN_SCAN_SAMPLES, SOURCE_FLIP_THRESHOLD, SOURCE_LOSS_QUANTILE, ScanConfig
 from .positives import model_fingerprint
@@ -272,6 +272,7 @@ def scan_model(
         batch_size=config.batch_size,
         trust_remote_code=config.trust_remote_code,
         allow_pickle=config.allow_pickle,
+        device=target_device(checkpoint, config.device),
     )
     head = config.load_head()
     items = prepare_clean_items(adapter, clean_samples, config.n, config.seed)
@@ -445,6 +446,7 @@ def scan_adapter(
             "synthesis": synthesis,
             **{f"{kind}_steps": budgets[kind] if kind in extra_sizes else 0 for kind in EXTRA_SYNTHESES},
             "adapt_steps": config.adapt_steps,
+            "device": str(adapter.device),
         },  # fmt: skip
         synthesis=result,
         fingerprint=model_fingerprint(adapter),

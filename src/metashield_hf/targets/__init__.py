@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from .base import TARGETS, TargetAdapter, TargetOutput, capture_penultimate, find_head, locate_head
-from .loading import ADAPTER_ORDER, adapter_for, load_target
+from .loading import ADAPTER_ORDER, adapter_for, load_target, resolve_device, target_device
 from .torch_models import TimmAdapter, TorchAdapter
 from .transformers_models import PeftAdapter, TransformersImageAdapter, TransformersTextAdapter
 
@@ -29,4 +29,6 @@ __all__ = [
     "find_head",
     "load_target",
     "locate_head",
+    "resolve_device",
+    "target_device",
 ]

@@ -49,6 +49,65 @@ def adapter_for(model: nn.Module, processor=None, *, batch_size: int = 32, devic
     raise ValueError(f"no target adapter accepts {type(model).__name__}; tried {tried}{hint}")
 
 
+#: Device types a target can run on; anything else (``meta``: no data, ``ipu``, ...) is refused by name.
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The device a target runs on: ``device`` checked, or ``cuda`` when CUDA is present and ``cpu`` otherwise.
+
+    Checked so that a typo or an absent accelerator fails at once with one line naming the value and the choices,
+    not deep inside a forward pass (``meta`` holds no data, so no scan can run on it).
+
+    Args:
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, ``"xpu"`` or a ``torch.device``; ``None`` picks the
+            default.
+
+    Returns:
+        The ``torch.device``.
+
+    Example:
+        ```python
+        >>> resolve_device("cpu")
+        device(type='cpu')
+        >>> resolve_device("gpu")
+        Traceback (most recent call last):
+        ValueError: unknown device 'gpu'; use one of cpu, cuda, cuda:N, mps, xpu
+        ```
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    choices = "use one of cpu, cuda, cuda:N, mps, xpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {str(device)!r}; {choices}") from None
+    if dev.type not in DEVICE_TYPES:
+        raise ValueError(f"device {str(device)!r} is not supported for running a target; {choices}")
+    available = {
+        "cpu": lambda: True,
+        "cuda": torch.cuda.is_available,
+        "mps": lambda: getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+        "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available(),
+    }
+    if not available[dev.type]():
+        raise ValueError(f"device {str(device)!r} is not available on this machine; use --device cpu (device='cpu')")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return dev
+
+
+def target_device(target, device: str | torch.device | None = None) -> torch.device | None:
+    """Where [`load_target`] puts ``target`` for the scan, [`adapt`] and the pipeline: ``device`` checked; without it,
+    a checkpoint named by path or Hub id goes to CUDA when CUDA is present (else CPU), and a model object or adapter
+    stays where it is (``None``), so that a caller's own model is never moved behind its back."""
+    if device is not None:
+        return resolve_device(device)
+    return resolve_device(None) if isinstance(target, (str, os.PathLike)) else None
+
+
 def _weights(folder: Path, stem: str, allow_pickle: bool) -> str:
     """``"safetensors"`` or ``"pickle"``; raises when there are no weights or only refused pickle weights."""
     if (folder / f"{stem}.safetensors").exists() or (folder / f"{stem}.safetensors.index.json").exists():
@@ -78,8 +137,9 @@ def _has_processor_files(folder: Path) -> bool:
     return any((folder / f).exists() for f in _PROCESSOR_FILES)
 
 
-def _looks_local(path: str) -> bool:
-    # Hub ids are "name" or "org/name"; anything else (absolute, ./, ~, a/b/c, a\\b) is meant as a folder.
+def looks_local(path: str) -> bool:
+    """Whether ``path`` is meant as a folder: Hub ids are ``name`` or ``org/name``; anything else (absolute, ``./``,
+    ``~``, ``a/b/c``, a backslash) names a folder, so a missing one is a path error rather than a Hub lookup."""
     return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path
 
 
@@ -90,7 +150,7 @@ def resolve_folder(path: str | os.PathLike, *, allow_pickle: bool = False, trust
         return p
     if p.exists():
         raise ValueError(f"{str(path)!r} is a file; pass the checkpoint folder that contains it")
-    if _looks_local(str(path)):
+    if looks_local(str(path)):
         raise FileNotFoundError(f"no folder {str(path)!r}: it does not exist (check the path)")
     from huggingface_hub import snapshot_download
 
@@ -232,7 +292,8 @@ def load_target(
         processor: tokenizer / image processor / transform; default: the one saved with the checkpoint.
         trust_remote_code: allow custom modelling code from the checkpoint (off by default).
         batch_size: inputs per forward pass.
-        device: where the model runs (``None``: where it is; CPU for loaded checkpoints).
+        device: where the model runs (``None``: where it is; CPU for loaded checkpoints); checked by
+            [`resolve_device`], so an unknown or absent device is a ``ValueError`` naming it.
         allow_pickle: accept ``pytorch_model.bin``/``adapter_model.bin`` weights when no safetensors exist.
 
     Returns:
@@ -246,7 +307,15 @@ def load_target(
         (torch.Size([2, 2]), torch.Size([2, 768]))
         ```
     """
+    if device is not None:
+        device = resolve_device(device)
     if isinstance(model_or_path, TargetAdapter):
+        have = model_or_path.device
+        if device is not None and (device.type != have.type or device.index not in (None, have.index)):
+            raise ValueError(
+                f"the target adapter runs on {have}, not {device}; pass device=None or load the "
+                f"model again with device={str(device)!r}"
+            )
         return model_or_path
     if isinstance(model_or_path, nn.Module):
         return adapter_for(model_or_path, processor, batch_size=batch_size, device=device)
