@@ -1,9 +1,9 @@
 """MetaShield: few-shot, meta-learned backdoor detection for classifiers of any domain.
 
 The entry points users call: the input-level detector (``load_detector``, ``adapt``, the ``backdoor-detection``
-pipeline), the model-level scan (``scan_model``), the FL screen (``score_client_updates``, and ``MetaShieldStrategy``
-for Flower) and the target adapters (``load_target``). Research internals live in their subpackages
-(``metashield_hf.scan``, ``.fl``, ``.zoo``, ``.meta``, ``.evaluation``).
+pipeline), the model-level scan (``scan_model``, and ``scan_many`` for a list or the Hugging Face cache), the FL
+screen (``score_client_updates``, and ``MetaShieldStrategy`` for Flower) and the target adapters (``load_target``).
+Research internals live in their subpackages (``metashield_hf.scan``, ``.fl``, ``.zoo``, ``.meta``, ``.evaluation``).
 
 Every name is imported when first used (PEP 562), so ``import metashield_hf`` and the CLI's ``--help`` do not pay for
 torch, transformers' pipelines or ``flwr`` (an optional extra). The ``backdoor-detection`` task and the Auto classes
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .loading import DEFAULT_DETECTOR_DIR, load_detector
     from .modeling_metashield import MetaShieldDetector, MetaShieldOutput
     from .pipeline_backdoor_detection import BackdoorDetectionPipeline
-    from .scan import ScanConfig, ScanHead, ScanReport, neural_cleanse_scan, scan_adapter, scan_model
+    from .scan import ScanConfig, ScanHead, ScanReport, neural_cleanse_scan, scan_adapter, scan_many, scan_model
     from .shield import AdaptedShield, adapt
     from .targets import load_target
     from .targets.base import TargetOutput
@@ -55,6 +55,7 @@ _LAZY = {
     "register": ".hub",
     "save_for_hub": ".hub",
     "scan_adapter": ".scan.scanner",
+    "scan_many": ".scan.batch",
     "scan_model": ".scan.scanner",
     "score_client_updates": ".fl.screen",
 }
@@ -79,6 +80,7 @@ __all__ = [
     "register",
     "save_for_hub",
     "scan_adapter",
+    "scan_many",
     "scan_model",
     "score_client_updates",
     "MetaShieldStrategy",

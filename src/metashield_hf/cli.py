@@ -163,7 +163,8 @@ def _print_detect(result: dict) -> None:
 @dataclass
 class ScanArguments(ScanConfig):
     """Scan a checkpoint for a backdoor: ``metashield scan CHECKPOINT --clean-samples SPEC``. Exit code 0 = clean,
-    1 = backdoored, 2 = error. Every [`ScanConfig`] option is a flag."""
+    1 = backdoored, 2 = error. Many at once: ``--from_file FILE`` or ``--hf_cache`` with ``--out FOLDER`` (exit code
+    2 if a row failed, else 1 if one is backdoored, else 0). Every [`ScanConfig`] option is a flag."""
 
     positional: ClassVar[tuple[str, ...]] = ("checkpoint",)
 
@@ -197,6 +198,31 @@ class ScanArguments(ScanConfig):
     progress: bool = field(
         default=True, metadata={"help": "Progress bars on stderr naming each stage (--no_progress: none)."}
     )
+    from_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Batch: scan every checkpoint listed in this text file (one Hub id, id@revision or folder a line) "
+            "into the --out table."
+        },
+    )
+    hf_cache: bool = field(
+        default=False,
+        metadata={
+            "help": "Batch: scan every classifier in the local Hugging Face cache (HF_HUB_CACHE or --cache_dir), each "
+            "cached commit, into the --out table."
+        },
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "The Hugging Face hub cache Hub ids resolve through (default: HF_HUB_CACHE)."},
+    )
+    out: str | None = field(
+        default=None,
+        metadata={
+            "help": "Batch: folder of the parquet table (one row per checkpoint) and its dataset card; a rerun skips "
+            "the rows already there. Exit code 2 if a row failed, else 1 if one is backdoored, else 0."
+        },
+    )
 
     def __post_init__(self) -> None:
         try:
@@ -221,6 +247,8 @@ def run_scan(args: ScanArguments) -> dict:
     """The job behind ``metashield scan``; returns the report as a dict (``exit_code`` 1 when backdoored)."""
     from .scan import neural_cleanse_scan, scan_model
 
+    if args.from_file or args.hf_cache:
+        return run_batch_scan(args)
     if not args.checkpoint:
         raise ValueError("name the checkpoint to scan: metashield scan CHECKPOINT --clean-samples FILE")
     if not args.clean_samples:
@@ -246,7 +274,91 @@ def run_scan(args: ScanArguments) -> dict:
     return report
 
 
+def run_batch_scan(args: ScanArguments) -> dict | None:
+    """``metashield scan --from_file FILE`` / ``--hf_cache``: [`scan_many`] into the ``--out`` table, sharded over the
+    launcher's processes (``RANK`` / ``WORLD_SIZE``, as the zoo build); ``None`` on processes other than 0."""
+    import os
+
+    from .scan.batch import cached_classifiers, read_checkpoint_list, scan_many
+
+    if args.from_file and args.hf_cache:
+        raise ValueError("pass one of --from_file and --hf_cache, not both")
+    if args.checkpoint:
+        raise ValueError(f"a batch scan (--from_file / --hf_cache) takes no CHECKPOINT, got {args.checkpoint!r}")
+    if not args.out:
+        raise ValueError("a batch scan needs --out FOLDER for its table (a rerun with the same --out resumes)")
+    if not args.clean_samples:
+        raise ValueError("--clean-samples is required (a text file, image folder, table or dataset[:split[:column]])")
+    if args.neural_cleanse or args.report:
+        raise ValueError("--neural_cleanse and --report scan one checkpoint; drop them for a batch scan")
+    if args.n is not None and args.n < 5:
+        raise ValueError(f"--n must be at least 5 clean samples, got {args.n}")
+    import torch
+    import torch.distributed as dist
+
+    config = args.scan_config()
+    # the launcher's shard (accelerate launch / torchrun set RANK and WORLD_SIZE), or an initialized process group's
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        torch.set_num_threads(1)  # the processes share the cores
+        if config.device is None and torch.cuda.is_available():  # one GPU per process, as far as they go
+            local = int(os.environ.get("LOCAL_RANK", rank))
+            config = config.replace(device=f"cuda:{local % torch.cuda.device_count()}")
+    if args.from_file:
+        checkpoints = read_checkpoint_list(args.from_file)
+    else:
+        checkpoints = cached_classifiers(args.cache_dir)
+        if not checkpoints:
+            from huggingface_hub import constants
+
+            raise ValueError(f"no classifier in the Hugging Face cache {args.cache_dir or constants.HF_HUB_CACHE}")
+    result = scan_many(
+        checkpoints,
+        args.clean_samples,
+        args.out,
+        config,
+        detector=args.detector,
+        cache_dir=args.cache_dir,
+        process_index=rank,
+        num_processes=world,
+    )
+    if result.table is None:  # not process 0: process 0 merges and prints
+        return None
+    return {
+        "out": str(result.out_dir),
+        "table": str(result.table),
+        "scanned": len(result.scanned),
+        "skipped": len(result.skipped),
+        "rows": result.rows,
+        "exit_code": result.exit_code,
+    }
+
+
+def _print_batch(result: dict) -> None:
+    rows = result["rows"]
+    print(
+        f"scanned {result['scanned']}, skipped {result['skipped']} (already in the table); {len(rows)} checkpoints: "
+        f"{sum(r['verdict'] == 'backdoored' for r in rows)} backdoored, {sum(bool(r['error']) for r in rows)} failed"
+    )
+    print(f"  {'checkpoint':<40} {'revision':<12} {'verdict':<10} {'score':>6} {'target':>6} {'seconds':>8}")
+    for r in rows:
+        verdict = "ERROR" if r["error"] else r["verdict"]
+        score = "-" if r["score"] is None else f"{r['score']:.3f}"
+        target = "-" if r["target"] is None else str(r["target"])
+        print(
+            f"  {r['id'][-40:]:<40} {(r['revision'] or '-')[:12]:<12} {verdict:<10} {score:>6} {target:>6} "
+            f"{r['seconds']:>8.1f}" + (f"  {r['error']}" if r["error"] else "")
+        )
+    print(f"  table: {result['table']} (datasets.load_dataset({result['out']!r}))")
+
+
 def _print_scan(report: dict) -> None:
+    if "rows" in report:
+        _print_batch(report)
+        return
     print(
         f"{report['checkpoint']}: {report['verdict'].upper()} (score {report['score']:.3f}, threshold "
         f"{report['threshold']:.2f})"

@@ -11,6 +11,7 @@ synthesis.
 - `signals.py`: the model-level signals and their names
 - `head.py`: [`ScanHead`] and its fitting on scan records (cross-validation, false-positive thresholds)
 - `scanner.py`: [`scan_model`], [`scan_adapter`]
+- `batch.py`: [`scan_many`]: many checkpoints (a list, the Hugging Face cache) into one resumable parquet table
 - `positives.py`: the synthesized triggers as adaptation's inner-loop positives ([`synthesized_positives`],
   [`positives_from_report`]) and the model fingerprint that ties a report to its model
 - `neural_cleanse.py`: [`neural_cleanse_scan`]
@@ -26,6 +27,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .batch import (
+        BATCH_COLUMNS,
+        BatchScanResult,
+        CheckpointRef,
+        cached_classifiers,
+        is_classifier_folder,
+        load_scan_table,
+        read_checkpoint_list,
+        resolve_checkpoint,
+        scan_many,
+    )
     from .config import DEFAULT_BLEND_STEPS, MIN_SCAN_SAMPLES, SOURCE_FLIP_THRESHOLD, SOURCE_LOSS_QUANTILE, ScanConfig
     from .head import (
         DEFAULT_SCAN_HEAD,
@@ -81,6 +93,15 @@ if TYPE_CHECKING:
 
 # Each name and the module that defines it, imported on first access.
 _LAZY = {
+    "BATCH_COLUMNS": ".batch",
+    "BatchScanResult": ".batch",
+    "CheckpointRef": ".batch",
+    "cached_classifiers": ".batch",
+    "is_classifier_folder": ".batch",
+    "load_scan_table": ".batch",
+    "read_checkpoint_list": ".batch",
+    "resolve_checkpoint": ".batch",
+    "scan_many": ".batch",
     "DEFAULT_BLEND_STEPS": ".config",
     "MIN_SCAN_SAMPLES": ".config",
     "SOURCE_FLIP_THRESHOLD": ".config",
@@ -144,6 +165,15 @@ _LAZY = {
 }
 
 __all__ = [
+    "BATCH_COLUMNS",
+    "BatchScanResult",
+    "CheckpointRef",
+    "cached_classifiers",
+    "is_classifier_folder",
+    "load_scan_table",
+    "read_checkpoint_list",
+    "resolve_checkpoint",
+    "scan_many",
     "BLEND",
     "BLEND_SIGNALS",
     "DEFAULT_BLEND_STEPS",
