@@ -40,6 +40,13 @@ class DetectArguments:
         default=False,
         metadata={"help": "Scan the target first and adapt with the scan's synthesized triggers (one synthesis)."},
     )
+    erase: str = field(
+        default="auto",
+        metadata={
+            "help": "The erase check of the synthesized trigger: auto (on unless erasing moves the clean samples; "
+            "image/tensor models) or off."
+        },
+    )
     json: bool = field(default=False, metadata={"help": "Print JSON instead of a table."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the target's own code to run."})
     allow_pickle: bool = field(
@@ -57,7 +64,7 @@ class DetectArguments:
 
 def _adapt_for_detect(detector, target, clean, args: DetectArguments, **options):
     """``detector.adapt`` with the detect flags; with ``--scan_first`` the scan's report hands over its triggers."""
-    kw = {"steps": args.adapt_steps, "target_fpr": args.target_fpr, "seed": args.seed, **options}
+    kw = {"steps": args.adapt_steps, "target_fpr": args.target_fpr, "seed": args.seed, "erase": args.erase, **options}
     kw["device"] = args.device
     if not args.scan_first:
         synthesis = ScanConfig(progress=args.progress)
@@ -68,10 +75,13 @@ def _adapt_for_detect(detector, target, clean, args: DetectArguments, **options)
 
 
 def _shield_summary(shield, report) -> dict:
-    """What the detect output says about the adaptation: the positives used and the threshold's expected FPR."""
+    """What the detect output says about the adaptation: the positives used, the erase check and the threshold's
+    expected FPR."""
     found = shield.positives
+    erase = f"on (class {shield.erase.target_class})" if shield.erase is not None else f"off ({shield.erase_note})"
     return {
         "positives": f"{found.source} (classes {found.classes})" if found and found.outputs is not None else "pseudo",
+        "erase_check": erase,
         "expected_fpr": {k: round(float(v), 4) for k, v in shield.fpr_estimate.items() if k in ("mean", "p90")},
         **({"scan": {"verdict": report.verdict, "score": round(report.score, 4)}} if report is not None else {}),
     }
@@ -126,7 +136,8 @@ def run_detect(args: DetectArguments) -> dict:
 def _print_detect(result: dict) -> None:
     fpr = result["expected_fpr"]
     adaptation = (
-        f"positives: {result['positives']}; expected FPR at the threshold {fpr['mean']:.3f} "
+        f"positives: {result['positives']}; erase check: {result['erase_check']}; expected FPR at the threshold "
+        f"{fpr['mean']:.3f} "
         f"(90th percentile over draws of the clean samples {fpr['p90']:.3f})"
     )
     if "scan" in result:
