@@ -10,17 +10,29 @@ Two tabs, each also an API endpoint (``gradio_client.Client(url).predict(..., ap
 
 Everything runs offline on a CPU with the embedded detector and the bundled example checkpoints
 ([`metashield_hf.zoo.examples.load_bundled_example`], trained once and cached).
+
+A public Space must not let visitors read its disk or run their code. So a model comes from a bundled example, a Hub
+id (``org/name``, checked against that pattern; a string that names anything on the server's disk is refused) or an
+uploaded ``.zip`` of a checkpoint folder, which is extracted safely ([`extract_checkpoint`]: no absolute or ``..``
+paths, no links, a size limit). Pickle-only weights and remote code (``auto_map``) are refused with a message; only
+safetensors and the config, tokenizer and processor files are read.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
 import os
+import re
+import shutil
+import stat
 import sys
 import tempfile
 import time
+import uuid
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,27 +47,45 @@ import gradio as gr
 import pandas as pd
 import torch
 
+from metashield_hf.scan.pictures import COLUMNS, evidence_rows, render_report, write_html_report
 from metashield_hf.zoo.examples import (
     BUNDLED_EXAMPLES,
     BundledExample,
     digits_image_to_tensor,
+    digits_tensor_to_image,
     load_bundled_example,
 )
 
-__all__ = ["build_demo", "check", "launch_kwargs", "main", "scan"]
+__all__ = ["build_demo", "check", "extract_checkpoint", "hub_id", "launch_kwargs", "main", "scan"]
 
 logger = logging.getLogger("metashield_space")
 
 SOURCE_EXAMPLE = "Bundled example"
-SOURCE_HUB = "Hub id or local folder"
+SOURCE_HUB = "Hub id"
+SOURCE_UPLOAD = "Upload a checkpoint (.zip)"
 MIN_SCAN, MIN_CHECK = 5, 5
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 REPORT_DIR = Path(tempfile.gettempdir()) / "metashield-space"
+UPLOAD_DIR = REPORT_DIR / "uploads"
+# A Hub repo id: "org/name", letters, digits, "-", "_", "." (no "..", no leading "." or "-"): never a server path.
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+MAX_UNPACKED_BYTES = 1 << 30  # a CPU Space scans small classifiers; a larger zip is refused before extraction
+MAX_ZIP_MEMBERS = 512
+# What an uploaded checkpoint may contain that is read: config, weights (safetensors), tokenizer and processor files.
+CHECKPOINT_SUFFIXES = {".json", ".safetensors", ".txt", ".model", ".tiktoken", ".md"}
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".h5", ".msgpack"}
+REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines")
 DOMAINS_NOTE = (
-    "**Bundled examples** (trained here on first use, then cached): vision — a tiny CNN on scikit-learn's 8×8 digits, "
-    "one with a BadNets corner patch (target class 0) and its clean twin; text — a tiny BERT on a few hundred SST-2 "
-    "phrases, one with the rare-word trigger `cf` (target *positive*) and its clean twin. **No federated-learning "
-    "example is bundled**: an FL global model is scanned like any other classifier (give its Hub id or folder)."
+    "**Bundled examples** (trained here on first use, then cached). *Vision, the tool at its best*: a tiny CNN on "
+    "scikit-learn's 8×8 digits with a BadNets corner patch (target class 0): the synthesized trigger of class 0 lands "
+    "on the patch's corner and the scan says *backdoored*; its clean twin shows what a clean model's triggers look like "
+    "(strokes of the digits, none an outlier). *Text*: a tiny BERT on a few hundred SST-2 phrases with the rare-word "
+    "trigger `cf` (target *positive*) and its clean twin; the token search finds short triggers for a clean model too "
+    "(strong sentiment words), so read the class probability and the detector score, not the trigger alone.\n\n"
+    "**Limits, honestly**: the anomaly index is a median over classes, so a binary image model cannot single out a "
+    "target; a trigger spread over the whole input (a blend, a warp) or one that needs the source class is harder to "
+    "synthesize than a patch; a few clean samples give a noisy verdict — read the pictures. **No federated-learning "
+    "example is bundled**: an FL global model is scanned like any other classifier (give its Hub id or upload it)."
 )
 
 
@@ -94,11 +124,133 @@ def _detector():
     return metashield_hf.load_detector()
 
 
-def resolve_target(source: str, example_key: str | None, model_id: str | None) -> Target:
+def hub_id(text: str | None) -> str:
+    """``text`` as a Hub repo id, or a gr.Error: anything but ``org/name``, or a name that exists on the server's disk
+    (a relative folder such as ``spaces/metashield``), is refused, so that visitors cannot probe the server."""
+    model_id = (text or "").strip()
+    if not model_id:
+        raise gr.Error("The Hub id field is empty: give a Hub model id such as org/name.")
+    if not HUB_ID.match(model_id) or ".." in model_id:
+        raise gr.Error(
+            f"{model_id[:80]!r} is not a Hub id: give org/name (letters, digits, '-', '_', '.'). This Space does not "
+            "read paths on its server; upload a .zip of your checkpoint folder instead."
+        )
+    if os.path.lexists(model_id):
+        raise gr.Error(
+            f"{model_id!r} is refused: this Space loads Hub ids from the Hub only, never from its own disk. Upload a "
+            ".zip of your checkpoint folder instead."
+        )
+    return model_id
+
+
+def _unsafe_member(info: zipfile.ZipInfo) -> str | None:
+    """Why a zip entry must not be extracted (absolute path, ``..``, a link, a device), or None."""
+    name = info.filename
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or "\\" in name:
+        return "an absolute or Windows path"
+    if ".." in parts:
+        return "a '..' path that points outside the folder"
+    kind = stat.S_IFMT(info.external_attr >> 16)  # Unix file type; 0 where the zip tool stored permissions only
+    if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
+        return "a link or special file"
+    return None
+
+
+def _check_config_files(folder: Path, shown: str) -> None:
+    """Refuse remote code: an ``auto_map`` or ``custom_pipelines`` in any JSON file of the checkpoint."""
+    for file in sorted(folder.rglob("*.json")):
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise gr.Error(f"{shown}: {file.name} is not valid JSON ({e}).") from e
+        found = [k for k in REMOTE_CODE_KEYS if isinstance(data, dict) and k in data]
+        if found:
+            raise gr.Error(
+                f"{shown} asks for remote code ({found[0]} in {file.name}): this Space never runs a checkpoint's own "
+                "Python code. Scan it on your machine with `metashield scan ... --trust_remote_code` if you trust it."
+            )
+
+
+def extract_checkpoint(zip_path: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Extract an uploaded checkpoint zip into ``dest`` safely and return the folder holding its ``config.json``.
+
+    Refused with a gr.Error that says why: not a zip, too many entries or too many bytes unpacked, an absolute or
+    ``..`` path, a link, pickle-only weights (``pytorch_model.bin`` and no safetensors), no ``config.json``, or remote
+    code (``auto_map``). Only config, safetensors, tokenizer and processor files are extracted; pickle files and Python
+    files are left in the zip.
+    """
+    if not zipfile.is_zipfile(zip_path):
+        raise gr.Error("The upload is not a .zip file: zip your checkpoint folder (config + safetensors + tokenizer).")
+    dest = Path(dest)
+    with zipfile.ZipFile(zip_path) as archive:
+        infos = archive.infolist()
+        if len(infos) > MAX_ZIP_MEMBERS:
+            raise gr.Error(f"The zip has {len(infos)} entries; a checkpoint folder has at most {MAX_ZIP_MEMBERS}.")
+        for info in infos:
+            why = _unsafe_member(info)
+            if why:
+                raise gr.Error(f"The zip is refused: its entry {info.filename[:120]!r} is {why}.")
+        files = [i for i in infos if not i.is_dir()]
+        suffixes = {Path(i.filename).suffix.lower() for i in files}
+        if not any(i.filename.endswith(".safetensors") for i in files):
+            pickles = sorted(
+                Path(i.filename).name for i in files if Path(i.filename).suffix.lower() in PICKLE_SUFFIXES
+            )
+            if pickles:
+                raise gr.Error(
+                    f"The zip only has pickle weights ({', '.join(pickles[:3])}): a pickle can run code when loaded, "
+                    "so this Space reads safetensors only. Save the model with save_pretrained() (it writes "
+                    "model.safetensors) and zip that folder."
+                )
+            raise gr.Error("The zip has no model.safetensors: zip the whole folder that save_pretrained() wrote.")
+        keep = [i for i in files if Path(i.filename).suffix.lower() in CHECKPOINT_SUFFIXES]
+        total = sum(i.file_size for i in keep)
+        if total > MAX_UNPACKED_BYTES:
+            raise gr.Error(
+                f"The checkpoint unpacks to {total / 2**20:.0f} MiB; this CPU Space scans models up to "
+                f"{MAX_UNPACKED_BYTES / 2**20:.0f} MiB. Scan a large model with the metashield command on your machine."
+            )
+        if ".py" in suffixes:
+            logger.info("upload: Python files are not extracted (remote code is refused)")
+        root = dest.resolve()
+        for info in keep:
+            target = (dest / info.filename).resolve()
+            if root not in target.parents:  # belt and braces after _unsafe_member
+                raise gr.Error(f"The zip is refused: {info.filename[:120]!r} would be written outside its folder.")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            written = 0
+            with archive.open(info) as src, open(target, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    written += len(chunk)
+                    if written > info.file_size:  # the header lied about the size (a zip bomb)
+                        raise gr.Error(f"The zip is refused: {info.filename[:120]!r} is larger than it declares.")
+                    out.write(chunk)
+    configs = sorted(dest.rglob("config.json"), key=lambda f: len(f.parts))
+    if not configs:
+        raise gr.Error("The zip has no config.json: zip the whole folder that save_pretrained() wrote.")
+    folder = configs[0].parent
+    _check_config_files(folder, "The uploaded checkpoint")
+    return folder
+
+
+def _load(source_name: str, folder: Path) -> Any:
+    try:
+        adapter = metashield_hf.load_target(folder)
+    except (ValueError, OSError, TypeError) as e:
+        raise gr.Error(f"{source_name} is not a model MetaShield can load: {e}") from e
+    if adapter.modality not in ("image", "text"):
+        raise gr.Error(
+            f"{source_name} loaded as a {adapter.modality} model; this Space handles text and image models."
+        )
+    return adapter
+
+
+def resolve_target(source: str, example_key: str | None, model_id: str | None, upload=None) -> Target:
     """The target from the form, or a gr.Error that says what to fix."""
     if source == SOURCE_EXAMPLE:
         if not example_key:
-            raise gr.Error("Pick a bundled example, or choose 'Hub id or local folder' and give one.")
+            raise gr.Error("Pick a bundled example, or give a Hub id or upload a checkpoint.")
         if example_key not in BUNDLED_EXAMPLES:
             raise gr.Error(f"Unknown bundled example {example_key!r}; pick one of {sorted(BUNDLED_EXAMPLES)}.")
         try:
@@ -106,17 +258,29 @@ def resolve_target(source: str, example_key: str | None, model_id: str | None) -
         except FileNotFoundError as e:  # the SST-2 pair needs its training data
             raise gr.Error(f"The example {example_key!r} cannot be built here: {e}") from e
         return Target(ex.title, ex.model, ex.modality, ex)
-    model_id = (model_id or "").strip()
-    if not model_id:
-        raise gr.Error("The model field is empty: give a Hub id (org/name) or a local checkpoint folder.")
-    try:
-        adapter = metashield_hf.load_target(model_id)
-    except FileNotFoundError as e:
-        raise gr.Error(f"No such folder: {model_id!r}. Check the path, or give a Hub id (org/name).") from e
-    except (ValueError, OSError, TypeError) as e:
-        raise gr.Error(f"{model_id!r} is not a model MetaShield can load: {e}") from e
-    if adapter.modality not in ("image", "text"):
-        raise gr.Error(f"{model_id!r} loaded as a {adapter.modality} model; this Space handles text and image models.")
+    if source == SOURCE_UPLOAD:
+        paths = _paths([upload] if upload and not isinstance(upload, list) else upload)
+        if not paths:
+            raise gr.Error("No checkpoint uploaded: upload a .zip of the folder save_pretrained() wrote.")
+        UPLOAD_DIR.mkdir(parents=True, exist_ok=True)
+        dest = Path(tempfile.mkdtemp(prefix="ckpt-", dir=UPLOAD_DIR))
+        try:
+            folder = extract_checkpoint(paths[0], dest)
+            adapter = _load(f"The uploaded {paths[0].name}", folder)
+        finally:  # the model, tokenizer and processor are in memory now: nothing of the upload stays on disk
+            shutil.rmtree(dest, ignore_errors=True)
+        return Target(paths[0].name, adapter, adapter.modality)
+    if source != SOURCE_HUB:
+        raise gr.Error(f"Unknown model source {source!r}; pick one of {[SOURCE_EXAMPLE, SOURCE_HUB, SOURCE_UPLOAD]}.")
+    model_id = hub_id(model_id)
+    from metashield_hf.targets.loading import resolve_folder
+
+    try:  # a snapshot in the Hub cache: safetensors, JSON and tokenizer files only (no .bin, no .py)
+        folder = resolve_folder(model_id)
+    except (ValueError, OSError) as e:
+        raise gr.Error(f"{model_id!r} could not be loaded from the Hub: {e}") from e
+    _check_config_files(folder, model_id)
+    adapter = _load(repr(model_id), folder)
     return Target(model_id, adapter, adapter.modality)
 
 
@@ -214,58 +378,27 @@ def _batch(target: Target, items: list):
 
 
 # ---- tab 1: scan a checkpoint -------------------------------------------------------------------------------------
-def _round(x: float | None, digits: int) -> float | None:
-    return None if x is None else round(x, digits)
-
-
-def _strength(c) -> float:
-    """How easily a class is forced: its anomaly index, or for a text scan by token search alone (no anomaly index)
-    the mean class probability under its best token trigger."""
-    return c.anomaly_index if c.anomaly_index is not None else c.token_target_probs[-1]
-
-
-def _evidence_frames(report) -> tuple[pd.DataFrame, pd.DataFrame]:
-    rows = [
-        {
-            "class": f"{c.class_index}" if c.label == str(c.class_index) else f"{c.class_index}: {c.label}",
-            "strength": round(_strength(c), 3),
-            "role": "suspected target" if c.class_index == report.suspected_target else "other classes",
-        }
-        for c in report.per_class
-    ]
-    table = pd.DataFrame(
-        [
-            {
-                "class": c.class_index,
-                "label": c.label,
-                **({"token trigger": c.token_trigger} if c.token_trigger is not None else {}),
-                "trigger size": _round(c.trigger_size, 4),
-                "reached": c.reached,
-                "flip rate": round(c.flip_rate, 3),
-                "anomaly index": _round(c.anomaly_index, 3),
-                **({"token class prob.": round(c.token_target_probs[-1], 3)} if c.token_target_probs else {}),
-                "detector score": _round(c.detector_score, 3),
-            }
-            for c in report.per_class
-        ]
-    )
-    return pd.DataFrame(rows), table
+COLUMN_NOTES = "**Columns of the per-class evidence table**\n\n" + "\n".join(
+    f"- **{name}**: {note}" for name, note in COLUMNS.items()
+)
 
 
 def scan(
     source: str,
     example_key: str | None,
     model_id: str | None,
+    upload,
     clean_text: str | None,
     clean_files,
     use_example_clean: bool,
     n_clean: float,
     steps: float,
     progress: gr.Progress = gr.Progress(),  # noqa: B008 - gradio injects the tracker through this default
-) -> tuple[str, str, str, pd.DataFrame, pd.DataFrame, str]:
-    """Scan a checkpoint; returns (verdict, suspected target, summary, bar-chart data, evidence table, JSON file)."""
+) -> tuple[str, str, str, str, str, pd.DataFrame, list[str]]:
+    """Scan a checkpoint; returns (verdict, suspected target, summary, evidence chart PNG, every class's trigger
+    picture stacked in one PNG, evidence table, [JSON report, HTML report])."""
     progress(0.05, desc="Loading the model")
-    target = resolve_target(source, example_key, model_id)
+    target = resolve_target(source, example_key, model_id, upload)
     clean = gather_clean(target, clean_text, clean_files, use_example_clean, int(n_clean), MIN_SCAN)
     k = target.num_classes()
     if k is not None and k < 3 and target.modality != "text":
@@ -278,13 +411,14 @@ def scan(
         report = metashield_hf.scan_model(target.model, _batch(target, clean), steps=int(steps), seed=0)
     except ValueError as e:
         raise gr.Error(f"The scan failed on {target.name}: {e}") from e
-    progress(0.9, desc="Writing the report")
+    progress(0.9, desc="Drawing the triggers and writing the report")
     if target.example is not None:
         report.checkpoint = f"bundled example {target.example.key}"
-    REPORT_DIR.mkdir(parents=True, exist_ok=True)
-    report_file = REPORT_DIR / f"metashield-scan-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
-    report_file.write_text(report.to_json())
-    bars, table = _evidence_frames(report)
+    out = REPORT_DIR / f"scan-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    texts = clean if target.modality == "text" else None
+    pictures = render_report(report, texts, out)
+    page = write_html_report(report, out, texts, pictures=pictures)
+    table = pd.DataFrame(evidence_rows(report))
     summary = (
         f"### Verdict: **{report.verdict}**\n"
         f"Score **{report.score:.3f}** (threshold {report.threshold:.3f}); suspected target class "
@@ -303,7 +437,9 @@ def scan(
         summary += f"\n\nGround truth for this bundled example: **{truth}**. {ex.description}."
     label = report.suspected_target_label
     suspected = label if label == str(report.suspected_target) else f"{report.suspected_target}: {label}"
-    return report.verdict, suspected, summary, bars, table, str(report_file)
+    files = [str(out / "report.json"), str(page)]
+    shown = pictures.get("triggers", pictures["evidence"])  # a scan in embedding space alone has no trigger picture
+    return report.verdict, suspected, summary, str(pictures["evidence"]), str(shown), table, files
 
 
 # ---- tab 2: check inputs ------------------------------------------------------------------------------------------
@@ -321,10 +457,20 @@ def _sketch_image(sketch):
     return None if lo == hi else img
 
 
+def _thumbnail(target: Target, item, size: int = 96):
+    """A picture of a scored image input: the digits tensor upscaled, other images shrunk to ``size`` pixels."""
+    if target.is_digits:
+        return digits_tensor_to_image(item, scale=max(1, size // 8))
+    image = _on_white(item).copy()
+    image.thumbnail((size, size))
+    return image
+
+
 def check(
     source: str,
     example_key: str | None,
     model_id: str | None,
+    upload,
     clean_text: str | None,
     clean_files,
     use_example_clean: bool,
@@ -335,20 +481,21 @@ def check(
     sketch,
     n_example_tests: float,
     progress: gr.Progress = gr.Progress(),  # noqa: B008 - gradio injects the tracker through this default
-) -> tuple[str, pd.DataFrame, gr.BarPlot]:
-    """Score test inputs against a threshold calibrated on the clean samples; returns (summary, table, histogram)."""
+) -> tuple[str, pd.DataFrame, gr.BarPlot, list]:
+    """Score test inputs against a threshold calibrated on the clean samples; returns (summary, table, histogram,
+    the scored images with their scores: thumbnails for image models, empty for text models)."""
     progress(0.05, desc="Loading the model")
-    target = resolve_target(source, example_key, model_id)
+    target = resolve_target(source, example_key, model_id, upload)
     clean = gather_clean(target, clean_text, clean_files, use_example_clean, int(n_clean), MIN_CHECK)
-    tests, names = [], []
+    tests, sources = [], []
     n_ex = int(n_example_tests or 0)
     if n_ex > 0:
         if target.example is None:
             raise gr.Error("Held-out example inputs need a bundled example; set their number to 0 for other models.")
-        tests += list(target.example.test_clean[:n_ex]) + list(target.example.test_triggered[:n_ex])
-        names += [f"example clean #{i + 1}" for i in range(n_ex)] + [
-            f"example triggered #{i + 1}" for i in range(n_ex)
-        ]
+        held_clean, held_trig = list(target.example.test_clean[:n_ex]), list(target.example.test_triggered[:n_ex])
+        tests += held_clean + held_trig
+        sources += [f"held-out clean #{i + 1}" for i in range(len(held_clean))]
+        sources += [f"held-out triggered #{i + 1}" for i in range(len(held_trig))]
     typed = _lines(test_text)
     if typed:
         if target.modality == "image":
@@ -356,16 +503,16 @@ def check(
                 f"{target.name} is an image model: it cannot score text. Upload test images or draw one instead."
             )
         tests += typed
-        names += typed
+        sources += ["typed"] * len(typed)
     file_items, file_names = _file_items(target, test_files, "test inputs")
     tests += file_items
-    names += file_names
+    sources += file_names
     drawing = _sketch_image(sketch)
     if drawing is not None:
         if target.modality != "image":
             raise gr.Error(f"{target.name} is a text model: type test inputs instead of drawing one.")
         tests.append(_to_model_input(target, drawing))
-        names.append("sketch")
+        sources.append("sketch")
     if not tests:
         what = "type them (one per line)" if target.modality == "text" else "upload images or draw one"
         raise gr.Error(f"No test inputs: {what}, or add held-out inputs of a bundled example.")
@@ -376,18 +523,26 @@ def check(
         results = shield.predict(_batch(target, tests))
     except ValueError as e:
         raise gr.Error(f"Scoring failed on {target.name}: {e}") from e
-    table = pd.DataFrame(
-        [
+    rows = []
+    for i, (item, origin, r) in enumerate(zip(tests, sources, results, strict=True)):
+        # the input itself where it is text; images are shown as thumbnails, numbered as in this table
+        shown = item if isinstance(item, str) else f"image #{i + 1}"
+        rows.append(
             {
-                "input": name if len(name) <= 80 else name[:77] + "...",
+                "input": shown if len(shown) <= 120 else shown[:117] + "...",
+                "source": origin,
                 "score": round(r["score"], 4),
                 "threshold": round(r["threshold"], 4),
                 "flagged": r["label"] == "backdoored",
                 "predicted class": r["predicted_class"],
             }
-            for name, r in zip(names, results, strict=True)
-        ]
-    )
+        )
+    table = pd.DataFrame(rows)
+    thumbs = [
+        (_thumbnail(target, item), f"#{i + 1} {origin}: score {r['score']:.3f}" + (" FLAGGED" if flag else ""))
+        for i, (item, origin, r, flag) in enumerate(zip(tests, sources, results, table["flagged"], strict=True))
+        if not isinstance(item, str)
+    ]
     hist = pd.DataFrame(
         [{"score": float(s), "count": 1, "group": "clean samples (leave-one-out)"} for s in shield.calibration_scores]
         + [{"score": r["score"], "count": 1, "group": "tested inputs"} for r in results]
@@ -398,19 +553,25 @@ def check(
         f"Threshold **{shield.threshold:.3f}**, calibrated on {len(clean)} clean samples for a "
         f"{float(target_fpr):.0%} false-positive rate (leave-one-out, so the estimate is not optimistic)."
     )
-    plot = gr.BarPlot(value=hist, title=f"Scores: clean samples vs tested inputs (threshold {shield.threshold:.3f})")
-    return summary, table, plot
+    plot = gr.BarPlot(value=hist, title=f"Scores vs threshold {shield.threshold:.3f}")
+    return summary, table, plot, thumbs
 
 
 # ---- the interface ------------------------------------------------------------------------------------------------
-def _target_inputs(prefix: str) -> tuple[gr.Radio, gr.Dropdown, gr.Textbox]:
+def _target_inputs(prefix: str) -> tuple[gr.Radio, gr.Dropdown, gr.Textbox, gr.File]:
     choices = [(title, key) for key, (title, _, _) in BUNDLED_EXAMPLES.items()]
-    source = gr.Radio([SOURCE_EXAMPLE, SOURCE_HUB], value=SOURCE_EXAMPLE, label="Model", elem_id=f"{prefix}-source")
-    example = gr.Dropdown(choices, value="digits-badnets", label="Bundled example", elem_id=f"{prefix}-example")
-    model_id = gr.Textbox(
-        label="Hub id or local folder", placeholder="org/name or /path/to/checkpoint", elem_id=f"{prefix}-model-id"
+    source = gr.Radio(
+        [SOURCE_EXAMPLE, SOURCE_HUB, SOURCE_UPLOAD], value=SOURCE_EXAMPLE, label="Model", elem_id=f"{prefix}-source"
     )
-    return source, example, model_id
+    example = gr.Dropdown(choices, value="digits-badnets", label="Bundled example", elem_id=f"{prefix}-example")
+    model_id = gr.Textbox(label="Hub id", placeholder="org/name", elem_id=f"{prefix}-model-id")
+    upload = gr.File(
+        label="Checkpoint .zip (config.json + model.safetensors + tokenizer/processor files; no pickle, no code)",
+        file_types=[".zip"],
+        type="filepath",
+        elem_id=f"{prefix}-upload",
+    )
+    return source, example, model_id, upload
 
 
 def _clean_inputs(prefix: str) -> tuple[gr.Textbox, gr.File, gr.Checkbox]:
@@ -433,7 +594,7 @@ def build_demo() -> gr.Blocks:
         with gr.Tab("Scan a checkpoint", id="scan"):
             with gr.Row():
                 with gr.Column():
-                    source, example, model_id = _target_inputs("scan")
+                    source, example, model_id, upload = _target_inputs("scan")
                     clean_text, clean_files, use_ex = _clean_inputs("scan")
                     with gr.Accordion("Options", open=False):
                         n_clean = gr.Slider(MIN_SCAN, 50, value=20, step=1, label="Clean samples used")
@@ -443,27 +604,41 @@ def build_demo() -> gr.Blocks:
                     verdict = gr.Textbox(label="Verdict", elem_id="scan-verdict", interactive=False)
                     suspected = gr.Textbox(label="Suspected target class", elem_id="scan-target", interactive=False)
                     summary = gr.Markdown(elem_id="scan-summary")
-                    bars = gr.BarPlot(
-                        x="class",
-                        y="strength",
-                        color="role",
-                        title="Per-class evidence: how easily each class can be forced (images: anomaly index; "
-                        "text: class probability under its best token trigger)",
-                        color_map={"suspected target": "#d62728", "other classes": "#7f7f7f"},
-                        elem_id="scan-bars",
+                    chart = gr.Image(
+                        label="Per-class evidence",
+                        type="filepath",
+                        elem_id="scan-chart",
+                        show_label=False,
+                        buttons=[],  # no icons over the title
                     )
+            gr.Markdown("### Synthesized trigger of each class (suspected target first)")
+            triggers = gr.Image(
+                label="Synthesized trigger of each class",
+                type="filepath",
+                elem_id="scan-triggers",
+                show_label=False,
+                buttons=[],  # no icons over the title
+            )
+            gr.Markdown(
+                "Images: the clean sample, the mask m (where the trigger is), the pattern p (what it writes), the "
+                "trigger m·p alone and the patched sample (1-m)·x + m·p with the model's answer. Text: the token "
+                "trigger inserted before clean sentences, where the search inserts it."
+            )
             evidence = gr.Dataframe(label="Per-class evidence", elem_id="scan-evidence", interactive=False)
-            report_file = gr.File(label="JSON report", elem_id="scan-report")
+            gr.Markdown(COLUMN_NOTES, elem_id="scan-columns")
+            report_files = gr.File(
+                label="Report: JSON and a self-contained HTML page", file_count="multiple", elem_id="scan-report"
+            )
             run.click(
                 scan,
-                [source, example, model_id, clean_text, clean_files, use_ex, n_clean, steps],
-                [verdict, suspected, summary, bars, evidence, report_file],
+                [source, example, model_id, upload, clean_text, clean_files, use_ex, n_clean, steps],
+                [verdict, suspected, summary, chart, triggers, evidence, report_files],
                 api_name="scan",
             )
         with gr.Tab("Check inputs", id="check"):
             with gr.Row():
                 with gr.Column():
-                    c_source, c_example, c_model_id = _target_inputs("check")
+                    c_source, c_example, c_model_id, c_upload = _target_inputs("check")
                     c_clean_text, c_clean_files, c_use_ex = _clean_inputs("check")
                     c_n_clean = gr.Slider(MIN_CHECK, 100, value=100, step=1, label="Clean samples used (calibration)")
                     fpr = gr.Slider(0.01, 0.5, value=0.05, step=0.01, label="Target false-positive rate")
@@ -488,16 +663,24 @@ def build_demo() -> gr.Blocks:
                     color="group",
                     x_bin=0.05,
                     y_aggregate="sum",
-                    title="Scores: clean samples vs tested inputs",
+                    title="Scores vs threshold",
                     color_map={"clean samples (leave-one-out)": "#1f77b4", "tested inputs": "#ff7f0e"},
                     elem_id="check-hist",
                 )
+            c_inputs = gr.Gallery(
+                label="The image inputs scored (numbered as in the table)",
+                columns=10,
+                height=240,
+                object_fit="contain",
+                elem_id="check-inputs",
+            )
             c_run.click(
                 check,
                 [
                     c_source,
                     c_example,
                     c_model_id,
+                    c_upload,
                     c_clean_text,
                     c_clean_files,
                     c_use_ex,
@@ -508,7 +691,7 @@ def build_demo() -> gr.Blocks:
                     sketch,
                     n_ex_tests,
                 ],
-                [c_summary, c_table, c_hist],
+                [c_summary, c_table, c_hist, c_inputs],
                 api_name="check",
             )
     return demo

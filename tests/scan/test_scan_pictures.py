@@ -45,7 +45,7 @@ def test_digits_scan_pictures_show_each_class_trigger(digits_report, tmp_path):
     report = digits_report
     pictures = render_report(report, out_dir=tmp_path)
     assert list(pictures)[:2] == ["evidence", f"trigger_{report.suspected_target}"]  # the suspect first
-    assert {f"trigger_{k}" for k in range(10)} <= set(pictures)
+    assert set(pictures) == {"evidence", "triggers", *(f"trigger_{k}" for k in range(10))}
     _pngs(pictures)
     # the synthesis keeps its clean inputs in pixel space, so the patched sample needs no second preprocessing
     assert report.synthesis.inputs.shape == (20, 1, 8, 8)
@@ -73,7 +73,7 @@ def test_text_scan_pictures_put_the_token_trigger_in_context(text_report, tmp_pa
     report = text_report
     assert all(c.token_trigger for c in report.per_class)
     pictures = render_report(report, SENTENCES, tmp_path)
-    assert set(pictures) == {"evidence", *(f"trigger_{k}" for k in range(NUM_LABELS))}
+    assert set(pictures) == {"evidence", "triggers", *(f"trigger_{k}" for k in range(NUM_LABELS))}
     _pngs(pictures)
     page = write_html_report(report, tmp_path / "html", SENTENCES, pictures=pictures).read_text()
     assert page.count("data:image/png;base64,") == 1 + NUM_LABELS

@@ -280,7 +280,8 @@ def render_report(
             to force (a 1000-class model needs no 1000 pictures).
 
     Returns:
-        ``{name: path}``: ``"evidence"`` first, then ``"trigger_<k>"`` per class, the suspected target first.
+        ``{name: path}``: ``"evidence"`` first, then ``"trigger_<k>"`` per class, the suspected target first, and
+        ``"triggers"``, those pictures stacked into one (where there are any).
 
     Example:
         ```python
@@ -304,7 +305,24 @@ def render_report(
         written |= _text_pictures(report, clean_samples, classes, out)
     else:
         logger.info("no trigger pictures for a scan in the %s space (nothing a picture can show)", report.space)
+    per_class = [path for name, path in written.items() if name.startswith("trigger_")]
+    if per_class:
+        written["triggers"] = _stack(per_class, out / "triggers.png")
     return written
+
+
+def _stack(paths: list[Path], out: Path) -> Path:
+    """The per-class pictures one under the other, on white: one picture of every trigger, for a page or a Space."""
+    from PIL import Image
+
+    images = [Image.open(p).convert("RGB") for p in paths]
+    canvas = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)), "white")
+    y = 0
+    for image in images:
+        canvas.paste(image, (0, y))
+        y += image.height
+    canvas.save(out)
+    return out
 
 
 def gallery(report: ScanReport, pictures: dict[str, Path]) -> list[tuple[str, str]]:
@@ -389,7 +407,7 @@ def write_html_report(
     triggers = "".join(
         f"<figure>{_img(path, name)}<figcaption>{html.escape(caption)}</figcaption></figure>"
         for (path, caption), name in zip(
-            gallery(report, pictures), [n for n in pictures if n != "evidence"], strict=True
+            gallery(report, pictures), [n for n in pictures if n.startswith("trigger_")], strict=True
         )
     )
     snippet = trigger_html(report, clean_samples, max_classes) if report.space in ("tokens", "embeddings") else ""
