@@ -136,8 +136,8 @@ def read_checkpoint_list(path: str | os.PathLike) -> list[str]:
 
 def is_classifier_folder(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` holds a classifier MetaShield can scan: a transformers sequence or image classifier (by its
-    ``config.json`` ``architectures``), a timm model, or a PEFT adapter for sequence classification."""
-    from ..targets.transformers_models import classifier_kind
+    ``config.json`` ``architectures`` or ``auto_map``), a timm model, or a PEFT adapter for sequence classification."""
+    from ..targets.transformers_models import config_classifier_kinds
 
     folder = Path(folder)
     try:
@@ -150,7 +150,7 @@ def is_classifier_folder(folder: str | os.PathLike) -> bool:
         return False
     if "model_type" not in config and ("architecture" in config or "pretrained_cfg" in config):
         return int(config.get("num_classes", 1) or 0) > 0  # timm
-    return any(classifier_kind(a) for a in config.get("architectures") or [])
+    return bool(config_classifier_kinds(config))
 
 
 def cached_classifiers(cache_dir: str | os.PathLike | None = None) -> list[CheckpointRef]:

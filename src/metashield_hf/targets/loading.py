@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .base import TARGETS, TargetAdapter
-from .transformers_models import classifier_kind, is_transformers_model
+from .transformers_models import auto_map_classes, config_classifier_kinds, is_transformers_model
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,79 @@ def target_device(target, device: str | torch.device | None = None) -> torch.dev
     return resolve_device(None) if isinstance(target, (str, os.PathLike)) else None
 
 
+# How each option that is off by default is named where it is passed, and what turning it on means.
+_OPTION_NAMES = {
+    "allow_pickle": "--allow_pickle on the command line, allow_pickle=True in adapt, ScanConfig and the pipeline",
+    "trust_remote_code": "--trust_remote_code on the command line, trust_remote_code=True in adapt and ScanConfig, "
+    "trust_remote_code_target=True in the pipeline",
+}
+_OPTION_RISKS = {
+    "allow_pickle": "if you trust the files (they are then read with torch.load(weights_only=True))",
+    "trust_remote_code": "if you trust its code (it then runs on this machine)",
+}
+_warned_auto_maps: set[tuple[str, str]] = set()
+
+
+def needs_option(what: str, option: str) -> str:
+    """The one message for a checkpoint that only loads with an option that is off by default (``allow_pickle`` or
+    ``trust_remote_code``), so that ``load_target``, ``scan_model``, ``adapt``, ``metashield scan/detect`` and the
+    pipeline all refuse with the same words and name the flag in each of them.
+
+    Args:
+        what: the checkpoint and what it has, e.g. ``"/ckpt only has pickle weights (pytorch_model.bin)"``.
+        option: ``"allow_pickle"`` or ``"trust_remote_code"``.
+
+    Returns:
+        The message.
+
+    Example:
+        ```python
+        >>> needs_option("ckpt only has pickle weights (pytorch_model.bin)", "allow_pickle")
+        'ckpt only has pickle weights (pytorch_model.bin); pass allow_pickle=True (--allow_pickle on the command ...'
+        ```
+    """
+    if option not in _OPTION_NAMES:
+        raise ValueError(f"unknown loading option {option!r}; use one of {', '.join(_OPTION_NAMES)}")
+    return f"{what}; pass {option}=True ({_OPTION_NAMES[option]}) {_OPTION_RISKS[option]}"
+
+
+def _check_auto_map(folder: Path, config: dict, trust_remote_code: bool) -> None:
+    """Refuse a config whose class only exists in the checkpoint's own code unless ``trust_remote_code``; otherwise
+    log once per folder and class that its ``auto_map`` classifier is ignored for the built-in class of its
+    ``model_type`` (what transformers does silently)."""
+    if trust_remote_code or not isinstance(config.get("auto_map"), dict):
+        return
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        custom = config["auto_map"].get("AutoConfig", f"model_type {model_type!r}")
+        raise ValueError(
+            needs_option(f"{folder} needs its own code ({custom} in config.json's auto_map)", "trust_remote_code")
+        )
+    from transformers.models.auto import modeling_auto as auto
+
+    builtin = {
+        "AutoModelForSequenceClassification": auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+        "AutoModelForImageClassification": auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+    }
+    for key, ref in auto_map_classes(config).items():
+        if (str(folder), ref) in _warned_auto_maps:
+            continue
+        _warned_auto_maps.add((str(folder), ref))
+        instead = builtin[key].get(model_type, f"the built-in {key.removeprefix('AutoModel')} class")
+        logger.warning(
+            "%s/config.json maps %s to its own class %s (auto_map), which is ignored because trust_remote_code is "
+            "off: %s (model_type %r) is loaded instead; pass trust_remote_code=True (--trust_remote_code) to run "
+            "the checkpoint's own class if you trust its code",
+            folder,
+            key,
+            ref,
+            instead,
+            model_type,
+        )
+
+
 def _weights(folder: Path, stem: str, allow_pickle: bool) -> str:
     """``"safetensors"`` or ``"pickle"``; raises when there are no weights or only refused pickle weights."""
     if (folder / f"{stem}.safetensors").exists() or (folder / f"{stem}.safetensors.index.json").exists():
@@ -122,10 +195,7 @@ def _weights(folder: Path, stem: str, allow_pickle: bool) -> str:
     ]
     if pickles:
         if not allow_pickle:
-            raise ValueError(
-                f"{folder} only has pickle weights ({', '.join(pickles)}); pass allow_pickle=True (--allow_pickle on "
-                "the command line) if you trust it (it is then read with torch.load(weights_only=True))"
-            )
+            raise ValueError(needs_option(f"{folder} only has pickle weights ({', '.join(pickles)})", "allow_pickle"))
         return "pickle"
     raise ValueError(
         f"{folder} has no weights ({stem}.safetensors); is it a complete checkpoint folder? (Hub repos with only "
@@ -179,10 +249,11 @@ def _load_transformers(folder: Path, processor, *, trust_remote_code: bool, allo
     from transformers import AutoConfig
 
     _weights(folder, "model", allow_pickle)
+    _check_auto_map(folder, _read_json(folder / "config.json"), trust_remote_code)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     archs = list(getattr(config, "architectures", None) or [])
-    kinds = {k for k in map(classifier_kind, archs) if k}
-    if not archs:
+    kinds = config_classifier_kinds(config)
+    if not archs and not kinds:
         # Without `architectures` only model_type can tell; a BertModel folder (no head) still names its class there,
         # so it is refused above instead of silently getting a random classifier.
         kinds = _model_type_kinds(config.model_type)
@@ -190,7 +261,8 @@ def _load_transformers(folder: Path, processor, *, trust_remote_code: bool, allo
     if len(kinds) != 1:
         raise ValueError(
             f"{folder} holds {archs or config.model_type!r}, which is not a classifier MetaShield can load; tried "
-            "sequence classification (…ForSequenceClassification) and image classification (…ForImageClassification)"
+            "sequence classification (…ForSequenceClassification) and image classification (…ForImageClassification), "
+            "by architectures and by the auto_map entries AutoModelFor{Sequence,Image}Classification"
         )
     kind = kinds.pop()
     kwargs = {"dtype": torch.float32, "trust_remote_code": trust_remote_code}

@@ -55,6 +55,46 @@ def classifier_kind(class_name: str) -> str | None:
     return None
 
 
+#: The ``auto_map`` keys that declare a checkpoint's own classifier class, and the kind of each.
+AUTO_MAP_KINDS = {"AutoModelForSequenceClassification": "text", "AutoModelForImageClassification": "image"}
+
+
+def auto_map_classes(config) -> dict[str, str]:
+    """``{auto_map key: "module.Class"}`` for the classifier classes a config (object or ``config.json`` dict) maps
+    to its own code; a Hub reference ``"org/repo--module.Class"`` keeps its ``org/repo--`` prefix."""
+    auto_map = config.get("auto_map") if isinstance(config, dict) else getattr(config, "auto_map", None)
+    found = {}
+    for key in AUTO_MAP_KINDS:
+        ref = (auto_map or {}).get(key)
+        ref = ref[0] if isinstance(ref, (list, tuple)) and ref else ref
+        if isinstance(ref, str):
+            found[key] = ref
+    return found
+
+
+def config_classifier_kinds(config) -> set[str]:
+    """The classifier kinds (``"text"``, ``"image"``) a config (object or dict) names: by its ``architectures``, else
+    by the classifier classes its ``auto_map`` declares (a custom class need not end in ``For…Classification``)."""
+    archs = config.get("architectures") if isinstance(config, dict) else getattr(config, "architectures", None)
+    kinds = {k for k in map(classifier_kind, archs or []) if k}
+    return kinds or {AUTO_MAP_KINDS[key] for key in auto_map_classes(config)}
+
+
+def model_classifier_kind(model: nn.Module) -> str | None:
+    """The classifier kind of a model object: by its class or any base class (so a checkpoint's own
+    ``class MyClassifier(BertForSequenceClassification)`` counts), else by the ``auto_map`` entry of its config that
+    names its class (a custom classifier the checkpoint itself declares as one)."""
+    for klass in type(model).__mro__:
+        kind = classifier_kind(klass.__name__)
+        if kind is not None:
+            return kind
+    name = type(model).__name__
+    for key, ref in auto_map_classes(getattr(model, "config", None)).items():
+        if ref.rsplit(".", 1)[-1] == name:
+            return AUTO_MAP_KINDS[key]
+    return None
+
+
 def is_transformers_model(model) -> bool:
     transformers = sys.modules.get("transformers")
     return transformers is not None and isinstance(model, transformers.PreTrainedModel)
@@ -98,7 +138,7 @@ class TransformersTextAdapter(_TransformersAdapter):
 
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
-        return is_transformers_model(model) and classifier_kind(type(model).__name__) == "text"
+        return is_transformers_model(model) and model_classifier_kind(model) == "text"
 
     def _resolve_tokenizer(self, processor):
         from transformers import PreTrainedTokenizerBase
@@ -177,7 +217,7 @@ class TransformersImageAdapter(_TransformersAdapter):
 
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
-        return is_transformers_model(model) and classifier_kind(type(model).__name__) == "image"
+        return is_transformers_model(model) and model_classifier_kind(model) == "image"
 
     def _resolve_processor(self, processor):
         from transformers import ImageProcessingMixin
