@@ -63,8 +63,9 @@ def test_scan_tells_backdoored_from_clean_digits(digits_models):
     assert target.reached and target.flip_rate >= 0.9
     assert target.trigger_size == min(c.trigger_size for c in bd.per_class)
     assert all(0.0 <= c.detector_score <= 1.0 for c in bd.per_class)
-    # the blend synthesis runs by default on image models, and the head's image/blend part scores the scan
-    assert set(bd.timings) == {"load_s", "synthesis_s", "detector_s", "blend_s", "total_s"}
+    # the blend synthesis and the max-margin statistic run by default on image models; the head's image/blend part
+    # scores the scan
+    assert set(bd.timings) == {"load_s", "synthesis_s", "detector_s", "blend_s", "max_margin_s", "total_s"}
     assert all(0.0 < c.blend_size <= 1.0 for c in bd.per_class)
     part = ScanHead.load().by_modality[f"image/{BLEND}"]
     assert bd.score == pytest.approx(ScanHead(**part).score(bd.signals))

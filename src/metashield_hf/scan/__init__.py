@@ -15,6 +15,9 @@ synthesis.
 - `positives.py`: the synthesized triggers as adaptation's inner-loop positives ([`synthesized_positives`],
   [`positives_from_report`]) and the model fingerprint that ties a report to its model
 - `neural_cleanse.py`: [`neural_cleanse_scan`]
+- `max_margin.py`: [`max_margins`], the per-class maximum achievable logit margin (MM-BD), trigger-agnostic
+- `feature_inversion.py`: [`invert_features`], per-class trigger inversion in an intermediate layer's feature space
+  (FeatureRE / BTI-DBF-like), trigger-agnostic
 - `progress.py`: the progress bars' on/off rule and the cost estimate logged before a scan
 
 Every name is imported when first used (PEP 562): ``metashield scan --help`` builds its flags from
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
         scan_many,
     )
     from .config import DEFAULT_BLEND_STEPS, MIN_SCAN_SAMPLES, SOURCE_FLIP_THRESHOLD, SOURCE_LOSS_QUANTILE, ScanConfig
+    from .feature_inversion import FeatureInversionResult, feature_block, invert_features
     from .head import (
         DEFAULT_SCAN_HEAD,
         NEURAL_CLEANSE_RULE_HEAD,
@@ -63,6 +67,7 @@ if TYPE_CHECKING:
         verdict_threshold,
         with_part,
     )
+    from .max_margin import MaxMarginResult, logit_margins, max_margins
     from .neural_cleanse import NEURAL_CLEANSE_THRESHOLD, neural_cleanse_scan
     from .positives import (
         AUTO_SYNTHESIZED_MODALITIES,
@@ -74,17 +79,27 @@ if TYPE_CHECKING:
         synthesized_positives,
     )
     from .report import ClassEvidence, ScanReport
-    from .scanner import checkpoint_name, prepare_clean_items, run_synthesis, scan_adapter, scan_model
+    from .scanner import (
+        checkpoint_name,
+        prepare_clean_items,
+        run_synthesis,
+        scan_adapter,
+        scan_model,
+        trigger_agnostic_evidence,
+    )
     from .signals import (
         BLEND,
         BLEND_SIGNALS,
+        FEATURE_SIGNALS,
         LARGE_VOCABULARY,
+        MAX_MARGIN_SIGNALS,
         SIGNALS,
         SOURCE,
         SOURCE_SIGNALS,
         SYNTHESIS_SIGNALS,
         TOKEN_SIGNALS,
         class_count_signals,
+        max_margin_signals,
         token_detector_signal,
         token_signals,
     )
@@ -129,6 +144,12 @@ _LAZY = {
     "set_fpr_thresholds": ".head",
     "verdict_threshold": ".head",
     "with_part": ".head",
+    "FeatureInversionResult": ".feature_inversion",
+    "feature_block": ".feature_inversion",
+    "invert_features": ".feature_inversion",
+    "MaxMarginResult": ".max_margin",
+    "logit_margins": ".max_margin",
+    "max_margins": ".max_margin",
     "NEURAL_CLEANSE_THRESHOLD": ".neural_cleanse",
     "neural_cleanse_scan": ".neural_cleanse",
     "AUTO_SYNTHESIZED_MODALITIES": ".positives",
@@ -145,15 +166,19 @@ _LAZY = {
     "run_synthesis": ".scanner",
     "scan_adapter": ".scanner",
     "scan_model": ".scanner",
+    "trigger_agnostic_evidence": ".scanner",
     "BLEND": ".signals",
     "BLEND_SIGNALS": ".signals",
+    "FEATURE_SIGNALS": ".signals",
     "LARGE_VOCABULARY": ".signals",
+    "MAX_MARGIN_SIGNALS": ".signals",
     "SIGNALS": ".signals",
     "SOURCE": ".signals",
     "SOURCE_SIGNALS": ".signals",
     "SYNTHESIS_SIGNALS": ".signals",
     "TOKEN_SIGNALS": ".signals",
     "class_count_signals": ".signals",
+    "max_margin_signals": ".signals",
     "token_detector_signal": ".signals",
     "token_signals": ".signals",
     "SynthesisResult": ".synthesis",
@@ -178,7 +203,11 @@ __all__ = [
     "BLEND_SIGNALS",
     "DEFAULT_BLEND_STEPS",
     "DEFAULT_SCAN_HEAD",
+    "FEATURE_SIGNALS",
+    "FeatureInversionResult",
     "LARGE_VOCABULARY",
+    "MAX_MARGIN_SIGNALS",
+    "MaxMarginResult",
     "MIN_SCAN_SAMPLES",
     "NEURAL_CLEANSE_RULE_HEAD",
     "NEURAL_CLEANSE_THRESHOLD",
@@ -204,7 +233,12 @@ __all__ = [
     "cv_head_c",
     "fit_heads",
     "fit_scan_head",
+    "feature_block",
     "fpr_threshold",
+    "invert_features",
+    "logit_margins",
+    "max_margin_signals",
+    "max_margins",
     "neural_cleanse_scan",
     "out_of_fold_scores",
     "prepare_clean_items",
@@ -225,6 +259,7 @@ __all__ = [
     "synthesize_triggers",
     "token_detector_signal",
     "token_signals",
+    "trigger_agnostic_evidence",
     "verdict_threshold",
     "with_part",
     "AUTO_SYNTHESIZED_MODALITIES",

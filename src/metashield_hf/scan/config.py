@@ -87,6 +87,30 @@ class ScanConfig:
             "clean samples (TaCT-like triggers; 0: off)."
         },
     )
+    max_margin_steps: int = field(
+        default=20,
+        metadata={
+            "help": "Gradient-ascent steps of the per-class maximum-margin statistic (MM-BD, trigger-agnostic; "
+            "recorded in the report, not read by the shipped head; 0: off)."
+        },
+    )
+    max_margin_starts: int = field(
+        default=4, metadata={"help": "Random starts per class of the maximum-margin statistic."}
+    )
+    feature_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Adam steps of the per-class trigger inversion in feature space (a shift of an intermediate "
+            "block's output; trigger-agnostic; recorded in the report, not read by the shipped head; 0: off)."
+        },
+    )
+    feature_depth: float = field(
+        default=0.5,
+        metadata={
+            "help": "Which block the feature inversion shifts, as a fraction of the way through the model's layer "
+            "blocks (0: the first, 1: the last)."
+        },
+    )
     head: Any = field(
         default=None,
         metadata={"help": "The model-level ScanHead or its JSON path (None: the shipped one)."},
@@ -120,8 +144,15 @@ class ScanConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.blend_steps is not None and self.blend_steps < 0:
             raise ValueError(f"blend_steps must be >= 0, got {self.blend_steps}")
-        if self.source_steps < 0:
-            raise ValueError(f"source_steps must be >= 0, got {self.source_steps}")
+        for name in ("source_steps", "max_margin_steps", "feature_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
+        if self.max_margin_starts < 1:
+            raise ValueError(f"max_margin_starts must be >= 1, got {self.max_margin_starts}")
+        if not 0.0 <= self.feature_depth <= 1.0:
+            raise ValueError(
+                f"feature_depth must be in [0, 1] (0: the first block, 1: the last), got {self.feature_depth}"
+            )
 
     def replace(self, **changes: Any) -> ScanConfig:
         """A copy with ``changes``; an unknown name raises a ``TypeError`` that lists the fields."""

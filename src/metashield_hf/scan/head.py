@@ -221,6 +221,8 @@ def scan_record(report, **row: object) -> dict:
                 "detector_score": [c.detector_score for c in per_class],
                 **({"blend_size": [c.blend_size for c in per_class]} if options["blend_steps"] else {}),
                 **({"source_size": [c.source_size for c in per_class]} if options["source_steps"] else {}),
+                **({"max_margin": [c.max_margin for c in per_class]} if options.get("max_margin_steps") else {}),
+                **({"feature_size": [c.feature_size for c in per_class]} if options.get("feature_steps") else {}),
             },
         },
     }

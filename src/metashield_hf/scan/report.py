@@ -31,6 +31,14 @@ class ClassEvidence:
             whole-input trigger ``(1 - a) * x + a * p`` that flips the clean samples to this class, else ``None``.
         source_size: with the source-specific synthesis (``ScanConfig.source_steps``), the smallest mask that flips
             half of the clean samples to this class, else ``None``.
+        max_margin: with the maximum-margin statistic (``ScanConfig.max_margin_steps``; MM-BD), the largest logit
+            margin ``f_c(x) - max_{j != c} f_j(x)`` an input of the valid domain reached for this class, else ``None``.
+        max_margin_z: its robust z-score over the classes, ``(margin - median) / (1.4826 * MAD)``; large = a class that
+            can be forced abnormally far ahead.
+        feature_size: with the feature-space inversion (``ScanConfig.feature_steps``), the smallest shift of an
+            intermediate block's output (its norm relative to the clean features' spread) that flips the clean
+            samples to this class, else ``None``.
+        feature_anomaly: its anomaly index over the classes (large = abnormally easy to reach).
     """
 
     class_index: int
@@ -47,6 +55,10 @@ class ClassEvidence:
     token_dominance: list[float] | None = None
     blend_size: float | None = None
     source_size: float | None = None
+    max_margin: float | None = None
+    max_margin_z: float | None = None
+    feature_size: float | None = None
+    feature_anomaly: float | None = None
 
 
 @dataclass

@@ -26,9 +26,11 @@ from .progress import log_scan_cost, tqdm_disable
 from .report import ClassEvidence, ScanReport
 from .signals import (
     BLEND,
+    FEATURE,
     LARGE_VOCABULARY,
     SOURCE,
     TOKEN_SIGNALS,
+    max_margin_signals,
     scan_signals,
     token_detector_signal,
     token_signals,
@@ -38,7 +40,15 @@ from .synthesis import anomaly_indices, synthesis_space, synthesize_triggers
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["checkpoint_name", "prepare_clean_items", "run_synthesis", "scan_adapter", "scan_model", "class_evidence"]
+__all__ = [
+    "checkpoint_name",
+    "prepare_clean_items",
+    "run_synthesis",
+    "scan_adapter",
+    "scan_model",
+    "class_evidence",
+    "trigger_agnostic_evidence",
+]
 
 
 # ---- scanning ---------------------------------------------------------------------------------------------------
@@ -232,6 +242,53 @@ def _detector_scores(
     return scores
 
 
+def trigger_agnostic_evidence(
+    adapter: TargetAdapter, items: list, clean_out: TargetOutput, config: ScanConfig
+) -> tuple[dict[str, float], dict[str, np.ndarray], dict[str, float], dict]:
+    """The trigger-agnostic evidence sources the config turns on: the maximum-margin statistic
+    ([`max_margins`], ``max_margin_steps``) and the feature-space trigger inversion ([`invert_features`],
+    ``feature_steps``).
+
+    Returns ``(signals, per-class arrays by ClassEvidence field, timings, options)``. Their signals
+    ([`MAX_MARGIN_SIGNALS`], [`FEATURE_SIGNALS`]) go into the report for a head refit on them; a head that does not
+    weigh them scores the scan as it would without them.
+    """
+    signals: dict[str, float] = {}
+    per_class: dict[str, np.ndarray] = {}
+    timings: dict[str, float] = {}
+    options: dict = {"max_margin_steps": 0, "feature_steps": 0}
+    num_classes = clean_out.logits.shape[1]
+    if config.max_margin_steps:
+        from .max_margin import max_margins
+
+        t = time.perf_counter()
+        mm = max_margins(
+            adapter, items, num_classes, steps=config.max_margin_steps, starts=config.max_margin_starts,
+            seed=config.seed, progress=config.progress,
+        )  # fmt: skip
+        signals |= max_margin_signals(mm.margins)
+        per_class |= {"max_margin": mm.margins, "max_margin_z": mm.anomaly}
+        timings["max_margin_s"] = time.perf_counter() - t
+        options |= {"max_margin_steps": config.max_margin_steps, "max_margin_starts": config.max_margin_starts}
+    if config.feature_steps and not adapter.layer_blocks():
+        logger.warning("feature_steps: %s has no layer blocks to invert a trigger at; skipped", type(adapter.model))
+    elif config.feature_steps:
+        from .feature_inversion import invert_features
+
+        t = time.perf_counter()
+        inv = invert_features(
+            adapter, items, clean_out.logits.argmax(-1), num_classes, steps=config.feature_steps,
+            depth=config.feature_depth, flip_threshold=config.flip_threshold, class_batch=config.class_batch,
+            seed=config.seed, progress=config.progress,
+        )  # fmt: skip
+        signals |= variant_signals(FEATURE, inv.sizes)
+        per_class |= {"feature_size": inv.sizes, "feature_anomaly": inv.anomaly}
+        timings["feature_s"] = time.perf_counter() - t
+        options |= {"feature_steps": config.feature_steps, "feature_depth": config.feature_depth}
+        options["feature_layer"] = inv.layer
+    return signals, per_class, timings, options
+
+
 def scan_model(
     checkpoint,
     clean_samples,
@@ -404,6 +461,10 @@ def scan_adapter(
             logger.warning(
                 "%s_steps: that synthesis is for image models (pixels); skipped for this %s scan", kind, space
             )
+    agnostic_signals, agnostic_per_class, agnostic_s, agnostic_options = trigger_agnostic_evidence(
+        adapter, items, clean_out, config
+    )
+    signals |= agnostic_signals  # no head part weighs these until one is refit on them
     # a scan in pixel space is an image scan, whatever the adapter (timm, transformers or a plain torch module)
     head = head.for_modality("image" if space == "pixels" else adapter.modality, signals, variant)
     score = head.score(signals)
@@ -411,6 +472,9 @@ def scan_adapter(
     for kind, sizes in extra_sizes.items():
         for ev, size in zip(evidence, sizes, strict=True):
             setattr(ev, f"{kind}_size", float(size))
+    for field_name, values in agnostic_per_class.items():
+        for ev, value in zip(evidence, values, strict=True):
+            setattr(ev, field_name, float(value))
     t1 = time.perf_counter()
     report = ScanReport(
         checkpoint=name,
@@ -431,6 +495,7 @@ def scan_adapter(
             "detector_s": t_det - t_tok,
             **({"token_search_s": t_tok - t_syn} if tokens is not None else {}),
             **extra_s,
+            **agnostic_s,
             "total_s": t1 - t0,
         },
         options={
@@ -445,6 +510,7 @@ def scan_adapter(
             "large_vocabulary": variant == LARGE_VOCABULARY,
             "synthesis": synthesis,
             **{f"{kind}_steps": budgets[kind] if kind in extra_sizes else 0 for kind in EXTRA_SYNTHESES},
+            **agnostic_options,
             "adapt_steps": config.adapt_steps,
             "device": str(adapter.device),
         },  # fmt: skip

@@ -42,7 +42,23 @@ BLEND_SIGNALS = ("blend_anomaly_excess", "blend_log_size_z")
 #: class whose smallest mask that flips the *easiest half* of the clean samples is the outlier, the form of a
 #: source-specific trigger (TaCT), which flips only some classes' inputs.
 SOURCE_SIGNALS = ("source_anomaly_excess", "source_log_size_z")
-SIGNALS = SYNTHESIS_SIGNALS + RAW_SYNTHESIS_SIGNALS + TOKEN_SIGNALS + BLEND_SIGNALS + SOURCE_SIGNALS
+#: Trigger-agnostic signals of a scan with the maximum-margin statistics (``ScanConfig.max_margin_steps``; MM-BD, Wang
+#: et al., S&P 2024): the class-count-corrected robust z-score of the largest per-class achievable logit margin, and
+#: its log ratio to the median class's margin, in the same units ([`class_count_signals`]).
+MAX_MARGIN_SIGNALS = ("max_margin_excess", "max_margin_log_z")
+#: Trigger-agnostic signals of a scan with the feature-space trigger inversion (``ScanConfig.feature_steps``;
+#: FeatureRE / BTI-DBF-like): the class-count-corrected anomaly index and log size ratio of the class reached by the
+#: abnormally shortest shift of an intermediate block's output.
+FEATURE_SIGNALS = ("feature_anomaly_excess", "feature_log_size_z")
+SIGNALS = (
+    SYNTHESIS_SIGNALS
+    + RAW_SYNTHESIS_SIGNALS
+    + TOKEN_SIGNALS
+    + BLEND_SIGNALS
+    + SOURCE_SIGNALS
+    + MAX_MARGIN_SIGNALS
+    + FEATURE_SIGNALS
+)
 
 #: The variant of a text scan whose vocabulary the token search prefilters (pretrained checkpoints: 30k-250k tokens).
 LARGE_VOCABULARY = "large_vocabulary"
@@ -50,6 +66,8 @@ LARGE_VOCABULARY = "large_vocabulary"
 BLEND = "blend"
 #: The variant of an image scan with the source-specific synthesis.
 SOURCE = "source"
+#: The prefix of the feature-space inversion's signals ([`FEATURE_SIGNALS`]); not a head variant.
+FEATURE = "feature"
 
 
 def token_signals(tokens) -> tuple[int, dict[str, float]]:
@@ -120,11 +138,24 @@ def synthesis_signals(anomaly: np.ndarray, sizes: np.ndarray, target: int) -> di
 
 
 def variant_signals(variant: str, sizes: np.ndarray) -> dict[str, float]:
-    """The signals of an extra synthesis ([`BLEND_SIGNALS`], [`SOURCE_SIGNALS`]): the class-count-corrected anomaly
+    """The signals of an extra synthesis ([`BLEND_SIGNALS`], [`SOURCE_SIGNALS`], [`FEATURE_SIGNALS`]): the class-count-corrected anomaly
     index and log size ratio of the class with the most anomalous (smallest) trigger, named ``{variant}_...``."""
     anomaly = anomaly_indices(sizes)
     signals = synthesis_signals(anomaly, sizes, int(np.argmax(anomaly)))
     return {f"{variant}_anomaly_excess": signals["anomaly_excess"], f"{variant}_log_size_z": signals["log_size_z"]}
+
+
+def max_margin_signals(margins: np.ndarray) -> dict[str, float]:
+    """[`MAX_MARGIN_SIGNALS`] of per-class maximum margins ``(K,)``: for the class with the largest margin, its robust
+    z-score over the classes less the chance level of a maximum over ``K`` ([`class_count_signals`]), and
+    ``log(margin / median margin)`` in the same units (margins are floored at ``1e-6``: a class no input puts on top
+    has a negative margin)."""
+    m = np.asarray(margins, dtype=np.float64)
+    anomaly = anomaly_indices(-m)  # the largest margin is the outlier
+    t = int(np.argmax(anomaly))
+    log_ratio = float(np.log(max(m[t], 1e-6) / max(float(np.median(m)), 1e-6)))
+    signals = class_count_signals(float(anomaly[t]), log_ratio, len(m))
+    return {"max_margin_excess": signals["anomaly_excess"], "max_margin_log_z": signals["log_size_z"]}
 
 
 def scan_signals(sizes: np.ndarray, anomaly: np.ndarray, response: np.ndarray) -> tuple[int, dict[str, float]]:
