@@ -42,6 +42,14 @@ from .progress import tqdm_disable
 logger = logging.getLogger(__name__)
 
 MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of the standard deviation for normal data
+#: Image inputs whose longer side passes this many pixels are synthesized on the clean samples downsized to it (a
+#: forward pass costs about the pixel count, and a synthesis is thousands of them); the triggers found are upsampled
+#: and the outputs recomputed at the model's own size. The zoos the scan head is fit on are at most 32 px, so their
+#: scans never downsize. ``synthesize_triggers(max_side=0)`` keeps the model's own size.
+MAX_SYNTHESIS_SIDE = 64
+#: The downsized clean samples must keep at least this fraction of the model's predictions at its own size (else the
+#: model, e.g. one with fixed position embeddings or tuned to its size, is synthesized at its own size).
+MIN_DOWNSIZED_AGREEMENT = 0.8
 
 
 @dataclass
@@ -70,6 +78,7 @@ class SynthesisSpace:
     kind: str
     device: torch.device = torch.device("cpu")
     inputs: torch.Tensor | None = None
+    downsized: Callable[[int], SynthesisSpace | None] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -86,6 +95,8 @@ class SynthesisResult:
         inputs: the clean batch in the space where it is the model's own input (pixels, tensors), ``(N, *S)``, so that
             pictures of the patched samples ([`render_report`]) need neither the model nor its preprocessing again;
             ``None`` for embeddings.
+        synthesized_at: ``(H, W)`` of the downsized samples the triggers were optimised on (see
+            `MAX_SYNTHESIS_SIDE`); ``None`` at the model's own size.
     """
 
     sizes: np.ndarray
@@ -100,6 +111,7 @@ class SynthesisResult:
     history: list[float] = field(default_factory=list)
     snapshots: dict[int, SynthesisResult] = field(default_factory=dict)
     inputs: torch.Tensor | None = field(default=None, repr=False)
+    synthesized_at: tuple[int, int] | None = None
 
 
 @contextmanager
@@ -187,7 +199,11 @@ def _tensor_space(adapter: TargetAdapter, items: list) -> SynthesisSpace:
             f"cannot synthesize triggers in a space of {x.dtype} inputs (shape {tuple(x.shape)}): the model's inputs "
             "must be float tensors (pixels, features) or it must be a text model with input embeddings"
         )
-    x = x.detach()
+    return _pixel_space(adapter, prepared, key, x.detach())
+
+
+def _pixel_space(adapter: TargetAdapter, prepared, key: str | None, x: torch.Tensor) -> SynthesisSpace:
+    """The space of the model's own float inputs ``x`` (``prepared[key]`` when the inputs are a dict)."""
     n, shape = x.shape[0], tuple(x.shape[1:])
     if len(shape) >= 2:  # channels first: one mask for all channels, as Neural Cleanse does for images
         mask_shape, pattern_shape = (1, 1, *shape[1:]), (1, *shape)
@@ -207,9 +223,44 @@ def _tensor_space(adapter: TargetAdapter, items: list) -> SynthesisSpace:
         batch = xp if key is None else {**_repeat(prepared, k), key: xp}
         return _forward(adapter, batch)
 
-    return SynthesisSpace(
+    space = SynthesisSpace(
         run, n, mask_shape, pattern_shape, low.float().cpu(), high.float().cpu(), kind, adapter.device, x
     )
+    if kind == "pixels":
+        space.downsized = functools.partial(_downsized_space, adapter, prepared, key, x)
+    return space
+
+
+def _downsized_space(
+    adapter: TargetAdapter, prepared, key: str | None, x: torch.Tensor, side: int
+) -> SynthesisSpace | None:
+    """The space of ``x`` downsized (bilinear, antialiased) so that its longer side is ``side``; ``None`` where it is
+    not larger, or where the model fails on the smaller size or changes more than ``1 - MIN_DOWNSIZED_AGREEMENT`` of
+    its predictions there (one forward pass at each size)."""
+    h, w = x.shape[-2:]
+    if max(h, w) <= side:
+        return None
+    size = (max(1, round(h * side / max(h, w))), max(1, round(w * side / max(h, w))))
+    small = nn.functional.interpolate(x.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    small = small.to(x.dtype)
+    try:
+        with torch.no_grad():
+            own, _ = _forward(adapter, x if key is None else prepared)
+            down, _ = _forward(adapter, small if key is None else {**prepared, key: small})
+    except Exception as e:  # noqa: BLE001 - any failure at the smaller size (fixed position embeddings, ...) keeps it
+        logger.info("the model does not run at %sx%s (%s); synthesizing at %sx%s", *size, type(e).__name__, h, w)
+        return None
+    agree = float((own.argmax(-1) == down.argmax(-1)).float().mean())
+    if agree < MIN_DOWNSIZED_AGREEMENT:
+        logger.info(
+            "at %sx%s the model keeps only %.0f%% of its predictions on the clean samples; synthesizing at %sx%s",
+            *size,
+            100 * agree,
+            h,
+            w,
+        )
+        return None
+    return _pixel_space(adapter, prepared, key, small)
 
 
 def synthesis_space(adapter: TargetAdapter, items: list) -> SynthesisSpace:
@@ -372,6 +423,7 @@ def synthesize_triggers(
     loss_quantile: float = 1.0,
     progress: bool | None = None,
     stage: str = "synthesis",
+    max_side: int | None = None,
 ) -> SynthesisResult:
     """Reverse engineer one mask + pattern per class that flips the clean samples to that class.
 
@@ -411,6 +463,8 @@ def synthesize_triggers(
         progress: a tqdm bar on stderr over the Adam steps, named ``"{stage} class(es) i[-j]/K"`` after the classes
             of the batch it optimises (``None``: only when stderr is a terminal).
         stage: what the bar calls this synthesis (``"blend synthesis"``, ...).
+        max_side: images whose longer side passes this are optimised on the clean samples downsized to it, and the
+            triggers upsampled to the model's size at the end (``None``: `MAX_SYNTHESIS_SIDE`; ``0``: never).
 
     Returns:
         A [`SynthesisResult`] with per-class sizes, flip rates, masks, patterns and the perturbed outputs.
@@ -430,6 +484,17 @@ def synthesize_triggers(
     marks = sorted({int(b) for b in snapshots})
     if marks and (marks[0] < 1 or marks[-1] >= steps or refine is not None):
         raise ValueError(f"snapshots must lie in [1, steps) and need refine=None, got {list(snapshots)}")
+    native = space
+    side = MAX_SYNTHESIS_SIDE if max_side is None else max_side
+    if side and space.downsized is not None:
+        space = space.downsized(side) or space
+        if space is not native:
+            logger.info(
+                "synthesizing on the clean samples downsized from %s to %s (MAX_SYNTHESIS_SIDE %d)",
+                "x".join(map(str, native.mask_shape[-2:])),
+                "x".join(map(str, space.mask_shape[-2:])),
+                side,
+            )
     # a screen as long as the whole budget, or one that keeps every class, is no screen
     staged = refine is not None and refine < num_classes and screen_steps < steps
     first = screen_steps if staged else steps
@@ -466,14 +531,14 @@ def synthesize_triggers(
         for mark in [*marks, first]:
             state, done = run(state, mark - done, done, " screen" if staged else ""), mark
             if mark < first:
-                kept[mark] = _finish(space, state, class_batch, mark)
+                kept[mark] = _finish(space, state, class_batch, mark, native)
         if staged:
             got, sizes, flips = _recorded(state)
             chosen = refine_candidates(sizes, got, flips, refine)
             refined = run(_rows_of(state, chosen), steps - first, first, " refine")
             for name, value in refined.items():
                 state[name][chosen] = value
-    result = _finish(space, state, class_batch, steps)
+    result = _finish(space, state, class_batch, steps, native)
     result.history, result.snapshots = history, kept
     return result
 
@@ -487,14 +552,23 @@ def _class_range(classes: torch.Tensor, num_classes: int) -> str:
     return f"classes {f'{ids[0]}-{ids[-1]}' if consecutive else ','.join(map(str, ids))}/{num_classes}"
 
 
-def _finish(space: SynthesisSpace, state: dict, class_batch: int, steps: int) -> SynthesisResult:
-    """The recorded trigger of every class in ``state`` and the target's outputs on the clean samples it perturbs."""
+def _finish(
+    space: SynthesisSpace, state: dict, class_batch: int, steps: int, native: SynthesisSpace | None = None
+) -> SynthesisResult:
+    """The recorded trigger of every class in ``state`` and the target's outputs on the clean samples it perturbs; a
+    trigger optimised on downsized samples is upsampled to the ``native`` space first, and the outputs are its."""
     got, sizes, flips = _recorded(state)
     # a class that never reached the flip threshold keeps its last mask and pattern
     keep = got.view(-1, *([1] * (state["m_logit"].dim() - 1)))
     best_m = torch.where(keep, state["best_m"], state["m_logit"])
     best_p = torch.where(keep, state["best_p"], state["p_logit"])
     masks, patterns = torch.sigmoid(best_m), _pattern(space, best_p)
+    synthesized_at = None
+    if native is not None and native is not space:
+        synthesized_at = tuple(int(v) for v in space.mask_shape[-2:])
+        masks, patterns = _upsample(masks, native.mask_shape), _upsample(patterns, native.pattern_shape)
+        patterns = torch.maximum(torch.minimum(patterns, native.high), native.low)
+        space = native
     n, logits_all, pen_all = space.num_samples, [], []
     with torch.no_grad():
         for a in range(0, len(masks), class_batch):
@@ -513,7 +587,16 @@ def _finish(space: SynthesisSpace, state: dict, class_batch: int, steps: int) ->
         kind=space.kind,
         steps=steps,
         inputs=space.inputs,
+        synthesized_at=synthesized_at,
     )
+
+
+def _upsample(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Per-class ``(K, C, h, w)`` masks or patterns at the spatial size of ``shape`` (bilinear, so a mask's mean, its
+    size, stays about the same); a uniform ``(K, 1, 1, 1)`` mask stays as it is."""
+    if x.shape[-2:] == (1, 1) or tuple(x.shape[-2:]) == tuple(shape[-2:]):
+        return x
+    return nn.functional.interpolate(x.float(), size=tuple(shape[-2:]), mode="bilinear", align_corners=False)
 
 
 def _pattern(space: SynthesisSpace, p_logit: torch.Tensor) -> torch.Tensor:
