@@ -1,8 +1,10 @@
-"""The scan head's fitting on scan records: the shipped head is rebuilt byte for byte from the committed records, the
-committed held-out table is what the shipped head scores on them, and false-positive thresholds flag what they say."""
+"""The scan head's fitting on scan records: the shipped head is rebuilt from the committed records (every number to
+1e-9), the committed held-out table is what the shipped head scores on them, and false-positive thresholds flag what
+they say."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -31,7 +33,7 @@ RECORDS = STUDY / "results" / "records"
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
-def test_the_shipped_head_is_rebuilt_byte_for_byte_from_the_committed_records(tmp_path):
+def test_the_shipped_head_is_rebuilt_from_the_committed_records(tmp_path):
     fit = fit_head_from_spec(yaml.safe_load((STUDY / "configs" / "head.yaml").read_text()), RECORDS)
     for name, choice in fit.parts.items():
         assert {record_variant(r) for r in fit.part_rows[name]} == {name}  # every row is a scan of the part's variant
@@ -39,7 +41,19 @@ def test_the_shipped_head_is_rebuilt_byte_for_byte_from_the_committed_records(tm
         assert 0.5 < choice.part.threshold < 1.0
     assert set(fit.parts) == {"blend", "source"}
     fit.head.save(tmp_path / "head.json")
-    assert (tmp_path / "head.json").read_bytes() == DEFAULT_SCAN_HEAD.read_bytes()
+    rebuilt, shipped = (json.loads(p.read_text()) for p in (tmp_path / "head.json", DEFAULT_SCAN_HEAD))
+    # the same keys, strings and layout; numbers to 1e-9 (the last digits of a float move with the BLAS build)
+    assert _close(rebuilt, shipped)
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_close(u, v) for u, v in zip(a, b, strict=True))
+    if isinstance(a, float):
+        return a == pytest.approx(b, rel=1e-9, abs=1e-12)
+    return a == b
 
 
 def test_the_committed_held_out_table_is_the_shipped_heads_score_of_the_records():
