@@ -2,6 +2,7 @@
 
 Reads ``benchmarks/meta/results/held_out.json`` (written by ``benchmarks/meta/held_out.py``) and
 ``benchmarks/meta/results/standard_zoo.md``; the model-index results are the shipped variant's held-out means per domain at k = 10 and 20 clean samples.
+The bundled demo's figures come from ``benchmarks/demo/results/demo_figures.json`` (``benchmarks/demo/figures.py``).
 
     python scripts/make_model_card.py [--variant "MAML + adaptation (metashield-base)"]
 """
@@ -16,6 +17,23 @@ import numpy as np
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO_FIGURES = REPO / "benchmarks" / "demo" / "results" / "demo_figures.json"
+
+
+def demo_paragraph(path: Path = DEMO_FIGURES) -> list[str]:
+    """The card's lines on the bundled demo, from the demo figures (none where the file is absent)."""
+    if not path.exists():
+        return []
+    figures = json.loads(path.read_text())
+    d, draws = figures["detect"]["default"], figures["detect_draws"]
+    return [
+        "**Bundled demo** (`metashield detect`: a tiny CNN on scikit-learn's digits with a 2×2 BadNets patch, the "
+        f"detector adapted from {d['n_clean_samples']} clean samples; `benchmarks/demo/results/demo_figures.json`): "
+        f"TPR {d['tpr']:.3f} at FPR {d['fpr']:.3f}, AUROC {d['auroc']:.3f} on held-out inputs. Over "
+        f"{draws['draws']} draws of the clean samples the FPR at the threshold runs from "
+        f"{draws['summary']['fpr']['min']:.3f} to {draws['summary']['fpr']['max']:.3f}.",
+        "",
+    ]
 
 
 def domain_means(records: list[dict], variant: str) -> dict[tuple[str, int], dict[str, float]]:
@@ -91,6 +109,7 @@ def main() -> None:
             "",
             *table,
             "",
+            *demo_paragraph(),
             "**Limits**: the zoo's models are tiny and trained from scratch on MNIST, CIFAR-10, SST-2, MR, AG News and "
             "FL MNIST; results on large pretrained models, other attacks and adaptive attackers are not measured here.",
         ]
