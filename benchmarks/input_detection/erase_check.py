@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from metashield_hf import adapt
+from metashield_hf.evaluation.episodes import EpisodeLog, summarize_episodes
 from metashield_hf.evaluation.metrics import auroc, rates, tpr_at_fpr
 from metashield_hf.loading import load_detector
 from metashield_hf.meta.episodes import draw_rows
@@ -96,28 +97,15 @@ def episode(det, adapter, clean, triggered, k: int, seed: int, target_fpr: float
 
 
 def summarize(records: list[dict]) -> dict:
-    """Per (domain, k, method): means over backdoored episodes, FPR mean / p90 over every episode."""
-    cells: dict = defaultdict(lambda: defaultdict(list))
+    """Per (domain, k, method): means over backdoored episodes, FPR mean / p90 over every episode, and for the erase
+    check the share of episodes it was on, on backdoored and on clean models."""
+    out = summarize_episodes(records, METHODS)
+    on: dict = defaultdict(list)
     for r in records:
         for dom in (r["domain"], "all"):
-            for m in METHODS:
-                c = cells[(dom, r["k"], m)]
-                c["fpr"].append(r[m]["fpr_at_threshold"])
-                if m == "erase":
-                    c["on_backdoored" if r["is_backdoored"] else "on_clean"].append(r[m]["on"])
-                if r["is_backdoored"] and "tpr_at_5fpr" in r[m]:
-                    for key in ("tpr_at_5fpr", "auroc", "tpr_at_threshold"):
-                        c[key].append(r[m][key])
-    out = {}
-    for (dom, k, m), c in sorted(cells.items()):
-        out[f"{dom}|{k}|{m}"] = {
-            **{key: float(np.mean(c[key])) for key in ("tpr_at_5fpr", "auroc", "tpr_at_threshold") if c[key]},
-            **{key: float(np.mean(c[key])) for key in ("on_backdoored", "on_clean") if c[key]},
-            "fpr_mean": float(np.mean(c["fpr"])),
-            "fpr_p90": float(np.quantile(c["fpr"], 0.9)),
-            "n_backdoored_episodes": len(c["tpr_at_5fpr"]),
-            "n_episodes": len(c["fpr"]),
-        }
+            on[(dom, r["k"], "on_backdoored" if r["is_backdoored"] else "on_clean")].append(r["erase"]["on"])
+    for (dom, k, key), values in on.items():
+        out[f"{dom}|{k}|erase"][key] = float(np.mean(values))
     return out
 
 
@@ -184,14 +172,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_models:
         rows = rows[: args.max_models]
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log = out.with_suffix(".jsonl")
-    records = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
-    done = {(r["model_id"], r["k"], r["seed"]) for r in records}
+    log = EpisodeLog(out)
     ks = [int(x) for x in args.k.split(",")]
     for i in tqdm(rows, desc="models"):
         m = meta[i]
-        todo = [(k, s) for k in ks for s in range(args.seeds) if (m["model_id"], k, s) not in done]
+        todo = log.todo(m["model_id"], ks, args.seeds)
         if not todo:
             continue
         row = zoo[i]
@@ -202,10 +187,8 @@ def main(argv: list[str] | None = None) -> None:
         if not m["is_backdoored"]:
             triggered = []
         for k, seed in todo:
-            rec = {**m, **episode(det, adapter, clean, triggered, k, seed, args.target_fpr)}
-            records.append(rec)
-            with log.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+            log.add({**m, **episode(det, adapter, clean, triggered, k, seed, args.target_fpr)})
+    records = log.records
     summary = summarize(records)
     text = report(args, records, summary)
     out.with_suffix(".md").write_text(text)

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
+from metashield_hf.evaluation.episodes import EpisodeLog, summarize_episodes
 from metashield_hf.evaluation.metrics import auroc, rates, tpr_at_fpr
 from metashield_hf.loading import load_detector
 from metashield_hf.meta.episodes import draw_rows
@@ -86,30 +87,13 @@ def episode(det, adapter, clean, triggered, k: int, seed: int, target_fpr: float
 
 
 def summarize(records: list[dict]) -> dict:
-    """Per (domain, k, method): means over backdoored episodes, FPR mean / p90 over every episode."""
-    cells: dict = defaultdict(lambda: defaultdict(list))
+    """Per (domain, k, method): means over backdoored episodes, FPR mean / p90 over every episode; ``auto`` is the
+    method ``adapt(positives="auto")`` runs on each model."""
+    with_auto = []
     for r in records:
         modality = r.get("modality", "text" if r["domain"] == "nlp" else "image")
-        r = {**r, "auto": r[positives_for("auto", modality)]}  # what adapt(positives="auto") runs on this model
-        for dom in (r["domain"], "all"):
-            for m in METHODS:
-                if m not in r:
-                    continue
-                c = cells[(dom, r["k"], m)]
-                c["fpr"].append(r[m]["fpr_at_threshold"])
-                if r["is_backdoored"] and "tpr_at_5fpr" in r[m]:
-                    for key in ("tpr_at_5fpr", "auroc", "tpr_at_threshold"):
-                        c[key].append(r[m][key])
-    out = {}
-    for (dom, k, m), c in sorted(cells.items()):
-        out[f"{dom}|{k}|{m}"] = {
-            **{key: float(np.mean(c[key])) for key in ("tpr_at_5fpr", "auroc", "tpr_at_threshold") if c[key]},
-            "fpr_mean": float(np.mean(c["fpr"])),
-            "fpr_p90": float(np.quantile(c["fpr"], 0.9)),
-            "n_backdoored_episodes": len(c["tpr_at_5fpr"]),
-            "n_episodes": len(c["fpr"]),
-        }
-    return out
+        with_auto.append({**r, "auto": r[positives_for("auto", modality)]})  # what adapt(positives="auto") runs
+    return summarize_episodes(with_auto, METHODS)
 
 
 def report(args, records: list[dict], summary: dict) -> str:
@@ -161,13 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_models:
         meta = meta[: args.max_models]
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log = out.with_suffix(".jsonl")
-    records = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
-    done = {(r["model_id"], r["k"], r["seed"]) for r in records}
+    log = EpisodeLog(out)
     ks = [int(x) for x in args.k.split(",")]
     for i, m in enumerate(tqdm(meta, desc="models")):
-        todo = [(k, s) for k in ks for s in range(args.seeds) if (m["model_id"], k, s) not in done]
+        todo = log.todo(m["model_id"], ks, args.seeds)
         if not todo:
             continue
         row = zoo[i]
@@ -178,9 +159,8 @@ def main(argv: list[str] | None = None) -> None:
         for k, seed in todo:
             rec = {**m, **episode(det, adapter, clean, triggered, k, seed, args.target_fpr)}
             rec["k"] = k
-            records.append(rec)
-            with log.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+            log.add(rec)
+    records = log.records
     summary = summarize(records)
     text = report(args, records, summary)
     out.with_suffix(".md").write_text(text)

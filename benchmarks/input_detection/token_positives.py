@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from metashield_hf import adapt, scan_model
+from metashield_hf.evaluation.episodes import EpisodeLog, summarize_episodes
 from metashield_hf.evaluation.metrics import auroc, rates, tpr_at_fpr
 from metashield_hf.loading import load_detector
 from metashield_hf.meta.episodes import draw_rows
@@ -80,14 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     ).to_list()
     rows = [i for i, m in enumerate(meta) if m["domain"] == "nlp"]
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log = out.with_suffix(".jsonl")
-    records = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
-    done = {(r["model_id"], r["k"], r["seed"]) for r in records}
+    log = EpisodeLog(out)
     ks = [int(x) for x in args.k.split(",")]
     for i in tqdm(rows, desc="models"):
         m = meta[i]
-        todo = [(k, s) for k in ks for s in range(args.seeds) if (m["model_id"], k, s) not in done]
+        todo = log.todo(m["model_id"], ks, args.seeds)
         if not todo:
             continue
         row = zoo[i]
@@ -96,21 +93,10 @@ def main(argv: list[str] | None = None) -> None:
         if not m["is_backdoored"]:
             triggered = []
         for k, seed in todo:
-            rec = {**m, **episode(det, adapter, clean, triggered, k, seed, args.target_fpr)}
-            records.append(rec)
-            with log.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-    cells = defaultdict(lambda: defaultdict(list))
-    for r in records:
-        for m in METHODS:
-            c = cells[(r["k"], m)]
-            c["fpr"].append(r[m]["fpr_at_threshold"])
-            if r["is_backdoored"] and "tpr_at_5fpr" in r[m]:
-                for key in ("tpr_at_5fpr", "auroc", "tpr_at_threshold"):
-                    c[key].append(r[m][key])
-    summary = {f"{k}|{m}": {**{key: float(np.mean(v)) for key, v in c.items() if key != "fpr"},
-                            "fpr_mean": float(np.mean(c["fpr"])), "fpr_p90": float(np.quantile(c["fpr"], 0.9))}
-               for (k, m), c in sorted(cells.items())}  # fmt: skip
+            log.add({**m, **episode(det, adapter, clean, triggered, k, seed, args.target_fpr)})
+    records = log.records
+    summary = {key.split("|", 1)[1]: cell for key, cell in summarize_episodes(records, METHODS).items()
+               if key.startswith("all|")}  # fmt: skip
     bd = [r for r in records if r["is_backdoored"]]
     hits = [r["suspected_target"] == r["target_label"] for r in bd]
     lines = [f"# Token-trigger positives for text models: {Path(args.zoo).name}", "",
