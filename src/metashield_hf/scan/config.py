@@ -18,6 +18,11 @@ MIN_SCAN_SAMPLES = 5
 #: Adam steps of the blend synthesis that runs by default on image models. The head's ``image/blend`` part is fit on
 #: scans of this budget, so another budget gives blend sizes it does not expect.
 DEFAULT_BLEND_STEPS = 20
+#: Image inputs whose longer side passes this many pixels are synthesized on the clean samples downsized to it (a
+#: forward pass costs about the pixel count, and a synthesis is thousands of them); the triggers found are upsampled
+#: and the outputs recomputed at the model's own size. The zoos the scan head is fit on are at most 32 px, so their
+#: scans never downsize. ``synthesize_triggers(max_side=0)`` keeps the model's own size.
+MAX_SYNTHESIS_SIDE = 64
 #: The source-specific synthesis (``source_steps``): a class's mask counts as effective once it flips half of the
 #: clean samples, and its loss is averaged over the half it flips most easily, so the mask can settle on a trigger that
 #: flips only some classes' inputs (TaCT) instead of growing to flip them all.

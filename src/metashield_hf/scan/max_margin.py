@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..targets.base import TargetAdapter
 from .progress import tqdm_disable
-from .synthesis import anomaly_indices, synthesis_space
+from .synthesis import MAX_SYNTHESIS_SIDE, anomaly_indices, synthesis_space
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,8 @@ def max_margins(
     while len(rows) < starts:  # fewer items than starts: reuse them (only text reads their token positions)
         rows += list(items[: starts - len(rows)])
     space = synthesis_space(adapter, rows)
+    if space.downsized is not None:  # large images: the margins are maximised at the synthesis's own size
+        space = space.downsized(MAX_SYNTHESIS_SIDE) or space
     low, high = bounds.low.float(), bounds.high.float()
     span = (high - low).clamp_min(1e-6)
     shape = (num_classes * starts, *space.pattern_shape[1:])

@@ -390,8 +390,11 @@ def scan_adapter(
     clean_out = _clean_outputs(adapter, items)
     num_classes = clean_out.logits.shape[1]
     if synthesis:
+        side = None
+        if adapter.modality == "image":  # the estimate scales with the area the synthesis runs at
+            side = max(synthesis_space(adapter, items[:1]).mask_shape[-2:])
         log_scan_cost(
-            name, adapter.modality, config, num_classes, len(items), time.perf_counter() - t_forward, tokens_on
+            name, adapter.modality, config, num_classes, len(items), time.perf_counter() - t_forward, tokens_on, side
         )
         _warn_few_classes(num_classes)
         _, result, anomaly = run_synthesis(

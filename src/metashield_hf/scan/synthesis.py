@@ -37,16 +37,12 @@ from tqdm.auto import tqdm
 from ..targets.base import TargetAdapter, to_device
 from ..targets.heads import select_tokens
 from ..targets.transformers_models import unwrap
+from .config import MAX_SYNTHESIS_SIDE
 from .progress import tqdm_disable
 
 logger = logging.getLogger(__name__)
 
 MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of the standard deviation for normal data
-#: Image inputs whose longer side passes this many pixels are synthesized on the clean samples downsized to it (a
-#: forward pass costs about the pixel count, and a synthesis is thousands of them); the triggers found are upsampled
-#: and the outputs recomputed at the model's own size. The zoos the scan head is fit on are at most 32 px, so their
-#: scans never downsize. ``synthesize_triggers(max_side=0)`` keeps the model's own size.
-MAX_SYNTHESIS_SIDE = 64
 #: The downsized clean samples must keep at least this fraction of the model's predictions at its own size (else the
 #: model, e.g. one with fixed position embeddings or tuned to its size, is synthesized at its own size).
 MIN_DOWNSIZED_AGREEMENT = 0.8
