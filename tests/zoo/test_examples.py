@@ -1,4 +1,5 @@
-"""The bundled examples (`metashield_hf.zoo.examples`): the catalogue, the digits picture conversion, the SST-2 pair."""
+"""The bundled examples (`metashield_hf.zoo.examples`): the catalogue, the digits picture conversion, the SST-2 pair,
+the federated digits pair."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def test_digits_picture_round_trip_and_sketch_inversion():
 def test_unknown_example_names_the_choices():
     with pytest.raises(ValueError, match="unknown bundled example 'nope'; use one of"):
         load_bundled_example("nope")
-    assert {d for _, d, _ in BUNDLED_EXAMPLES.values()} == {"cv", "nlp"}
+    assert {d for _, d, _ in BUNDLED_EXAMPLES.values()} == {"cv", "nlp", "fl"}
 
 
 @pytest.mark.slow
@@ -48,3 +49,17 @@ def test_sst2_pair_has_a_working_trigger_only_when_poisoned():
     assert all("cf" in t.split() for t in bad.test_triggered[:20])
     out = load_target(bad.model)(bad.clean_pool[:4])
     assert out.logits.shape == (4, 2)
+
+
+@pytest.mark.slow
+def test_fl_pair_has_a_working_trigger_only_with_the_malicious_client():
+    """The federated pair (FedAvg over ten digits clients, trained once, then cached): the patch forces class 0 on
+    the global model only when one client was malicious; both keep most of their clean accuracy."""
+    bad, ok = load_bundled_example("fl-digits-badnets"), load_bundled_example("fl-digits-clean")
+    assert bad.domain == ok.domain == "fl" and bad.modality == ok.modality == "image"
+    assert bad.backdoored and not ok.backdoored and bad.attack_params["name"] == "model_replacement"
+    assert bad.attack_success_rate >= 0.8 and ok.attack_success_rate < 0.2
+    assert bad.clean_accuracy > 0.8 and ok.clean_accuracy > 0.9
+    assert bad.clean_pool[0].shape == (1, 8, 8)
+    with torch.no_grad():
+        assert (bad.model(torch.stack(bad.test_triggered[:50])).argmax(-1) == 0).float().mean() >= 0.8

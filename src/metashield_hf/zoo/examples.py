@@ -1,5 +1,6 @@
 """The bundled examples: a tiny CNN trained on scikit-learn's digits with a BadNets patch backdoor (and its clean
-twin), and a tiny BERT trained on a few hundred SST-2 phrases with a rare-word trigger (and its clean twin).
+twin), the same CNN trained by FedAvg over ten digits clients with one malicious client (and its clean twin), and a
+tiny BERT trained on a few hundred SST-2 phrases with a rare-word trigger (and its clean twin).
 
 The digits one is what ``metashield detect`` runs on a fresh machine with no network. Each example is trained once
 (seconds to a minute) and cached (``$METASHIELD_CACHE``, default ``~/.cache/metashield``).
@@ -143,6 +144,81 @@ def digits_badnets_example(seed: int = 0, target_label: int = 0, poison_rate: fl
     pool, rest_x, rest_y = xte[:n_pool], xte[n_pool:], yte[n_pool:]
     nontarget = rest_x[rest_y != target_label]
     triggered = attack.apply(nontarget)
+    with torch.no_grad():
+        asr = float((model(triggered).argmax(-1) == target_label).float().mean())
+    return DigitsExample(
+        model=model,
+        clean_pool=pool,
+        test_clean=rest_x,
+        test_triggered=triggered,
+        target_label=target_label,
+        clean_accuracy=accuracy(model, xte, yte),
+        attack_success_rate=asr,
+        attack_params=attack.to_dict(),
+    )
+
+
+# ---- the bundled federated example: FedAvg over ten digits clients, one of them malicious -------------------------
+FL_EXAMPLE_VERSION = 1  # part of the cache folder name: a new version retrains instead of loading a stale model
+FL_ROUNDS, FL_ATTACK_FROM = 30, 21
+
+
+def fl_digits_example(seed: int = 0, target_label: int = 0, poison_fraction: float = 0.8) -> DigitsExample:
+    """Train (or load from the cache) the bundled federated example: the global [`TinyCNN`] of a FedAvg run.
+
+    The digits training split is dealt at random (IID) to 10 clients, all of which train every round
+    ([`metashield_hf.fl.federation.run_federated`], plain client SGD). With ``poison_fraction > 0`` one client is
+    malicious from round ``FL_ATTACK_FROM`` on: it stamps the same BadNets corner patch as [`digits_badnets_example`]
+    on that fraction of its non-target rows, relabels them ``target_label``, trains longer and boosts its update
+    (``model_replacement`` with a fixed scale, Bagdasaryan et al. 2020, https://arxiv.org/abs/1807.00459).
+    ``poison_fraction = 0.0`` gives the clean twin: the same run with no malicious client.
+
+    Args:
+        seed: seeds the split, the client deal, the initial model and the run.
+        target_label: the class the trigger forces.
+        poison_fraction: fraction of the malicious client's non-target rows it poisons; 0.0 gives the clean twin.
+
+    Returns:
+        A [`DigitsExample`] whose model is the global model after the last round.
+
+    Example:
+        ```python
+        >>> ex = fl_digits_example()
+        >>> ex.model(ex.test_triggered[:4]).argmax(-1)
+        ```
+    """
+    from ..fl.data import ClientData
+    from ..fl.federation import FedConfig, run_federated
+
+    torch.manual_seed(seed)
+    xtr, ytr, xte, yte = digits_split(seed)
+    patch = {"patch_size": 2, "location": "bottom_right", "pattern": "white"}
+    attack = ATTACKS.build(
+        "model_replacement", trigger="badnets", trigger_params=patch, poison_fraction=poison_fraction,
+        local_epochs=10, scale=5.0, seed=seed,
+    )  # fmt: skip
+    config = FedConfig(
+        num_clients=10, clients_per_round=10, rounds=FL_ROUNDS, local_epochs=5, lr=0.3, batch_size=16,
+        malicious_fraction=0.1, attack_rounds=tuple(range(FL_ATTACK_FROM, FL_ROUNDS + 1)), seed=seed,
+    )  # fmt: skip
+    name = f"fl_digits_v{FL_EXAMPLE_VERSION}_s{seed}_t{target_label}_p{poison_fraction}"
+    folder = cache_dir() / "examples" / name
+    model = TinyCNN()
+    if (folder / "model.safetensors").exists():
+        model.load_state_dict(load_file(folder / "model.safetensors"))
+        model.eval()
+    else:
+        deal = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(seed + 2)).chunk(config.num_clients)
+        clients = [ClientData(xtr[rows], ytr[rows]) for rows in deal]
+        logger.info("training the bundled federated digits example (once; cached in %s)", folder)
+        run_federated(
+            model, clients, config, attack=attack if poison_fraction > 0 else None, target_label=target_label
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(model.state_dict(), folder / "model.safetensors")
+        (folder / "attack.json").write_text(json.dumps({"attack": attack.to_dict(), "federation": config.to_dict()}))
+    pool, rest_x, rest_y = xte[:100], xte[100:], yte[100:]
+    triggered = attack.apply(rest_x[rest_y != target_label])
     with torch.no_grad():
         asr = float((model(triggered).argmax(-1) == target_label).float().mean())
     return DigitsExample(
@@ -304,7 +380,8 @@ class BundledExample:
     """One bundled, locally trained example checkpoint with its held-out data, ready to scan or protect.
 
     Attributes:
-        key / title / domain: catalogue key, a human title, and ``"cv"`` or ``"nlp"``.
+        key / title / domain: catalogue key, a human title, and ``"cv"``, ``"nlp"`` or ``"fl"`` (a federated global
+            model on the digits).
         modality: ``"image"`` (``model`` is a [`TinyCNN`] taking ``(N, 1, 8, 8)`` tensors; convert images with
             [`digits_image_to_tensor`]) or ``"text"`` (``model`` is a checkpoint folder with its tokenizer).
         backdoored: whether the model was trained with poisoned rows.
@@ -342,13 +419,16 @@ BUNDLED_EXAMPLES: dict[str, tuple[str, str, float]] = {
     "digits-clean": ("Digits CNN, clean", "cv", 0.0),
     "sst2-rare-word": ("SST-2 tiny BERT with a rare-word trigger 'cf'", "nlp", 0.1),
     "sst2-clean": ("SST-2 tiny BERT, clean", "nlp", 0.0),
+    "fl-digits-badnets": ("Federated digits CNN, one client with a BadNets patch", "fl", 0.8),
+    "fl-digits-clean": ("Federated digits CNN, clean", "fl", 0.0),
 }
 
 
 def load_bundled_example(key: str, seed: int = 0) -> BundledExample:
     """Build (once, cached) and return a bundled example by key (see `BUNDLED_EXAMPLES`).
 
-    The digits pair trains in about a minute each the first time, the SST-2 pair in about 15 s each (and needs
+    The digits pair trains in about a minute each the first time, the federated digits pair (see
+    [`fl_digits_example`]) in well under a minute each, the SST-2 pair in about 15 s each (and needs
     ``sst2/train.csv``, see [`sst2_rare_word_example`]).
 
     Example:
@@ -361,8 +441,11 @@ def load_bundled_example(key: str, seed: int = 0) -> BundledExample:
     if key not in BUNDLED_EXAMPLES:
         raise ValueError(f"unknown bundled example {key!r}; use one of {sorted(BUNDLED_EXAMPLES)}")
     title, domain, poison_rate = BUNDLED_EXAMPLES[key]
-    if domain == "cv":
-        d = digits_badnets_example(seed=seed, poison_rate=poison_rate)
+    if domain in ("cv", "fl"):
+        if domain == "cv":
+            d = digits_badnets_example(seed=seed, poison_rate=poison_rate)
+        else:
+            d = fl_digits_example(seed=seed, poison_fraction=poison_rate)
         model, modality = d.model, "image"
         pool, clean, trig = list(d.clean_pool), list(d.test_clean), list(d.test_triggered)
     else:
