@@ -118,6 +118,13 @@ def test_scan_passes_the_clean_digits_example(client):
     assert json.loads(Path(report_file).read_text())["verdict"] == "clean"
 
 
+def test_scan_gives_a_verdict_on_the_federated_example(client):
+    verdict, target, summary, _, triggers, evidence, _ = _scan(client, "fl-digits-badnets")
+    assert verdict in ("clean", "backdoored") and target.isdigit()  # the scan may miss it: the app says so
+    assert "Ground truth for this bundled example: **backdoored, target class 0**" in summary
+    assert len(evidence["data"]) == 10 and Path(triggers).stat().st_size > 1_000
+
+
 def test_check_scores_triggered_digits_above_clean_ones(client, tmp_path):
     from gradio_client import handle_file
 

@@ -84,8 +84,10 @@ DOMAINS_NOTE = (
     "(strong sentiment words), so read the class probability and the detector score, not the trigger alone.\n\n"
     "**Limits, honestly**: the anomaly index is a median over classes, so a binary image model cannot single out a "
     "target; a trigger spread over the whole input (a blend, a warp) or one that needs the source class is harder to "
-    "synthesize than a patch; a few clean samples give a noisy verdict — read the pictures. **No federated-learning "
-    "example is bundled**: an FL global model is scanned like any other classifier (give its Hub id or upload it)."
+    "synthesize than a patch; a few clean samples give a noisy verdict — read the pictures. *Federated, a limit*: the "
+    "same CNN trained by FedAvg over ten digits clients, one of which stamps the BadNets patch on its data and boosts "
+    "its update from round 21 of 30 (and its clean twin): the trigger works on the global model, yet the scan calls it "
+    "*clean* (it names class 0 as the suspect, below the threshold), while the check tab flags the patched inputs."
 )
 
 
@@ -101,8 +103,9 @@ class Target:
 
     @property
     def is_digits(self) -> bool:
-        """The bundled digits CNNs take ``(1, 8, 8)`` tensors, so pictures are converted for them."""
-        return self.example is not None and self.example.domain == "cv"
+        """The bundled digits CNNs (vision and federated) take ``(1, 8, 8)`` tensors, so pictures are converted for
+        them."""
+        return self.example is not None and self.example.modality == "image"
 
     def num_classes(self) -> int | None:
         from metashield_hf.targets.transformers_models import unwrap
