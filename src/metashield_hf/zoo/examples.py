@@ -112,6 +112,28 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((model(x).argmax(-1) == y).float().mean())
 
 
+def digits_example_of(
+    model: nn.Module, attack, xte: torch.Tensor, yte: torch.Tensor, target_label: int
+) -> DigitsExample:
+    """A trained digits model as a [`DigitsExample`]: the first 100 test digits are the clean pool adaptation draws
+    from, the rest are the held-out clean inputs, and the held-out digits of other classes carry ``attack``'s trigger;
+    clean accuracy over the whole test split and ASR over the triggered inputs."""
+    pool, rest_x, rest_y = xte[:100], xte[100:], yte[100:]
+    triggered = attack.apply(rest_x[rest_y != target_label])
+    with torch.no_grad():
+        asr = float((model(triggered).argmax(-1) == target_label).float().mean())
+    return DigitsExample(
+        model=model,
+        clean_pool=pool,
+        test_clean=rest_x,
+        test_triggered=triggered,
+        target_label=target_label,
+        clean_accuracy=accuracy(model, xte, yte),
+        attack_success_rate=asr,
+        attack_params=attack.to_dict(),
+    )
+
+
 def digits_badnets_example(seed: int = 0, target_label: int = 0, poison_rate: float = 0.1) -> DigitsExample:
     """Train (or load from the cache) the bundled backdoored digits model.
 
@@ -140,22 +162,7 @@ def digits_badnets_example(seed: int = 0, target_label: int = 0, poison_rate: fl
         folder.mkdir(parents=True, exist_ok=True)
         save_file(model.state_dict(), folder / "model.safetensors")
         (folder / "attack.json").write_text(json.dumps(attack.to_dict()))
-    n_pool = 100
-    pool, rest_x, rest_y = xte[:n_pool], xte[n_pool:], yte[n_pool:]
-    nontarget = rest_x[rest_y != target_label]
-    triggered = attack.apply(nontarget)
-    with torch.no_grad():
-        asr = float((model(triggered).argmax(-1) == target_label).float().mean())
-    return DigitsExample(
-        model=model,
-        clean_pool=pool,
-        test_clean=rest_x,
-        test_triggered=triggered,
-        target_label=target_label,
-        clean_accuracy=accuracy(model, xte, yte),
-        attack_success_rate=asr,
-        attack_params=attack.to_dict(),
-    )
+    return digits_example_of(model, attack, xte, yte, target_label)
 
 
 # ---- the bundled federated example: FedAvg over ten digits clients, one of them malicious -------------------------
@@ -217,20 +224,7 @@ def fl_digits_example(seed: int = 0, target_label: int = 0, poison_fraction: flo
         folder.mkdir(parents=True, exist_ok=True)
         save_file(model.state_dict(), folder / "model.safetensors")
         (folder / "attack.json").write_text(json.dumps({"attack": attack.to_dict(), "federation": config.to_dict()}))
-    pool, rest_x, rest_y = xte[:100], xte[100:], yte[100:]
-    triggered = attack.apply(rest_x[rest_y != target_label])
-    with torch.no_grad():
-        asr = float((model(triggered).argmax(-1) == target_label).float().mean())
-    return DigitsExample(
-        model=model,
-        clean_pool=pool,
-        test_clean=rest_x,
-        test_triggered=triggered,
-        target_label=target_label,
-        clean_accuracy=accuracy(model, xte, yte),
-        attack_success_rate=asr,
-        attack_params=attack.to_dict(),
-    )
+    return digits_example_of(model, attack, xte, yte, target_label)
 
 
 # ---- the bundled text example: a tiny BERT on SST-2 with a rare-word trigger -------------------------------------
