@@ -1,9 +1,11 @@
 """One real Flower simulation (Ray): 5 supernodes, one malicious, 3 rounds, MetaShieldStrategy around FedAvg.
 
-Ray's start-up on a 2-core machine takes tens of seconds and the first round may lose replies while workers start,
-so a round with fewer replies is accepted; but the malicious client must have replied in at least one round, be the
-only client flagged in at least one round, score highest in most rounds it took part in, and at most one benign
-reply may be flagged over the run.
+Ray's start-up on a 2-core machine takes tens of seconds, and a round may lose replies while workers start; such a
+round changes every later round's global model, and the robust z-scores of a 3-reply round are noise. So a run with a
+round of fewer than 5 replies is rerun (at most 3 runs in all; a round waits up to 600 s); if every run loses replies,
+the last is judged and a round with fewer replies is accepted. The malicious client must have replied in at least one
+round, be the only client flagged in at least one round, score highest in most rounds it took part in, and at most one
+benign reply may be flagged over the run.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def _server_app(warm: dict, clean: torch.Tensor) -> ServerApp:
             FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=3, min_available_nodes=5),
             clean, SmallCNN, seed=0,
         )  # fmt: skip
-        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(warm), num_rounds=3, timeout=120)
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(warm), num_rounds=3, timeout=600)
         RESULT["history"], RESULT["metrics"], RESULT["arrays"] = (
             strategy.history,
             result.train_metrics_clientapp,
@@ -86,10 +88,15 @@ def test_run_simulation_flags_the_malicious_supernode():
 
     clients, test = digits_federation(num_clients=5)
     warm = warm_global(clients).state_dict()
-    run_simulation(
-        server_app=_server_app(warm, test.x[:10]), client_app=client, num_supernodes=5,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-    )  # fmt: skip
+    for _ in range(3):  # a run whose rounds lost replies while Ray started is rerun (up to 3 runs in all)
+        RESULT.clear()
+        RESULT["partitions"] = {}
+        run_simulation(
+            server_app=_server_app(warm, test.x[:10]), client_app=client, num_supernodes=5,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+        )  # fmt: skip
+        if RESULT.get("history") and all(len(scores) == 5 for scores in RESULT["history"].values()):
+            break
     history, partitions = RESULT["history"], RESULT["partitions"]
     assert history, "no round was aggregated"
     rounds_with_malicious = caught = top = false_alarms = 0
