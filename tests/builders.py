@@ -134,3 +134,21 @@ def build_timm_model(seed: int = 0):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 1.5)
     return model.eval()
+
+
+def planted_digits_model(attack, target: int):
+    """The bundled digits TinyCNN recipe with 10% of the non-target training rows carrying ``attack``'s trigger and
+    relabelled ``target``, 30 epochs: ``(model, 20 clean test digits, target, ASR on the other test digits)``."""
+    import torch
+
+    from metashield_hf.zoo.examples import TinyCNN, digits_split, train_on_tensors
+
+    xtr, ytr, xte, yte = digits_split(0)
+    chosen = torch.nonzero(ytr != target).squeeze(1)[: round(0.1 * len(xtr))]
+    xp, yp = xtr.clone(), ytr.clone()
+    xp[chosen], yp[chosen] = attack.apply(xtr[chosen]), target
+    torch.manual_seed(0)
+    model = train_on_tensors(TinyCNN(), xp, yp, epochs=30, seed=0)
+    with torch.no_grad():
+        asr = float((model(attack.apply(xte[yte != target])).argmax(-1) == target).float().mean())
+    return model, xte[:20], target, asr

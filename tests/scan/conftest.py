@@ -12,3 +12,11 @@ def digits_models():
     from metashield_hf.zoo.examples import digits_badnets_example
 
     return digits_badnets_example(seed=0), digits_badnets_example(seed=0, poison_rate=0.0)
+
+
+@pytest.fixture(scope="session")
+def detector():
+    """The embedded one-pass detector (what the scan and adaptation score activations with)."""
+    from metashield_hf import load_detector
+
+    return load_detector(one_pass=True)

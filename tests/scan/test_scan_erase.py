@@ -18,11 +18,6 @@ from metashield_hf.targets import load_target
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def detector():
-    return load_detector(one_pass=True)
-
-
 @pytest.mark.slow
 def test_erase_check_catches_the_patch_and_keeps_the_threshold(digits_models, detector):
     backdoored, _ = digits_models

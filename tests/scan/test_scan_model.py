@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from builders import NUM_LABELS, build_image_model, build_text_model
+from builders import NUM_LABELS, build_image_model, build_text_model, planted_digits_model
 from metashield_hf.cli import main
 from metashield_hf.scan import (
     BLEND,
@@ -342,18 +342,8 @@ def test_class_count_correction_is_a_change_of_units_for_a_fixed_class_count():
 def digits_blend_model():
     """The bundled digits TinyCNN recipe poisoned with a whole-image Blend (alpha 0.2, 10% of rows, target 3)."""
     from metashield_hf.attacks import Blend
-    from metashield_hf.zoo.examples import TinyCNN, digits_split, train_on_tensors
 
-    xtr, ytr, xte, yte = digits_split(0)
-    attack, target = Blend(alpha=0.2, seed=0), 3
-    chosen = torch.nonzero(ytr != target).squeeze(1)[: round(0.1 * len(xtr))]
-    xp, yp = xtr.clone(), ytr.clone()
-    xp[chosen], yp[chosen] = attack.apply(xtr[chosen]), target
-    torch.manual_seed(0)
-    model = train_on_tensors(TinyCNN(), xp, yp, epochs=30, seed=0)
-    with torch.no_grad():
-        asr = float((model(attack.apply(xte[yte != target])).argmax(-1) == target).float().mean())
-    return model, xte[:20], target, asr
+    return planted_digits_model(Blend(alpha=0.2, seed=0), 3)
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import torch
 from scipy.stats import beta
 
 from builders import build_image_model, build_text_model
-from metashield_hf import load_detector, scan_model
+from metashield_hf import scan_model
 from metashield_hf.cli import main
 from metashield_hf.scan import ScanConfig
 from metashield_hf.scan.positives import model_fingerprint, positives_from_report, synthesized_positives
@@ -21,11 +21,6 @@ from metashield_hf.targets import load_target
 from test_pipeline import clean_sentences, digit_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def detector():
-    return load_detector(one_pass=True)
 
 
 # ---- synthesis as the inner loop's positives ------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from builders import build_text_model
+from builders import build_text_model, planted_digits_model
 from metashield_hf.scan import (
     FEATURE_SIGNALS,
     MAX_MARGIN_SIGNALS,
@@ -76,18 +76,8 @@ def digits_sig_model():
     10% of the rows, target 5), a whole-image trigger; it forces the target on about three quarters of the triggered
     inputs after 30 epochs."""
     from metashield_hf.attacks import ATTACKS
-    from metashield_hf.zoo.examples import TinyCNN, digits_split, train_on_tensors
 
-    xtr, ytr, xte, yte = digits_split(0)
-    attack, target = ATTACKS.build("sig", delta=0.2, frequency=2), 5
-    chosen = torch.nonzero(ytr != target).squeeze(1)[: round(0.1 * len(xtr))]
-    xp, yp = xtr.clone(), ytr.clone()
-    xp[chosen], yp[chosen] = attack.apply(xtr[chosen]), target
-    torch.manual_seed(0)
-    model = train_on_tensors(TinyCNN(), xp, yp, epochs=30, seed=0)
-    with torch.no_grad():
-        asr = float((model(attack.apply(xte[yte != target])).argmax(-1) == target).float().mean())
-    return model, xte[:20], target, asr
+    return planted_digits_model(ATTACKS.build("sig", delta=0.2, frequency=2), 5)
 
 
 @pytest.mark.slow
