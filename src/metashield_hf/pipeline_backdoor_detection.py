@@ -149,13 +149,14 @@ class BackdoorDetectionPipeline(Pipeline):
             raise ValueError(
                 "no target: build the pipeline with target_model= and clean_samples=, or pass them in the call"
             )
-        items, erase = inputs.items, self.shield.erase
-        if erase is not None:  # the erase check perturbs prepared items
+        items = inputs.items
+        if self.shield.erase is not None:  # the erase check perturbs prepared items
             items = self.shield.target.prepare_items(items)
         out, feats = self.shield.features(items)
         model_inputs = {"features": feats.to(self.dtype), "target_logits": out.logits}
-        if erase is not None:
-            model_inputs["erase_drops"] = torch.as_tensor(erase.drops(self.shield.target, items, out.logits))
+        drops = self.shield.erase_drops(items, out.logits)
+        if drops is not None:
+            model_inputs["erase_drops"] = drops
         return model_inputs
 
     def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:

@@ -213,10 +213,15 @@ class AdaptedShield:
             inputs = self.target.prepare_items(inputs)
         out, feats = self.features(inputs)
         scores = self.score_features(feats)
-        if self.erase is not None:
-            drops = torch.as_tensor(self.erase.drops(self.target, inputs, out.logits), dtype=scores.dtype)
-            scores = torch.maximum(scores, drops)
-        return out, scores
+        drops = self.erase_drops(inputs, out.logits)
+        return out, scores if drops is None else torch.maximum(scores, drops.to(scores.dtype))
+
+    def erase_drops(self, items, logits: torch.Tensor) -> torch.Tensor | None:
+        """The erase check's probability drops on prepared ``items`` whose target ``logits`` are known (one forward
+        pass of the erased copies); ``None`` with the check off."""
+        if self.erase is None:
+            return None
+        return torch.as_tensor(self.erase.drops(self.target, items, logits))
 
     def predict(self, inputs) -> list[dict]:
         """One ``{"label", "score", "threshold", "predicted_class"}`` dict per input."""
@@ -387,8 +392,7 @@ def adapt(
     )
     shield.evidence = evidence
     shield.positives = found
-    if erase == "auto" and found is not None:
-        items = clean_samples if evidence is not None else adapter.prepare_items(clean_samples)
+    if erase == "auto" and found is not None:  # `items`: the prepared clean samples the positives were made on
         check, shield.erase_note = EraseCheck.from_positives(adapter, items, found)
         if check is not None:
             use_erase(shield, check, check.drops(adapter, items, clean_out.logits), calibration)
