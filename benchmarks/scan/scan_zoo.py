@@ -40,6 +40,8 @@ class ScanZooArguments:
     steps: int = field(default=ScanConfig.steps, metadata={"help": "Mask synthesis steps (ScanConfig.steps)."})
     blend_steps: int | None = field(default=None, metadata={"help": "ScanConfig.blend_steps (None: the default)."})
     source_steps: int = field(default=0, metadata={"help": "ScanConfig.source_steps (0: none)."})
+    feature_steps: int = field(default=0, metadata={"help": "ScanConfig.feature_steps (0: none)."})
+    domains: list[str] = field(default_factory=list, metadata={"help": "Scan only these domains (cv, fl, nlp)."})
     nc_steps: list[int] = field(default_factory=list, metadata={"help": "Neural Cleanse budgets to run beside it."})
     shard: str | None = field(default=None, metadata={"help": "I/N: scan every N-th model from the I-th."})
     workdir: str = field(default="artifacts/scan_work", metadata={"help": "Where checkpoints are unpacked."})
@@ -61,7 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    config = ScanConfig(steps=args.steps, blend_steps=args.blend_steps, source_steps=args.source_steps, seed=SEED)
+    config = ScanConfig(
+        steps=args.steps,
+        blend_steps=args.blend_steps,
+        source_steps=args.source_steps,
+        feature_steps=args.feature_steps,
+        seed=SEED,
+    )
     split_of: dict[str, str] = {}
     if args.split:
         split = json.loads(Path(args.split).read_text())
@@ -71,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         split_of |= {t.strip(): "train" for t in lines if t.strip() and not t.lstrip().startswith("#")}
     zoo = load_zoo(args.zoo)
     ids = zoo["model_id"]
-    order = list(range(len(ids)))
+    domains = zoo["domain"]
+    order = [i for i in range(len(ids)) if not args.domains or domains[i] in args.domains]
     target_file = out
     if args.shard:
         i, n = (int(v) for v in args.shard.split("/"))
@@ -108,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             out.write_text("".join(json.dumps(done[m]) + "\n" for m in ids if m in done))
             for path in shards:
                 path.unlink()
-    print(f"{sum(m in done for m in ids)} of {len(ids)} models scanned -> {out}")
+    print(f"{sum(ids[i] in done for i in order)} of {len(order)} models scanned -> {out}")
     return 0
 
 

@@ -13,14 +13,16 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
 from .signals import (
+    AGNOSTIC,
     BLEND,
+    MAX_MARGIN_SIGNALS,
     LARGE_VOCABULARY,
     SIGNALS,
     SOURCE,
@@ -31,8 +33,9 @@ from .signals import (
 )
 
 #: The part a variant's scan falls back to where the head has none for it (or lacks its signals): a source-specific
-#: scan also ran the blend synthesis (scan_model's default), so it is scored as a blend scan, then as a plain one.
-VARIANT_FALLBACK = {SOURCE: BLEND}
+#: scan and a scan with the trigger-agnostic evidence also ran the blend synthesis (scan_model's default), so each is
+#: scored as a blend scan, then as a plain one.
+VARIANT_FALLBACK = {SOURCE: BLEND, AGNOSTIC: BLEND}
 DEFAULT_SCAN_HEAD = Path(__file__).parents[1] / "default_detector" / "scan_head.json"
 
 
@@ -214,6 +217,8 @@ def scan_record(report, **row: object) -> dict:
             "screen_steps": options["screen_steps"],
             "blend_steps": options["blend_steps"],
             "source_steps": options["source_steps"],
+            "max_margin_steps": options.get("max_margin_steps", 0),
+            "feature_steps": options.get("feature_steps", 0),
             "per_class": {
                 "trigger_size": [c.trigger_size for c in per_class],
                 "flip_rate": [c.flip_rate for c in per_class],
@@ -247,12 +252,16 @@ def record_modality(rec: dict) -> str:
 
 def record_variant(rec: dict) -> str | None:
     """The scan's head variant: ``LARGE_VOCABULARY`` for a text scan whose token search prefiltered the vocabulary,
-    ``SOURCE`` for an image scan with the source-specific synthesis, ``BLEND`` for one with the blend synthesis only."""
+    ``SOURCE`` for an image scan with the source-specific synthesis, ``AGNOSTIC`` for one with the blend synthesis and
+    the maximum-margin statistic, ``BLEND`` for one with the blend synthesis only."""
     if rec["metashield"].get("large_vocabulary"):
         return LARGE_VOCABULARY
-    if rec["metashield"].get("source_steps"):
+    ms = rec["metashield"]
+    if ms.get("source_steps"):
         return SOURCE
-    return BLEND if rec["metashield"].get("blend_steps") else None
+    if not ms.get("blend_steps"):
+        return None
+    return AGNOSTIC if all(name in ms["signals"] for name in MAX_MARGIN_SIGNALS) else BLEND
 
 
 def refresh_record(rec: dict) -> dict:
@@ -455,6 +464,48 @@ def mean_auroc(runs: Sequence[np.ndarray], rows: Sequence[dict]) -> float:
     return float(np.mean([auroc(scores, y) for scores in runs]))
 
 
+def leave_attack_out_auroc(
+    rows: Sequence[dict], signals: Sequence[str], c: float, repeats: int = 4, folds: int = 5
+) -> dict[str, float]:
+    """How well a part on ``signals`` finds an attack it was not fit on: for every attack of the backdoored ``rows``
+    (their ``"attack"`` column), the AUROC of that attack's models against the clean rows, each scored by a part fit
+    on the other attacks' models and the other folds of the clean rows (``folds``-fold, reshuffled ``repeats`` times;
+    a backdoored model's score is its mean over the folds). Returns the AUROC per attack, averaged over the repeats.
+
+    A part chosen by ordinary cross-validation rewards signals that find the train zoos' own attacks; this one
+    rewards signals that carry over to an attack the fit never saw, which is what a scan meets in the wild.
+    """
+    from sklearn.model_selection import KFold
+
+    from ..evaluation.metrics import auroc
+
+    y = _labels(rows)
+    x = [r["metashield"]["signals"] for r in rows]
+    attacks = np.array([str(r.get("attack")) for r in rows])
+    clean = np.flatnonzero(y == 0)
+    out: dict[str, list[float]] = {}
+    for attack in sorted(set(attacks[y == 1])):
+        held_bd = np.flatnonzero((y == 1) & (attacks == attack))
+        other_bd = np.flatnonzero((y == 1) & (attacks != attack))
+        if not len(other_bd):
+            continue
+        for rep in range(repeats):
+            bd_scores = np.zeros(len(held_bd))
+            clean_scores = np.zeros(len(clean))
+            splits = KFold(min(folds, len(clean)), shuffle=True, random_state=rep).split(clean)
+            for n_fit, (fit_c, held_c) in enumerate(splits, start=1):
+                fit = np.concatenate([other_bd, clean[fit_c]])
+                part = fit_scan_head([x[i] for i in fit], y[fit], c=c, signals=signals)
+                bd_scores += ([part.score(x[i]) for i in held_bd] - bd_scores) / n_fit
+                clean_scores[held_c] = [part.score(x[i]) for i in clean[held_c]]
+            labels = np.r_[np.ones(len(held_bd)), np.zeros(len(clean))]
+            out.setdefault(attack, []).append(auroc(np.r_[bd_scores, clean_scores], labels))
+    return {attack: float(np.mean(v)) for attack, v in out.items()}
+
+
+CRITERIA = ("cv", "leave_attack_out")
+
+
 @dataclass
 class PartChoice:
     """What [`choose_part`] chose, and how.
@@ -464,6 +515,10 @@ class PartChoice:
         signals / c: the chosen candidate.
         cv_auroc: its mean out-of-fold AUROC on the train rows.
         candidates: every candidate's mean out-of-fold AUROC, by ``(signals, c)``.
+        criterion: what chose it (``"cv"``, or ``"leave_attack_out"``: the mean over attacks of
+            [`leave_attack_out_auroc`]).
+        scores: every candidate's value of the criterion (the same as ``candidates`` for ``"cv"``).
+        per_attack: for ``"leave_attack_out"``, every candidate's AUROC per held-out attack.
     """
 
     part: ScanHead
@@ -471,6 +526,14 @@ class PartChoice:
     c: float
     cv_auroc: float
     candidates: dict[tuple[tuple[str, ...], float], float]
+    criterion: str = "cv"
+    scores: dict[tuple[tuple[str, ...], float], float] | None = None
+    per_attack: dict[tuple[tuple[str, ...], float], dict[str, float]] | None = None
+
+    @property
+    def score(self) -> float:
+        """The chosen candidate's value of the criterion."""
+        return (self.scores or self.candidates)[(self.signals, self.c)]
 
 
 def choose_part(
@@ -480,6 +543,7 @@ def choose_part(
     *,
     target_fpr: float = 0.05,
     name: str = "",
+    criterion: str = "cv",
 ) -> PartChoice:
     """Choose a head part's signals and C among ``candidates x cs`` by repeated stratified 5-fold cross-validation on
     the train ``rows`` ([`part_cv_scores`]), fit it on all of them, and set its verdict threshold where that
@@ -494,16 +558,25 @@ def choose_part(
         cs: inverse L2 strengths to choose among.
         target_fpr: the share of clean train models the threshold flags.
         name: the variant's name, for the part's ``source``.
+        criterion: ``"cv"`` (the mean out-of-fold AUROC) or ``"leave_attack_out"`` (the mean over the backdoored
+            rows' attacks of [`leave_attack_out_auroc`]); ties go to the earlier candidate and the smaller C.
     """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     runs = {(tuple(s), c): part_cv_scores(rows, tuple(s), c) for s in candidates for c in cs}
     choice = {k: mean_auroc(v, rows) for k, v in runs.items()}
-    (signals, c), best = max(choice.items(), key=lambda kv: kv[1])
+    scores, per_attack = choice, None
+    if criterion == "leave_attack_out":
+        per_attack = {k: leave_attack_out_auroc(rows, k[0], k[1]) for k in runs}
+        scores = {k: float(np.mean(list(v.values()))) for k, v in per_attack.items()}
+    (signals, c), _ = max(scores.items(), key=lambda kv: kv[1])
+    best = choice[(signals, c)]
     y = _labels(rows)
     part = fit_scan_head([r["metashield"]["signals"] for r in rows], y, c=c, signals=signals)
     if target_fpr:
         part.threshold = fpr_threshold(runs[(signals, c)], y == 0, target_fpr)
     part.source = f"fit on {len(rows)} image models scanned with the {name} synthesis ({int(y.sum())} bd)"
-    return PartChoice(part, signals, c, best, choice)
+    return PartChoice(part, signals, c, best, choice, criterion, scores, per_attack)
 
 
 def with_part(head: ScanHead, key: str, part: ScanHead) -> ScanHead:
@@ -528,19 +601,25 @@ class HeadFit:
         train: the train records of the image head and the text parts.
         parts: per variant part (``"blend"``, ``"source"``), its [`PartChoice`].
         part_rows: per variant part, the train records it was chosen and fit on.
+        declined: per variant part that its spec's ``min_gain`` kept out of the head, why.
     """
 
     head: ScanHead
     train: list[dict]
     parts: dict[str, PartChoice]
     part_rows: dict[str, list[dict]]
+    declined: dict[str, str] = field(default_factory=dict)
 
 
 def fit_head_from_spec(spec: dict, records: str | os.PathLike) -> HeadFit:
     """Fit a whole scan head as ``spec`` says (the layout of ``benchmarks/scan/configs/head.yaml``): the image head
     and the text parts by [`fit_heads`] on ``spec["base"]``, then each of ``spec["parts"]`` by [`choose_part`] among the
-    base signals plus its extra ones (all, or each alone). Record files are named relative to the folder ``records``;
-    a part's ``standard`` files contribute only the models that the base's ``standard`` file puts in the train split.
+    base signals plus its extra ones (all, each of its ``groups``, or each alone; the base alone too where
+    ``with_base``), by its ``criterion`` (default ``"cv"``, see [`choose_part`]). A part with ``min_gain`` joins the
+    head only if its chosen candidate weighs an extra signal and beats the base alone by at least that much on the
+    criterion; otherwise the head keeps what it had and ``declined`` says why. Record files are named relative to the
+    folder ``records``; a part's ``standard`` files contribute only the models that the base's ``standard`` file puts
+    in the train split.
 
     Raises:
         ValueError: a part's records were not scanned with its variant's synthesis.
@@ -554,10 +633,13 @@ def fit_head_from_spec(spec: dict, records: str | os.PathLike) -> HeadFit:
     head = fit_heads(
         train, base["c"], tuple(base["text_signals"]), base["text_c"], tuple(base["large_vocabulary_signals"])
     )
-    parts, part_rows = {}, {}
+    parts, part_rows, declined = {}, {}, {}
     for name, part in spec.get("parts", {}).items():
         rows = [
-            r for f in part["standard"] for r in read_records(folder / f) if split_of.get(r["model_id"]) == "train"
+            r
+            for f in part.get("standard", [])
+            for r in read_records(folder / f)
+            if split_of.get(r["model_id"]) == "train"
         ]
         rows += [r for f in part["extra_train"] for r in read_records(folder / f)]
         other = [r["model_id"] for r in rows if record_variant(r) != name]
@@ -565,8 +647,29 @@ def fit_head_from_spec(spec: dict, records: str | os.PathLike) -> HeadFit:
             raise ValueError(
                 f"part {name!r}: {len(other)} records were not scanned with its synthesis, e.g. {other[0]}"
             )
-        candidates = [tuple(part["base"]) + tuple(part["extra"])] + [(*part["base"], s) for s in part["extra"]]
-        parts[name] = choose_part(rows, candidates, part["cs"], target_fpr=part["target_fpr"], name=name)
-        part_rows[name] = rows
-        head = with_part(head, f"image/{name}", parts[name].part)
-    return HeadFit(head, train, parts, part_rows)
+        base_signals = tuple(part["base"])
+        if part.get("min_gain") is not None and not part.get("with_base"):
+            raise ValueError(f"part {name!r}: min_gain compares with the base alone, so it needs with_base: true")
+        candidates = [base_signals] if part.get("with_base") else []
+        candidates += [base_signals + tuple(part["extra"])]
+        candidates += [base_signals + tuple(g) for g in part.get("groups", [])]
+        candidates += [(*base_signals, s) for s in part["extra"]]
+        candidates = list(dict.fromkeys(candidates))
+        choice = choose_part(
+            rows, candidates, part["cs"], target_fpr=part["target_fpr"], name=name,
+            criterion=part.get("criterion", "cv"),
+        )  # fmt: skip
+        parts[name], part_rows[name] = choice, rows
+        min_gain = part.get("min_gain")
+        if min_gain is not None:
+            scores = choice.scores or choice.candidates
+            base_best = max(v for (sig, _), v in scores.items() if sig == base_signals)
+            gain = choice.score - base_best
+            if choice.signals == base_signals or gain < min_gain:
+                declined[name] = (
+                    f"best candidate {list(choice.signals[len(base_signals):]) or 'base alone'} gains {gain:+.3f} over "
+                    f"the base alone ({base_best:.3f}) on {choice.criterion}; min_gain {min_gain}"
+                )
+                continue
+        head = with_part(head, f"image/{name}", choice.part)
+    return HeadFit(head, train, parts, part_rows, declined)

@@ -25,9 +25,11 @@ from .positives import model_fingerprint
 from .progress import log_scan_cost, tqdm_disable
 from .report import ClassEvidence, ScanReport
 from .signals import (
+    AGNOSTIC,
     BLEND,
     FEATURE,
     LARGE_VOCABULARY,
+    MAX_MARGIN_SIGNALS,
     SOURCE,
     TOKEN_SIGNALS,
     max_margin_signals,
@@ -467,7 +469,9 @@ def scan_adapter(
     agnostic_signals, agnostic_per_class, agnostic_s, agnostic_options = trigger_agnostic_evidence(
         adapter, items, clean_out, config
     )
-    signals |= agnostic_signals  # no head part weighs these until one is refit on them
+    signals |= agnostic_signals
+    if variant == BLEND and all(name in signals for name in MAX_MARGIN_SIGNALS):
+        variant = AGNOSTIC  # scored by the head's image/agnostic part where it has one, else by the blend part
     # a scan in pixel space is an image scan, whatever the adapter (timm, transformers or a plain torch module)
     head = head.for_modality("image" if space == "pixels" else adapter.modality, signals, variant)
     score = head.score(signals)
