@@ -70,10 +70,22 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"- {len(fit.part_rows[name])} train records; candidates (base + ...): "
             + "; ".join(f"{list(s)[n:]} C={c:g} {a:.3f}" for (s, c), a in choice.candidates.items()),
-            f"- chosen: base + {list(choice.signals)[n:]} at C={choice.c:g} (cross-validated AUROC {choice.cv_auroc:.3f});"
-            f" verdict threshold {choice.part.threshold:.3f} (flags {spec['parts'][name]['target_fpr']:.0%} of the train "
-            "clean models)",
         ]
+        if choice.criterion != "cv":
+            lines += [
+                f"- chosen by {choice.criterion} (mean AUROC over held-out attacks); per candidate: "
+                + "; ".join(f"{list(s)[n:]} C={c:g} {a:.3f}" for (s, c), a in choice.scores.items()),
+                "- per held-out attack, the chosen candidate: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in choice.per_attack[(choice.signals, choice.c)].items()),
+            ]
+        lines.append(
+            f"- chosen: base + {list(choice.signals)[n:]} at C={choice.c:g} (cross-validated AUROC {choice.cv_auroc:.3f}"
+            + (f", {choice.criterion} {choice.score:.3f}" if choice.criterion != "cv" else "")
+            + f"); verdict threshold {choice.part.threshold:.3f} (flags {spec['parts'][name]['target_fpr']:.0%} of the "
+            "train clean models)"
+        )
+        if name in fit.declined:
+            lines.append(f"- **not in the head**: {fit.declined[name]}")
     head = fit.head
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
