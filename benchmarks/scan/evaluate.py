@@ -23,10 +23,12 @@ from transformers import HfArgumentParser
 
 from metashield_hf.evaluation.metrics import auroc, auroc_interval
 from metashield_hf.scan import (
+    AGNOSTIC,
     NEURAL_CLEANSE_THRESHOLD,
     SYNTHESIS_SIGNALS,
     ScanHead,
     read_records,
+    record_variant,
     score_record,
     verdict_threshold,
 )
@@ -96,7 +98,10 @@ def groups(records: list[dict]) -> dict[str, list[dict]]:
 
 
 def method_results(records: list[dict], head: ScanHead, method: str) -> tuple[list, list, list, list]:
-    """Scores, thresholds, suspected targets and seconds of ``method`` (``"metashield"`` or ``"neural_cleanse@N"``)."""
+    """Scores, thresholds, suspected targets and seconds of ``method`` (``"metashield"``, ``"metashield-blend"``: the
+    head without its agnostic part, or ``"neural_cleanse@N"``)."""
+    if method == "metashield-blend":
+        head, method = without_part(head, f"image/{AGNOSTIC}"), "metashield"
     if method == "metashield":
         res = [r["metashield"] for r in records]
         return (
@@ -129,14 +134,33 @@ def summarize(records: list[dict], head: ScanHead, method: str) -> str:
     return " | ".join(cells)
 
 
+def without_part(head: ScanHead, key: str) -> ScanHead | None:
+    """``head`` without its ``by_modality[key]`` part (its scans fall back as [`ScanHead.for_modality`] says); None
+    where it has no such part."""
+    if key not in (head.by_modality or {}):
+        return None
+    return ScanHead(**{**head.__dict__, "by_modality": {k: v for k, v in head.by_modality.items() if k != key}})
+
+
+def attack_groups(rows: list[dict]) -> dict[str, list[dict]]:
+    """The zoo as a whole, then per attack: that attack's backdoored models beside every clean model of the zoo."""
+    clean = [r for r in rows if not r["is_backdoored"]]
+    attacks = sorted({r["attack"] for r in rows if r["is_backdoored"]})
+    return {"all": rows} | {f"{a} vs clean": [r for r in rows if r["attack"] == a] + clean for a in attacks}
+
+
 def table(named_groups: dict[str, list[dict]], head: ScanHead) -> list[str]:
     lines = [
         "| group | method | AUROC [95% interval] | accuracy | target accuracy | s / scan |",
         "|---|---|---:|---:|---:|---:|",
     ]
+    blend_only = without_part(head, f"image/{AGNOSTIC}")
     for name, rows in named_groups.items():
         budgets = sorted({b for r in rows for b in r.get("neural_cleanse", {})}, key=int, reverse=True)
-        methods = {"MetaShield scan": "metashield"} | {
+        methods = {"MetaShield scan": "metashield"}
+        if blend_only is not None and any(record_variant(r) == AGNOSTIC for r in rows):
+            methods["MetaShield scan without the agnostic part"] = "metashield-blend"
+        methods |= {
             f"Neural Cleanse ({b} steps)": f"neural_cleanse@{b}"
             for b in budgets
             if all(b in r.get("neural_cleanse", {}) for r in rows)
@@ -190,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for name, spec in checks.items():
         rows = read_records(folder / spec["records"])
-        lines += [f"## {name}", "", spec["about"].strip(), "", *table({name: rows}, head), ""]
+        named = attack_groups(rows) if spec.get("per_attack") else {name: rows}
+        lines += [f"## {name}", "", spec["about"].strip(), "", *table(named, head), ""]
     (out / "check_zoos.md").write_text("\n".join(lines))
     print("\n".join(lines[-40:]))
     return 0
