@@ -613,7 +613,8 @@ class HeadFit:
 
 def fit_head_from_spec(spec: dict, records: str | os.PathLike) -> HeadFit:
     """Fit a whole scan head as ``spec`` says (the layout of ``benchmarks/scan/configs/head.yaml``): the image head
-    and the text parts by [`fit_heads`] on ``spec["base"]``, then each of ``spec["parts"]`` by [`choose_part`] among the
+    and the text parts by [`fit_heads`] on ``spec["base"]`` (with ``target_fpr``, their verdict thresholds flag that
+    share of their clean train models out of fold, [`set_fpr_thresholds`]), then each of ``spec["parts"]`` by [`choose_part`] among the
     base signals plus its extra ones (all, each of its ``groups``, or each alone; the base alone too where
     ``with_base``), by its ``criterion`` (default ``"cv"``, see [`choose_part`]). A part with ``min_gain`` joins the
     head only if its chosen candidate weighs an extra signal and beats the base alone by at least that much on the
@@ -630,9 +631,11 @@ def fit_head_from_spec(spec: dict, records: str | os.PathLike) -> HeadFit:
     split_of = {r["model_id"]: r["split"] for r in standard}
     train = [r for r in standard if r["split"] == "train"]
     train += [r for name in base["extra_train"] for r in read_records(folder / name)]
-    head = fit_heads(
-        train, base["c"], tuple(base["text_signals"]), base["text_c"], tuple(base["large_vocabulary_signals"])
-    )
+    text_signals, large_signals = tuple(base["text_signals"]), tuple(base["large_vocabulary_signals"])
+    head = fit_heads(train, base["c"], text_signals, base["text_c"], large_signals)
+    if base.get("target_fpr"):  # the image head's and the text parts' verdict thresholds, as the variant parts'
+        runs = out_of_fold_scores(train, base["c"], text_signals, base["text_c"], large_signals)
+        set_fpr_thresholds(head, train, runs, base["target_fpr"])
     parts, part_rows, declined = {}, {}, {}
     for name, part in spec.get("parts", {}).items():
         rows = [
