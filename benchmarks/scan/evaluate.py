@@ -97,9 +97,30 @@ def groups(records: list[dict]) -> dict[str, list[dict]]:
     return {**{k: out[k] for k in keys}, "all": records}
 
 
+#: A raw signal's own pointer to the target: (per-class field, argmax / argmin, its timing key).
+SIGNAL_POINTERS = {
+    "max_margin_excess": ("max_margin", np.argmax, "max_margin_s"),
+    "max_margin_log_z": ("max_margin", np.argmax, "max_margin_s"),
+    "feature_anomaly_excess": ("feature_size", np.argmin, "feature_s"),
+    "feature_log_size_z": ("feature_size", np.argmin, "feature_s"),
+}
+
+
 def method_results(records: list[dict], head: ScanHead, method: str) -> tuple[list, list, list, list]:
     """Scores, thresholds, suspected targets and seconds of ``method`` (``"metashield"``, ``"metashield-blend"``: the
     head without its agnostic part, or ``"neural_cleanse@N"``)."""
+    if method.startswith("signal:"):  # one raw signal as the score: no threshold, its own pointer to a target
+        name = method.split(":", 1)[1]
+        if name not in SIGNAL_POINTERS:
+            raise ValueError(f"no target pointer for the signal {name!r}; known: {sorted(SIGNAL_POINTERS)}")
+        field_name, pick, timing = SIGNAL_POINTERS[name]
+        res = [r["metashield"] for r in records]
+        return (
+            [x["signals"][name] for x in res],
+            [None] * len(res),
+            [int(pick(x["per_class"][field_name])) for x in res],
+            [x["timings"][timing] for x in res],
+        )
     if method == "metashield-blend":
         head, method = without_part(head, f"image/{AGNOSTIC}"), "metashield"
     if method == "metashield":
@@ -124,13 +145,15 @@ def summarize(records: list[dict], head: ScanHead, method: str) -> str:
     """One table row's cells: AUROC [interval], accuracy, target accuracy, seconds."""
     y = [int(r["is_backdoored"]) for r in records]
     scores, limits, targets, secs = method_results(records, head, method)
-    acc = np.mean([(s > t) == bool(v) for s, t, v in zip(scores, limits, y, strict=True)])
+    acc = None
+    if None not in limits:
+        acc = np.mean([(s > t) == bool(v) for s, t, v in zip(scores, limits, y, strict=True)])
     bd = [t == r["target_label"] for t, r in zip(targets, records, strict=True) if r["is_backdoored"]]
     cells = ["–"]
     if len(set(y)) == 2:
         low, high = auroc_interval(scores, y, level=LEVEL, resamples=RESAMPLES)
         cells = [f"{auroc(scores, y):.3f} [{low:.3f}, {high:.3f}]"]
-    cells += [f"{acc:.3f}", f"{np.mean(bd):.3f}" if bd else "–", f"{np.mean(secs):.2f}"]
+    cells += [f"{acc:.3f}" if acc is not None else "–", f"{np.mean(bd):.3f}" if bd else "–", f"{np.mean(secs):.2f}"]
     return " | ".join(cells)
 
 
@@ -149,7 +172,7 @@ def attack_groups(rows: list[dict]) -> dict[str, list[dict]]:
     return {"all": rows} | {f"{a} vs clean": [r for r in rows if r["attack"] == a] + clean for a in attacks}
 
 
-def table(named_groups: dict[str, list[dict]], head: ScanHead) -> list[str]:
+def table(named_groups: dict[str, list[dict]], head: ScanHead, signals: list[str] | None = None) -> list[str]:
     lines = [
         "| group | method | AUROC [95% interval] | accuracy | target accuracy | s / scan |",
         "|---|---|---:|---:|---:|---:|",
@@ -165,6 +188,11 @@ def table(named_groups: dict[str, list[dict]], head: ScanHead) -> list[str]:
             for b in budgets
             if all(b in r.get("neural_cleanse", {}) for r in rows)
         }
+        methods |= {
+            f"`{name}` alone": f"signal:{name}"
+            for name in signals or []
+            if all(name in r["metashield"]["signals"] for r in rows)
+        }
         n, n_bd = len(rows), sum(r["is_backdoored"] for r in rows)
         lines += [f"| {name} ({n}, {n_bd} bd) | {m} | {summarize(rows, head, key)} |" for m, key in methods.items()]
     return lines
@@ -175,7 +203,9 @@ COLUMNS = (
     f"(clean and backdoored models resampled separately, {RESAMPLES} times, seed 0); accuracy of the verdict at each "
     "method's threshold (MetaShield: the threshold of the head part that scores the scan; Neural Cleanse: anomaly "
     f"index > {NEURAL_CLEANSE_THRESHOLD:g}); target accuracy: the suspected target is the attack's, over backdoored "
-    "models; seconds: mean wall time of one scan of a loaded model on one CPU thread."
+    "models; seconds: mean wall time of one scan of a loaded model on one CPU thread. A \"`signal` alone\" row scores "
+    "the models by that raw signal of the same scans (no verdict; its target is the class its source singles out; "
+    "seconds: that source's share of the scan)."
 )
 
 
@@ -215,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, spec in checks.items():
         rows = read_records(folder / spec["records"])
         named = attack_groups(rows) if spec.get("per_attack") else {name: rows}
-        lines += [f"## {name}", "", spec["about"].strip(), "", *table(named, head), ""]
+        lines += [f"## {name}", "", spec["about"].strip(), "", *table(named, head, spec.get("signals")), ""]
     (out / "check_zoos.md").write_text("\n".join(lines))
     print("\n".join(lines[-40:]))
     return 0
