@@ -39,7 +39,9 @@ def test_the_shipped_head_is_rebuilt_from_the_committed_records(tmp_path):
         assert {record_variant(r) for r in fit.part_rows[name]} == {name}  # every row is a scan of the part's variant
         # the threshold flags the asked share of the clean train rows by the cross-validation that chose the part
         assert 0.5 < choice.part.threshold < 1.0
-    assert set(fit.parts) == {"blend", "source"}
+    assert set(fit.parts) == {"blend", "source", "agnostic"}
+    # the rule keeps a part out of the shipped head unless it gains over its base signals
+    assert set(fit.declined) == {"agnostic"} and "image/agnostic" not in fit.head.by_modality
     fit.head.save(tmp_path / "head.json")
     rebuilt, shipped = (json.loads(p.read_text()) for p in (tmp_path / "head.json", DEFAULT_SCAN_HEAD))
     # the same keys, strings and layout; numbers to 1e-9 (the last digits of a float move with the BLAS build)
