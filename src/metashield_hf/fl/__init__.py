@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from .baselines import cosine_clusters, norm_outliers
+from .calibration import ClientEvidence, EvidenceSettings, ScreenCalibration, client_evidence
 from .data import (
     ClientData,
     FederatedData,
@@ -21,16 +22,21 @@ from .data import (
     natural_partition,
 )
 from .federation import FedConfig, FedResult, fedavg_aggregate, local_train, run_federated
-from .screen import ClientScore, candidate_state, robust_z, score_client_updates, to_deltas
+from .screen import ClientScore, calibrated_scores, candidate_state, robust_z, score_client_updates, to_deltas
 
 __all__ = [
     "ClientData",
+    "ClientEvidence",
     "ClientScore",
+    "EvidenceSettings",
     "FedConfig",
     "FedResult",
     "FederatedData",
     "MetaShieldStrategy",
+    "ScreenCalibration",
+    "calibrated_scores",
     "candidate_state",
+    "client_evidence",
     "cosine_clusters",
     "dirichlet_partition",
     "fedavg_aggregate",

@@ -6,6 +6,10 @@ all the round's clients at once, each client is also scored *relative to the rou
 MAD over the round's clients) of its scan score and of how easily each class of its candidate can be forced compared
 with the same class in the other candidates. A backdoored update makes its target class an outlier on both, while
 the benign non-IID drift that moves an absolute threshold moves every candidate alike.
+
+Given a [`ScreenCalibration`] (``metashield_hf.fl.calibration``) filled on rounds the server trusts, the screen is
+calibrated instead: per-class trigger-agnostic evidence of each candidate is standardised against the benign history
+and flagged at a target false-positive rate (see that module), rather than against a fixed z over one round.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from ..scan.config import ScanConfig
 from ..scan.head import NEURAL_CLEANSE_RULE_HEAD
 
 if TYPE_CHECKING:
-    pass
+    from .calibration import ClientEvidence, ScreenCalibration
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +152,7 @@ def score_client_updates(
     min_log_scale: float = 0.5,
     config: ScanConfig | None = None,
     processor: Any = None,
+    calibration: ScreenCalibration | None = None,
     **scan_options: Any,
 ) -> list[ClientScore]:
     """Score each client update of one round for a backdoor, from the server's few clean samples only.
@@ -170,6 +175,13 @@ def score_client_updates(
     The client's score is the largest z of ``signals``; it is flagged when the score exceeds ``z_threshold``. With
     ``relative=False`` (or fewer than 3 clients) the score is the scan score and the flag the scan's own verdict.
 
+    With ``calibration`` (a [`ScreenCalibration`] filled on benign rounds) the screen is the calibrated one instead:
+    per-class trigger-agnostic evidence of each candidate ([`client_evidence`]: maximum-margin gain and trigger
+    drift against the global model), standardised per class against the benign history, and flagged when its
+    p-value under the benign null is at most ``calibration.target_fpr``. The evidence is then measured with
+    ``calibration.settings`` (as the history was), and ``relative``, ``signals``, ``z_threshold``, ``config`` and the
+    scan options are not used.
+
     Args:
         global_model: the round's global model (not modified; a copy is loaded with each candidate).
         updates: one entry per client: a delta mapping ``name -> tensor/ndarray`` (``Δk = local − global``), a
@@ -187,6 +199,7 @@ def score_client_updates(
             Cleanse's rule as the head behind ``scan_score``). Its ``seed`` is used for every candidate, so candidates
             differ only by their weights.
         processor: the model's tokenizer / image processor where its inputs need one.
+        calibration: a ready [`ScreenCalibration`]: use the calibrated screen (see above).
         **scan_options: [`ScanConfig`] fields that override ``config``'s (e.g. ``steps=20, seed=1``).
 
     Returns:
@@ -212,6 +225,14 @@ def score_client_updates(
     if unknown or not signals:
         raise ValueError(f"unknown signals {unknown or list(signals)}; use any of {list(KNOWN_SIGNALS)}")
     config = (config or FL_SCAN_CONFIG).replace(**scan_options)
+    if calibration is not None:
+        from .calibration import client_evidence
+
+        evidence = client_evidence(
+            global_model, updates, clean_samples, signals=calibration.signals, settings=calibration.settings,
+            as_deltas=as_deltas, processor=processor,
+        )  # fmt: skip
+        return calibrated_scores(evidence, calibration, ids)
     config = config.replace(head=config.load_head())
     if config.use_detector and (detector is None or isinstance(detector, (str, os.PathLike))):
         from ..loading import load_detector
@@ -287,4 +308,40 @@ def score_client_updates(
             score, flagged = float(report.score), report.is_backdoored
         out.append(ClientScore(ids[k], k, score, flagged, evidence, seconds[k] + overhead))
     logger.info("screened %d client updates: flagged %s", len(out), [s.client for s in out if s.flagged] or "none")
+    return out
+
+
+def calibrated_scores(
+    evidence: ClientEvidence, calibration: ScreenCalibration, client_ids: Sequence[Any] | None = None
+) -> list[ClientScore]:
+    """[`ClientScore`]s of one round from its measured evidence and a ready calibration.
+
+    The score is the calibrated statistic (largest per-class standardised evidence), ``flagged`` is
+    ``p_value <= calibration.target_fpr``; ``evidence`` holds the p-value, where the statistic came from, the update
+    norm and the per-class standardised values of every signal.
+    """
+    ids = list(range(evidence.num_clients)) if client_ids is None else list(client_ids)
+    if len(ids) != evidence.num_clients:
+        raise ValueError(f"got evidence for {evidence.num_clients} clients but {len(ids)} client_ids")
+    verdict = calibration.assess(evidence)
+    out = []
+    for k, cid in enumerate(ids):
+        info: dict[str, Any] = {
+            "calibrated": True,
+            "statistic": float(verdict.statistic[k]),
+            "p_value": float(verdict.p_value[k]),
+            "target_fpr": calibration.target_fpr,
+            "top_signal": verdict.top_signal[k],
+            "suspected_target": int(verdict.top_class[k]),
+            "update_norm": float(evidence.update_norms[k]),
+            "z": {s: [round(float(x), 4) for x in v[k]] for s, v in verdict.z.items()},
+        }
+        out.append(
+            ClientScore(
+                cid, k, float(verdict.statistic[k]), bool(verdict.flagged[k]), info, float(evidence.seconds[k])
+            )
+        )
+    logger.info(
+        "calibrated screen of %d updates: flagged %s", len(out), [s.client for s in out if s.flagged] or "none"
+    )
     return out

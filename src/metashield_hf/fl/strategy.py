@@ -20,6 +20,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
         "MetaShieldStrategy needs Flower: pip install 'metashield-hf[fl]' (or pip install 'flwr>=1.42')"
     ) from err
 
+from .calibration import ScreenCalibration
 from .screen import ClientScore, score_client_updates
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,13 @@ class MetaShieldStrategy(Strategy):
     reply and ``metashield-num-flagged``, ``metashield-seconds``; the full [`ClientScore`] lists are kept in
     ``self.history[round]``.
 
+    With a ``calibration`` ([`ScreenCalibration`]) the screen is the calibrated one: the server rounds up to
+    ``calibration_rounds`` are trusted (every reply is aggregated and its evidence is added to the calibration's
+    benign history, ``metashield-calibrating`` = 1), and later rounds are scored against that history and flagged
+    at the calibration's target false-positive rate. A calibration filled beforehand (e.g. loaded with
+    [`ScreenCalibration.load`]) screens from the first round with ``calibration_rounds=0``. While it is not yet
+    ready (too little history) a round is screened by the relative screen instead.
+
     Args:
         strategy: the Flower strategy that aggregates (FedAvg, FedProx, Krum, ...); every other method is its own.
         clean_samples: the server's few clean inputs, in the model's input format (e.g. an ``(N, C, H, W)`` tensor).
@@ -52,6 +60,8 @@ class MetaShieldStrategy(Strategy):
         arrayrecord_key: the reply key holding the client model (Flower's default ``"arrays"``).
         weighted_by_key: the reply metric used as the aggregation weight (Flower's default ``"num-examples"``).
         screen: replaces [`score_client_updates`] (same signature); for tests and custom screens.
+        calibration: the calibrated screen's benign history (filled in place on the trusted rounds).
+        calibration_rounds: server rounds ``1..calibration_rounds`` are trusted and only calibrate.
         **screen_options: passed to the screen (``steps``, ``z_threshold``, ``seed``, ...).
 
     Example:
@@ -75,6 +85,8 @@ class MetaShieldStrategy(Strategy):
         arrayrecord_key: str = "arrays",
         weighted_by_key: str = "num-examples",
         screen: Screen | None = None,
+        calibration: ScreenCalibration | None = None,
+        calibration_rounds: int = 0,
         **screen_options: Any,
     ) -> None:
         if action not in ("drop", "downweight"):
@@ -91,6 +103,12 @@ class MetaShieldStrategy(Strategy):
         self.weighted_by_key = weighted_by_key
         self.screen = screen or score_client_updates
         self.screen_options = screen_options
+        if calibration_rounds < 0:
+            raise ValueError(f"calibration_rounds must be >= 0, got {calibration_rounds}")
+        if calibration_rounds and calibration is None:
+            raise ValueError("calibration_rounds needs a calibration (e.g. ScreenCalibration()) to fill")
+        self.calibration = calibration
+        self.calibration_rounds = calibration_rounds
         self.history: dict[int, list[ClientScore]] = {}
         self._global: ArrayRecord | None = None
 
@@ -136,9 +154,19 @@ class MetaShieldStrategy(Strategy):
         model.eval()
         clients = [m.metadata.src_node_id for m in valid]
         updates = [m.content[self.arrayrecord_key].to_torch_state_dict() for m in valid]
+        if self.calibration is not None and server_round <= self.calibration_rounds:  # a trusted round
+            self.calibration.calibrate(model, updates, self.clean_samples, round_id=server_round, as_deltas=False)
+            logger.info("round %d: trusted, %d replies added to the calibration", server_round, len(valid))
+            arrays, metrics = self.strategy.aggregate_train(server_round, valid)
+            metrics = MetricRecord() if metrics is None else metrics
+            metrics["metashield-calibrating"] = 1
+            return arrays, metrics
+        calibrated = self.calibration is not None and self.calibration.ready
+        if self.calibration is not None and not calibrated:
+            logger.warning("round %d: the calibration is not ready; the relative screen decides", server_round)
         scores = self.screen(
             model, updates, self.clean_samples, self.detector, client_ids=clients, as_deltas=False,
-            **self.screen_options,
+            **({"calibration": self.calibration} if calibrated else {}), **self.screen_options,
         )  # fmt: skip
         self.history[server_round] = scores
         flagged = {s.client for s in scores if s.flagged}

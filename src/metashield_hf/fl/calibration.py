@@ -1,0 +1,456 @@
+"""A client-update screen calibrated against the server's own benign rounds.
+
+The relative screen of [`score_client_updates`] compares the clients of one round with each other and flags a robust
+z-score above a fixed threshold. Its null distribution is unknown: with a handful of clients per round the median
+and MAD are noisy, a client whose labels lean towards one class moves that class as a trigger would, and a fixed z
+sets no false-positive rate. This module replaces the fixed threshold with a calibration the server fills on rounds
+it trusts (the warm-up rounds before screening starts, or the first rounds of a deployment):
+
+1. **Evidence per client and class** ([`client_evidence`]): for every candidate model ``global + Δk`` and every class
+   ``c``, trigger-agnostic numbers that a backdoor moves for its target class:
+
+   - ``margin_gain``: the log of the data-free maximum logit margin of class ``c`` (MM-BD, [`max_margins`]) in the
+     candidate minus the same in the global model. A backdoor teaches a shortcut that overrides the rest of the
+     input, so its target class admits a larger margin than before, whatever the trigger's shape; a benign update
+     mostly sharpens existing routes a little;
+   - ``trigger_drift``: ``1 − cos`` between the candidate's synthesized trigger mask for ``c`` and the global model's
+     (the scan's per-class trigger synthesis). A backdoor opens a new route to its target and the mask moves to it.
+
+   Each number is centred twice: on its candidate (minus the median over the candidate's classes, which removes
+   how large the update is overall: a large benign update moves every class) and then on the round (minus the
+   median over the round's clients for the same class, which removes what every client of the round shares, such
+   as the global model's own drift between rounds). What is left is how much one class of one client stands out.
+
+2. **Calibration** ([`ScreenCalibration`]): the centred evidence of benign rounds, per signal and class. A new
+   client's evidence is standardised per class against that history (median and MAD of the class over the benign
+   rows; mean and standard deviation for the Šidák null), so a class whose benign gains vary widely, because some writers hold much of it, needs a larger gain to
+   count. The statistic is the maximum over classes and signals of the standardised evidence.
+
+3. **Decision**: the statistic's null distribution is the one of the benign rows themselves, each standardised
+   against the other rounds only (leave one round out, so the null is not optimistic). A client's p-value is
+   ``(1 + #{null ≥ statistic}) / (1 + #null)`` (conformal: for a benign client exchangeable with the history its
+   false-alarm probability is at most ``target_fpr``); it is flagged when ``p ≤ target_fpr``. The maximum over
+   classes already holds the correction for the number of classes, since the null is the maximum too. With
+   ``null="sidak"`` the p-value is instead ``1 − (1 − Φ̄(z))^(C·S)`` (per-class z taken as standard normal, Šidák's
+   correction for ``C`` classes and ``S`` signals), for a history too short to give an empirical tail. It is an
+   approximation: the centred evidence of one client's classes is neither independent nor normal, and its false-alarm
+   rate can exceed the target; the empirical null is the default.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+MAD_CONSISTENCY = 1.4826  # MAD -> standard deviation for normal data
+CALIBRATED_SIGNALS = ("margin_gain", "trigger_drift")
+#: The signals the calibrated screen uses unless told otherwise; chosen on the MNIST benchmark settings by the rule
+#: written in benchmarks/fl/README.md ("Calibrated screen: the rule").
+DEFAULT_CALIBRATED_SIGNALS: tuple[str, ...] = ("margin_gain", "trigger_drift")
+MIN_CLIENTS_FOR_CENTRING = 3  # below this a round's median says nothing
+
+
+@dataclass(frozen=True)
+class EvidenceSettings:
+    """How [`client_evidence`] measures each candidate.
+
+    Attributes:
+        margin_steps / margin_starts / margin_lr: [`max_margins`]' budget (gradient-ascent steps, random starts per
+            class, learning rate as a fraction of the input bounds' span); ``margin_floor``: margins below it are
+            taken as it before their log.
+        synthesis_steps / synthesis_lr: the per-class trigger synthesis behind ``trigger_drift``.
+        n: clean samples used (the first ``n`` of the server's clean samples).
+        seed: seeds the margin starts and the synthesis; the same for every candidate, so candidates differ only by
+            their weights.
+        centre_by_round: also subtract the round's per-class median (needs at least 3 clients; see
+            [`centre_evidence`]).
+    """
+
+    margin_steps: int = 20
+    margin_starts: int = 4
+    margin_lr: float = 0.1
+    margin_floor: float = 0.1
+    synthesis_steps: int = 20
+    synthesis_lr: float = 0.1
+    n: int = 10
+    seed: int = 0
+    centre_by_round: bool = True
+
+    def replace(self, **changes: Any) -> EvidenceSettings:
+        import dataclasses
+
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class ClientEvidence:
+    """Per-client, per-class evidence of one round (``K`` clients, ``C`` classes).
+
+    Attributes:
+        raw: signal -> ``(K, C)`` uncentred values (``margin_gain``: log candidate margin − log global margin;
+            ``trigger_drift``: 1 − mask cosine to the global model's).
+        centred: signal -> ``(K, C)`` values minus each candidate's median over classes, then minus the round's
+            per-class median (skipped when the round is too small to centre).
+        global_margins: ``(C,)`` the global model's maximum margins (``None`` without ``margin_gain``).
+        update_norms: ``(K,)`` L2 norms of the updates.
+        seconds: ``(K,)`` wall time per client (the global model's share spread evenly).
+    """
+
+    raw: dict[str, np.ndarray]
+    centred: dict[str, np.ndarray]
+    global_margins: np.ndarray | None
+    update_norms: np.ndarray
+    seconds: np.ndarray
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.update_norms)
+
+    def centred_for(self, signal: str, by_round: bool) -> np.ndarray:
+        """``raw[signal]`` centred on each candidate and, with ``by_round``, on the round ([`centre_evidence`])."""
+        return centre_evidence(self.raw[signal], by_round=by_round)
+
+
+def _check_signals(signals: Sequence[str]) -> tuple[str, ...]:
+    signals = tuple(signals)
+    unknown = sorted(set(signals) - set(CALIBRATED_SIGNALS))
+    if unknown or not signals:
+        raise ValueError(
+            f"unknown calibrated signals {unknown or list(signals)}; use any of {list(CALIBRATED_SIGNALS)}"
+        )
+    return signals
+
+
+def centre_evidence(values: np.ndarray, *, by_round: bool = True) -> np.ndarray:
+    """``(K, C)`` evidence minus each candidate's median over classes (how large its update is overall) and, with
+    ``by_round`` and at least 3 clients, minus the round's median per class (what every client of the round shares).
+
+    Centring on the round removes the global model's own drift between rounds but assumes a benign majority of the
+    round for every class: colluding attackers that make up a large share of a round pull the median towards
+    themselves.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    v = v - np.median(v, axis=1, keepdims=True)
+    if by_round and len(v) >= MIN_CLIENTS_FOR_CENTRING:
+        v = v - np.median(v, axis=0)
+    return v
+
+
+def client_evidence(
+    global_model: nn.Module,
+    updates: Sequence[Any],
+    clean_samples: Any,
+    *,
+    signals: Sequence[str] = DEFAULT_CALIBRATED_SIGNALS,
+    settings: EvidenceSettings | None = None,
+    as_deltas: bool = True,
+    processor: Any = None,
+) -> ClientEvidence:
+    """Per-client, per-class evidence of one round's updates: what each candidate ``global + Δk`` changes per class.
+
+    Args:
+        global_model: the round's global model (not modified).
+        updates: one delta mapping, client state dict (``as_deltas=False``) or client ``nn.Module`` per client.
+        clean_samples: the server's clean inputs (at least 5), in the model's input format.
+        signals: any of ``"margin_gain"`` and ``"trigger_drift"``.
+        settings: the budgets ([`EvidenceSettings`]).
+        as_deltas: whether mappings are deltas (default) or client state dicts.
+        processor: the model's tokenizer / image processor where its inputs need one.
+
+    Returns:
+        A [`ClientEvidence`] with ``(K, C)`` arrays per signal, raw and centred on the round.
+    """
+    from ..scan.max_margin import max_margins
+    from ..scan.scanner import prepare_clean_items, run_synthesis
+    from ..targets import load_target
+    from .screen import candidate_state, flatten, state_of, to_deltas
+
+    signals = _check_signals(signals)
+    settings = settings or EvidenceSettings()
+    global_state = state_of(global_model)
+    deltas = to_deltas(global_state, updates, as_deltas=as_deltas)
+    if not deltas:
+        raise ValueError("client_evidence needs at least one update")
+    candidate = copy.deepcopy(global_model).eval()
+    adapter = load_target(candidate, processor)
+    items = prepare_clean_items(adapter, clean_samples, settings.n, settings.seed)
+    with torch.no_grad():
+        num_classes = int(adapter(items).logits.shape[1])  # also shows the adapter its head
+    synth = {"steps": settings.synthesis_steps, "lr": settings.synthesis_lr, "flip_threshold": 0.9,
+             "class_batch": 16, "seed": settings.seed}  # fmt: skip
+
+    def measure() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if "margin_gain" in signals:
+            out["margins"] = max_margins(
+                adapter, items, num_classes, steps=settings.margin_steps, starts=settings.margin_starts,
+                lr=settings.margin_lr, seed=settings.seed, progress=False,
+            ).margins  # fmt: skip
+        if "trigger_drift" in signals:
+            out["masks"] = run_synthesis(adapter, items, **synth, progress=False)[1].masks.flatten(1).float()
+        return out
+
+    t0 = time.perf_counter()
+    reference = measure()  # the copy still holds the global weights here
+    shared = time.perf_counter() - t0
+    raw: dict[str, list[np.ndarray]] = {s: [] for s in signals}
+    seconds = []
+    for delta in deltas:
+        t0 = time.perf_counter()
+        candidate.load_state_dict(candidate_state(global_state, delta))
+        got = measure()
+        if "margin_gain" in signals:
+            floor = settings.margin_floor
+            gain = np.log(np.maximum(got["margins"], floor)) - np.log(np.maximum(reference["margins"], floor))
+            raw["margin_gain"].append(gain)
+        if "trigger_drift" in signals:
+            cos = torch.nn.functional.cosine_similarity(got["masks"], reference["masks"], dim=1)
+            raw["trigger_drift"].append(1.0 - cos.double().numpy())
+        seconds.append(time.perf_counter() - t0)
+    candidate.load_state_dict(global_state)
+    arrays = {s: np.stack(v).astype(np.float64) for s, v in raw.items()}
+    centred = {s: centre_evidence(v, by_round=settings.centre_by_round) for s, v in arrays.items()}
+    norms = np.array([math.sqrt(float(flatten(d) @ flatten(d))) if d else 0.0 for d in deltas])
+    return ClientEvidence(
+        raw=arrays, centred=centred, global_margins=reference.get("margins"), update_norms=norms,
+        seconds=np.asarray(seconds) + shared / len(deltas),
+    )  # fmt: skip
+
+
+@dataclass
+class Assessment:
+    """What [`ScreenCalibration.assess`] says about one round's clients (``K`` clients, ``C`` classes).
+
+    Attributes:
+        statistic: ``(K,)`` the largest per-class standardised evidence over classes and signals.
+        p_value: ``(K,)`` its p-value under the benign null.
+        flagged: ``(K,)`` ``p_value <= target_fpr``.
+        z: signal -> ``(K, C)`` the per-class standardised evidence.
+        top_signal / top_class: ``(K,)`` where the statistic came from.
+    """
+
+    statistic: np.ndarray
+    p_value: np.ndarray
+    flagged: np.ndarray
+    z: dict[str, np.ndarray]
+    top_signal: list[str]
+    top_class: np.ndarray
+
+
+@dataclass
+class ScreenCalibration:
+    """The benign history that turns a client's per-class evidence into a p-value.
+
+    Fill it on rounds the server trusts ([`calibrate`] with the round's model and updates, or [`update`] with
+    evidence already measured), then [`assess`] new rounds; [`save`] / [`load`] keep it as JSON.
+
+    Attributes:
+        signals: the evidence signals it uses (any of ``"margin_gain"``, ``"trigger_drift"``).
+        target_fpr: the false-positive rate the threshold is set for (a client is flagged when ``p <= target_fpr``).
+        null: ``"empirical"`` (leave-one-round-out conformal p-value of the max statistic) or ``"sidak"`` (per-class
+            z as standard normal, Šidák-corrected for classes × signals).
+        min_scale: signal -> floor of a class's spread (a class that never moves would turn noise into large z).
+        settings: the evidence budgets ([`EvidenceSettings`]) the history was measured with; new rounds must be
+            measured alike.
+        rows: signal -> list of per-client ``C``-vectors of centred benign evidence.
+        row_rounds: the calibration round each row came from (for the leave-one-round-out null).
+    """
+
+    signals: tuple[str, ...] = DEFAULT_CALIBRATED_SIGNALS
+    target_fpr: float = 0.10
+    null: str = "empirical"
+    min_scale: dict[str, float] = field(default_factory=lambda: {"margin_gain": 0.05, "trigger_drift": 0.01})
+    settings: EvidenceSettings = field(default_factory=EvidenceSettings)
+    rows: dict[str, list[list[float]]] = field(default_factory=dict)
+    row_rounds: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.signals = _check_signals(self.signals)
+        if not 0.0 < self.target_fpr < 1.0:
+            raise ValueError(f"target_fpr must be in (0, 1), got {self.target_fpr}")
+        if self.null not in ("empirical", "sidak"):
+            raise ValueError(f"null must be 'empirical' or 'sidak', got {self.null!r}")
+        if isinstance(self.settings, Mapping):
+            self.settings = EvidenceSettings(**self.settings)
+        for s in self.signals:
+            self.rows.setdefault(s, [])
+        self._null_cache: np.ndarray | None = None
+
+    # ---- filling -------------------------------------------------------------------------------------------------
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_rounds)
+
+    @property
+    def num_rounds(self) -> int:
+        return len(set(self.row_rounds))
+
+    @property
+    def num_classes(self) -> int | None:
+        first = self.rows.get(self.signals[0]) or []
+        return len(first[0]) if first else None
+
+    @property
+    def ready(self) -> bool:
+        """Enough benign history to decide: two rounds at least, and for the empirical null enough rows that a
+        p-value can reach ``target_fpr`` (``1 / (rows + 1) <= target_fpr``)."""
+        if self.num_rounds < 2:
+            return False
+        return self.null == "sidak" or 1.0 / (self.num_rows + 1) <= self.target_fpr
+
+    def update(self, evidence: ClientEvidence, *, round_id: int | None = None) -> ScreenCalibration:
+        """Add one benign round's evidence (every client of it) to the history."""
+        centred = self._centred(evidence)
+        c = centred[self.signals[0]].shape[1]
+        if self.num_classes not in (None, c):
+            raise ValueError(f"the evidence has {c} classes but the calibration {self.num_classes}")
+        rid = (max(self.row_rounds) + 1 if self.row_rounds else 0) if round_id is None else int(round_id)
+        for s in self.signals:
+            self.rows[s].extend(centred[s].tolist())
+        self.row_rounds.extend([rid] * evidence.num_clients)
+        self._null_cache = None
+        return self
+
+    def calibrate(
+        self,
+        global_model: nn.Module,
+        updates: Sequence[Any],
+        clean_samples: Any,
+        *,
+        round_id: int | None = None,
+        as_deltas: bool = True,
+        processor: Any = None,
+    ) -> ClientEvidence:
+        """Measure one trusted round's updates ([`client_evidence`] with this calibration's settings) and add them.
+
+        Returns:
+            The round's evidence.
+        """
+        evidence = client_evidence(
+            global_model, updates, clean_samples, signals=self.signals, settings=self.settings, as_deltas=as_deltas,
+            processor=processor,
+        )  # fmt: skip
+        self.update(evidence, round_id=round_id)
+        return evidence
+
+    def _centred(self, evidence: ClientEvidence) -> dict[str, np.ndarray]:
+        missing = sorted(set(self.signals) - set(evidence.raw))
+        if missing:
+            raise ValueError(f"the evidence lacks signals {missing}; it has {sorted(evidence.raw)}")
+        return {s: evidence.centred_for(s, self.settings.centre_by_round) for s in self.signals}
+
+    # ---- deciding ------------------------------------------------------------------------------------------------
+    def _scales(self, keep: np.ndarray | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        out = {}
+        for s in self.signals:
+            h = np.asarray(self.rows[s], dtype=np.float64)
+            if keep is not None:
+                h = h[keep]
+            if self.null == "sidak":  # the normal model behind Šidák's correction: mean and standard deviation
+                loc, spread = h.mean(axis=0), h.std(axis=0, ddof=1)
+            else:  # robust: a few unusual benign rows do not widen the scale
+                loc = np.median(h, axis=0)
+                spread = MAD_CONSISTENCY * np.median(np.abs(h - loc), axis=0)
+            scale = np.maximum(spread, self.min_scale.get(s, 1e-6))
+            out[s] = (loc, scale)
+        return out
+
+    def _standardise(self, centred: Mapping[str, np.ndarray], scales) -> dict[str, np.ndarray]:
+        return {s: (np.asarray(centred[s], dtype=np.float64) - scales[s][0]) / scales[s][1] for s in self.signals}
+
+    @staticmethod
+    def _max_stat(z: Mapping[str, np.ndarray]) -> np.ndarray:
+        return np.max(np.stack([v.max(axis=1) for v in z.values()]), axis=0)
+
+    def null_statistics(self) -> np.ndarray:
+        """The benign rows' statistics, each standardised against the other calibration rounds only."""
+        if self._null_cache is None:
+            rounds = np.asarray(self.row_rounds)
+            stats = np.empty(len(rounds))
+            for r in np.unique(rounds):
+                held = rounds == r
+                scales = self._scales(~held)
+                rows = {s: np.asarray(self.rows[s], dtype=np.float64)[held] for s in self.signals}
+                stats[held] = self._max_stat(self._standardise(rows, scales))
+            self._null_cache = stats
+        return self._null_cache
+
+    def threshold(self) -> float:
+        """The smallest statistic flagged at ``target_fpr`` (empirical null; ``inf`` when none can be)."""
+        if self.null == "sidak":
+            from scipy.stats import norm
+
+            m = len(self.signals) * (self.num_classes or 1)
+            return float(norm.isf(1.0 - (1.0 - self.target_fpr) ** (1.0 / m)))
+        null = np.sort(self.null_statistics())[::-1]
+        n = len(null)
+        allowed = math.floor(self.target_fpr * (n + 1)) - 1  # p = (1 + count) / (n + 1) <= target: count <= allowed
+        if allowed < 0:
+            return math.inf
+        return float(null[allowed]) if allowed < n else -math.inf
+
+    def p_values(self, statistic: np.ndarray) -> np.ndarray:
+        """P-values of statistics under the benign null."""
+        statistic = np.asarray(statistic, dtype=np.float64)
+        if self.null == "sidak":
+            from scipy.stats import norm
+
+            m = len(self.signals) * (self.num_classes or 1)
+            return 1.0 - (1.0 - norm.sf(statistic)) ** m
+        null = self.null_statistics()
+        return (1.0 + (null[None, :] >= statistic[:, None]).sum(axis=1)) / (len(null) + 1.0)
+
+    def assess(self, evidence: ClientEvidence) -> Assessment:
+        """Standardise a round's evidence against the benign history and decide at ``target_fpr``."""
+        if not self.ready:
+            raise ValueError(
+                f"the calibration holds {self.num_rows} rows from {self.num_rounds} rounds: not enough to decide at "
+                f"target_fpr={self.target_fpr}; add benign rounds with calibrate() / update() first"
+            )
+        centred = self._centred(evidence)
+        c = centred[self.signals[0]].shape[1]
+        if c != self.num_classes:
+            raise ValueError(f"the evidence has {c} classes but the calibration {self.num_classes}")
+        z = self._standardise(centred, self._scales())
+        per_signal = np.stack([z[s].max(axis=1) for s in self.signals])  # (S, K)
+        statistic = per_signal.max(axis=0)
+        top = per_signal.argmax(axis=0)
+        top_class = np.array([int(z[self.signals[t]][k].argmax()) for k, t in enumerate(top)])
+        p = self.p_values(statistic)
+        return Assessment(statistic, p, p <= self.target_fpr, z, [self.signals[t] for t in top], top_class)
+
+    # ---- persistence ---------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "signals": list(self.signals), "target_fpr": self.target_fpr, "null": self.null,
+            "min_scale": dict(self.min_scale), "settings": asdict(self.settings),
+            "rows": {s: self.rows[s] for s in self.signals}, "row_rounds": list(self.row_rounds),
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ScreenCalibration:
+        data = dict(data)
+        data["signals"] = tuple(data["signals"])
+        data["settings"] = EvidenceSettings(**data.get("settings", {}))
+        return cls(**data)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the calibration as JSON."""
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ScreenCalibration:
+        """Read a calibration written by [`save`]."""
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
