@@ -203,7 +203,7 @@ COLUMNS = (
     f"(clean and backdoored models resampled separately, {RESAMPLES} times, seed 0); accuracy of the verdict at each "
     "method's threshold (MetaShield: the threshold of the head part that scores the scan; Neural Cleanse: anomaly "
     f"index > {NEURAL_CLEANSE_THRESHOLD:g}); target accuracy: the suspected target is the attack's, over backdoored "
-    "models; seconds: mean wall time of one scan of a loaded model on one CPU thread. A \"`signal` alone\" row scores "
+    'models; seconds: mean wall time of one scan of a loaded model on one CPU thread. A "`signal` alone" row scores '
     "the models by that raw signal of the same scans (no verdict; its target is the class its source singles out; "
     "seconds: that source's share of the scan)."
 )

@@ -49,19 +49,22 @@ class ProbeArguments:
     workdir: str = field(default="artifacts/scan_work_probe", metadata={"help": "Where checkpoints are unpacked."})
 
 
-def flip_rates(adapter, items, family: str, budgets: list[float], steps: int) -> np.ndarray:
-    """Per class and budget, the share of clean samples (not predicted as the class) one transformation flips."""
+def clean_space(adapter, items):
+    """The synthesis space of the clean samples and the model's predictions on them (once per model)."""
     space = synthesis_space(adapter, items)
     if space.kind != "pixels" or space.inputs is None:
         raise ValueError(f"the probe needs a pixel space, got {space.kind}")
+    with torch.no_grad():
+        logits, _ = space.run(torch.ones((space.num_samples, *space.mask_shape[1:])), space.inputs.float(), 1)
+    return space, logits.argmax(-1), logits.shape[1]
+
+
+def flip_rates(space, pred: torch.Tensor, k: int, family: str, budgets: list[float], steps: int) -> np.ndarray:
+    """Per class and budget, the share of clean samples (not predicted as the class) one transformation flips."""
     x = space.inputs.float()
     n, ch = x.shape[0], x.shape[1]
     low, high = space.low.float(), space.high.float()
     span = (high - low).clamp_min(1e-6)
-    with torch.no_grad():
-        logits, _ = space.run(torch.ones((n, *space.mask_shape[1:])), x, 1)
-    pred = logits.argmax(-1)
-    k = logits.shape[1]
     classes = torch.arange(k).repeat_interleave(n)
     ones = torch.ones((k * n, *space.mask_shape[1:]))
     xs = x.repeat(k, *([1] * (x.dim() - 1)))
@@ -115,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in tqdm(todo, desc=Path(zoo_dir).name, file=sys.stdout, mininterval=10):
             row = zoo[i]
             t = time.perf_counter()
-            adapter = row_to_target(row, args.workdir)
-            items = row_probe(row)[0][:N_CLEAN]
+            space, pred, k = clean_space(row_to_target(row, args.workdir), row_probe(row)[0][:N_CLEAN])
             rec = {
                 "zoo": Path(zoo_dir).name,
                 "attack": row["attack"],
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 "target_label": row["target_label"],
             }
             for family, budgets in FAMILIES.items():
-                rates = flip_rates(adapter, items, family, budgets, args.steps)
+                rates = flip_rates(space, pred, k, family, budgets, args.steps)
                 z = robust_z(rates.mean(1))
                 rec[family] = {"rates": rates.tolist(), "z_max": float(z.max()), "top_class": int(z.argmax())}
             rec["seconds"] = time.perf_counter() - t
@@ -138,10 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         y = np.array([r["is_backdoored"] for r in rows])
         bd = [r for r in rows if r["is_backdoored"]]
         for family in [*FAMILIES, "max"]:
-            s = np.array([max(r[f]["z_max"] for f in FAMILIES) if family == "max" else r[family]["z_max"] for r in rows])
+            s = np.array(
+                [max(r[f]["z_max"] for f in FAMILIES) if family == "max" else r[family]["z_max"] for r in rows]
+            )
             line = f"{zoo_name} {family}: {len(rows)} models ({y.sum()} bd), AUROC {auroc(s, y):.3f}"
             if family != "max":
-                line += f", top class = target {np.mean([r[family]['top_class'] == r['target_label'] for r in bd]):.2f}"
+                line += (
+                    f", top class = target {np.mean([r[family]['top_class'] == r['target_label'] for r in bd]):.2f}"
+                )
             for attack in sorted({r["attack"] for r in bd}):
                 m = np.array([r["attack"] in (attack, "none") for r in rows])
                 line += f"; {attack} {auroc(s[m], y[m]):.2f}"

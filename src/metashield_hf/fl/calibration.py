@@ -52,7 +52,8 @@ import numpy as np
 import torch
 from torch import nn
 
-MAD_CONSISTENCY = 1.4826  # MAD -> standard deviation for normal data
+from .screen import MAD_CONSISTENCY, candidate_state, flatten, state_of, to_deltas
+
 CALIBRATED_SIGNALS = ("margin_gain", "trigger_drift")
 #: The signals the calibrated screen uses unless told otherwise; chosen on the MNIST benchmark settings by the rule
 #: written in benchmarks/fl/README.md ("Calibrated screen: the rule").
@@ -173,7 +174,6 @@ def client_evidence(
     from ..scan.max_margin import max_margins
     from ..scan.scanner import prepare_clean_items, run_synthesis
     from ..targets import load_target
-    from .screen import candidate_state, flatten, state_of, to_deltas
 
     signals = _check_signals(signals)
     settings = settings or EvidenceSettings()

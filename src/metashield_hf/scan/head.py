@@ -22,12 +22,12 @@ import numpy as np
 from .signals import (
     AGNOSTIC,
     BLEND,
-    MAX_MARGIN_SIGNALS,
     LARGE_VOCABULARY,
     SIGNALS,
     SOURCE,
     SYNTHESIS_SIGNALS,
     class_count_signals,
+    scan_variant,
     token_detector_signal,
     token_signals,
 )
@@ -259,9 +259,7 @@ def record_variant(rec: dict) -> str | None:
     ms = rec["metashield"]
     if ms.get("source_steps"):
         return SOURCE
-    if not ms.get("blend_steps"):
-        return None
-    return AGNOSTIC if all(name in ms["signals"] for name in MAX_MARGIN_SIGNALS) else BLEND
+    return scan_variant(BLEND, ms["signals"]) if ms.get("blend_steps") else None
 
 
 def refresh_record(rec: dict) -> dict:
@@ -670,7 +668,7 @@ def fit_head_from_spec(spec: dict, records: str | os.PathLike) -> HeadFit:
             gain = choice.score - base_best
             if choice.signals == base_signals or gain < min_gain:
                 declined[name] = (
-                    f"best candidate {list(choice.signals[len(base_signals):]) or 'base alone'} gains {gain:+.3f} over "
+                    f"best candidate {list(choice.signals[len(base_signals) :]) or 'base alone'} gains {gain:+.3f} over "
                     f"the base alone ({base_best:.3f}) on {choice.criterion}; min_gain {min_gain}"
                 )
                 continue

@@ -25,15 +25,14 @@ from .positives import model_fingerprint
 from .progress import log_scan_cost, tqdm_disable
 from .report import ClassEvidence, ScanReport
 from .signals import (
-    AGNOSTIC,
     BLEND,
     FEATURE,
     LARGE_VOCABULARY,
-    MAX_MARGIN_SIGNALS,
     SOURCE,
     TOKEN_SIGNALS,
     max_margin_signals,
     scan_signals,
+    scan_variant,
     token_detector_signal,
     token_signals,
     variant_signals,
@@ -470,8 +469,7 @@ def scan_adapter(
         adapter, items, clean_out, config
     )
     signals |= agnostic_signals
-    if variant == BLEND and all(name in signals for name in MAX_MARGIN_SIGNALS):
-        variant = AGNOSTIC  # scored by the head's image/agnostic part where it has one, else by the blend part
+    variant = scan_variant(variant, signals)  # AGNOSTIC: the image/agnostic part where there is one, else blend
     # a scan in pixel space is an image scan, whatever the adapter (timm, transformers or a plain torch module)
     head = head.for_modality("image" if space == "pixels" else adapter.modality, signals, variant)
     score = head.score(signals)

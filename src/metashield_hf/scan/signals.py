@@ -73,6 +73,14 @@ AGNOSTIC = "agnostic"
 FEATURE = "feature"
 
 
+def scan_variant(variant: str | None, signals) -> str | None:
+    """The head variant of a scan: [`AGNOSTIC`] for a blend scan that also carries the [`MAX_MARGIN_SIGNALS`],
+    else ``variant`` as it is (the scanner and [`record_variant`] decide it with this one rule)."""
+    if variant == BLEND and all(name in signals for name in MAX_MARGIN_SIGNALS):
+        return AGNOSTIC
+    return variant
+
+
 def token_signals(tokens) -> tuple[int, dict[str, float]]:
     """The suspected target and the token signals of a [`TokenSearchResult`] (or any object with its per-class
     ``flip_rates``, ``target_probs``, ``low_probs`` and ``dominance`` arrays).
