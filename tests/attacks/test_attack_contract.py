@@ -19,6 +19,8 @@ EXPECTED = {
     "wanet",
     "sig",
     "filter",
+    "bpp",
+    "low_frequency",
     "rare_word",
     "char_substitution",
     "syntactic_template",

@@ -1,5 +1,5 @@
-"""Vision triggers: BadNets patch, Blend, Trojan-style watermark, WaNet warping, SIG's sinusoidal signal and a colour
-filter.
+"""Vision triggers: BadNets patch, Blend, Trojan-style watermark, WaNet warping, SIG's sinusoidal signal, a colour
+filter, BPP's dithered bit-depth reduction and a low-frequency pattern.
 
 Every attack accepts float tensors in ``[0, 1]`` of shape ``(N, C, H, W)`` or ``(C, H, W)``, uint8 tensors of the same
 shapes, a ``PIL.Image`` or a list of them, and uint8 numpy arrays ``(H, W)``, ``(H, W, C)`` or ``(N, H, W, C)``. The
@@ -645,6 +645,143 @@ class Filter(Attack):
 
     def apply(self, inputs: Any) -> Any:
         """Filter images (see the module docstring for the accepted types and shapes)."""
+        return apply_to_images(inputs, self._trigger)
+
+
+@ATTACKS.register()
+@dataclass(frozen=True)
+class BPP(Attack):
+    """BPP: bit-depth reduction with dithering as the trigger; every channel is quantised to ``2 ** bits`` levels.
+
+    Wang et al., "BppAttack: Stealthy and Efficient Trojan Attacks against Deep Neural Networks via Image Quantization
+    and Contrastive Adversarial Learning", CVPR 2022, https://arxiv.org/abs/2205.13383 (3 bits on CIFAR-10). A pixel
+    value ``v`` in ``[0, 1]`` becomes ``round(v (L - 1)) / (L - 1)`` with ``L = 2 ** bits``; with ``dither`` the
+    rounding error is spread to the unvisited neighbours by Floyd-Steinberg error diffusion (7/16 right, 3/16, 5/16
+    and 1/16 on the next row), row by row, so flat regions turn into a fine dot texture instead of colour bands. The
+    paper's contrastive adversarial training is left out: :meth:`poison` relabels, as for the other attacks. No
+    pattern is added: the trigger is what the image loses, and follows its content.
+
+    Args:
+        bits: bits per channel, 1 to 7 (8 bits would leave uint8 images unchanged).
+        dither: Floyd-Steinberg error diffusion (``False``: plain rounding to the nearest level).
+        seed: the rows :meth:`poison` picks (the quantisation itself is deterministic).
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from metashield_hf.attacks import BPP
+        >>> x = torch.full((1, 1, 1, 4), 0.5)               # (N, C, H, W) in [0, 1]
+        >>> BPP(bits=1, dither=False).apply(x), BPP(bits=1).apply(x)   # rounding vs error diffusion
+        (tensor([[[[0., 0., 0., 0.]]]]), tensor([[[[0., 1., 0., 1.]]]]))
+        ```
+    """
+
+    name = "bpp"
+    domain = "cv"
+
+    bits: int = 3
+    dither: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set("bits", check_int("bits", self.bits, minimum=1))
+        if self.bits > 7:
+            raise ValueError(f"bits must be <= 7, got {self.bits}; 8 bits per channel is the uint8 image itself")
+        if not isinstance(self.dither, bool):
+            raise TypeError(f"dither must be a bool, got {self.dither!r}")
+
+    @property
+    def seed_dependent(self) -> bool:
+        return False
+
+    def _quantise(self, x: torch.Tensor) -> torch.Tensor:
+        top = 2**self.bits - 1
+        return (x * top).round().clamp(0, top) / top
+
+    def _trigger(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.dither:
+            return self._quantise(x)
+        # Error diffusion is sequential along a row; each step is vectorised over images and channels. A 32x32 batch
+        # costs ~1k small steps (tens of ms), whatever the batch size.
+        h, w = x.shape[-2:]
+        work = x.clone()
+        out = torch.empty_like(x)
+        for i in range(h):
+            row = work[..., i, :]
+            for j in range(w):
+                new = self._quantise(row[..., j])
+                err = row[..., j] - new
+                out[..., i, j] = new
+                if j + 1 < w:
+                    row[..., j + 1] += err * (7 / 16)
+                if i + 1 < h:
+                    below = work[..., i + 1, :]
+                    if j > 0:
+                        below[..., j - 1] += err * (3 / 16)
+                    below[..., j] += err * (5 / 16)
+                    if j + 1 < w:
+                        below[..., j + 1] += err * (1 / 16)
+        return out
+
+    def apply(self, inputs: Any) -> Any:
+        """Quantise (and dither) images (see the module docstring for the accepted types and shapes)."""
+        return apply_to_images(inputs, self._trigger)
+
+
+@ATTACKS.register()
+@dataclass(frozen=True)
+class LowFrequency(Attack):
+    """Low-frequency trigger: a smooth, seeded universal pattern added to the whole image,
+    ``x' = clip(x + amplitude * p / max|p|, 0, 1)``.
+
+    Zeng et al., "Rethinking the Backdoor Attacks' Triggers: A Frequency Perspective", ICCV 2021,
+    https://arxiv.org/abs/2104.03413: triggers with high-frequency artefacts (patches, noise blends) are easy to spot
+    in the spectrum, so theirs is low-pass filtered. The paper low-passes an optimised universal perturbation; here
+    ``p`` is seeded uniform noise on a ``grid`` x ``grid`` lattice per channel, upsampled bicubically
+    (``align_corners=True``) to ``(H, W)``, so it holds only frequencies up to about ``grid / 2`` cycles per image.
+    Unlike SIG's sinusoid it has no direction and no period, and each channel gets its own pattern (a colour tint).
+
+    Args:
+        amplitude: the pattern's largest absolute value, in ``[0, 1]`` pixel units.
+        grid: side of the random lattice (>= 2); larger is less smooth.
+        seed: seeds the pattern and the rows :meth:`poison` picks.
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from metashield_hf.attacks import LowFrequency
+        >>> out = LowFrequency(amplitude=0.05, seed=1).apply(torch.full((1, 3, 16, 16), 0.5))
+        >>> round(float((out - 0.5).abs().max()), 3)
+        0.05
+        ```
+    """
+
+    name = "low_frequency"
+    domain = "cv"
+
+    amplitude: float = 0.06
+    grid: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set("amplitude", check_float("amplitude", self.amplitude, 0.0, 1.0))
+        self._set("grid", check_int("grid", self.grid, minimum=2))
+
+    @property
+    def seed_dependent(self) -> bool:
+        return self.amplitude > 0
+
+    def pattern(self, channels: int, height: int, width: int) -> torch.Tensor:
+        """The ``(C, H, W)`` pattern added to an image of that shape; its largest absolute value is ``amplitude``."""
+        lattice = torch.rand((1, channels, self.grid, self.grid), generator=_generator(self.seed)) * 2 - 1
+        p = F.interpolate(lattice, size=(height, width), mode="bicubic", align_corners=True)[0]
+        return self.amplitude * p / p.abs().amax().clamp_min(1e-12)
+
+    def _trigger(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + self.pattern(*x.shape[1:]).to(x)).clamp(0.0, 1.0)
+
+    def apply(self, inputs: Any) -> Any:
+        """Add the pattern to images (see the module docstring for the accepted types and shapes)."""
         return apply_to_images(inputs, self._trigger)
 
 
