@@ -701,8 +701,8 @@ class BPP(Attack):
     def _trigger(self, x: torch.Tensor) -> torch.Tensor:
         if not self.dither:
             return self._quantise(x)
-        # Error diffusion is sequential along a row; each step is vectorised over images and channels. A 32x32 batch
-        # costs ~1k small steps (tens of ms), whatever the batch size.
+        # Error diffusion is sequential along a row; each step is vectorised over images and channels, so 32x32
+        # images cost ~1k steps per batch (about 0.3 s for 512 RGB images on a CPU).
         h, w = x.shape[-2:]
         work = x.clone()
         out = torch.empty_like(x)
