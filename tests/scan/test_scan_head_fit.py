@@ -15,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from metashield_hf.scan import (
     DEFAULT_SCAN_HEAD,
+    MAX_MARGIN_SIGNALS,
     SYNTHESIS_SIGNALS,
     ScanHead,
     fit_head_from_spec,
@@ -34,14 +35,20 @@ RECORDS = STUDY / "results" / "records"
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_the_shipped_head_is_rebuilt_from_the_committed_records(tmp_path):
-    fit = fit_head_from_spec(yaml.safe_load((STUDY / "configs" / "head.yaml").read_text()), RECORDS)
+    spec = yaml.safe_load((STUDY / "configs" / "head.yaml").read_text())
+    # the agnostic part's alarm candidates lost on its criterion (results/head_fit.md); without them the same
+    # candidate wins, in a quarter of the time
+    assert spec["parts"]["agnostic"]["alarms"][0] == []
+    spec["parts"]["agnostic"]["alarms"] = [[]]
+    fit = fit_head_from_spec(spec, RECORDS)
     for name, choice in fit.parts.items():
         assert {record_variant(r) for r in fit.part_rows[name]} == {name}  # every row is a scan of the part's variant
         # the threshold flags the asked share of the clean train rows by the cross-validation that chose the part
         assert 0.5 < choice.part.threshold < 1.0
     assert set(fit.parts) == {"blend", "source", "agnostic"}
-    # the rule keeps a part out of the shipped head unless it gains over its base signals
-    assert set(fit.declined) == {"agnostic"} and "image/agnostic" not in fit.head.by_modality
+    # the rule keeps a part out of the shipped head unless it gains over its base signals; the agnostic part gains
+    # with the max-margin signals
+    assert not fit.declined and set(MAX_MARGIN_SIGNALS) <= set(fit.head.by_modality["image/agnostic"]["weights"])
     fit.head.save(tmp_path / "head.json")
     rebuilt, shipped = (json.loads(p.read_text()) for p in (tmp_path / "head.json", DEFAULT_SCAN_HEAD))
     # the same keys, strings and layout; numbers to 1e-9 (the last digits of a float move with the BLAS build)

@@ -10,6 +10,8 @@ import torch
 
 from builders import build_text_model, planted_digits_model
 from metashield_hf.scan import (
+    AGNOSTIC,
+    BLEND,
     FEATURE_SIGNALS,
     MAX_MARGIN_SIGNALS,
     SIGNALS,
@@ -92,16 +94,20 @@ def test_max_margin_singles_out_a_sig_target(digits_sig_model, digits_models):
 
 
 @pytest.mark.slow
-def test_scan_records_the_sources_without_changing_the_shipped_score(digits_models):
+def test_scan_scores_the_sources_with_the_agnostic_part(digits_models):
     backdoored, _ = digits_models
     clean = backdoored.clean_pool[:20]
     plain = scan_model(backdoored.model, clean, seed=0, max_margin_steps=0, feature_steps=0)
     both = scan_model(backdoored.model, clean, seed=0, max_margin_steps=10, feature_steps=10)
-    # the shipped head weighs none of the new signals: the same score, verdict and target
-    assert not set(ScanHead.load().weights) & set(MAX_MARGIN_SIGNALS + FEATURE_SIGNALS)
+    # a scan with the max-margin signals is scored by the shipped head's image/agnostic part, which weighs them; one
+    # without them by the blend part, as before the sources existed
+    head = ScanHead.load()
+    agnostic = head.for_modality("image", both.signals, AGNOSTIC)
+    assert head.part_key("image", both.signals, AGNOSTIC) == f"image/{AGNOSTIC}"
+    assert set(MAX_MARGIN_SIGNALS) <= {n for n, w in agnostic.weights.items() if w}
+    assert both.score == pytest.approx(agnostic.score(both.signals)) and both.threshold == agnostic.threshold
+    assert plain.score == pytest.approx(head.for_modality("image", plain.signals, BLEND).score(plain.signals))
     assert set(MAX_MARGIN_SIGNALS + FEATURE_SIGNALS) <= set(SIGNALS)
-    assert both.score == pytest.approx(plain.score) and both.verdict == plain.verdict
-    assert both.suspected_target == plain.suspected_target
     assert plain.signals == {k: both.signals[k] for k in plain.signals}
     assert set(both.signals) - set(plain.signals) == set(MAX_MARGIN_SIGNALS + FEATURE_SIGNALS)
     assert {"max_margin_s", "feature_s"} <= set(both.timings) and not {"max_margin_s", "feature_s"} & set(

@@ -18,6 +18,7 @@ synthesis.
 - `max_margin.py`: [`max_margins`], the per-class maximum achievable logit margin (MM-BD), trigger-agnostic
 - `feature_inversion.py`: [`invert_features`], per-class trigger inversion in an intermediate layer's feature space
   (FeatureRE / BTI-DBF-like), trigger-agnostic
+- `dormant.py`: [`dormant_mass`], each class's head weight on features the clean samples leave quiet, trigger-agnostic
 - `progress.py`: the progress bars' on/off rule and the cost estimate logged before a scan
 
 Every name is imported when first used (PEP 562): ``metashield scan --help`` builds its flags from
@@ -43,8 +44,10 @@ if TYPE_CHECKING:
         scan_many,
     )
     from .config import DEFAULT_BLEND_STEPS, MIN_SCAN_SAMPLES, SOURCE_FLIP_THRESHOLD, SOURCE_LOSS_QUANTILE, ScanConfig
+    from .dormant import DORMANT_FLOOR, dormant_mass
     from .feature_inversion import FeatureInversionResult, feature_block, invert_features
     from .head import (
+        ALARM_PREFIX,
         DEFAULT_SCAN_HEAD,
         NEURAL_CLEANSE_RULE_HEAD,
         HeadFit,
@@ -54,6 +57,7 @@ if TYPE_CHECKING:
         cv_head_c,
         fit_head_from_spec,
         fit_heads,
+        fit_part,
         fit_scan_head,
         fpr_threshold,
         leave_attack_out_auroc,
@@ -65,7 +69,9 @@ if TYPE_CHECKING:
         repeated_cv,
         scan_record,
         score_record,
+        set_alarms,
         set_fpr_thresholds,
+        split_candidate,
         verdict_threshold,
         with_part,
     )
@@ -93,6 +99,7 @@ if TYPE_CHECKING:
         AGNOSTIC,
         BLEND,
         BLEND_SIGNALS,
+        DORMANT_SIGNALS,
         FEATURE_SIGNALS,
         LARGE_VOCABULARY,
         MAX_MARGIN_SIGNALS,
@@ -102,6 +109,7 @@ if TYPE_CHECKING:
         SYNTHESIS_SIGNALS,
         TOKEN_SIGNALS,
         class_count_signals,
+        dormant_signals,
         max_margin_signals,
         token_detector_signal,
         token_signals,
@@ -131,6 +139,14 @@ _LAZY = {
     "PartChoice": ".head",
     "ScanHead": ".head",
     "choose_part": ".head",
+    "ALARM_PREFIX": ".head",
+    "fit_part": ".head",
+    "set_alarms": ".head",
+    "split_candidate": ".head",
+    "DORMANT_FLOOR": ".dormant",
+    "dormant_mass": ".dormant",
+    "DORMANT_SIGNALS": ".signals",
+    "dormant_signals": ".signals",
     "cv_head_c": ".head",
     "fit_head_from_spec": ".head",
     "fit_heads": ".head",
@@ -235,6 +251,14 @@ __all__ = [
     "chance_anomaly_index",
     "checkpoint_name",
     "choose_part",
+    "ALARM_PREFIX",
+    "fit_part",
+    "set_alarms",
+    "split_candidate",
+    "DORMANT_FLOOR",
+    "dormant_mass",
+    "DORMANT_SIGNALS",
+    "dormant_signals",
     "class_count_signals",
     "cv_head_c",
     "fit_heads",

@@ -96,7 +96,7 @@ class ScanConfig:
         default=20,
         metadata={
             "help": "Gradient-ascent steps of the per-class maximum-margin statistic (MM-BD, trigger-agnostic; "
-            "recorded in the report, not read by the shipped head; 0: off)."
+            "the shipped head's image/agnostic part weighs it; 0: off, and the scan is scored by the blend part)."
         },
     )
     max_margin_starts: int = field(
@@ -114,6 +114,14 @@ class ScanConfig:
         metadata={
             "help": "Which block the feature inversion shifts, as a fraction of the way through the model's layer "
             "blocks (0: the first, 1: the last)."
+        },
+    )
+    dormancy: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the dormant shortcut weights per class (the head's class-specific weight on features the "
+            "clean samples leave quiet; trigger-agnostic, no optimisation; recorded in the report, not read by the "
+            "shipped head)."
         },
     )
     head: Any = field(

@@ -27,10 +27,12 @@ from .signals import (
     SOURCE,
     SYNTHESIS_SIGNALS,
     class_count_signals,
+    log_odds,
     scan_variant,
     token_detector_signal,
     token_signals,
 )
+from .synthesis import MAD_CONSISTENCY
 
 #: The part a variant's scan falls back to where the head has none for it (or lacks its signals): a source-specific
 #: scan and a scan with the trigger-agnostic evidence also ran the blend synthesis (scan_model's default), so each is
@@ -52,6 +54,9 @@ class ScanHead:
         bias: the intercept.
         threshold: score above which the verdict is ``"backdoored"``.
         source: where the weights come from (``"prior"`` or a description of the fit).
+        alarms: per signal, ``[t, s]``: the evidence union ([`set_alarms`]). The score is the larger of the logistic
+            score and, for each alarm, ``sigmoid(logit(threshold) + (signal - t) / s)``, so an alarm crosses the
+            verdict threshold exactly when its signal crosses ``t``, whatever the other signals say.
         by_modality: heads for one target modality (``"text"``, ``"image"``, ``"tensor"``), or for a variant of
             one (``"text/large_vocabulary"``), as dicts of these same fields; a scan of such a model uses that head
             instead (text scans have the token signals, whose meaning differs from the image signals; and a search
@@ -64,6 +69,7 @@ class ScanHead:
     threshold: float = 0.5
     source: str = "prior"
     by_modality: dict[str, dict] | None = None
+    alarms: dict[str, list[float]] | None = None
 
     def for_modality(
         self, modality: str, signals: dict[str, float] | None = None, variant: str | None = None
@@ -92,10 +98,11 @@ class ScanHead:
 
     def missing(self, signals) -> list[str]:
         """The signals this head weighs that are not among ``signals`` (a dict or any collection of names)."""
-        return sorted(n for n, w in self.weights.items() if w and n not in signals)
+        needed = [n for n, w in self.weights.items() if w] + list(self.alarms or {})
+        return sorted({n for n in needed if n not in signals})
 
     def logit(self, signals: dict[str, float]) -> float:
-        unknown = sorted(set(self.weights) - set(SIGNALS))
+        unknown = sorted((set(self.weights) | set(self.alarms or {})) - set(SIGNALS))
         if unknown:
             raise ValueError(f"scan head has weights for unknown signals {unknown}; known: {list(SIGNALS)}")
         missing = self.missing(signals)
@@ -104,12 +111,21 @@ class ScanHead:
         return self.bias + sum(w * float(signals[name]) for name, w in self.weights.items() if w)
 
     def score(self, signals: dict[str, float]) -> float:
-        """The backdoor probability in ``[0, 1]`` for one model's signals."""
-        z = self.logit(signals)
-        return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
+        """The backdoor probability in ``[0, 1]`` for one model's signals (with alarms, the largest of the logistic
+        score and the alarms' scores)."""
+        p = _sigmoid(self.logit(signals))
+        if self.alarms:
+            anchor = log_odds(self.threshold)
+            for name, (t, scale) in self.alarms.items():
+                p = max(p, _sigmoid(anchor + (float(signals[name]) - t) / scale))
+        return p
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        data = asdict(self)
+        for part in [data, *(data.get("by_modality") or {}).values()]:
+            if part.get("alarms") is None:  # a head without alarms saves as before they existed
+                part.pop("alarms", None)
+        Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> ScanHead:
@@ -120,6 +136,10 @@ class ScanHead:
             return cls(**data)
         except (OSError, json.JSONDecodeError, TypeError) as err:
             raise ValueError(f"cannot read a scan head from {path}: {err}") from err
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
 
 
 #: Neural Cleanse's rule as a head (anomaly index > 2 => score > 0.5): the FL screen's head, since the fitted head is
@@ -219,6 +239,7 @@ def scan_record(report, **row: object) -> dict:
             "source_steps": options["source_steps"],
             "max_margin_steps": options.get("max_margin_steps", 0),
             "feature_steps": options.get("feature_steps", 0),
+            "dormancy": bool(options.get("dormancy", False)),
             "per_class": {
                 "trigger_size": [c.trigger_size for c in per_class],
                 "flip_rate": [c.flip_rate for c in per_class],
@@ -228,6 +249,7 @@ def scan_record(report, **row: object) -> dict:
                 **({"source_size": [c.source_size for c in per_class]} if options["source_steps"] else {}),
                 **({"max_margin": [c.max_margin for c in per_class]} if options.get("max_margin_steps") else {}),
                 **({"feature_size": [c.feature_size for c in per_class]} if options.get("feature_steps") else {}),
+                **({"dormant_mass": [c.dormant_mass for c in per_class]} if options.get("dormancy") else {}),
             },
         },
     }
@@ -441,6 +463,65 @@ def set_fpr_thresholds(
 
 
 # ---- the variant parts ---------------------------------------------------------------------------------------------
+#: A candidate's signal named ``alarm:<signal>`` is an alarm of the part ([`set_alarms`]), not a logistic input.
+ALARM_PREFIX = "alarm:"
+
+
+def split_candidate(candidate: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A candidate's logistic signals and its alarm signals (``alarm:<signal>`` names, prefix removed)."""
+    logistic = tuple(n for n in candidate if not n.startswith(ALARM_PREFIX))
+    alarms = tuple(n[len(ALARM_PREFIX) :] for n in candidate if n.startswith(ALARM_PREFIX))
+    return logistic, alarms
+
+
+def set_alarms(
+    part: ScanHead,
+    clean_signals: Sequence[dict],
+    alarms: Sequence[str],
+    fpr: float,
+    logistic_threshold: float | None = None,
+) -> ScanHead:
+    """Give ``part`` the evidence union: an alarm per signal of ``alarms``, whose threshold ``t`` flags a share
+    ``fpr / (len(alarms) + 1)`` of the clean train models ``clean_signals`` and whose scale ``s`` is the signal's
+    robust spread (1.4826 MAD) over them; ``logistic_threshold`` (the logistic part's score that flags the same share
+    of clean models, out of fold where the caller has it) becomes the part's threshold. The union then flags about a
+    share ``fpr`` of clean models.
+
+    A logistic part weighs what separates the train zoos' attacks, so a source that moves only attacks the train zoos
+    lack gets little weight; an alarm needs no backdoored train model at all.
+    """
+    if not alarms:
+        part.alarms = None
+        return part
+    if not clean_signals:
+        raise ValueError("set_alarms needs clean train models")
+    share = fpr / (len(alarms) + 1)
+    out = {}
+    for name in alarms:
+        v = np.array([float(sig[name]) for sig in clean_signals])
+        med = float(np.median(v))
+        scale = MAD_CONSISTENCY * float(np.median(np.abs(v - med)))
+        out[name] = [float(np.quantile(v, 1.0 - share)), max(scale, 1e-6)]
+    part.alarms = out
+    if logistic_threshold is not None:
+        part.threshold = float(logistic_threshold)
+    return part
+
+
+def fit_part(
+    signals: Sequence[dict], labels: np.ndarray, c: float, candidate: Sequence[str], fpr: float = 0.05
+) -> ScanHead:
+    """[`fit_scan_head`] on a candidate's logistic signals and, where it names alarms, [`set_alarms`] on the fit
+    rows' clean models (the logistic threshold at their in-sample quantile)."""
+    logistic, alarms = split_candidate(candidate)
+    part = fit_scan_head(signals, labels, c=c, signals=logistic)
+    if alarms:
+        clean = [signals[i] for i in np.flatnonzero(np.asarray(labels) == 0)]
+        share = fpr / (len(alarms) + 1)
+        set_alarms(part, clean, alarms, fpr, float(np.quantile([part.score(x) for x in clean], 1.0 - share)))
+    return part
+
+
 def part_cv_scores(rows: Sequence[dict], signals: Sequence[str], c: float, repeats: int = 20) -> list[np.ndarray]:
     """Per repeat, every row's score by a part ([`fit_scan_head`] on ``signals``) fit on the other folds of a
     stratified 5-fold split (strata: dataset and label)."""
@@ -448,7 +529,7 @@ def part_cv_scores(rows: Sequence[dict], signals: Sequence[str], c: float, repea
     x = [r["metashield"]["signals"] for r in rows]
 
     def fit_and_score(fit: np.ndarray, held: np.ndarray) -> list[float]:
-        part = fit_scan_head([x[i] for i in fit], y[fit], c=c, signals=signals)
+        part = fit_part([x[i] for i in fit], y[fit], c, signals)
         return [part.score(x[i]) for i in held]
 
     return repeated_cv([f"{r['dataset']}{y[i]}" for i, r in enumerate(rows)], fit_and_score, repeats)
@@ -493,7 +574,7 @@ def leave_attack_out_auroc(
             splits = KFold(min(folds, len(clean)), shuffle=True, random_state=rep).split(clean)
             for n_fit, (fit_c, held_c) in enumerate(splits, start=1):
                 fit = np.concatenate([other_bd, clean[fit_c]])
-                part = fit_scan_head([x[i] for i in fit], y[fit], c=c, signals=signals)
+                part = fit_part([x[i] for i in fit], y[fit], c, signals)
                 bd_scores += ([part.score(x[i]) for i in held_bd] - bd_scores) / n_fit
                 clean_scores[held_c] = [part.score(x[i]) for i in clean[held_c]]
             labels = np.r_[np.ones(len(held_bd)), np.zeros(len(clean))]
@@ -570,8 +651,14 @@ def choose_part(
     (signals, c), _ = max(scores.items(), key=lambda kv: kv[1])
     best = choice[(signals, c)]
     y = _labels(rows)
-    part = fit_scan_head([r["metashield"]["signals"] for r in rows], y, c=c, signals=signals)
-    if target_fpr:
+    x = [r["metashield"]["signals"] for r in rows]
+    logistic, alarms = split_candidate(signals)
+    part = fit_scan_head(x, y, c=c, signals=logistic)
+    if target_fpr and alarms:  # the evidence union: the logistic part's out-of-fold threshold and the alarms'
+        share = target_fpr / (len(alarms) + 1)
+        oof = runs.get((logistic, c)) or part_cv_scores(rows, logistic, c)
+        set_alarms(part, [x[i] for i in np.flatnonzero(y == 0)], alarms, target_fpr, fpr_threshold(oof, y == 0, share))
+    elif target_fpr:
         part.threshold = fpr_threshold(runs[(signals, c)], y == 0, target_fpr)
     part.source = f"fit on {len(rows)} image models scanned with the {name} synthesis ({int(y.sum())} bd)"
     return PartChoice(part, signals, c, best, choice, criterion, scores, per_attack)
@@ -655,6 +742,10 @@ def fit_head_from_spec(spec: dict, records: str | os.PathLike) -> HeadFit:
         candidates += [base_signals + tuple(part["extra"])]
         candidates += [base_signals + tuple(g) for g in part.get("groups", [])]
         candidates += [(*base_signals, s) for s in part["extra"]]
+        alarm_sets = part.get("alarms") or [[]]
+        candidates = [
+            (*cand, *(ALARM_PREFIX + a for a in alarm_set)) for alarm_set in alarm_sets for cand in candidates
+        ]
         candidates = list(dict.fromkeys(candidates))
         choice = choose_part(
             rows, candidates, part["cs"], target_fpr=part["target_fpr"], name=name,

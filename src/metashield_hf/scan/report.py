@@ -35,6 +35,8 @@ class ClassEvidence:
             margin ``f_c(x) - max_{j != c} f_j(x)`` an input of the valid domain reached for this class, else ``None``.
         max_margin_z: its robust z-score over the classes, ``(margin - median) / (1.4826 * MAD)``; large = a class that
             can be forced abnormally far ahead.
+        dormant_mass: with the dormant shortcut weights (``ScanConfig.dormancy``), the class's head weight on
+            features the clean samples leave quiet ([`dormant_mass`]); large = a class that reads a shortcut.
         feature_size: with the feature-space inversion (``ScanConfig.feature_steps``), the smallest shift of an
             intermediate block's output (its norm relative to the clean features' spread) that flips the clean
             samples to this class, else ``None``.
@@ -57,6 +59,7 @@ class ClassEvidence:
     source_size: float | None = None
     max_margin: float | None = None
     max_margin_z: float | None = None
+    dormant_mass: float | None = None
     feature_size: float | None = None
     feature_anomaly: float | None = None
 

@@ -30,6 +30,7 @@ from .signals import (
     LARGE_VOCABULARY,
     SOURCE,
     TOKEN_SIGNALS,
+    dormant_signals,
     max_margin_signals,
     scan_signals,
     scan_variant,
@@ -271,6 +272,18 @@ def trigger_agnostic_evidence(
         per_class |= {"max_margin": mm.margins, "max_margin_z": mm.anomaly}
         timings["max_margin_s"] = time.perf_counter() - t
         options |= {"max_margin_steps": config.max_margin_steps, "max_margin_starts": config.max_margin_starts}
+    if config.dormancy:
+        from .dormant import dormant_mass
+
+        t = time.perf_counter()
+        if clean_out.penultimate is None:
+            logger.warning("dormancy: %s gave no penultimate activations; skipped", type(adapter.model))
+        else:
+            mass = dormant_mass(adapter.head.weight, clean_out.penultimate)
+            signals |= dormant_signals(mass)
+            per_class |= {"dormant_mass": mass}
+            timings["dormancy_s"] = time.perf_counter() - t
+    options["dormancy"] = bool(config.dormancy)
     if config.feature_steps and not adapter.layer_blocks():
         logger.warning("feature_steps: %s has no layer blocks to invert a trigger at; skipped", type(adapter.model))
     elif config.feature_steps:

@@ -50,6 +50,10 @@ MAX_MARGIN_SIGNALS = ("max_margin_excess", "max_margin_log_z")
 #: FeatureRE / BTI-DBF-like): the class-count-corrected anomaly index and log size ratio of the class reached by the
 #: abnormally shortest shift of an intermediate block's output.
 FEATURE_SIGNALS = ("feature_anomaly_excess", "feature_log_size_z")
+#: Trigger-agnostic signals of a scan with the dormant shortcut weights (``ScanConfig.dormancy``; [`dormant_mass`]):
+#: the class-count-corrected robust z-score of the log dormant mass of the class with the most, and its log ratio to
+#: the median class's, in the same units ([`class_count_signals`]).
+DORMANT_SIGNALS = ("dormant_excess", "dormant_log_z")
 SIGNALS = (
     SYNTHESIS_SIGNALS
     + RAW_SYNTHESIS_SIGNALS
@@ -58,6 +62,7 @@ SIGNALS = (
     + SOURCE_SIGNALS
     + MAX_MARGIN_SIGNALS
     + FEATURE_SIGNALS
+    + DORMANT_SIGNALS
 )
 
 #: The variant of a text scan whose vocabulary the token search prefilters (pretrained checkpoints: 30k-250k tokens).
@@ -167,6 +172,17 @@ def max_margin_signals(margins: np.ndarray) -> dict[str, float]:
     log_ratio = float(np.log(max(m[t], 1e-6) / max(float(np.median(m)), 1e-6)))
     signals = class_count_signals(float(anomaly[t]), log_ratio, len(m))
     return {"max_margin_excess": signals["anomaly_excess"], "max_margin_log_z": signals["log_size_z"]}
+
+
+def dormant_signals(mass: np.ndarray) -> dict[str, float]:
+    """[`DORMANT_SIGNALS`] of per-class dormant masses ``(K,)`` ([`dormant_mass`]): for the class whose log mass is
+    the largest outlier, its robust z-score over the classes less the chance level of a maximum over ``K``, and
+    ``log(mass / median mass)`` in the same units ([`class_count_signals`])."""
+    log_mass = np.log(np.maximum(np.asarray(mass, dtype=np.float64), 1e-12))
+    anomaly = anomaly_indices(-log_mass)  # the largest mass is the outlier
+    t = int(np.argmax(anomaly))
+    signals = class_count_signals(float(anomaly[t]), float(log_mass[t] - np.median(log_mass)), len(log_mass))
+    return {"dormant_excess": signals["anomaly_excess"], "dormant_log_z": signals["log_size_z"]}
 
 
 def scan_signals(sizes: np.ndarray, anomaly: np.ndarray, response: np.ndarray) -> tuple[int, dict[str, float]]:
