@@ -1,10 +1,13 @@
-"""Apply the calibrated screen's selection rule (benchmarks/fl/README.md, "Calibrated screen: the rule") to a result
-file of ``run.py``: which evidence variant (``margin``, ``drift``, ``margin+drift``, centred on the round or, ``-nr``, on the candidate
-only) becomes the default.
+"""Apply a calibrated-screen selection rule (benchmarks/fl/README.md) to a result file of ``run.py``: which evidence
+variant becomes the default.
 
     python benchmarks/fl/choose_variant.py benchmarks/fl/results/screening_calibrated.json --datasets mnist
+    python benchmarks/fl/choose_variant.py benchmarks/fl/results/screening_colluders.json --rule colluders
 
-Reads only the settings of ``--datasets`` (the training side); prints every variant's numbers and the winner.
+``--rule first`` ("Calibrated screen: the rule"): pooled benign FPR at most 0.15, then the highest minimum TPR over
+the planted rows. ``--rule colluders`` (the rule of 2026-12-07): pooled benign FPR at most 0.10, no planted row above
+FPR 0.10, and TPR at least 0.90 on every row ``margin+drift`` catches; then the same order. Reads only the settings of
+``--datasets`` (the training side) and the variants the run scored; prints every variant's numbers and the winner.
 """
 
 from __future__ import annotations
@@ -14,44 +17,74 @@ import json
 import sys
 from pathlib import Path
 
-VARIANTS = ("margin", "drift", "margin+drift", "margin-nr", "drift-nr", "margin+drift-nr")
-SIGNALS = {v: 1 + ("+" in v) for v in VARIANTS}
-MAX_FPR = 0.15
+FIRST_VARIANTS = ("margin", "drift", "margin+drift", "margin-nr", "drift-nr", "margin+drift-nr")
+RULES = {
+    "first": {"max_fpr": 0.15, "max_planted_fpr": None, "keep_caught": None},
+    "colluders": {"max_fpr": 0.10, "max_planted_fpr": 0.10, "keep_caught": "margin+drift"},
+}
 PLANTED_ASR = 0.10
 TIE = 0.05
+CAUGHT = 0.90
 
 
-def summarise(result: dict, datasets: list[str]) -> dict[str, dict]:
+def complexity(variant: str) -> tuple[int, int]:
+    """(accumulated, number of signals): the tie-break's "simpler"."""
+    base = variant.split("~")[0].removesuffix("-nr")
+    return int(variant.endswith("~acc")), len(base.split("+"))
+
+
+def summarise(result: dict, datasets: list[str], variants: list[str]) -> dict[str, dict]:
     out = {}
     settings = [s for s in result["settings"] if s["dataset"] in datasets]
-    for v in VARIANTS:
+    for v in variants:
         key = f"calibrated:{v}"
         fp = tn = 0
-        planted, every = [], []
+        planted, every, rows = [], [], {}
         for s in settings:
             for name, r in s["attacks"].items():
                 d = r["detection"][key]
                 fp, tn = fp + d["fp"], tn + d["tn"]
                 every.append(d["tpr"])
+                row = f"{s['dataset']}/{s['algorithm']}/{name}"
+                rows[row] = d
                 if r["outcome"]["none"]["asr"] > PLANTED_ASR:
-                    planted.append((f"{s['dataset']}/{s['algorithm']}/{name}", d["tpr"]))
+                    planted.append((row, d["tpr"], d["fpr"]))
         out[v] = {
             "pooled_fpr": fp / (fp + tn) if fp + tn else float("nan"),
-            "min_planted_tpr": min((t for _, t in planted), default=float("nan")),
+            "min_planted_tpr": min((t for _, t, _ in planted), default=float("nan")),
+            "max_planted_fpr": max((f for _, _, f in planted), default=float("nan")),
             "mean_tpr": sum(every) / len(every) if every else float("nan"),
             "planted_rows": planted,
+            "rows": rows,
         }
     return out
 
 
-def choose(summary: dict[str, dict]) -> str | None:
-    """The rule: FPR gate, then min planted TPR (ties within 0.05), mean TPR, pooled FPR, fewer signals."""
-    alive = [v for v in VARIANTS if summary[v]["pooled_fpr"] <= MAX_FPR]
+def gates(summary: dict[str, dict], variant: str, rule: dict) -> list[str]:
+    """Why a variant is out (empty: it is in)."""
+    s, why = summary[variant], []
+    if s["pooled_fpr"] > rule["max_fpr"]:
+        why.append(f"pooled FPR {s['pooled_fpr']:.3f} > {rule['max_fpr']}")
+    if rule["max_planted_fpr"] is not None and s["max_planted_fpr"] > rule["max_planted_fpr"]:
+        why.append(f"planted-row FPR {s['max_planted_fpr']:.2f} > {rule['max_planted_fpr']}")
+    keep = rule["keep_caught"]
+    if keep is not None and keep in summary:
+        lost = [row for row, d in summary[keep]["rows"].items()
+                if d["tpr"] is not None and d["tpr"] >= CAUGHT and s["rows"][row]["tpr"] < CAUGHT]  # fmt: skip
+        if lost:
+            why.append(f"loses {lost}")
+    return why
+
+
+def choose(summary: dict[str, dict], rule: dict | None = None) -> str | None:
+    """The rule: the gates, then min planted TPR (ties within 0.05), mean TPR, pooled FPR, the simpler."""
+    rule = rule or RULES["first"]
+    alive = [v for v in summary if not gates(summary, v, rule)]
     if not alive:
         return None
     best = max(summary[v]["min_planted_tpr"] for v in alive)
     alive = [v for v in alive if summary[v]["min_planted_tpr"] >= best - TIE]
-    alive.sort(key=lambda v: (-summary[v]["mean_tpr"], summary[v]["pooled_fpr"], SIGNALS[v]))
+    alive.sort(key=lambda v: (-summary[v]["mean_tpr"], summary[v]["pooled_fpr"], complexity(v)))
     return alive[0]
 
 
@@ -59,15 +92,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("result", type=Path)
     parser.add_argument("--datasets", nargs="+", default=["mnist"])
+    parser.add_argument("--rule", choices=list(RULES), default="first")
     args = parser.parse_args(argv)
-    summary = summarise(json.loads(args.result.read_text()), args.datasets)
-    print("| variant | pooled benign FPR | min TPR (planted rows) | mean TPR (all rows) |")
-    print("|---|---|---|---|")
-    for v in VARIANTS:
+    result = json.loads(args.result.read_text())
+    variants = list(result["args"].get("variants") or FIRST_VARIANTS)
+    summary = summarise(result, args.datasets, variants)
+    rule = RULES[args.rule]
+    print(
+        "| variant | pooled benign FPR | max FPR (planted rows) | min TPR (planted rows) | mean TPR (all rows) | out |"
+    )
+    print("|---|---|---|---|---|---|")
+    for v in variants:
         s = summary[v]
-        print(f"| {v} | {s['pooled_fpr']:.3f} | {s['min_planted_tpr']:.2f} | {s['mean_tpr']:.2f} |")
-    print("planted rows:", [name for name, _ in summary[VARIANTS[0]]["planted_rows"]])
-    print("chosen:", choose(summary))
+        why = "; ".join(gates(summary, v, rule)) or "–"
+        print(f"| {v} | {s['pooled_fpr']:.3f} | {s['max_planted_fpr']:.2f} | {s['min_planted_tpr']:.2f} | "
+              f"{s['mean_tpr']:.2f} | {why} |")  # fmt: skip
+    print("planted rows:", [name for name, _, _ in summary[variants[0]]["planted_rows"]])
+    print("chosen:", choose(summary, rule))
     return 0
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import copy
 import dataclasses
 import json
 import logging
@@ -70,13 +71,20 @@ ATTACK_NAMES = [
 SELECTION_RULES = ("krum", "multikrum", "bulyan")
 # The calibrated screen's variants, all scored from one measurement per round (the rule that picks the default is in
 # benchmarks/fl/README.md, "Calibrated screen: the rule").
-# name -> (signals, centre on the round); "-nr": centred on the candidate only (added after the first MNIST run, see
-# the README's rule).
+# name -> (signals, centre on the round, accumulate over a client's rounds); "-nr": centred on the candidate only
+# (added after the first MNIST run, see the README's rule); "point" (point_margin_gain) is centred on the candidate
+# only whatever the flag; "~acc": accumulated per client id (the rule of 2026-12-07).
+MD = ("margin_gain", "trigger_drift")
+MDP = ("margin_gain", "trigger_drift", "point_margin_gain")
 CALIBRATED_VARIANTS = {
-    "margin": (("margin_gain",), True), "drift": (("trigger_drift",), True), "margin+drift": (CALIBRATED_SIGNALS, True),
-    "margin-nr": (("margin_gain",), False), "drift-nr": (("trigger_drift",), False),
-    "margin+drift-nr": (CALIBRATED_SIGNALS, False),
+    "margin": (("margin_gain",), True, False), "drift": (("trigger_drift",), True, False),
+    "margin+drift": (MD, True, False), "margin-nr": (("margin_gain",), False, False),
+    "drift-nr": (("trigger_drift",), False, False), "margin+drift-nr": (MD, False, False),
+    "point": (("point_margin_gain",), True, False), "margin+drift+point": (MDP, True, False),
+    "margin+drift~acc": (MD, True, True), "point~acc": (("point_margin_gain",), True, True),
+    "margin+drift+point~acc": (MDP, True, True),
 }  # fmt: skip
+FIRST_VARIANTS = ["margin", "drift", "margin+drift", "margin-nr", "drift-nr", "margin+drift-nr"]
 # Attack recipes beyond the registry's defaults: name -> (registered attack, its parameters, per-setting overrides of
 # malicious clients and screened rounds). See benchmarks/fl/README.md for what each reaches.
 # ``model_replacement_constrained_planted``: the registry's norm-constrained attacker planted nothing on MNIST (one
@@ -161,7 +169,7 @@ class FLBenchmarkArguments:
     )
     target_fpr: float = field(default=0.10, metadata={"help": "the calibrated screen's target false-positive rate"})
     calibrated_signals: list[str] = field(
-        default_factory=lambda: list(CALIBRATED_SIGNALS),
+        default_factory=lambda: list(MD),
         metadata={
             "help": "the calibrated screen that drops clients in the outcome trajectories",
             "choices": list(CALIBRATED_SIGNALS),
@@ -169,6 +177,16 @@ class FLBenchmarkArguments:
     )
     centre_by_round: bool = field(
         default=True, metadata={"help": "the calibrated screen that drops clients centres its evidence on the round"}
+    )
+    accumulate: bool = field(
+        default=False, metadata={"help": "the calibrated screen that drops clients accumulates evidence per client"}
+    )
+    variants: list[str] = field(
+        default_factory=lambda: list(FIRST_VARIANTS),
+        metadata={
+            "help": "calibrated-screen variants scored on the same measurements",
+            "choices": list(CALIBRATED_VARIANTS),
+        },
     )
     margin_steps: int = field(default=20, metadata={"help": "max-margin ascent steps of the calibrated screen"})
     calibrated_scan_steps: int = field(
@@ -267,7 +285,7 @@ def make_screens(clean: torch.Tensor, args, calibrations: dict | None = None, va
         evidence = measured(clean, args)
         screens["calibrated"] = calibrated_screen(calibrations["calibrated"], evidence)
         if variants:
-            for name in CALIBRATED_VARIANTS:
+            for name in args.variants:
                 screens[f"calibrated:{name}"] = calibrated_screen(calibrations[name], evidence)
     return screens
 
@@ -342,19 +360,26 @@ def run_setting(dataset: str, algorithm: str, args, on_attack=None) -> dict:
         history = []
 
         def record(m, deltas, weights, ids):
-            history.append(evidence(m, deltas))
+            history.append((evidence(m, deltas), list(ids)))
             return []
 
         tc = time.perf_counter()
         run_screened_federated(model, fed.clients, FedConfig(rounds=calib_rounds, malicious_fraction=0.0, **base),
                                screens={"calibration": record}, round_offset=warmup_rounds - calib_rounds)  # fmt: skip
         calib_s = time.perf_counter() - tc
-        deployed = (tuple(s for s in CALIBRATED_SIGNALS if s in args.calibrated_signals), args.centre_by_round)
-        for name, (signals, by_round) in {**CALIBRATED_VARIANTS, "calibrated": deployed}.items():
+        deployed = (
+            tuple(s for s in CALIBRATED_SIGNALS if s in args.calibrated_signals),
+            args.centre_by_round,
+            args.accumulate,
+        )
+        chosen = {name: CALIBRATED_VARIANTS[name] for name in args.variants}
+        for name, (signals, by_round, accumulate) in {**chosen, "calibrated": deployed}.items():
             settings = evidence_settings(args).replace(centre_by_round=by_round)
-            calibrations[name] = ScreenCalibration(signals=signals, target_fpr=args.target_fpr, settings=settings)
-            for r, ev in enumerate(history):
-                calibrations[name].update(ev, round_id=r)
+            calibrations[name] = ScreenCalibration(
+                signals=signals, target_fpr=args.target_fpr, settings=settings, accumulate=accumulate
+            )
+            for r, (ev, ids) in enumerate(history):
+                calibrations[name].update(ev, round_id=r, client_ids=ids)
         if not all(c.ready for c in calibrations.values()):
             logger.warning("%s/%s: %d calibration rounds are too few for --target_fpr %s; no calibrated screen",
                            dataset, algorithm, calib_rounds, args.target_fpr)  # fmt: skip
@@ -391,7 +416,8 @@ def run_setting(dataset: str, algorithm: str, args, on_attack=None) -> dict:
         attack = ATTACKS.build(registered, **{"seed": args.seed, "local_epochs": args.attacker_epochs, **params})
         config = attack_config(name)
         ta = time.perf_counter()
-        screens = make_screens(clean, args, calibrations, variants=True)
+        # a fresh copy per trajectory: an accumulating calibration remembers the clients it has assessed
+        screens = make_screens(clean, args, copy.deepcopy(calibrations), variants=True)
         screens.update({r: selection_screen(strategies[r]) for r in SELECTION_RULES})
         run, none_eval = trajectory(attack, fedavg_defence, screens, config)
         detection = {s: rates(run.rounds, s) for s in screens}
@@ -404,7 +430,7 @@ def run_setting(dataset: str, algorithm: str, args, on_attack=None) -> dict:
         outcome = {"none": none_eval}
         defended = {}  # each screen's TPR / FPR in its own trajectory, where the clients it flags are dropped
         if args.outcome:
-            for key, scr in make_screens(clean, args, calibrations).items():
+            for key, scr in make_screens(clean, args, copy.deepcopy(calibrations)).items():
                 defended_run, outcome[key] = trajectory(attack, screen_defence(scr), config=config)
                 defended[key] = rates(defended_run.rounds, "_defence")
             for key in SELECTION_RULES + AGGREGATORS:
@@ -484,10 +510,14 @@ def write_markdown(result: dict, path: Path) -> None:
                 f"FPR {a.get('target_fpr')}, empirical leave-one-round-out null; evidence per candidate and class: "
                 f"maximum-margin gain ({a.get('margin_steps')} ascent steps, 4 starts) and trigger drift "
                 f"({a.get('calibrated_scan_steps')} synthesis steps), each centred on its candidate and, in the variants "
-                "without `-nr`, on the round. The column *calibrated* is the "
+                "without `-nr`, on the round; `point`: the margin gain at the global model's maximum-margin inputs "
+                "(`point_margin_gain`, centred on its candidate only); `~acc`: each client's standardised evidence "
+                "accumulated over the rounds it took part in (by client id; the null accumulated alike over the "
+                "calibration rounds). The column *calibrated* is the "
                 f"`{'+'.join(a.get('calibrated_signals') or [])}`"
-                f"{'' if a.get('centre_by_round', True) else '-nr'} variant (it also drops clients "
-                "in the outcome trajectories); the variants table scores every variant from the same measurements.",
+                f"{'' if a.get('centre_by_round', True) else '-nr'}{'~acc' if a.get('accumulate') else ''} variant "
+                "(it also drops clients in the outcome trajectories); the variants table scores every variant from the "
+                "same measurements.",
                 "",
             ]
             if a.get("calibration_rounds")
@@ -536,18 +566,19 @@ def write_markdown(result: dict, path: Path) -> None:
         for name, r in recipes.items():
             lines += ["", f"`{name}`: {r['malicious']} malicious client(s) over {r['rounds']} screened rounds, "
                       f"`{r['attack']}` with {json.dumps(RECIPES[name][1])}."]  # fmt: skip
+        variants = a.get("variants") or FIRST_VARIANTS
         if calibrated:
             lines += [
                 "",
                 "#### Calibrated screen, every variant (same measurements; TPR / FPR)",
                 "",
-                "| attack | " + " | ".join(CALIBRATED_VARIANTS) + " |",
-                "|---|" + "---|" * len(CALIBRATED_VARIANTS),
+                "| attack | " + " | ".join(variants) + " |",
+                "|---|" + "---|" * len(variants),
             ]
             for name, r in setting["attacks"].items():
                 d = r["detection"]
                 cells = [f"{fmt(d[f'calibrated:{v}']['tpr'])} / {fmt(d[f'calibrated:{v}']['fpr'])}"
-                         for v in CALIBRATED_VARIANTS]  # fmt: skip
+                         for v in variants]  # fmt: skip
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
         with_outcome = [name for name, r in setting["attacks"].items() if len(r["outcome"]) > 1]
         defended = [name for name, r in setting["attacks"].items() if r.get("defended_detection")]

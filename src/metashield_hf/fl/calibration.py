@@ -14,12 +14,19 @@ it trusts (the warm-up rounds before screening starts, or the first rounds of a 
      input, so its target class admits a larger margin than before, whatever the trigger's shape; a benign update
      mostly sharpens existing routes a little;
    - ``trigger_drift``: ``1 − cos`` between the candidate's synthesized trigger mask for ``c`` and the global model's
-     (the scan's per-class trigger synthesis). A backdoor opens a new route to its target and the mask moves to it.
+     (the scan's per-class trigger synthesis). A backdoor opens a new route to its target and the mask moves to it;
+   - ``point_margin_gain``: the candidate's logit margin of class ``c`` at the global model's own maximum-margin input
+     for ``c`` minus the global model's margin there. Nothing is re-optimised per candidate, so the number carries no
+     optimisation noise and is nearly free (one forward pass per candidate); once the global model holds part of a
+     backdoor its maximum-margin input for the target class carries the trigger, and an update that strengthens the
+     backdoor raises the margin there, however small its norm.
 
    Each number is centred twice: on its candidate (minus the median over the candidate's classes, which removes
    how large the update is overall: a large benign update moves every class) and then on the round (minus the
    median over the round's clients for the same class, which removes what every client of the round shares, such
    as the global model's own drift between rounds). What is left is how much one class of one client stands out.
+   ``point_margin_gain`` is centred on its candidate only: colluders that make up a large share of a round pull the
+   round's median of their class towards themselves.
 
 2. **Calibration** ([`ScreenCalibration`]): the centred evidence of benign rounds, per signal and class. A new
    client's evidence is standardised per class against that history (median and MAD of the class over the benign
@@ -35,6 +42,13 @@ it trusts (the warm-up rounds before screening starts, or the first rounds of a 
    correction for ``C`` classes and ``S`` signals), for a history too short to give an empirical tail. It is an
    approximation: the centred evidence of one client's classes is neither independent nor normal, and its false-alarm
    rate can exceed the target; the empirical null is the default.
+
+4. **Over rounds** (``accumulate=True``): a client's standardised evidence is summed per class over the rounds it took
+   part in and divided by the square root of their number (Stouffer's combination), so an attacker whose every update
+   is small but pushes the same class builds up evidence that no single round shows. The null is accumulated alike:
+   the calibration rows, each standardised against the other rounds, summed per client id over the calibration
+   rounds in order; a benign client whose labels lean towards one class carries that lean in the null too. It
+   relies on client ids that persist over rounds: an attacker under a new id each round keeps one round's evidence.
 """
 
 from __future__ import annotations
@@ -54,7 +68,9 @@ from torch import nn
 
 from .screen import MAD_CONSISTENCY, candidate_state, flatten, state_of, to_deltas
 
-CALIBRATED_SIGNALS = ("margin_gain", "trigger_drift")
+CALIBRATED_SIGNALS = ("margin_gain", "trigger_drift", "point_margin_gain")
+#: Signals centred on their candidate only, never on the round (see the module docstring).
+CANDIDATE_CENTRED = ("point_margin_gain",)
 #: The signals the calibrated screen uses unless told otherwise; chosen on the MNIST benchmark settings by the rule
 #: written in benchmarks/fl/README.md ("Calibrated screen: the rule").
 DEFAULT_CALIBRATED_SIGNALS: tuple[str, ...] = ("margin_gain", "trigger_drift")
@@ -74,7 +90,7 @@ class EvidenceSettings:
         seed: seeds the margin starts and the synthesis; the same for every candidate, so candidates differ only by
             their weights.
         centre_by_round: also subtract the round's per-class median (needs at least 3 clients; see
-            [`centre_evidence`]).
+            [`centre_evidence`]); never for the signals of [`CANDIDATE_CENTRED`].
     """
 
     margin_steps: int = 20
@@ -99,7 +115,8 @@ class ClientEvidence:
 
     Attributes:
         raw: signal -> ``(K, C)`` uncentred values (``margin_gain``: log candidate margin − log global margin;
-            ``trigger_drift``: 1 − mask cosine to the global model's).
+            ``trigger_drift``: 1 − mask cosine to the global model's; ``point_margin_gain``: candidate margin − global
+            margin at the global model's maximum-margin inputs).
         centred: signal -> ``(K, C)`` values minus each candidate's median over classes, then minus the round's
             per-class median (skipped when the round is too small to centre).
         global_margins: ``(C,)`` the global model's maximum margins (``None`` without ``margin_gain``).
@@ -119,7 +136,7 @@ class ClientEvidence:
 
     def centred_for(self, signal: str, by_round: bool) -> np.ndarray:
         """``raw[signal]`` centred on each candidate and, with ``by_round``, on the round ([`centre_evidence`])."""
-        return centre_evidence(self.raw[signal], by_round=by_round)
+        return centre_evidence(self.raw[signal], by_round=by_round and signal not in CANDIDATE_CENTRED)
 
 
 def _check_signals(signals: Sequence[str]) -> tuple[str, ...]:
@@ -147,6 +164,22 @@ def centre_evidence(values: np.ndarray, *, by_round: bool = True) -> np.ndarray:
     return v
 
 
+def point_margins(adapter: Any, items: list, inputs: torch.Tensor) -> np.ndarray:
+    """``(C,)`` the logit margin of each class ``c`` at ``inputs[c]`` (e.g. a model's maximum-margin inputs, in
+    [`max_margins`]' space and units), ``f_c(x) − max_{j≠c} f_j(x)``, for the model the adapter holds now."""
+    from ..scan.max_margin import logit_margins
+    from ..scan.synthesis import MAX_SYNTHESIS_SIDE, synthesis_space
+
+    space = synthesis_space(adapter, list(items[:1]))
+    if space.downsized is not None:  # max_margins maximises large images at the synthesis's own size
+        space = space.downsized(MAX_SYNTHESIS_SIDE) or space
+    k = len(inputs)
+    ones = torch.ones((k, *space.mask_shape[1:]), device=space.device)
+    with torch.no_grad():  # one item, k classes: row c is class c (space.run's class-major layout)
+        logits, _ = space.run(ones, inputs.to(space.device), k)
+    return logit_margins(logits.float().cpu(), torch.arange(k)).double().numpy()
+
+
 def client_evidence(
     global_model: nn.Module,
     updates: Sequence[Any],
@@ -163,7 +196,7 @@ def client_evidence(
         global_model: the round's global model (not modified).
         updates: one delta mapping, client state dict (``as_deltas=False``) or client ``nn.Module`` per client.
         clean_samples: the server's clean inputs (at least 5), in the model's input format.
-        signals: any of ``"margin_gain"`` and ``"trigger_drift"``.
+        signals: any of [`CALIBRATED_SIGNALS`].
         settings: the budgets ([`EvidenceSettings`]).
         as_deltas: whether mappings are deltas (default) or client state dicts.
         processor: the model's tokenizer / image processor where its inputs need one.
@@ -189,26 +222,32 @@ def client_evidence(
     synth = {"steps": settings.synthesis_steps, "lr": settings.synthesis_lr, "flip_threshold": 0.9,
              "class_batch": 16, "seed": settings.seed}  # fmt: skip
 
-    def measure() -> dict[str, Any]:
+    def measure(ascent: bool) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        if "margin_gain" in signals:
-            out["margins"] = max_margins(
+        if ascent and ("margin_gain" in signals or "point_margin_gain" in signals):
+            result = max_margins(
                 adapter, items, num_classes, steps=settings.margin_steps, starts=settings.margin_starts,
                 lr=settings.margin_lr, seed=settings.seed, progress=False,
-            ).margins  # fmt: skip
+            )  # fmt: skip
+            out["margins"], out["inputs"] = result.margins, result.inputs
+        if "point_margin_gain" in signals:
+            out["point"] = point_margins(adapter, items, reference["inputs"] if reference else out["inputs"])
         if "trigger_drift" in signals:
             out["masks"] = run_synthesis(adapter, items, **synth, progress=False)[1].masks.flatten(1).float()
         return out
 
     t0 = time.perf_counter()
-    reference = measure()  # the copy still holds the global weights here
+    reference: dict[str, Any] = {}
+    reference = measure(ascent=True)  # the copy still holds the global weights here
     shared = time.perf_counter() - t0
     raw: dict[str, list[np.ndarray]] = {s: [] for s in signals}
     seconds = []
     for delta in deltas:
         t0 = time.perf_counter()
         candidate.load_state_dict(candidate_state(global_state, delta))
-        got = measure()
+        got = measure(ascent="margin_gain" in signals)
+        if "point_margin_gain" in signals:
+            raw["point_margin_gain"].append(got["point"] - reference["point"])
         if "margin_gain" in signals:
             floor = settings.margin_floor
             gain = np.log(np.maximum(got["margins"], floor)) - np.log(np.maximum(reference["margins"], floor))
@@ -219,7 +258,10 @@ def client_evidence(
         seconds.append(time.perf_counter() - t0)
     candidate.load_state_dict(global_state)
     arrays = {s: np.stack(v).astype(np.float64) for s, v in raw.items()}
-    centred = {s: centre_evidence(v, by_round=settings.centre_by_round) for s, v in arrays.items()}
+    centred = {
+        s: centre_evidence(v, by_round=settings.centre_by_round and s not in CANDIDATE_CENTRED)
+        for s, v in arrays.items()
+    }
     norms = np.array([math.sqrt(float(flatten(d) @ flatten(d))) if d else 0.0 for d in deltas])
     return ClientEvidence(
         raw=arrays, centred=centred, global_margins=reference.get("margins"), update_norms=norms,
@@ -262,17 +304,27 @@ class ScreenCalibration:
         min_scale: signal -> floor of a class's spread (a class that never moves would turn noise into large z).
         settings: the evidence budgets ([`EvidenceSettings`]) the history was measured with; new rounds must be
             measured alike.
+        accumulate: accumulate each client's evidence over the rounds it takes part in (by client id; see the
+            module docstring, step 4). [`assess`] then needs ``client_ids`` and adds each round to ``memory``.
         rows: signal -> list of per-client ``C``-vectors of centred benign evidence.
         row_rounds: the calibration round each row came from (for the leave-one-round-out null).
+        row_clients: the client id of each row (``None`` where none was given: the row is its own client).
+        memory: client id (as a string) -> ``{"count": rounds seen, signal: per-class sum of standardised evidence}``
+            of the assessed rounds (``accumulate`` only).
     """
 
     signals: tuple[str, ...] = DEFAULT_CALIBRATED_SIGNALS
     target_fpr: float = 0.10
     null: str = "empirical"
-    min_scale: dict[str, float] = field(default_factory=lambda: {"margin_gain": 0.05, "trigger_drift": 0.01})
+    min_scale: dict[str, float] = field(
+        default_factory=lambda: {"margin_gain": 0.05, "trigger_drift": 0.01, "point_margin_gain": 0.05}
+    )
     settings: EvidenceSettings = field(default_factory=EvidenceSettings)
+    accumulate: bool = False
     rows: dict[str, list[list[float]]] = field(default_factory=dict)
     row_rounds: list[int] = field(default_factory=list)
+    row_clients: list[str | None] = field(default_factory=list)
+    memory: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.signals = _check_signals(self.signals)
@@ -282,8 +334,12 @@ class ScreenCalibration:
             raise ValueError(f"null must be 'empirical' or 'sidak', got {self.null!r}")
         if isinstance(self.settings, Mapping):
             self.settings = EvidenceSettings(**self.settings)
+        if self.accumulate and self.null != "empirical":
+            raise ValueError("accumulate=True needs null='empirical' (the accumulated null is the calibration's own)")
         for s in self.signals:
             self.rows.setdefault(s, [])
+        if len(self.row_clients) != len(self.row_rounds):  # a calibration saved without client ids
+            self.row_clients = [None] * len(self.row_rounds)
         self._null_cache: np.ndarray | None = None
 
     # ---- filling -------------------------------------------------------------------------------------------------
@@ -308,8 +364,13 @@ class ScreenCalibration:
             return False
         return self.null == "sidak" or 1.0 / (self.num_rows + 1) <= self.target_fpr
 
-    def update(self, evidence: ClientEvidence, *, round_id: int | None = None) -> ScreenCalibration:
-        """Add one benign round's evidence (every client of it) to the history."""
+    def update(
+        self, evidence: ClientEvidence, *, round_id: int | None = None, client_ids: Sequence[Any] | None = None
+    ) -> ScreenCalibration:
+        """Add one benign round's evidence (every client of it) to the history; ``client_ids`` (one per client) let
+        an accumulating calibration sum a client's rows over the calibration rounds for its null."""
+        if client_ids is not None and len(client_ids) != evidence.num_clients:
+            raise ValueError(f"got {len(client_ids)} client_ids for {evidence.num_clients} clients")
         centred = self._centred(evidence)
         c = centred[self.signals[0]].shape[1]
         if self.num_classes not in (None, c):
@@ -318,6 +379,7 @@ class ScreenCalibration:
         for s in self.signals:
             self.rows[s].extend(centred[s].tolist())
         self.row_rounds.extend([rid] * evidence.num_clients)
+        self.row_clients.extend([None] * evidence.num_clients if client_ids is None else [str(c) for c in client_ids])
         self._null_cache = None
         return self
 
@@ -328,6 +390,7 @@ class ScreenCalibration:
         clean_samples: Any,
         *,
         round_id: int | None = None,
+        client_ids: Sequence[Any] | None = None,
         as_deltas: bool = True,
         processor: Any = None,
     ) -> ClientEvidence:
@@ -340,7 +403,7 @@ class ScreenCalibration:
             global_model, updates, clean_samples, signals=self.signals, settings=self.settings, as_deltas=as_deltas,
             processor=processor,
         )  # fmt: skip
-        self.update(evidence, round_id=round_id)
+        self.update(evidence, round_id=round_id, client_ids=client_ids)
         return evidence
 
     def _centred(self, evidence: ClientEvidence) -> dict[str, np.ndarray]:
@@ -377,11 +440,17 @@ class ScreenCalibration:
         if self._null_cache is None:
             rounds = np.asarray(self.row_rounds)
             stats = np.empty(len(rounds))
-            for r in np.unique(rounds):
+            sums: dict[str, dict[str, Any]] = {}
+            for r in np.unique(rounds):  # in round order, so that a row accumulates its client's earlier rows only
                 held = rounds == r
                 scales = self._scales(~held)
                 rows = {s: np.asarray(self.rows[s], dtype=np.float64)[held] for s in self.signals}
-                stats[held] = self._max_stat(self._standardise(rows, scales))
+                z = self._standardise(rows, scales)
+                if self.accumulate:
+                    index = np.flatnonzero(held)
+                    names = [self.row_clients[i] or f"row:{i}" for i in index]
+                    z = _accumulated(sums, names, z)
+                stats[held] = self._max_stat(z)
             self._null_cache = stats
         return self._null_cache
 
@@ -410,8 +479,16 @@ class ScreenCalibration:
         null = self.null_statistics()
         return (1.0 + (null[None, :] >= statistic[:, None]).sum(axis=1)) / (len(null) + 1.0)
 
-    def assess(self, evidence: ClientEvidence) -> Assessment:
-        """Standardise a round's evidence against the benign history and decide at ``target_fpr``."""
+    def assess(self, evidence: ClientEvidence, client_ids: Sequence[Any] | None = None) -> Assessment:
+        """Standardise a round's evidence against the benign history and decide at ``target_fpr``.
+
+        With ``accumulate`` the round is added to the clients' ``memory`` (by ``client_ids``, which it then needs)
+        and the decision is on each client's evidence accumulated over its rounds so far: call it once per round.
+        """
+        if self.accumulate and client_ids is None:
+            raise ValueError("an accumulating calibration needs client_ids (one per client, the same id every round)")
+        if client_ids is not None and len(client_ids) != evidence.num_clients:
+            raise ValueError(f"got {len(client_ids)} client_ids for {evidence.num_clients} clients")
         if not self.ready:
             raise ValueError(
                 f"the calibration holds {self.num_rows} rows from {self.num_rounds} rounds: not enough to decide at "
@@ -422,6 +499,8 @@ class ScreenCalibration:
         if c != self.num_classes:
             raise ValueError(f"the evidence has {c} classes but the calibration {self.num_classes}")
         z = self._standardise(centred, self._scales())
+        if self.accumulate:
+            z = _accumulated(self.memory, [str(c) for c in client_ids], z)
         per_signal = np.stack([z[s].max(axis=1) for s in self.signals])  # (S, K)
         statistic = per_signal.max(axis=0)
         top = per_signal.argmax(axis=0)
@@ -434,7 +513,9 @@ class ScreenCalibration:
         return {
             "signals": list(self.signals), "target_fpr": self.target_fpr, "null": self.null,
             "min_scale": dict(self.min_scale), "settings": asdict(self.settings),
-            "rows": {s: self.rows[s] for s in self.signals}, "row_rounds": list(self.row_rounds),
+            "accumulate": self.accumulate, "rows": {s: self.rows[s] for s in self.signals},
+            "row_rounds": list(self.row_rounds), "row_clients": list(self.row_clients),
+            "memory": {c: {k: v if k == "count" else list(v) for k, v in m.items()} for c, m in self.memory.items()},
         }  # fmt: skip
 
     @classmethod
@@ -442,6 +523,10 @@ class ScreenCalibration:
         data = dict(data)
         data["signals"] = tuple(data["signals"])
         data["settings"] = EvidenceSettings(**data.get("settings", {}))
+        data["memory"] = {
+            c: {k: v if k == "count" else np.asarray(v, dtype=np.float64) for k, v in m.items()}
+            for c, m in data.get("memory", {}).items()
+        }
         return cls(**data)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -454,3 +539,18 @@ class ScreenCalibration:
         """Read a calibration written by [`save`]."""
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+
+def _accumulated(
+    memory: dict[str, dict[str, Any]], clients: Sequence[str], z: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Add a round's ``(K, C)`` standardised evidence to ``memory`` (per client: rounds seen, per-class sums) and
+    return each client's accumulated evidence, ``sum / sqrt(rounds seen)`` (Stouffer's combination)."""
+    out = {s: np.empty_like(v) for s, v in z.items()}
+    for k, client in enumerate(clients):
+        seen = memory.setdefault(client, {"count": 0})
+        seen["count"] += 1
+        for s, v in z.items():
+            seen[s] = seen.get(s, 0.0) + v[k]
+            out[s][k] = seen[s] / math.sqrt(seen["count"])
+    return out

@@ -180,7 +180,8 @@ def score_client_updates(
     drift against the global model), standardised per class against the benign history, and flagged when its
     p-value under the benign null is at most ``calibration.target_fpr``. The evidence is then measured with
     ``calibration.settings`` (as the history was), and ``relative``, ``signals``, ``z_threshold``, ``config`` and the
-    scan options are not used.
+    scan options are not used. An accumulating calibration (``accumulate=True``) decides on each client's evidence
+    summed over the rounds it took part in, by ``client_ids``, which it then needs.
 
     Args:
         global_model: the round's global model (not modified; a copy is loaded with each candidate).
@@ -228,6 +229,11 @@ def score_client_updates(
     if calibration is not None:
         from .calibration import client_evidence
 
+        if calibration.accumulate and client_ids is None:
+            raise ValueError(
+                "the calibration accumulates evidence per client over rounds: pass client_ids (the same id for a "
+                "client every round)"
+            )
         evidence = client_evidence(
             global_model, updates, clean_samples, signals=calibration.signals, settings=calibration.settings,
             as_deltas=as_deltas, processor=processor,
@@ -323,7 +329,7 @@ def calibrated_scores(
     ids = list(range(evidence.num_clients)) if client_ids is None else list(client_ids)
     if len(ids) != evidence.num_clients:
         raise ValueError(f"got evidence for {evidence.num_clients} clients but {len(ids)} client_ids")
-    verdict = calibration.assess(evidence)
+    verdict = calibration.assess(evidence, client_ids=ids)
     out = []
     for k, cid in enumerate(ids):
         info: dict[str, Any] = {

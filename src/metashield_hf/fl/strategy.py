@@ -155,7 +155,9 @@ class MetaShieldStrategy(Strategy):
         clients = [m.metadata.src_node_id for m in valid]
         updates = [m.content[self.arrayrecord_key].to_torch_state_dict() for m in valid]
         if self.calibration is not None and server_round <= self.calibration_rounds:  # a trusted round
-            self.calibration.calibrate(model, updates, self.clean_samples, round_id=server_round, as_deltas=False)
+            self.calibration.calibrate(
+                model, updates, self.clean_samples, round_id=server_round, client_ids=clients, as_deltas=False
+            )
             logger.info("round %d: trusted, %d replies added to the calibration", server_round, len(valid))
             arrays, metrics = self.strategy.aggregate_train(server_round, valid)
             metrics = MetricRecord() if metrics is None else metrics
