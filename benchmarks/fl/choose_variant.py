@@ -5,8 +5,9 @@ variant becomes the default.
     python benchmarks/fl/choose_variant.py benchmarks/fl/results/screening_colluders.json --rule colluders
 
 ``--rule first`` ("Calibrated screen: the rule"): pooled benign FPR at most 0.15, then the highest minimum TPR over
-the planted rows. ``--rule colluders`` (the rule of 2026-12-07): pooled benign FPR at most 0.10, no planted row above
-FPR 0.10, and TPR at least 0.90 on every row ``margin+drift`` catches; then the same order. Reads only the settings of
+the planted rows. ``--rule colluders`` (the rule of 2026-12-07, as amended after its MNIST run): pooled benign FPR at most 0.10, no row of
+the norm-constrained recipe above FPR 0.10, and TPR at least 0.90 on every row ``margin+drift`` catches; then the same
+order. ``--rule colluders-as-written``: the per-row FPR gate on every planted row. Reads only the settings of
 ``--datasets`` (the training side) and the variants the run scored; prints every variant's numbers and the winner.
 """
 
@@ -18,9 +19,18 @@ import sys
 from pathlib import Path
 
 FIRST_VARIANTS = ("margin", "drift", "margin+drift", "margin-nr", "drift-nr", "margin+drift-nr")
+RECIPE = "model_replacement_constrained_planted"
 RULES = {
-    "first": {"max_fpr": 0.15, "max_planted_fpr": None, "keep_caught": None},
-    "colluders": {"max_fpr": 0.10, "max_planted_fpr": 0.10, "keep_caught": "margin+drift"},
+    "first": {"max_fpr": 0.15, "max_planted_fpr": None, "keep_caught": None, "fpr_rows": None},
+    # the rule of 2026-12-07 as amended after its MNIST run: the per-row FPR gate on the recipe's rows
+    "colluders": {"max_fpr": 0.10, "max_planted_fpr": 0.10, "keep_caught": "margin+drift", "fpr_rows": RECIPE},
+    # as first written: the per-row FPR gate on every planted row (it removes every variant on MNIST)
+    "colluders-as-written": {
+        "max_fpr": 0.10,
+        "max_planted_fpr": 0.10,
+        "keep_caught": "margin+drift",
+        "fpr_rows": None,
+    },
 }
 PLANTED_ASR = 0.10
 TIE = 0.05
@@ -53,6 +63,7 @@ def summarise(result: dict, datasets: list[str], variants: list[str]) -> dict[st
             "pooled_fpr": fp / (fp + tn) if fp + tn else float("nan"),
             "min_planted_tpr": min((t for _, t, _ in planted), default=float("nan")),
             "max_planted_fpr": max((f for _, _, f in planted), default=float("nan")),
+            "max_recipe_fpr": max((f for row, _, f in planted if row.endswith("/" + RECIPE)), default=float("nan")),
             "mean_tpr": sum(every) / len(every) if every else float("nan"),
             "planted_rows": planted,
             "rows": rows,
@@ -65,8 +76,9 @@ def gates(summary: dict[str, dict], variant: str, rule: dict) -> list[str]:
     s, why = summary[variant], []
     if s["pooled_fpr"] > rule["max_fpr"]:
         why.append(f"pooled FPR {s['pooled_fpr']:.3f} > {rule['max_fpr']}")
-    if rule["max_planted_fpr"] is not None and s["max_planted_fpr"] > rule["max_planted_fpr"]:
-        why.append(f"planted-row FPR {s['max_planted_fpr']:.2f} > {rule['max_planted_fpr']}")
+    worst = s["max_recipe_fpr"] if rule["fpr_rows"] == RECIPE else s["max_planted_fpr"]
+    if rule["max_planted_fpr"] is not None and worst > rule["max_planted_fpr"]:
+        why.append(f"{'recipe' if rule['fpr_rows'] else 'planted'}-row FPR {worst:.2f} > {rule['max_planted_fpr']}")
     keep = rule["keep_caught"]
     if keep is not None and keep in summary:
         lost = [row for row, d in summary[keep]["rows"].items()
