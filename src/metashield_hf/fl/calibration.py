@@ -71,9 +71,11 @@ from .screen import MAD_CONSISTENCY, candidate_state, flatten, state_of, to_delt
 CALIBRATED_SIGNALS = ("margin_gain", "trigger_drift", "point_margin_gain")
 #: Signals centred on their candidate only, never on the round (see the module docstring).
 CANDIDATE_CENTRED = ("point_margin_gain",)
-#: The signals the calibrated screen uses unless told otherwise; chosen on the MNIST benchmark settings by the rule
-#: written in benchmarks/fl/README.md ("Calibrated screen: the rule").
-DEFAULT_CALIBRATED_SIGNALS: tuple[str, ...] = ("margin_gain", "trigger_drift")
+#: The signals the calibrated screen uses unless told otherwise, and whether it accumulates them over a client's
+#: rounds (``ScreenCalibration.accumulate``); chosen on the MNIST benchmark settings by the rules written in
+#: benchmarks/fl/README.md ("Calibrated screen: the rule", then "... evidence for small colluding updates").
+DEFAULT_CALIBRATED_SIGNALS: tuple[str, ...] = ("margin_gain", "trigger_drift", "point_margin_gain")
+DEFAULT_ACCUMULATE = True
 MIN_CLIENTS_FOR_CENTRING = 3  # below this a round's median says nothing
 
 
@@ -305,7 +307,7 @@ class ScreenCalibration:
         settings: the evidence budgets ([`EvidenceSettings`]) the history was measured with; new rounds must be
             measured alike.
         accumulate: accumulate each client's evidence over the rounds it takes part in (by client id; see the
-            module docstring, step 4). [`assess`] then needs ``client_ids`` and adds each round to ``memory``.
+            module docstring, step 4): [`assess`] given ``client_ids`` adds each round to ``memory``.
         rows: signal -> list of per-client ``C``-vectors of centred benign evidence.
         row_rounds: the calibration round each row came from (for the leave-one-round-out null).
         row_clients: the client id of each row (``None`` where none was given: the row is its own client).
@@ -320,7 +322,7 @@ class ScreenCalibration:
         default_factory=lambda: {"margin_gain": 0.05, "trigger_drift": 0.01, "point_margin_gain": 0.05}
     )
     settings: EvidenceSettings = field(default_factory=EvidenceSettings)
-    accumulate: bool = False
+    accumulate: bool = DEFAULT_ACCUMULATE
     rows: dict[str, list[list[float]]] = field(default_factory=dict)
     row_rounds: list[int] = field(default_factory=list)
     row_clients: list[str | None] = field(default_factory=list)
@@ -482,11 +484,10 @@ class ScreenCalibration:
     def assess(self, evidence: ClientEvidence, client_ids: Sequence[Any] | None = None) -> Assessment:
         """Standardise a round's evidence against the benign history and decide at ``target_fpr``.
 
-        With ``accumulate`` the round is added to the clients' ``memory`` (by ``client_ids``, which it then needs)
-        and the decision is on each client's evidence accumulated over its rounds so far: call it once per round.
+        With ``accumulate`` and ``client_ids`` the round is added to the clients' ``memory`` and the decision is on
+        each client's evidence accumulated over its rounds so far: call it once per round. Without ``client_ids``
+        the round is assessed alone and nothing is remembered.
         """
-        if self.accumulate and client_ids is None:
-            raise ValueError("an accumulating calibration needs client_ids (one per client, the same id every round)")
         if client_ids is not None and len(client_ids) != evidence.num_clients:
             raise ValueError(f"got {len(client_ids)} client_ids for {evidence.num_clients} clients")
         if not self.ready:
@@ -499,7 +500,7 @@ class ScreenCalibration:
         if c != self.num_classes:
             raise ValueError(f"the evidence has {c} classes but the calibration {self.num_classes}")
         z = self._standardise(centred, self._scales())
-        if self.accumulate:
+        if self.accumulate and client_ids is not None:
             z = _accumulated(self.memory, [str(c) for c in client_ids], z)
         per_signal = np.stack([z[s].max(axis=1) for s in self.signals])  # (S, K)
         statistic = per_signal.max(axis=0)
@@ -523,6 +524,7 @@ class ScreenCalibration:
         data = dict(data)
         data["signals"] = tuple(data["signals"])
         data["settings"] = EvidenceSettings(**data.get("settings", {}))
+        data.setdefault("accumulate", False)  # saved before accumulation existed
         data["memory"] = {
             c: {k: v if k == "count" else np.asarray(v, dtype=np.float64) for k, v in m.items()}
             for c, m in data.get("memory", {}).items()

@@ -176,9 +176,10 @@ def score_client_updates(
     ``relative=False`` (or fewer than 3 clients) the score is the scan score and the flag the scan's own verdict.
 
     With ``calibration`` (a [`ScreenCalibration`] filled on benign rounds) the screen is the calibrated one instead:
-    per-class trigger-agnostic evidence of each candidate ([`client_evidence`]: maximum-margin gain and trigger
-    drift against the global model), standardised per class against the benign history, and flagged when its
-    p-value under the benign null is at most ``calibration.target_fpr``. The evidence is then measured with
+    per-class trigger-agnostic evidence of each candidate ([`client_evidence`]: maximum-margin gain, trigger drift and
+    the margin gain at the global model's maximum-margin inputs, against the global model), standardised per class
+    against the benign history (by default accumulated over each client's rounds), and flagged when its p-value
+    under the benign null is at most ``calibration.target_fpr``. The evidence is then measured with
     ``calibration.settings`` (as the history was), and ``relative``, ``signals``, ``z_threshold``, ``config`` and the
     scan options are not used. An accumulating calibration (``accumulate=True``) decides on each client's evidence
     summed over the rounds it took part in, by ``client_ids``, which it then needs.
