@@ -103,6 +103,8 @@ SIGNAL_POINTERS = {
     "max_margin_log_z": ("max_margin", np.argmax, "max_margin_s"),
     "feature_anomaly_excess": ("feature_size", np.argmin, "feature_s"),
     "feature_log_size_z": ("feature_size", np.argmin, "feature_s"),
+    "dormant_excess": ("dormant_mass", np.argmax, "dormancy_s"),
+    "dormant_log_z": ("dormant_mass", np.argmax, "dormancy_s"),
 }
 
 
