@@ -12,6 +12,7 @@ import torch
 from builders import NUM_LABELS, build_image_model, build_text_model, planted_digits_model
 from metashield_hf.cli import main
 from metashield_hf.scan import (
+    AGNOSTIC,
     BLEND,
     BLEND_SIGNALS,
     DEFAULT_BLEND_STEPS,
@@ -63,11 +64,12 @@ def test_scan_tells_backdoored_from_clean_digits(digits_models):
     assert target.reached and target.flip_rate >= 0.9
     assert target.trigger_size == min(c.trigger_size for c in bd.per_class)
     assert all(0.0 <= c.detector_score <= 1.0 for c in bd.per_class)
-    # the blend synthesis and the max-margin statistic run by default on image models; the head's image/blend part
-    # scores the scan
-    assert set(bd.timings) == {"load_s", "synthesis_s", "detector_s", "blend_s", "max_margin_s", "total_s"}
+    # the blend synthesis, the max-margin statistic and the dormancy run by default on image models; the head's
+    # image/agnostic part (the blend part's signals and the max-margin's) scores the scan
+    timings = {"load_s", "synthesis_s", "detector_s", "blend_s", "max_margin_s", "dormancy_s", "total_s"}
+    assert set(bd.timings) == timings
     assert all(0.0 < c.blend_size <= 1.0 for c in bd.per_class)
-    part = ScanHead.load().by_modality[f"image/{BLEND}"]
+    part = ScanHead.load().by_modality[f"image/{AGNOSTIC}"]
     assert bd.score == pytest.approx(ScanHead(**part).score(bd.signals))
     again = json.loads(bd.to_json())
     assert again["verdict"] == "backdoored" and again["per_class"][0]["class_index"] == 0
