@@ -111,8 +111,6 @@ def test_accumulating_calibration_refusals():
     assert len(alone.flagged) == 3 and not cal.memory
     with pytest.raises(ValueError, match="client_ids for 3 clients"):
         cal.assess(_evidence(rng.normal(size=(3, 10))), client_ids=[1, 2])
-    with pytest.raises(ValueError, match="null='empirical'"):
-        ScreenCalibration(accumulate=True, null="sidak")
     model, deltas, _, clean, _ = screened_round()
     with pytest.raises(ValueError, match="pass client_ids"):
         score_client_updates(model, deltas, clean[:10], calibration=cal)

@@ -47,7 +47,8 @@ it trusts (the warm-up rounds before screening starts, or the first rounds of a 
    part in and divided by the square root of their number (Stouffer's combination), so an attacker whose every update
    is small but pushes the same class builds up evidence that no single round shows. The null is accumulated alike:
    the calibration rows, each standardised against the other rounds, summed per client id over the calibration
-   rounds in order; a benign client whose labels lean towards one class carries that lean in the null too. It
+   rounds in order; a benign client whose labels lean towards one class carries that lean in the null too (with
+   ``null="sidak"`` the accumulated z is standard normal under that null's own model, and its p-value is as above). It
    relies on client ids that persist over rounds: an attacker under a new id each round keeps one round's evidence.
 """
 
@@ -336,8 +337,6 @@ class ScreenCalibration:
             raise ValueError(f"null must be 'empirical' or 'sidak', got {self.null!r}")
         if isinstance(self.settings, Mapping):
             self.settings = EvidenceSettings(**self.settings)
-        if self.accumulate and self.null != "empirical":
-            raise ValueError("accumulate=True needs null='empirical' (the accumulated null is the calibration's own)")
         for s in self.signals:
             self.rows.setdefault(s, [])
         if len(self.row_clients) != len(self.row_rounds):  # a calibration saved without client ids
