@@ -6,14 +6,21 @@ import sys
 import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, "benchmarks/fl")
-import run as R
 
 from metashield_hf.attacks import ATTACKS
 from metashield_hf.fl.data import load_mnist_clients
 from metashield_hf.fl.federation import FedConfig, run_federated
 from metashield_hf.fl.simulate import SmallCNN, evaluate, fedavg_defence, run_screened_federated
 
+# the planted norm-constrained recipe, as benchmarks/fl/run.py's RECIPES defines it (scripts never import each other);
+# any other name is a registry attack with run.py's defaults (1 attacker, 3 rounds)
+RECIPES = {
+    "model_replacement_constrained_planted": (
+        "model_replacement_constrained",
+        {"norm_bound": 0.6, "trigger_params": {"patch_size": 8, "pattern": "checkerboard"}},
+        {"malicious": 3, "rounds": 10},
+    ),
+}
 torch.set_num_threads(1)
 alg = sys.argv[1]
 attacks = sys.argv[2:]
@@ -39,7 +46,7 @@ run_screened_federated(
 warm = {k: v.clone() for k, v in model.state_dict().items()}
 out = {"calib": cap, "clean": clean, "attacks": {}}
 for name in attacks:
-    registered, params, over = R.RECIPES.get(name, (name, {}, {}))
+    registered, params, over = RECIPES.get(name, (name, {}, {}))
     attack = ATTACKS.build(registered, **{"seed": 0, "local_epochs": 10, **params})
     rounds, mal = over.get("rounds", 3), over.get("malicious", 1)
     cfg = FedConfig(rounds=rounds, malicious_fraction=mal / 20, attack_rounds=tuple(range(1, rounds + 1)), **base)
