@@ -248,12 +248,12 @@ def trigger_agnostic_evidence(
     adapter: TargetAdapter, items: list, clean_out: TargetOutput, config: ScanConfig
 ) -> tuple[dict[str, float], dict[str, np.ndarray], dict[str, float], dict]:
     """The trigger-agnostic evidence sources the config turns on: the maximum-margin statistic
-    ([`max_margins`], ``max_margin_steps``) and the feature-space trigger inversion ([`invert_features`],
-    ``feature_steps``).
+    ([`max_margins`], ``max_margin_steps``), the dormant shortcut weights ([`dormant_mass`], ``dormancy``; from the
+    clean forward pass ``clean_out``) and the feature-space trigger inversion ([`invert_features`], ``feature_steps``).
 
     Returns ``(signals, per-class arrays by ClassEvidence field, timings, options)``. Their signals
-    ([`MAX_MARGIN_SIGNALS`], [`FEATURE_SIGNALS`]) go into the report for a head refit on them; a head that does not
-    weigh them scores the scan as it would without them.
+    ([`MAX_MARGIN_SIGNALS`], [`DORMANT_SIGNALS`], [`FEATURE_SIGNALS`]) go into the report; a head part that weighs
+    them scores the scan with them, one that does not scores it as it would without them.
     """
     signals: dict[str, float] = {}
     per_class: dict[str, np.ndarray] = {}
