@@ -479,6 +479,11 @@ def fmt(x, digits=2):
     return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
 
 
+def rate_cell(d: dict) -> str:
+    """A detection cell: ``TPR / FPR``."""
+    return f"{fmt(d['tpr'])} / {fmt(d['fpr'])}"
+
+
 def write_markdown(result: dict, path: Path) -> None:
     a = result["args"]
     dp = result["dp"]
@@ -560,8 +565,7 @@ def write_markdown(result: dict, path: Path) -> None:
             "|---|---|" + "---|" * len(heads) + "---|---|---|---|---|",
         ]
         for name, r in setting["attacks"].items():
-            cells = [f"{fmt(r['detection'][s]['tpr'])} / {fmt(r['detection'][s]['fpr'])}"
-                     for s in first + ("norm", "cosine", "krum", "multikrum", "bulyan")]  # fmt: skip
+            cells = [rate_cell(r["detection"][s]) for s in first + ("norm", "cosine", "krum", "multikrum", "bulyan")]
             lines.append(f"| {name} | {fmt(r['outcome']['none']['asr'])} | " + " | ".join(cells) + " |")
         for name, r in recipes.items():
             lines += ["", f"`{name}`: {r['malicious']} malicious client(s) over {r['rounds']} screened rounds, "
@@ -577,8 +581,7 @@ def write_markdown(result: dict, path: Path) -> None:
             ]
             for name, r in setting["attacks"].items():
                 d = r["detection"]
-                cells = [f"{fmt(d[f'calibrated:{v}']['tpr'])} / {fmt(d[f'calibrated:{v}']['fpr'])}"
-                         for v in variants]  # fmt: skip
+                cells = [rate_cell(d[f"calibrated:{v}"]) for v in variants]
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
         with_outcome = [name for name, r in setting["attacks"].items() if len(r["outcome"]) > 1]
         defended = [name for name, r in setting["attacks"].items() if r.get("defended_detection")]
@@ -595,9 +598,7 @@ def write_markdown(result: dict, path: Path) -> None:
             ]
             for name in defended:
                 d = setting["attacks"][name]["defended_detection"]
-                lines.append(
-                    f"| {name} | " + " | ".join(f"{fmt(d[k]['tpr'])} / {fmt(d[k]['fpr'])}" for k in dkeys) + " |"
-                )
+                lines.append(f"| {name} | " + " | ".join(rate_cell(d[k]) for k in dkeys) + " |")
         if with_outcome:
             okeys = ("none",) + first + ("norm", "cosine") + SELECTION_RULES + AGGREGATORS
             oheads = ("no defence",) + heads + ("norm", "cosine", "Krum", "Multi-Krum", "Bulyan", "trimmed mean",

@@ -12,6 +12,7 @@ from metashield_hf.scan import (
     ALARM_PREFIX,
     DORMANT_SIGNALS,
     ScanHead,
+    choose_part,
     dormant_mass,
     dormant_signals,
     fit_part,
@@ -19,6 +20,7 @@ from metashield_hf.scan import (
     set_alarms,
     split_candidate,
 )
+from metashield_hf.scan.head import part_cv_scores
 from metashield_hf.targets import load_target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -120,3 +122,27 @@ def test_alarms_round_trip_and_fall_back(tmp_path):
     with pytest.raises(ValueError, match="unknown signals"):
         bad.score({"anomaly_excess": 0.0, "no_such_signal": 1.0})
     assert math.isfinite(agn.score({"anomaly_excess": -1e4, "dormant_excess": -1e4}))
+
+
+def test_choose_part_sets_the_union_threshold_from_out_of_fold_scores():
+    rows_signals, y = _rows(np.random.default_rng(2))
+    attacks = ["a", "b", "c"]
+    rows = [
+        {"metashield": {"signals": sig}, "is_backdoored": bool(label), "dataset": "d",
+         "attack": attacks[i % 3] if label else "none"}
+        for i, (sig, label) in enumerate(zip(rows_signals, y, strict=True))
+    ]  # fmt: skip
+    alarm = ("anomaly_excess", ALARM_PREFIX + "dormant_excess")
+    choice = choose_part(rows, [("anomaly_excess",), alarm], (1.0,), target_fpr=0.1, name="test")
+    # the signals carry no alarm-worthy evidence, so the logistic part alone wins
+    assert choice.signals == ("anomaly_excess",) and choice.part.alarms is None
+    forced = choose_part(rows, [alarm], (1.0,), target_fpr=0.1, name="test")
+    part = forced.part
+    assert set(part.alarms) == {"dormant_excess"}
+    # the logistic threshold flags half of the target share of the clean rows by the out-of-fold scores
+    oof = np.concatenate([s[y == 0] for s in part_cv_scores(rows, ("anomaly_excess",), 1.0)])
+    assert part.threshold == pytest.approx(float(np.quantile(oof, 1.0 - 0.05)))
+    clean = [r["metashield"]["signals"] for r in rows if not r["is_backdoored"]]
+    assert part.alarms["dormant_excess"][0] == pytest.approx(
+        float(np.quantile([s["dormant_excess"] for s in clean], 0.95))
+    )

@@ -225,7 +225,8 @@ def client_evidence(
     synth = {"steps": settings.synthesis_steps, "lr": settings.synthesis_lr, "flip_threshold": 0.9,
              "class_batch": 16, "seed": settings.seed}  # fmt: skip
 
-    def measure(ascent: bool) -> dict[str, Any]:
+    def measure(ascent: bool, at: torch.Tensor | None = None) -> dict[str, Any]:
+        """The candidate's evidence; ``at``: the inputs of its point margins (None: its own maximising inputs)."""
         out: dict[str, Any] = {}
         if ascent and ("margin_gain" in signals or "point_margin_gain" in signals):
             result = max_margins(
@@ -234,13 +235,12 @@ def client_evidence(
             )  # fmt: skip
             out["margins"], out["inputs"] = result.margins, result.inputs
         if "point_margin_gain" in signals:
-            out["point"] = point_margins(adapter, items, reference["inputs"] if reference else out["inputs"])
+            out["point"] = point_margins(adapter, items, out["inputs"] if at is None else at)
         if "trigger_drift" in signals:
             out["masks"] = run_synthesis(adapter, items, **synth, progress=False)[1].masks.flatten(1).float()
         return out
 
     t0 = time.perf_counter()
-    reference: dict[str, Any] = {}
     reference = measure(ascent=True)  # the copy still holds the global weights here
     shared = time.perf_counter() - t0
     raw: dict[str, list[np.ndarray]] = {s: [] for s in signals}
@@ -248,7 +248,7 @@ def client_evidence(
     for delta in deltas:
         t0 = time.perf_counter()
         candidate.load_state_dict(candidate_state(global_state, delta))
-        got = measure(ascent="margin_gain" in signals)
+        got = measure(ascent="margin_gain" in signals, at=reference.get("inputs"))
         if "point_margin_gain" in signals:
             raw["point_margin_gain"].append(got["point"] - reference["point"])
         if "margin_gain" in signals:

@@ -45,7 +45,7 @@ def dormant_mass(weight: torch.Tensor, penultimate: torch.Tensor, floor: float =
         ValueError: shapes that do not match, or no clean sample.
     """
     w = weight.detach().float().cpu()
-    h = penultimate.detach().float().cpu().reshape(len(penultimate), -1) if penultimate.ndim else penultimate
+    h = penultimate.detach().float().cpu()
     if w.ndim != 2 or h.ndim != 2 or h.shape[1] != w.shape[1] or not len(h):
         raise ValueError(
             f"dormant_mass needs a (K, D) weight and (N >= 1, D) penultimate activations, got {tuple(w.shape)} and "

@@ -479,13 +479,13 @@ def set_alarms(
     clean_signals: Sequence[dict],
     alarms: Sequence[str],
     fpr: float,
-    logistic_threshold: float | None = None,
+    logistic_clean_scores: Sequence[float] | None = None,
 ) -> ScanHead:
     """Give ``part`` the evidence union: an alarm per signal of ``alarms``, whose threshold ``t`` flags a share
     ``fpr / (len(alarms) + 1)`` of the clean train models ``clean_signals`` and whose scale ``s`` is the signal's
-    robust spread (1.4826 MAD) over them; ``logistic_threshold`` (the logistic part's score that flags the same share
-    of clean models, out of fold where the caller has it) becomes the part's threshold. The union then flags about a
-    share ``fpr`` of clean models.
+    robust spread (1.4826 MAD) over them; the part's threshold becomes the logistic score that flags the same share of
+    ``logistic_clean_scores`` (the logistic part's scores of clean train models, out of fold where the caller has
+    them). The union then flags about a share ``fpr`` of clean models.
 
     A logistic part weighs what separates the train zoos' attacks, so a source that moves only attacks the train zoos
     lack gets little weight; an alarm needs no backdoored train model at all.
@@ -503,8 +503,8 @@ def set_alarms(
         scale = MAD_CONSISTENCY * float(np.median(np.abs(v - med)))
         out[name] = [float(np.quantile(v, 1.0 - share)), max(scale, 1e-6)]
     part.alarms = out
-    if logistic_threshold is not None:
-        part.threshold = float(logistic_threshold)
+    if logistic_clean_scores is not None:
+        part.threshold = float(np.quantile(np.asarray(logistic_clean_scores, dtype=np.float64), 1.0 - share))
     return part
 
 
@@ -517,8 +517,7 @@ def fit_part(
     part = fit_scan_head(signals, labels, c=c, signals=logistic)
     if alarms:
         clean = [signals[i] for i in np.flatnonzero(np.asarray(labels) == 0)]
-        share = fpr / (len(alarms) + 1)
-        set_alarms(part, clean, alarms, fpr, float(np.quantile([part.score(x) for x in clean], 1.0 - share)))
+        set_alarms(part, clean, alarms, fpr, [part.score(x) for x in clean])
     return part
 
 
@@ -655,9 +654,9 @@ def choose_part(
     logistic, alarms = split_candidate(signals)
     part = fit_scan_head(x, y, c=c, signals=logistic)
     if target_fpr and alarms:  # the evidence union: the logistic part's out-of-fold threshold and the alarms'
-        share = target_fpr / (len(alarms) + 1)
         oof = runs.get((logistic, c)) or part_cv_scores(rows, logistic, c)
-        set_alarms(part, [x[i] for i in np.flatnonzero(y == 0)], alarms, target_fpr, fpr_threshold(oof, y == 0, share))
+        clean_oof = np.concatenate([scores[y == 0] for scores in oof])
+        set_alarms(part, [x[i] for i in np.flatnonzero(y == 0)], alarms, target_fpr, clean_oof)
     elif target_fpr:
         part.threshold = fpr_threshold(runs[(signals, c)], y == 0, target_fpr)
     part.source = f"fit on {len(rows)} image models scanned with the {name} synthesis ({int(y.sum())} bd)"
