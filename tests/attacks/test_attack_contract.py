@@ -21,6 +21,8 @@ EXPECTED = {
     "filter",
     "bpp",
     "low_frequency",
+    "ftrojan",
+    "refool",
     "rare_word",
     "char_substitution",
     "syntactic_template",

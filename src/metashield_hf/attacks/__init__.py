@@ -1,7 +1,7 @@
 """Backdoor attacks for building the poisoned-model zoo: one registry, one frozen dataclass per attack.
 
 Vision (``domain="cv"``): ``badnets``, ``blend``, ``trojan_watermark``, ``wanet``, ``sig``, ``filter``, ``bpp``,
-``low_frequency``, and the adaptive ``latent_separability`` and ``tact``.
+``low_frequency``, ``ftrojan``, ``refool``, and the adaptive ``latent_separability`` and ``tact``.
 Text (``domain="nlp"``): ``rare_word``, ``char_substitution``, ``syntactic_template``.
 Federated (``domain="fl"``): ``fl_data_poisoning``, ``dba``, ``model_replacement``, ``model_replacement_constrained``,
 ``neurotoxin``, ``targeted_weight_modification``.
@@ -28,7 +28,19 @@ from .federated import (
     TargetedWeightModification,
 )
 from .text import CharSubstitution, RareWordInsertion, SyntacticTemplate
-from .vision import BPP, NOISE_COLUMN, SIG, BadNets, Blend, Filter, LowFrequency, TrojanWatermark, WaNet
+from .vision import (
+    BPP,
+    NOISE_COLUMN,
+    SIG,
+    BadNets,
+    Blend,
+    Filter,
+    FTrojan,
+    LowFrequency,
+    Refool,
+    TrojanWatermark,
+    WaNet,
+)
 
 __all__ = [
     "ATTACKS",
@@ -46,7 +58,9 @@ __all__ = [
     "Blend",
     "BPP",
     "Filter",
+    "FTrojan",
     "LowFrequency",
+    "Refool",
     "SIG",
     "CharSubstitution",
     "RareWordInsertion",

@@ -1,5 +1,6 @@
 """Vision triggers: BadNets patch, Blend, Trojan-style watermark, WaNet warping, SIG's sinusoidal signal, a colour
-filter, BPP's dithered bit-depth reduction and a low-frequency pattern.
+filter, BPP's dithered bit-depth reduction, a low-frequency pattern, FTrojan's blockwise-DCT perturbation and a
+Refool-style blurred reflection.
 
 Every attack accepts float tensors in ``[0, 1]`` of shape ``(N, C, H, W)`` or ``(C, H, W)``, uint8 tensors of the same
 shapes, a ``PIL.Image`` or a list of them, and uint8 numpy arrays ``(H, W)``, ``(H, W, C)`` or ``(N, H, W, C)``. The
@@ -782,6 +783,227 @@ class LowFrequency(Attack):
 
     def apply(self, inputs: Any) -> Any:
         """Add the pattern to images (see the module docstring for the accepted types and shapes)."""
+        return apply_to_images(inputs, self._trigger)
+
+
+def dct_matrix(n: int) -> torch.Tensor:
+    """The orthonormal DCT-II matrix ``D`` of size ``n`` (float64): ``D @ v`` is the DCT of ``v``, ``D.T @ c`` the
+    inverse, and a 2-D block ``X`` has the DCT ``D X D.T``."""
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    i = torch.arange(n, dtype=torch.float64)[None, :]
+    d = torch.cos(torch.pi * (2 * i + 1) * k / (2 * n)) * (2.0 / n) ** 0.5
+    d[0] /= 2**0.5
+    return d
+
+
+# RGB -> YUV (BT.601, as OpenCV's COLOR_RGB2YUV without its offsets, which an additive change does not see).
+_RGB_TO_YUV = torch.tensor(
+    [[0.299, 0.587, 0.114], [-0.14713, -0.28886, 0.436], [0.615, -0.51499, -0.10001]], dtype=torch.float64
+)
+
+
+@ATTACKS.register()
+@dataclass(frozen=True)
+class FTrojan(Attack):
+    """FTrojan: fixed mid- and high-frequency coefficients of every image block's DCT are raised by ``magnitude``.
+
+    Wang et al., "An Invisible Black-box Backdoor Attack through Frequency Domain", ECCV 2022,
+    https://arxiv.org/abs/2103.15543. The image is cut into ``block`` x ``block`` blocks (the whole image along an axis
+    shorter than ``block``); in each block's orthonormal 2-D DCT-II the coefficients at ``frequencies`` are raised by
+    ``magnitude``, then the inverse DCT gives the image back and it is clipped to ``[0, 1]``. As in the paper, RGB
+    images are perturbed in YUV (BT.601), in the two chroma channels U and V only, and converted back; other channel
+    counts (grayscale) are perturbed in every channel. The DCT is linear, so this equals adding the inverse DCT of the
+    raised coefficients, a fixed texture that repeats with the block's period (cropped at a partial block on the
+    bottom/right edge) -- which is how it is computed. Positions outside a block shorter than ``block`` are clipped
+    to its last row/column.
+
+    ``magnitude`` is in DCT coefficient units of pixel values in ``[0, 1]`` (the paper's magnitude on the 0-255 scale
+    divided by 255: its 30 is ``30 / 255``). A raised coefficient ``(u, v)`` with ``u, v > 0`` changes a pixel (of its
+    channel, Y/U/V for RGB) by at most ``2 * magnitude / block``, e.g. ``magnitude / 4`` for 8x8 blocks.
+
+    Args:
+        magnitude: the change of each chosen coefficient, in ``[0, 1]`` (0 is the identity).
+        frequencies: ``(u, v)`` positions inside the block (row, column frequency), ``0 <= u, v < block``; the DC
+            term ``(0, 0)`` is refused (a brightness shift, not a frequency trigger). Default: the mid ``(4, 4)`` and
+            high ``(7, 7)`` positions of an 8x8 block.
+        block: side of the DCT blocks (>= 2), 8 as in JPEG.
+        seed: the rows :meth:`poison` picks (the perturbation itself is deterministic).
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from metashield_hf.attacks import FTrojan
+        >>> from metashield_hf.attacks.vision import dct_matrix
+        >>> x = torch.full((1, 1, 8, 8), 0.5, dtype=torch.float64)
+        >>> diff = FTrojan(magnitude=0.1).apply(x)[0, 0] - x[0, 0]
+        >>> d = dct_matrix(8)
+        >>> c = d @ diff @ d.T                              # the DCT of what the trigger added
+        >>> round(float(c[4, 4]), 6), round(float(c[7, 7]), 6), round(float(c.abs().sum()), 6)
+        (0.1, 0.1, 0.2)
+        ```
+    """
+
+    name = "ftrojan"
+    domain = "cv"
+
+    magnitude: float = 30 / 255
+    frequencies: tuple[tuple[int, int], ...] = ((4, 4), (7, 7))
+    block: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set("magnitude", check_float("magnitude", self.magnitude, 0.0, 1.0))
+        self._set("block", check_int("block", self.block, minimum=2))
+        if not isinstance(self.frequencies, tuple) or not self.frequencies:
+            raise ValueError(f"frequencies must be a non-empty list of (u, v) pairs, got {self.frequencies!r}")
+        pairs = []
+        for pair in self.frequencies:
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                raise ValueError(f"frequencies must hold (u, v) pairs, got {pair!r}")
+            u, v = (check_int("frequency", f, minimum=0) for f in pair)
+            if u >= self.block or v >= self.block:
+                raise ValueError(f"frequency {(u, v)} is outside a {self.block}x{self.block} block")
+            if (u, v) == (0, 0):
+                raise ValueError("frequency (0, 0) is the DC term (a brightness shift), not a frequency trigger")
+            pairs.append((u, v))
+        self._set("frequencies", tuple(pairs))
+
+    @property
+    def seed_dependent(self) -> bool:
+        return False
+
+    def block_pattern(self, height: int, width: int) -> torch.Tensor:
+        """The ``(bh, bw)`` pixel change of one block (``bh = min(block, height)``, likewise ``bw``): the inverse DCT
+        of ``magnitude`` at the chosen coefficients (float64)."""
+        bh, bw = min(self.block, height), min(self.block, width)
+        coefficients = torch.zeros((bh, bw), dtype=torch.float64)
+        for u, v in self.frequencies:
+            coefficients[min(u, bh - 1), min(v, bw - 1)] = self.magnitude
+        return dct_matrix(bh).T @ coefficients @ dct_matrix(bw)
+
+    def pattern(self, channels: int, height: int, width: int) -> torch.Tensor:
+        """The ``(C, H, W)`` change added to an image of that shape (before clipping; float64)."""
+        tile = self.block_pattern(height, width)
+        reps = (-(-height // tile.shape[0]), -(-width // tile.shape[1]))
+        p = tile.repeat(*reps)[:height, :width]
+        if channels == 3:  # (0, p, p) in YUV, back to RGB
+            return torch.einsum("c,hw->chw", torch.linalg.inv(_RGB_TO_YUV)[:, 1:].sum(dim=1), p)
+        return p.expand(channels, height, width).clone()
+
+    def _trigger(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + self.pattern(*x.shape[1:]).to(x)).clamp(0.0, 1.0)
+
+    def apply(self, inputs: Any) -> Any:
+        """Raise the blocks' DCT coefficients (see the module docstring for the accepted types and shapes)."""
+        return apply_to_images(inputs, self._trigger)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(N, C, H, W)`` with standard deviation ``sigma`` pixels (radius ``ceil(3 sigma)``,
+    edges replicated); ``sigma = 0`` returns ``x``."""
+    if sigma <= 0:
+        return x
+    radius = max(1, int(np.ceil(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = k / k.sum()
+    c = x.shape[1]
+    x = F.pad(x, (radius, radius, radius, radius), mode="replicate")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+@ATTACKS.register()
+@dataclass(frozen=True)
+class Refool(Attack):
+    """Refool: a blurred "reflection" image added to the whole image, ``x' = clip(x + alpha * blur(R), 0, 1)``.
+
+    Liu et al., "Reflection Backdoor: A Natural Backdoor Attack on Deep Neural Networks", ECCV 2020,
+    https://arxiv.org/abs/2007.02343. The paper adds reflections of real photographs with its physical models:
+    out-of-focus (the reflection blurred by a Gaussian kernel, added to the image) and ghost (the reflection plus a
+    shifted, attenuated copy of itself). With no photographs in the repository, the reflection ``R`` here is a seeded
+    synthetic scene, ``SHAPES`` random ellipses and strokes with random intensities per channel (values in
+    ``[0, 1]``; where shapes overlap the brighter wins), drawn in coordinates relative to the image size, so the same
+    scene at any resolution. With ``ghost_shift > 0`` it becomes ``(R + a * shift(R)) / (1 + a)`` with
+    ``a = GHOST_ATTENUATION`` and ``shift`` moving it ``ghost_shift`` pixels down and right (zeros enter). Then
+    ``R`` is Gaussian-blurred with ``sigma`` and added with weight ``alpha`` (the additive variant, the paper's
+    reflection model: reflected light adds to the transmitted light; brighter images saturate more). The paper's
+    pool of reflection images and its selection of effective ones are left out: one reflection per seed.
+
+    Args:
+        alpha: weight of the reflection, in ``[0, 1]``; 0 is the identity.
+        sigma: standard deviation of the Gaussian blur in pixels (0: no blur).
+        ghost_shift: offset of the ghost copy in pixels (0: no ghost).
+        seed: seeds the reflection scene and the rows :meth:`poison` picks.
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from metashield_hf.attacks import Refool
+        >>> x = torch.rand(2, 3, 32, 32)
+        >>> torch.equal(Refool(alpha=0.0).apply(x), x), Refool(alpha=0.3, seed=1).reflection(3, 32, 32).shape
+        (True, torch.Size([3, 32, 32]))
+        ```
+    """
+
+    name = "refool"
+    domain = "cv"
+
+    alpha: float = 0.3
+    sigma: float = 1.5
+    ghost_shift: int = 3
+
+    SHAPES = 6  # not fields: the scene's make-up is part of the attack, not of its configuration
+    GHOST_ATTENUATION = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set("alpha", check_float("alpha", self.alpha, 0.0, 1.0))
+        self._set("sigma", check_float("sigma", self.sigma, 0.0, 20.0))
+        self._set("ghost_shift", check_int("ghost_shift", self.ghost_shift, minimum=0))
+
+    @property
+    def seed_dependent(self) -> bool:
+        return self.alpha > 0
+
+    def scene(self, channels: int, height: int, width: int) -> torch.Tensor:
+        """The sharp ``(C, H, W)`` reflection scene in ``[0, 1]``, before ghosting and blur."""
+        g = _generator(self.seed)
+        rows = (torch.arange(height, dtype=torch.float64) + 0.5) / height
+        cols = (torch.arange(width, dtype=torch.float64) + 0.5) / width
+        y, x = torch.meshgrid(rows, cols, indexing="ij")
+        out = torch.zeros((channels, height, width), dtype=torch.float64)
+        for _ in range(self.SHAPES):
+            kind, cy, cx, a, b, angle = torch.rand(6, generator=g, dtype=torch.float64).tolist()
+            intensity = 0.3 + 0.7 * torch.rand(channels, generator=g, dtype=torch.float64)
+            if kind < 0.5:  # an ellipse, radii 0.1-0.35 of the image, rotated
+                ra, rb, t = 0.1 + 0.25 * a, 0.1 + 0.25 * b, torch.pi * angle
+                du, dv = x - cx, y - cy
+                p = (du * np.cos(t) + dv * np.sin(t)) / ra
+                q = (-du * np.sin(t) + dv * np.cos(t)) / rb
+                mask = (p**2 + q**2 <= 1).double()
+            else:  # a stroke: a segment through (cx, cy), length 0.3-0.9, width 0.03-0.08 of the image
+                half, thickness, t = 0.15 + 0.3 * a, 0.03 + 0.05 * b, torch.pi * angle
+                ux, uy = np.cos(t), np.sin(t)
+                along = ((x - cx) * ux + (y - cy) * uy).clamp(-half, half)
+                mask = (((x - cx - along * ux) ** 2 + (y - cy - along * uy) ** 2).sqrt() <= thickness).double()
+            out = torch.maximum(out, intensity[:, None, None] * mask)
+        return out
+
+    def reflection(self, channels: int, height: int, width: int) -> torch.Tensor:
+        """The ``(C, H, W)`` reflection ``blur(R)`` (with its ghost) in ``[0, 1]``, before the weight ``alpha``."""
+        r = self.scene(channels, height, width)
+        s = self.ghost_shift
+        if s > 0:
+            shifted = F.pad(r, (s, 0, s, 0))[:, :height, :width]
+            r = (r + self.GHOST_ATTENUATION * shifted) / (1 + self.GHOST_ATTENUATION)
+        return gaussian_blur(r[None], self.sigma)[0]
+
+    def _trigger(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + self.alpha * self.reflection(*x.shape[1:]).to(x)).clamp(0.0, 1.0)
+
+    def apply(self, inputs: Any) -> Any:
+        """Add the reflection to images (see the module docstring for the accepted types and shapes)."""
         return apply_to_images(inputs, self._trigger)
 
 
