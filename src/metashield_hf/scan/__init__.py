@@ -19,6 +19,8 @@ synthesis.
 - `feature_inversion.py`: [`invert_features`], per-class trigger inversion in an intermediate layer's feature space
   (FeatureRE / BTI-DBF-like), trigger-agnostic
 - `dormant.py`: [`dormant_mass`], each class's head weight on features the clean samples leave quiet, trigger-agnostic
+- `query_probe.py`: [`QueryProbe`], learned query inputs and a meta-classifier of the answers, trained on a zoo (MNTD;
+  a peer method, not part of the default scan)
 - `progress.py`: the progress bars' on/off rule and the cost estimate logged before a scan
 
 Every name is imported when first used (PEP 562): ``metashield scan --help`` builds its flags from
@@ -86,6 +88,14 @@ if TYPE_CHECKING:
         positives_from_report,
         synthesized_positives,
     )
+    from .query_probe import (
+        QueryProbe,
+        QueryProbeConfig,
+        QuerySpace,
+        query_features,
+        query_space,
+        train_query_probe,
+    )
     from .report import ClassEvidence, ScanReport
     from .scanner import (
         checkpoint_name,
@@ -144,6 +154,12 @@ _LAZY = {
     "set_alarms": ".head",
     "split_candidate": ".head",
     "DORMANT_FLOOR": ".dormant",
+    "QueryProbe": ".query_probe",
+    "QueryProbeConfig": ".query_probe",
+    "QuerySpace": ".query_probe",
+    "query_features": ".query_probe",
+    "query_space": ".query_probe",
+    "train_query_probe": ".query_probe",
     "dormant_mass": ".dormant",
     "DORMANT_SIGNALS": ".signals",
     "dormant_signals": ".signals",
@@ -257,6 +273,12 @@ __all__ = [
     "split_candidate",
     "DORMANT_FLOOR",
     "dormant_mass",
+    "QueryProbe",
+    "QueryProbeConfig",
+    "QuerySpace",
+    "query_features",
+    "query_space",
+    "train_query_probe",
     "DORMANT_SIGNALS",
     "dormant_signals",
     "class_count_signals",
