@@ -47,6 +47,7 @@ from metashield_hf.attacks import ATTACKS  # noqa: E402
 from metashield_hf.fl.baselines import cosine_clusters, norm_outliers  # noqa: E402
 from metashield_hf.fl.calibration import (  # noqa: E402
     CALIBRATED_SIGNALS,
+    NULL_COUNTS,
     EvidenceSettings,
     ScreenCalibration,
     client_evidence,
@@ -84,6 +85,16 @@ CALIBRATED_VARIANTS = {
     "margin+drift~acc": (MD, True, True), "point~acc": (("point_margin_gain",), True, True),
     "margin+drift+point~acc": (MDP, True, True),
 }  # fmt: skip
+# Matching the accumulated null to the screened rounds (README, "Matching the accumulated null ..."): name ->
+# (calibrated variant, calibration window: the last rounds of the measured history it keeps, null_counts).
+# Without an entry here a variant keeps the last 5 measured rounds (the history of the rules before) and the running
+# null.
+WINDOWED_VARIANTS = {
+    **{f"margin+drift+point~acc@{w}": ("margin+drift+point~acc", w, "running") for w in (10, 15, 20)},
+    **{f"margin+drift+point~match@{w}": ("margin+drift+point~acc", w, "matched") for w in (5, 10, 15, 20)},
+}
+CALIBRATED_VARIANTS.update({name: CALIBRATED_VARIANTS[base] for name, (base, _, _) in WINDOWED_VARIANTS.items()})
+DEFAULT_WINDOW = 5
 FIRST_VARIANTS = ["margin", "drift", "margin+drift", "margin-nr", "drift-nr", "margin+drift-nr"]
 # Attack recipes beyond the registry's defaults: name -> (registered attack, its parameters, per-setting overrides of
 # malicious clients and screened rounds). See benchmarks/fl/README.md for what each reaches.
@@ -180,6 +191,19 @@ class FLBenchmarkArguments:
     )
     accumulate: bool = field(
         default=False, metadata={"help": "the calibrated screen that drops clients accumulates evidence per client"}
+    )
+    calibration_window: int | None = field(
+        default=None,
+        metadata={
+            "help": "the calibrated screen that drops clients keeps the last N calibration rounds (default: all)"
+        },
+    )
+    null_counts: str = field(
+        default="running",
+        metadata={
+            "help": "the calibrated screen that drops clients: its accumulated null",
+            "choices": list(NULL_COUNTS),
+        },
     )
     variants: list[str] = field(
         default_factory=lambda: list(FIRST_VARIANTS),
@@ -372,13 +396,27 @@ def run_setting(dataset: str, algorithm: str, args, on_attack=None) -> dict:
             args.centre_by_round,
             args.accumulate,
         )
+        # each variant keeps the last rounds of the measured history: its window (WINDOWED_VARIANTS, else 5)
+        windows = {
+            name: WINDOWED_VARIANTS[name][1:]
+            if name in WINDOWED_VARIANTS
+            else (min(DEFAULT_WINDOW, calib_rounds), "running")
+            for name in args.variants
+        }
+        windows["calibrated"] = (args.calibration_window or calib_rounds, args.null_counts)
         chosen = {name: CALIBRATED_VARIANTS[name] for name in args.variants}
         for name, (signals, by_round, accumulate) in {**chosen, "calibrated": deployed}.items():
+            window, null_counts = windows[name]
+            if window > calib_rounds:
+                raise ValueError(
+                    f"variant {name} keeps {window} calibration rounds; --calibration_rounds is {calib_rounds}"
+                )
             settings = evidence_settings(args).replace(centre_by_round=by_round)
             calibrations[name] = ScreenCalibration(
-                signals=signals, target_fpr=args.target_fpr, settings=settings, accumulate=accumulate
-            )
-            for r, (ev, ids) in enumerate(history):
+                signals=signals, target_fpr=args.target_fpr, settings=settings, accumulate=accumulate,
+                null_counts=null_counts,
+            )  # fmt: skip
+            for r, (ev, ids) in enumerate(history[-window:]):
                 calibrations[name].update(ev, round_id=r, client_ids=ids)
         if not all(c.ready for c in calibrations.values()):
             logger.warning("%s/%s: %d calibration rounds are too few for --target_fpr %s; no calibrated screen",
@@ -512,7 +550,11 @@ def write_markdown(result: dict, path: Path) -> None:
             [
                 "MetaShield calibrated: `score_client_updates(..., calibration=...)`; the last "
                 f"{a.get('calibration_rounds')} benign warm-up rounds are its history (`ScreenCalibration`), target "
-                f"FPR {a.get('target_fpr')}, empirical leave-one-round-out null; evidence per candidate and class: "
+                f"FPR {a.get('target_fpr')}, empirical leave-one-round-out null (the variants keep the last 5 of them, "
+                "those named `@N` the last N, and the *calibrated* column "
+                f"{a.get('calibration_window') or 'all'}; `~match`: the count-matched null, `ScreenCalibration("
+                "null_counts='matched')`, in the *calibrated* column "
+                f"{'too' if a.get('null_counts') == 'matched' else 'not'}); evidence per candidate and class: "
                 f"maximum-margin gain ({a.get('margin_steps')} ascent steps, 4 starts) and trigger drift "
                 f"({a.get('calibrated_scan_steps')} synthesis steps), each centred on its candidate and, in the variants "
                 "without `-nr`, on the round; `point`: the margin gain at the global model's maximum-margin inputs "

@@ -50,11 +50,22 @@ it trusts (the warm-up rounds before screening starts, or the first rounds of a 
    rounds in order; a benign client whose labels lean towards one class carries that lean in the null too (with
    ``null="sidak"`` the accumulated z is standard normal under that null's own model, and its p-value is as above). It
    relies on client ids that persist over rounds: an attacker under a new id each round keeps one round's evidence.
+
+   How often a client appears differs between the calibration rounds and the screened ones: over a few calibration
+   rounds a client appears once or twice, over many screened rounds it may appear many times, and a benign client's
+   persistent lean grows with the square root of its rounds. With ``null_counts="running"`` the null is the set of
+   running accumulations of the calibration rows (every count a calibration client reached, once each). With
+   ``null_counts="matched"`` the null depends on the count: a client assessed on its k-th round is compared with
+   statistics each accumulated over ``min(k, n_j)`` held-out-standardised rows of one calibration client ``j`` (``n_j``
+   its rows; every subset of that size, or ``null_draws`` drawn ones when there are more), each calibration client
+   weighing one in the p-value ``(1 + Σ_j w_j) / (1 + J)`` (``w_j``: the share of client ``j``'s statistics at or
+   above the client's). The longer the calibration history, the more of the screened counts it holds.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
@@ -77,6 +88,12 @@ CANDIDATE_CENTRED = ("point_margin_gain",)
 #: benchmarks/fl/README.md ("Calibrated screen: the rule", then "... evidence for small colluding updates").
 DEFAULT_CALIBRATED_SIGNALS: tuple[str, ...] = ("margin_gain", "trigger_drift", "point_margin_gain")
 DEFAULT_ACCUMULATE = True
+#: How an accumulating calibration's null counts a client's rounds (``ScreenCalibration.null_counts``): ``"running"``
+#: (each calibration row accumulated over its client's earlier calibration rows) or ``"matched"`` (a client assessed on
+#: its k-th round is compared with statistics accumulated over k rows of one calibration client; see the module
+#: docstring, step 4).
+DEFAULT_NULL_COUNTS = "running"
+NULL_COUNTS = ("running", "matched")
 MIN_CLIENTS_FOR_CENTRING = 3  # below this a round's median says nothing
 
 
@@ -314,6 +331,9 @@ class ScreenCalibration:
         row_clients: the client id of each row (``None`` where none was given: the row is its own client).
         memory: client id (as a string) -> ``{"count": rounds seen, signal: per-class sum of standardised evidence}``
             of the assessed rounds (``accumulate`` only).
+        null_counts: ``"running"`` or ``"matched"``: how the accumulated null counts a client's rounds (see the
+            module docstring, step 4; ``accumulate`` with the empirical null only).
+        null_draws: the most subsets of one calibration client's rows the matched null draws per count.
     """
 
     signals: tuple[str, ...] = DEFAULT_CALIBRATED_SIGNALS
@@ -328,6 +348,8 @@ class ScreenCalibration:
     row_rounds: list[int] = field(default_factory=list)
     row_clients: list[str | None] = field(default_factory=list)
     memory: dict[str, dict[str, Any]] = field(default_factory=dict)
+    null_counts: str = DEFAULT_NULL_COUNTS
+    null_draws: int = 20
 
     def __post_init__(self) -> None:
         self.signals = _check_signals(self.signals)
@@ -335,6 +357,10 @@ class ScreenCalibration:
             raise ValueError(f"target_fpr must be in (0, 1), got {self.target_fpr}")
         if self.null not in ("empirical", "sidak"):
             raise ValueError(f"null must be 'empirical' or 'sidak', got {self.null!r}")
+        if self.null_counts not in NULL_COUNTS:
+            raise ValueError(f"null_counts must be one of {list(NULL_COUNTS)}, got {self.null_counts!r}")
+        if self.null_draws < 1:
+            raise ValueError(f"null_draws must be >= 1, got {self.null_draws}")
         if isinstance(self.settings, Mapping):
             self.settings = EvidenceSettings(**self.settings)
         for s in self.signals:
@@ -342,6 +368,8 @@ class ScreenCalibration:
         if len(self.row_clients) != len(self.row_rounds):  # a calibration saved without client ids
             self.row_clients = [None] * len(self.row_rounds)
         self._null_cache: np.ndarray | None = None
+        self._held_out_cache: dict[str, np.ndarray] | None = None
+        self._matched_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     # ---- filling -------------------------------------------------------------------------------------------------
     @property
@@ -381,7 +409,7 @@ class ScreenCalibration:
             self.rows[s].extend(centred[s].tolist())
         self.row_rounds.extend([rid] * evidence.num_clients)
         self.row_clients.extend([None] * evidence.num_clients if client_ids is None else [str(c) for c in client_ids])
-        self._null_cache = None
+        self._null_cache, self._held_out_cache, self._matched_cache = None, None, {}
         return self
 
     def calibrate(
@@ -436,32 +464,87 @@ class ScreenCalibration:
     def _max_stat(z: Mapping[str, np.ndarray]) -> np.ndarray:
         return np.max(np.stack([v.max(axis=1) for v in z.values()]), axis=0)
 
+    def held_out_z(self) -> dict[str, np.ndarray]:
+        """signal -> ``(rows, C)``: each benign row standardised against the other calibration rounds only."""
+        if self._held_out_cache is None:
+            rounds = np.asarray(self.row_rounds)
+            out = {s: np.empty((len(rounds), self.num_classes or 0)) for s in self.signals}
+            for r in np.unique(rounds):
+                held = rounds == r
+                rows = {s: np.asarray(self.rows[s], dtype=np.float64)[held] for s in self.signals}
+                for s, v in self._standardise(rows, self._scales(~held)).items():
+                    out[s][held] = v
+            self._held_out_cache = out
+        return self._held_out_cache
+
+    def _row_names(self) -> list[str]:
+        return [c or f"row:{i}" for i, c in enumerate(self.row_clients)]
+
     def null_statistics(self) -> np.ndarray:
-        """The benign rows' statistics, each standardised against the other calibration rounds only."""
+        """The benign rows' statistics, each standardised against the other calibration rounds only (with
+        ``accumulate``: accumulated over its client's earlier calibration rows, the running null)."""
         if self._null_cache is None:
             rounds = np.asarray(self.row_rounds)
+            z_all = self.held_out_z()
+            names = self._row_names()
             stats = np.empty(len(rounds))
             sums: dict[str, dict[str, Any]] = {}
             for r in np.unique(rounds):  # in round order, so that a row accumulates its client's earlier rows only
                 held = rounds == r
-                scales = self._scales(~held)
-                rows = {s: np.asarray(self.rows[s], dtype=np.float64)[held] for s in self.signals}
-                z = self._standardise(rows, scales)
+                z = {s: v[held] for s, v in z_all.items()}
                 if self.accumulate:
-                    index = np.flatnonzero(held)
-                    names = [self.row_clients[i] or f"row:{i}" for i in index]
-                    z = _accumulated(sums, names, z)
+                    z = _accumulated(sums, [names[i] for i in np.flatnonzero(held)], z)
                 stats[held] = self._max_stat(z)
             self._null_cache = stats
         return self._null_cache
 
-    def threshold(self) -> float:
-        """The smallest statistic flagged at ``target_fpr`` (empirical null; ``inf`` when none can be)."""
+    def matched_null(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The count-matched null for a client seen ``count`` times: statistics accumulated over ``min(count, n_j)``
+        held-out-standardised rows of one calibration client ``j`` (every subset of that size, or ``null_draws``
+        drawn ones), and their weights (``1 / #subsets`` of their client, so each client weighs one).
+
+        Returns:
+            ``(statistics, weights)``, one entry per subset.
+        """
+        count = max(int(count), 1)
+        if count not in self._matched_cache:
+            z_all = self.held_out_z()
+            by_client: dict[str, list[int]] = {}
+            for i, name in enumerate(self._row_names()):
+                by_client.setdefault(name, []).append(i)
+            stats, weights = [], []
+            for j, (_, index) in enumerate(sorted(by_client.items())):
+                m = min(count, len(index))
+                if math.comb(len(index), m) <= self.null_draws:
+                    subsets = [list(c) for c in itertools.combinations(index, m)]
+                else:
+                    rng = np.random.default_rng([count, j])
+                    subsets = [sorted(rng.choice(index, size=m, replace=False)) for _ in range(self.null_draws)]
+                for subset in subsets:
+                    z = {s: v[subset].sum(axis=0, keepdims=True) / math.sqrt(m) for s, v in z_all.items()}
+                    stats.append(float(self._max_stat(z)[0]))
+                    weights.append(1.0 / len(subsets))
+            self._matched_cache[count] = (np.asarray(stats), np.asarray(weights))
+        return self._matched_cache[count]
+
+    def _uses_matched(self) -> bool:
+        return self.accumulate and self.null == "empirical" and self.null_counts == "matched"
+
+    def threshold(self, count: int = 1) -> float:
+        """The boundary of the flagged statistics at ``target_fpr`` (a statistic above it is flagged; ``inf`` when
+        none can be); ``count``: the rounds a client has been seen in (the matched null only)."""
         if self.null == "sidak":
             from scipy.stats import norm
 
             m = len(self.signals) * (self.num_classes or 1)
             return float(norm.isf(1.0 - (1.0 - self.target_fpr) ** (1.0 / m)))
+        if self._uses_matched():
+            stats, weights = self.matched_null(count)
+            total = weights.sum()
+            for value in np.unique(stats)[::-1]:  # descending: the first value whose mass breaks the target
+                if (1.0 + weights[stats >= value].sum()) / (1.0 + total) > self.target_fpr:
+                    return float(value)
+            return -math.inf
         null = np.sort(self.null_statistics())[::-1]
         n = len(null)
         allowed = math.floor(self.target_fpr * (n + 1)) - 1  # p = (1 + count) / (n + 1) <= target: count <= allowed
@@ -469,14 +552,22 @@ class ScreenCalibration:
             return math.inf
         return float(null[allowed]) if allowed < n else -math.inf
 
-    def p_values(self, statistic: np.ndarray) -> np.ndarray:
-        """P-values of statistics under the benign null."""
+    def p_values(self, statistic: np.ndarray, counts: Sequence[int] | None = None) -> np.ndarray:
+        """P-values of statistics under the benign null; ``counts``: the rounds each client has been seen in (the
+        matched null only; ``None``: one round each)."""
         statistic = np.asarray(statistic, dtype=np.float64)
         if self.null == "sidak":
             from scipy.stats import norm
 
             m = len(self.signals) * (self.num_classes or 1)
             return 1.0 - (1.0 - norm.sf(statistic)) ** m
+        if self._uses_matched():
+            counts = [1] * len(statistic) if counts is None else list(counts)
+            out = np.empty(len(statistic))
+            for k, (value, count) in enumerate(zip(statistic, counts, strict=True)):
+                stats, weights = self.matched_null(count)
+                out[k] = (1.0 + weights[stats >= value].sum()) / (1.0 + weights.sum())
+            return out
         null = self.null_statistics()
         return (1.0 + (null[None, :] >= statistic[:, None]).sum(axis=1)) / (len(null) + 1.0)
 
@@ -499,13 +590,16 @@ class ScreenCalibration:
         if c != self.num_classes:
             raise ValueError(f"the evidence has {c} classes but the calibration {self.num_classes}")
         z = self._standardise(centred, self._scales())
+        counts = None
         if self.accumulate and client_ids is not None:
-            z = _accumulated(self.memory, [str(c) for c in client_ids], z)
+            names = [str(c) for c in client_ids]
+            z = _accumulated(self.memory, names, z)
+            counts = [self.memory[c]["count"] for c in names]
         per_signal = np.stack([z[s].max(axis=1) for s in self.signals])  # (S, K)
         statistic = per_signal.max(axis=0)
         top = per_signal.argmax(axis=0)
         top_class = np.array([int(z[self.signals[t]][k].argmax()) for k, t in enumerate(top)])
-        p = self.p_values(statistic)
+        p = self.p_values(statistic, counts)
         return Assessment(statistic, p, p <= self.target_fpr, z, [self.signals[t] for t in top], top_class)
 
     # ---- persistence ---------------------------------------------------------------------------------------------
@@ -516,6 +610,7 @@ class ScreenCalibration:
             "accumulate": self.accumulate, "rows": {s: self.rows[s] for s in self.signals},
             "row_rounds": list(self.row_rounds), "row_clients": list(self.row_clients),
             "memory": {c: {k: v if k == "count" else list(v) for k, v in m.items()} for c, m in self.memory.items()},
+            "null_counts": self.null_counts, "null_draws": self.null_draws,
         }  # fmt: skip
 
     @classmethod
@@ -524,6 +619,7 @@ class ScreenCalibration:
         data["signals"] = tuple(data["signals"])
         data["settings"] = EvidenceSettings(**data.get("settings", {}))
         data.setdefault("accumulate", False)  # saved before accumulation existed
+        data.setdefault("null_counts", "running")  # saved before the matched null existed
         data["memory"] = {
             c: {k: v if k == "count" else np.asarray(v, dtype=np.float64) for k, v in m.items()}
             for c, m in data.get("memory", {}).items()
