@@ -7,7 +7,11 @@ variant becomes the default.
 ``--rule first`` ("Calibrated screen: the rule"): pooled benign FPR at most 0.15, then the highest minimum TPR over
 the planted rows. ``--rule colluders`` (the rule of 2026-12-07, as amended after its MNIST run): pooled benign FPR at most 0.10, no row of
 the norm-constrained recipe above FPR 0.10, and TPR at least 0.90 on every row ``margin+drift`` catches; then the same
-order. ``--rule colluders-as-written``: the per-row FPR gate on every planted row. Reads only the settings of
+order. ``--rule colluders-as-written``: the per-row FPR gate on every planted row. ``--rule null-match`` ("Matching the
+accumulated null to the screened rounds"): against ``margin+drift+point~acc`` on the same measurements, out when the
+recipe's TPR drops by more than 0.034 in a setting, a row it catches (TPR >= 0.90) drops below 0.90, or the pooled
+benign FPR exceeds 0.10; then the lowest pooled benign FPR over the recipe's rows (ties within 0.0125: pooled recipe
+TPR, pooled FPR, the rule's order). Reads only the settings of
 ``--datasets`` (the training side) and the variants the run scored; prints every variant's numbers and the winner.
 """
 
@@ -32,6 +36,14 @@ RULES = {
         "fpr_rows": None,
     },
 }
+NULL_MATCH_REFERENCE = "margin+drift+point~acc"
+# the rule's order for ties, the current default last
+NULL_MATCH_ORDER = (
+    "margin+drift+point~acc@10", "margin+drift+point~acc@15", "margin+drift+point~match@10",
+    "margin+drift+point~match@15", "margin+drift+point~match@5", NULL_MATCH_REFERENCE,
+)  # fmt: skip
+NULL_MATCH_TPR_DROP = 0.034  # one attacker update of the recipe's 30
+NULL_MATCH_TIE = 0.0125  # one benign update of the recipe's 80 (two settings)
 PLANTED_ASR = 0.10
 TIE = 0.05
 CAUGHT = 0.90
@@ -100,14 +112,70 @@ def choose(summary: dict[str, dict], rule: dict | None = None) -> str | None:
     return alive[0]
 
 
+def null_match(result: dict, datasets: list[str], variants: list[str]) -> tuple[list[tuple], str | None]:
+    """The rule "Matching the accumulated null to the screened rounds": one row per variant (name, pooled FPR,
+    pooled recipe FPR, pooled recipe TPR, recipe TPR per setting, why out) and the winner."""
+    settings = [s for s in result["settings"] if s["dataset"] in datasets]
+
+    def pooled(v, recipe_only, rate):
+        a = b = 0
+        for s in settings:
+            for name, r in s["attacks"].items():
+                if recipe_only and name != RECIPE:
+                    continue
+                d = r["detection"][f"calibrated:{v}"]
+                a, b = (a + d["fp"], b + d["tn"]) if rate == "fpr" else (a + d["tp"], b + d["fn"])
+        return a / (a + b) if a + b else float("nan")
+
+    ref = f"calibrated:{NULL_MATCH_REFERENCE}"
+    table, alive = [], []
+    for v in variants:
+        key, why = f"calibrated:{v}", []
+        per_setting = []
+        for s in settings:
+            r = s["attacks"][RECIPE]["detection"]
+            per_setting.append(r[key]["tpr"])
+            if r[ref]["tpr"] - r[key]["tpr"] > NULL_MATCH_TPR_DROP + 1e-9:
+                why.append(f"recipe TPR {r[key]['tpr']:.2f} < {r[ref]['tpr']:.2f} - 0.034 ({s['algorithm']})")
+            for name, a in s["attacks"].items():
+                d, d0 = a["detection"][key], a["detection"][ref]
+                if d0["tpr"] is not None and d0["tpr"] >= CAUGHT and d["tpr"] < CAUGHT:
+                    why.append(f"loses {s['algorithm']}/{name}")
+        fpr = pooled(v, False, "fpr")
+        if fpr > 0.10:
+            why.append(f"pooled FPR {fpr:.3f} > 0.10")
+        row = (v, fpr, pooled(v, True, "fpr"), pooled(v, True, "tpr"), per_setting, "; ".join(why) or "–")
+        table.append(row)
+        if not why:
+            alive.append(row)
+    if not alive:
+        return table, None
+    best = min(r[2] for r in alive)
+    tied = [r for r in alive if r[2] <= best + NULL_MATCH_TIE + 1e-9]
+    order = {v: i for i, v in enumerate(NULL_MATCH_ORDER)}
+    tied.sort(key=lambda r: (-r[3], r[1], order.get(r[0], len(order))))
+    return table, tied[0][0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("result", type=Path)
     parser.add_argument("--datasets", nargs="+", default=["mnist"])
-    parser.add_argument("--rule", choices=list(RULES), default="first")
+    parser.add_argument("--rule", choices=[*RULES, "null-match"], default="first")
     args = parser.parse_args(argv)
     result = json.loads(args.result.read_text())
     variants = list(result["args"].get("variants") or FIRST_VARIANTS)
+    if args.rule == "null-match":
+        table, winner = null_match(result, args.datasets, variants)
+        algorithms = [s["algorithm"] for s in result["settings"] if s["dataset"] in args.datasets]
+        print("| variant | pooled benign FPR (all rows) | benign FPR (recipe rows) | TPR (recipe rows) | "
+              + " | ".join(f"recipe TPR {a}" for a in algorithms) + " | out |")  # fmt: skip
+        print("|---|---|---|---|" + "---|" * len(algorithms) + "---|")
+        for v, fpr, rfpr, rtpr, per, why in table:
+            cells = " | ".join(f"{t:.2f}" for t in per)
+            print(f"| {v} | {fpr:.3f} | {rfpr:.3f} | {rtpr:.3f} | {cells} | {why} |")
+        print("chosen:", winner)
+        return 0
     summary = summarise(result, args.datasets, variants)
     rule = RULES[args.rule]
     print(

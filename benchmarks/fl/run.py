@@ -216,6 +216,13 @@ class FLBenchmarkArguments:
     calibrated_scan_steps: int = field(
         default=20, metadata={"help": "trigger-synthesis steps of the calibrated screen's trigger drift"}
     )
+    save_evidence: bool = field(
+        default=False,
+        metadata={
+            "help": "write every measured round's raw evidence (calibration and screened rounds, with client ids) to "
+            "<out>/<name>.evidence.json"
+        },
+    )
     relative_screen: bool = field(default=True, metadata={"help": "also run MetaShield's relative (fixed-z) screen"})
     outcome: bool = field(default=True, metadata={"help": "run the outcome trajectories (one per defence)"})
     name: str = field(default="screening", metadata={"help": "file stem of the results (<out>/<name>.{json,md})"})
@@ -284,16 +291,27 @@ def measured(clean: torch.Tensor, args):
     return evidence
 
 
-def calibrated_screen(calibration: ScreenCalibration, evidence):
+def raw_evidence(ev, ids) -> dict:
+    """One round's measured evidence as JSON: the client ids and each signal's ``(K, C)`` raw values (4 decimals)."""
+    return {"clients": [str(c) for c in ids], "raw": {s: np.round(v, 4).tolist() for s, v in ev.raw.items()}}
+
+
+def calibrated_screen(calibration: ScreenCalibration, evidence, record: list | None = None):
     def screen(model, deltas, weights, ids):
-        return calibrated_scores(evidence(model, deltas), calibration, ids)
+        measured_round = evidence(model, deltas)
+        if record is not None:
+            record.append(raw_evidence(measured_round, ids))
+        return calibrated_scores(measured_round, calibration, ids)
 
     return screen
 
 
-def make_screens(clean: torch.Tensor, args, calibrations: dict | None = None, variants: bool = False) -> dict:
+def make_screens(
+    clean: torch.Tensor, args, calibrations: dict | None = None, variants: bool = False, record: list | None = None
+) -> dict:
     """The screens: MetaShield's relative one (``metashield``), its calibrated one (``calibrated``: the
-    ``--calibrated_signals`` variant; with ``variants`` also every variant as ``calibrated:<name>``), norm, cosine."""
+    ``--calibrated_signals`` variant; with ``variants`` also every variant as ``calibrated:<name>``), norm, cosine.
+    ``record``: a list the calibrated screen appends each round's measured evidence to."""
 
     def metashield(model, deltas, weights, ids):
         return score_client_updates(
@@ -307,7 +325,7 @@ def make_screens(clean: torch.Tensor, args, calibrations: dict | None = None, va
     }
     if calibrations:
         evidence = measured(clean, args)
-        screens["calibrated"] = calibrated_screen(calibrations["calibrated"], evidence)
+        screens["calibrated"] = calibrated_screen(calibrations["calibrated"], evidence, record)
         if variants:
             for name in args.variants:
                 screens[f"calibrated:{name}"] = calibrated_screen(calibrations[name], evidence)
@@ -376,7 +394,10 @@ def run_setting(dataset: str, algorithm: str, args, on_attack=None) -> dict:
     if calib_rounds == 1:  # one round gives no leave-one-round-out null
         logger.warning("%s/%s: one calibration round is too few; no calibrated screen", dataset, algorithm)
         calib_rounds = 0
-    run_federated(model, fed.clients, FedConfig(rounds=warmup_rounds - calib_rounds, malicious_fraction=0.0, **base))
+    if warmup_rounds > calib_rounds:
+        run_federated(
+            model, fed.clients, FedConfig(rounds=warmup_rounds - calib_rounds, malicious_fraction=0.0, **base)
+        )
     calibrations: dict[str, ScreenCalibration] = {}
     calib_s = 0.0
     if calib_rounds:
@@ -449,13 +470,16 @@ def run_setting(dataset: str, algorithm: str, args, on_attack=None) -> dict:
            "calibration_rounds": calib_rounds, "calibration_seconds": calib_s,
            "calibration": calibrations["calibrated"].to_dict() if calibrations else None,
            "calibration_thresholds": {k: c.threshold() for k, c in calibrations.items()}}  # fmt: skip
+    if args.save_evidence and calibrations:  # every measured round, to rescore null variants offline
+        out["evidence"] = {"calibration": [raw_evidence(ev, ids) for ev, ids in history], "attacks": {}}
     for name in args.attacks:
         registered, params, over = RECIPES.get(name, (name, {}, {}))
         attack = ATTACKS.build(registered, **{"seed": args.seed, "local_epochs": args.attacker_epochs, **params})
         config = attack_config(name)
         ta = time.perf_counter()
         # a fresh copy per trajectory: an accumulating calibration remembers the clients it has assessed
-        screens = make_screens(clean, args, copy.deepcopy(calibrations), variants=True)
+        evidence_log = [] if args.save_evidence and calibrations else None
+        screens = make_screens(clean, args, copy.deepcopy(calibrations), variants=True, record=evidence_log)
         screens.update({r: selection_screen(strategies[r]) for r in SELECTION_RULES})
         run, none_eval = trajectory(attack, fedavg_defence, screens, config)
         detection = {s: rates(run.rounds, s) for s in screens}
@@ -490,6 +514,9 @@ def run_setting(dataset: str, algorithm: str, args, on_attack=None) -> dict:
             ],
             "seconds": time.perf_counter() - ta,
         }  # fmt: skip
+        if evidence_log is not None:
+            out["evidence"]["attacks"][name] = {"malicious": [str(c) for c in run.malicious_clients],
+                                                "rounds": evidence_log}  # fmt: skip
         if on_attack is not None:
             on_attack(out)
         logger.info("%s/%s/%s: %s", dataset, algorithm, name,
@@ -731,9 +758,12 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": time.perf_counter() - t0,
             "complete": final,
             "dp": {"clipping_norm": DP_CLIPPING_NORM, "noise_multiplier": DP_NOISE_MULTIPLIER},
-            "settings": settings,
+            "settings": [{k: v for k, v in s.items() if k != "evidence"} for s in settings],
         }
         (out / f"{args.name}.json").write_text(json.dumps(result, indent=1, default=float))
+        if any("evidence" in s for s in settings):
+            evidence = {f"{s['dataset']}/{s['algorithm']}": s["evidence"] for s in settings if "evidence" in s}
+            (out / f"{args.name}.evidence.json").write_text(json.dumps(evidence))
         write_markdown(result, out / f"{args.name}.md")
         return result
 
