@@ -12,7 +12,10 @@ on every model with the same settings and saves it there (not part of the defaul
         --records live_dev_agnostic.jsonl fresh_cv_agnostic.jsonl unseen_cv_2.jsonl live_blind3.jsonl unseen_cv_3.jsonl \
         --out benchmarks/scan/results/mntd_leave_attack_out
 
-``--probe DIR --zoos Z --records R --out O`` scores a check zoo's models with a saved probe instead.
+``--probe DIR --zoos Z --out O`` scores a check zoo's image models with a saved probe instead:
+
+    python benchmarks/scan/query_probe_zoo.py --probe benchmarks/scan/results/mntd_probe \
+        --zoos artifacts/zoo/unseen_cv_4 --out benchmarks/scan/results/mntd_unseen_cv_4
 
 ``--tune_queries false --out benchmarks/scan/results/mntd_fixed_queries_leave_attack_out`` gives MNTD's ablation: the
 queries stay at their random start and only the classifier trains.
@@ -38,12 +41,15 @@ from metashield_hf.zoo import load_zoo, row_probe, row_to_target
 
 N_CLEAN = 20  # scan_zoo.py's clean samples per scan
 RECORDS = Path("benchmarks/scan/results/records")
+ROW_COLUMNS = ["model_id", "domain", "attack", "is_backdoored"]
 
 
 @dataclass
 class Args:
     zoos: list[str] = field(default_factory=list, metadata={"help": "Zoo folders, one per records file."})
-    records: list[str] = field(default_factory=list, metadata={"help": "Records files under results/records."})
+    records: list[str] = field(
+        default_factory=list, metadata={"help": "Records files under results/records, one per zoo (optional)."}
+    )
     out: str | None = field(default=None, metadata={"help": "Writes OUT.md and OUT.json (the out-of-fold figures)."})
     ship: str | None = field(default=None, metadata={"help": "Train a probe on every model and save it here."})
     leave_attack_out: bool = field(default=True, metadata={"help": "Score the models leave one attack out."})
@@ -62,14 +68,19 @@ class Args:
 
 
 def load_models(zoos: list[str], records: list[str], workdir: str):
-    """(record file, record, QuerySpace) for every image model of the zoos that its records list."""
+    """(group, record, QuerySpace) for every image / FL model of the zoos that its records file lists; without
+    records files, every image / FL model of the zoos (a check zoo; the record is then the zoo row's columns)."""
     out = []
-    for zoo_dir, rec_name in zip(zoos, records, strict=True):
-        path = RECORDS / rec_name
-        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for z, zoo_dir in enumerate(zoos):
         zoo = load_zoo(zoo_dir)
         index = {m: i for i, m in enumerate(zoo["model_id"])}
-        for rec in tqdm(recs, desc=rec_name, file=sys.stdout, mininterval=5):
+        if records:
+            path = RECORDS / records[z]
+            recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        else:
+            recs = [{k: zoo[i][k] for k in ROW_COLUMNS} for i in range(len(zoo))]
+        group = records[z] if records else Path(zoo_dir).name
+        for rec in tqdm(recs, desc=group, file=sys.stdout, mininterval=5):
             if rec["domain"] not in ("cv", "fl") or rec["model_id"] not in index:
                 continue
             row = zoo[index[rec["model_id"]]]
@@ -79,7 +90,7 @@ def load_models(zoos: list[str], records: list[str], workdir: str):
                 p.requires_grad_(False)
             space = query_space(target, row_probe(row)[0][:N_CLEAN], target.num_classes)
             if space is not None:
-                out.append((rec_name, rec, space))
+                out.append((group, rec, space))
     return out
 
 
@@ -112,7 +123,7 @@ def evaluate(models, args) -> int:
     per, overall, counts = per_attack_auroc(models, scores)
     summary = {
         "probe": args.probe,
-        "records": args.records,
+        "zoos": args.zoos,
         "auroc": overall,
         "auroc_per_attack": per,
         "counts": dict(counts),
@@ -126,10 +137,10 @@ def evaluate(models, args) -> int:
         out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
         n_bd = sum(v for k, v in counts.items() if k != "none")
         lines = [
-            f"# MNTD probe `{args.probe}` on {', '.join(args.records)}",
+            f"# MNTD probe `{args.probe}` on {', '.join(Path(z).name for z in args.zoos)}",
             "",
-            "The probe trained on every model of the scan's train zoos, frozen before these models were built; each",
-            "model's 20 clean probe inputs bound the queries. AUROC of the probe's score against every clean model.",
+            "The saved probe's score of each image / FL model (its 20 clean probe inputs bound the queries); AUROC of",
+            "each attack's models against every clean model.",
             "",
             "| attack | models | AUROC |",
             "|---|---:|---:|",
