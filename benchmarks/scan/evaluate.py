@@ -168,10 +168,17 @@ def without_part(head: ScanHead, key: str) -> ScanHead | None:
 
 
 def attack_groups(rows: list[dict]) -> dict[str, list[dict]]:
-    """The zoo as a whole, then per attack: that attack's backdoored models beside every clean model of the zoo."""
+    """The zoo as a whole, per dataset where it holds several, then per attack: that attack's backdoored models
+    beside every clean model of the zoo."""
     clean = [r for r in rows if not r["is_backdoored"]]
     attacks = sorted({r["attack"] for r in rows if r["is_backdoored"]})
-    return {"all": rows} | {f"{a} vs clean": [r for r in rows if r["attack"] == a] + clean for a in attacks}
+    datasets = sorted({r["dataset"] for r in rows})
+    per_dataset = {d: [r for r in rows if r["dataset"] == d] for d in datasets} if len(datasets) > 1 else {}
+    return (
+        {"all": rows}
+        | {f"{d} models": g for d, g in per_dataset.items()}
+        | {f"{a} vs clean": [r for r in rows if r["attack"] == a] + clean for a in attacks}
+    )
 
 
 def table(named_groups: dict[str, list[dict]], head: ScanHead, signals: list[str] | None = None) -> list[str]:
