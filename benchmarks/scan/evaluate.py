@@ -159,6 +159,29 @@ def summarize(records: list[dict], head: ScanHead, method: str) -> str:
     return " | ".join(cells)
 
 
+def verdict_errors(records: list[dict], head: ScanHead) -> str:
+    """The shipped head's wrong verdicts on a zoo: each missed backdoor and false alarm with its score and threshold,
+    and the score range of the clean and backdoored models."""
+    scores, limits, _, _ = method_results(records, head, "metashield")
+    wrong = {"missed": [], "false alarms": []}
+    for r, score, limit in zip(records, scores, limits, strict=True):
+        if (score > limit) != bool(r["is_backdoored"]):
+            model = f"{r['dataset']}/{r['architecture']}/{r['attack'] if r['is_backdoored'] else 'clean'}"
+            wrong["missed" if r["is_backdoored"] else "false alarms"].append(
+                f"{model} {score:.3f} (threshold {limit:.3f})"
+            )
+    ranges = [
+        f"{kind} scores {min(v):.3f}-{max(v):.3f}"
+        for kind, v in (
+            ("clean", [x for x, r in zip(scores, records, strict=True) if not r["is_backdoored"]]),
+            ("backdoored", [x for x, r in zip(scores, records, strict=True) if r["is_backdoored"]]),
+        )
+        if v
+    ]
+    parts = [f"{len(v)} {k}" + (": " + "; ".join(v) if v else "") for k, v in wrong.items()]
+    return "Verdict errors of the shipped head: " + ". ".join(parts) + ". " + ", ".join(ranges) + "."
+
+
 def without_part(head: ScanHead, key: str) -> ScanHead | None:
     """``head`` without its ``by_modality[key]`` part (its scans fall back as [`ScanHead.for_modality`] says); None
     where it has no such part."""
@@ -255,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = read_records(folder / spec["records"])
         named = attack_groups(rows) if spec.get("per_attack") else {name: rows}
         lines += [f"## {name}", "", spec["about"].strip(), "", *table(named, head, spec.get("signals")), ""]
+        lines += [verdict_errors(rows, head), ""]
     (out / "check_zoos.md").write_text("\n".join(lines))
     print("\n".join(lines[-40:]))
     return 0

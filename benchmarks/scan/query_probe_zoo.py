@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
+from metashield_hf.evaluation.metrics import auroc
 from metashield_hf.scan import QueryProbe, QueryProbeConfig, query_space, train_query_probe
 from metashield_hf.zoo import load_zoo, row_probe, row_to_target
 
@@ -88,15 +88,10 @@ def load_models(zoos: list[str], records: list[str], workdir: str):
             target.model.eval()
             for p in target.model.parameters():
                 p.requires_grad_(False)
-            space = query_space(target, row_probe(row)[0][:N_CLEAN], target.num_classes)
+            space = query_space(target, row_probe(row)[0][:N_CLEAN])
             if space is not None:
                 out.append((group, rec, space))
     return out
-
-
-def auroc(y, s) -> float:
-    y = np.asarray(y)
-    return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else float("nan")
 
 
 def per_attack_auroc(models, scores) -> tuple[dict[str, float], float, Counter]:
@@ -105,11 +100,16 @@ def per_attack_auroc(models, scores) -> tuple[dict[str, float], float, Counter]:
     attack = np.array([r["attack"] if r["is_backdoored"] else "none" for _, r, _ in models])
     scores = np.asarray(scores)
     clean = y == 0
-    per = {
-        a: auroc(np.r_[np.zeros(clean.sum()), np.ones((attack == a).sum())], np.r_[scores[clean], scores[attack == a]])
-        for a in sorted(set(attack) - {"none"})
-    }
-    return per, auroc(y, scores), Counter(attack.tolist())
+    per = {a: auroc(scores[clean | (attack == a)], y[clean | (attack == a)]) for a in sorted(set(attack) - {"none"})}
+    return per, auroc(scores, y), Counter(attack.tolist())
+
+
+def write_results(out: str, summary: dict, lines: list[str]) -> None:
+    """``OUT.json`` (the summary) and ``OUT.md`` (its table)."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+    path.with_suffix(".md").write_text("\n".join(lines))
 
 
 def evaluate(models, args) -> int:
@@ -132,9 +132,6 @@ def evaluate(models, args) -> int:
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "scores"}, indent=1))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
         n_bd = sum(v for k, v in counts.items() if k != "none")
         lines = [
             f"# MNTD probe `{args.probe}` on {', '.join(Path(z).name for z in args.zoos)}",
@@ -150,7 +147,7 @@ def evaluate(models, args) -> int:
             f"Seconds per model (the queries' forward pass, one CPU thread): {summary['seconds_per_model']:.4f}.",
             "",
         ]
-        out.with_suffix(".md").write_text("\n".join(lines))
+        write_results(args.out, summary, lines)
     return 0
 
 
@@ -211,9 +208,6 @@ def leave_attack_out(models, y, config, args, t0) -> None:
     }
     print(json.dumps(summary, indent=1))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
         lines = [
             "# MNTD (learned queries and a meta-classifier), leave one attack out on the scan's train zoos",
             "",
@@ -228,7 +222,7 @@ def leave_attack_out(models, y, config, args, t0) -> None:
             f"| all ({int(y.sum())} bd, {int(clean.sum())} clean) | {len(models)} | {overall:.3f} |",
             "",
         ]
-        out.with_suffix(".md").write_text("\n".join(lines))
+        write_results(args.out, summary, lines)
 
 
 if __name__ == "__main__":

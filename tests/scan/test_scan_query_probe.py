@@ -41,7 +41,7 @@ def _space(model: nn.Module):
     adapter = load_target(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    return query_space(adapter, items, 10)
+    return query_space(adapter, items)
 
 
 def test_query_features_do_not_depend_on_class_order():
@@ -75,7 +75,7 @@ def test_query_space_maps_queries_into_the_clean_range():
             return self.linear(x.flatten(1))
 
     items = [torch.full((3, 12, 12), v) for v in (0.2, 0.6)]  # per-channel range [0.2, 0.6]
-    space = query_space(load_target(Recorder()), items, 4)
+    space = query_space(load_target(Recorder()), items)
     assert space.shape == (3, 12, 12)
     seen.clear()
     logits = space.run(torch.ones((2, 3, 4, 4)))
@@ -84,7 +84,7 @@ def test_query_space_maps_queries_into_the_clean_range():
     space.run(torch.zeros((1, 3, 4, 4)))
     assert torch.allclose(seen[-1], torch.full((1, 3, 12, 12), 0.2))
     with pytest.raises(ValueError, match="at least one clean item"):
-        query_space(load_target(Recorder()), [], 4)
+        query_space(load_target(Recorder()), [])
 
 
 def test_query_tuning_finds_a_planted_trigger_on_unseen_models(tmp_path):

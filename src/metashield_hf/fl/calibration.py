@@ -538,13 +538,10 @@ class ScreenCalibration:
 
             m = len(self.signals) * (self.num_classes or 1)
             return float(norm.isf(1.0 - (1.0 - self.target_fpr) ** (1.0 / m)))
-        if self._uses_matched():
-            stats, weights = self.matched_null(count)
-            total = weights.sum()
-            for value in np.unique(stats)[::-1]:  # descending: the first value whose mass breaks the target
-                if (1.0 + weights[stats >= value].sum()) / (1.0 + total) > self.target_fpr:
-                    return float(value)
-            return -math.inf
+        if self._uses_matched():  # descending: the first null value whose p-value breaks the target
+            values = np.unique(self.matched_null(count)[0])[::-1]
+            above = np.flatnonzero(self.p_values(values, [count] * len(values)) > self.target_fpr)
+            return float(values[above[0]]) if len(above) else -math.inf
         null = np.sort(self.null_statistics())[::-1]
         n = len(null)
         allowed = math.floor(self.target_fpr * (n + 1)) - 1  # p = (1 + count) / (n + 1) <= target: count <= allowed

@@ -27,7 +27,6 @@ models, 13 attacks) it does not generalise to attacks it was not trained on (``b
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -40,8 +39,6 @@ from torch.nn import functional as F
 
 from ..targets.base import TargetAdapter
 from .synthesis import MAX_SYNTHESIS_SIDE, synthesis_space
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "QueryProbe",
@@ -121,20 +118,19 @@ def query_features(logits: torch.Tensor) -> torch.Tensor:
 @dataclass
 class QuerySpace:
     """A model's input space for the queries: ``run(u)`` maps queries ``u`` ``(Q, 3, side, side)`` in ``[0, 1]`` to
-    the model's logits ``(Q, K)`` (differentiable in ``u``)."""
+    the model's logits ``(Q, K)`` (differentiable in ``u``); ``shape`` is the model's ``(C, H, W)`` they are
+    resized to."""
 
     run: Callable[[torch.Tensor], torch.Tensor]
     shape: tuple[int, ...]
-    num_classes: int
 
 
-def query_space(adapter: TargetAdapter, items: list, num_classes: int) -> QuerySpace | None:
+def query_space(adapter: TargetAdapter, items: list) -> QuerySpace | None:
     """The space in which [`QueryProbe`] queries ``adapter``'s model; ``None`` where its inputs are not images.
 
     Args:
         adapter: the target (its synthesis space must be ``"pixels"``: ``(C, H, W)`` float inputs).
         items: clean items; their per-channel range in the model's input space bounds the queries.
-        num_classes: ``K``.
     """
     if not items:
         raise ValueError("query_space needs at least one clean item (its range bounds the queries)")
@@ -159,7 +155,7 @@ def query_space(adapter: TargetAdapter, items: list, num_classes: int) -> QueryS
         logits, _ = space.run(ones, (low + span * x).to(space.device), len(u))
         return logits.float().cpu()
 
-    return QuerySpace(run, shape, num_classes)
+    return QuerySpace(run, shape)
 
 
 class QueryProbe(nn.Module):
@@ -174,15 +170,14 @@ class QueryProbe(nn.Module):
         self.config = config or QueryProbeConfig()
         c = self.config
         gen = torch.Generator().manual_seed(c.seed)
-        # the queries as logits of [0, 1] values; the start is uniform noise, as MNTD's
+        # the queries as logits of [0, 1] values; the start is random (standard normal logits), as MNTD's
         self.query_logits = nn.Parameter(
             torch.randn((c.queries, 3, c.side, c.side), generator=gen), requires_grad=c.tune_queries
         )
         n = num_features(c.queries)
         self.norm = nn.LayerNorm(n, elementwise_affine=False)
-        with torch.random.fork_rng(
-            devices=[]
-        ):  # the classifier's start is seeded too, without touching the global RNG
+        # the classifier's start is seeded too, without touching the global RNG
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(c.seed)
             if c.hidden:
                 self.classifier = nn.Sequential(nn.Linear(n, c.hidden), nn.ReLU(), nn.Linear(c.hidden, 1))
@@ -268,8 +263,8 @@ def train_query_probe(
             with torch.enable_grad():
                 logit = probe(spaces[i])
                 loss = float(weight[i]) * F.binary_cross_entropy_with_logits(logit, torch.tensor(float(y[i])))
-                opt.zero_grad()
-                # autograd.grad into the probe's parameters only: the models' own parameters must not accumulate .grad
+                # autograd.grad into the probe's parameters only (each step overwrites their .grad): the models' own
+                # parameters must not accumulate .grad
                 for p, g in zip(params, torch.autograd.grad(loss, params), strict=True):
                     p.grad = g
             opt.step()
