@@ -60,6 +60,13 @@ it trusts (the warm-up rounds before screening starts, or the first rounds of a 
    its rows; every subset of that size, or ``null_draws`` drawn ones when there are more), each calibration client
    weighing one in the p-value ``(1 + Σ_j w_j) / (1 + J)`` (``w_j``: the share of client ``j``'s statistics at or
    above the client's). The longer the calibration history, the more of the screened counts it holds.
+
+   With ``round_cap=c`` each round's standardised evidence (per client, class and signal) is clipped to ``[-c, c]``
+   before it is summed, and so is every held-out row of the null (both nulls): one round adds at most ``c``, so a
+   single spike of an honest client does not flag it for its later rounds, while a steady push adds up (``k`` rounds at
+   ``c`` give ``c·√k``). Without ``accumulate`` it only bounds the statistic (every client above ``c`` ties at ``c``).
+   With ``null="sidak"`` the clipped z is no longer standard normal (its variance is below one): the p-values are
+   conservative.
 """
 
 from __future__ import annotations
@@ -93,6 +100,9 @@ DEFAULT_ACCUMULATE = True
 #: its k-th round is compared with statistics accumulated over k rows of one calibration client; see the module
 #: docstring, step 4).
 DEFAULT_NULL_COUNTS = "running"
+#: The bound on one round's standardised evidence before it accumulates (``ScreenCalibration.round_cap``; ``None``: no
+#: bound); see the module docstring, step 4, and benchmarks/fl/README.md ("Capping each round's evidence ...").
+DEFAULT_ROUND_CAP: float | None = None
 NULL_COUNTS = ("running", "matched")
 MIN_CLIENTS_FOR_CENTRING = 3  # below this a round's median says nothing
 
@@ -334,6 +344,13 @@ class ScreenCalibration:
         null_counts: ``"running"`` or ``"matched"``: how the accumulated null counts a client's rounds (see the
             module docstring, step 4; ``accumulate`` with the empirical null only).
         null_draws: the most subsets of one calibration client's rows the matched null draws per count.
+        round_cap: clip each round's standardised evidence to ``[-round_cap, round_cap]`` before it accumulates, the
+            null's rows alike (``None``: no clipping; see the module docstring, step 4).
+
+    Example:
+        ```python
+        >>> calibration = ScreenCalibration(round_cap=3.0)  # one round adds at most 3 to a client's accumulated z
+        ```
     """
 
     signals: tuple[str, ...] = DEFAULT_CALIBRATED_SIGNALS
@@ -350,6 +367,7 @@ class ScreenCalibration:
     memory: dict[str, dict[str, Any]] = field(default_factory=dict)
     null_counts: str = DEFAULT_NULL_COUNTS
     null_draws: int = 20
+    round_cap: float | None = DEFAULT_ROUND_CAP
 
     def __post_init__(self) -> None:
         self.signals = _check_signals(self.signals)
@@ -361,6 +379,8 @@ class ScreenCalibration:
             raise ValueError(f"null_counts must be one of {list(NULL_COUNTS)}, got {self.null_counts!r}")
         if self.null_draws < 1:
             raise ValueError(f"null_draws must be >= 1, got {self.null_draws}")
+        if self.round_cap is not None and not self.round_cap > 0:
+            raise ValueError(f"round_cap must be a positive number or None (no clipping), got {self.round_cap}")
         if isinstance(self.settings, Mapping):
             self.settings = EvidenceSettings(**self.settings)
         for s in self.signals:
@@ -458,7 +478,11 @@ class ScreenCalibration:
         return out
 
     def _standardise(self, centred: Mapping[str, np.ndarray], scales) -> dict[str, np.ndarray]:
-        return {s: (np.asarray(centred[s], dtype=np.float64) - scales[s][0]) / scales[s][1] for s in self.signals}
+        """One round's standardised evidence, clipped to ``round_cap`` (the null's rows and new rounds alike)."""
+        z = {s: (np.asarray(centred[s], dtype=np.float64) - scales[s][0]) / scales[s][1] for s in self.signals}
+        if self.round_cap is not None:
+            z = {s: np.clip(v, -self.round_cap, self.round_cap) for s, v in z.items()}
+        return z
 
     @staticmethod
     def _max_stat(z: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -607,7 +631,7 @@ class ScreenCalibration:
             "accumulate": self.accumulate, "rows": {s: self.rows[s] for s in self.signals},
             "row_rounds": list(self.row_rounds), "row_clients": list(self.row_clients),
             "memory": {c: {k: v if k == "count" else list(v) for k, v in m.items()} for c, m in self.memory.items()},
-            "null_counts": self.null_counts, "null_draws": self.null_draws,
+            "null_counts": self.null_counts, "null_draws": self.null_draws, "round_cap": self.round_cap,
         }  # fmt: skip
 
     @classmethod
@@ -617,6 +641,7 @@ class ScreenCalibration:
         data["settings"] = EvidenceSettings(**data.get("settings", {}))
         data.setdefault("accumulate", False)  # saved before accumulation existed
         data.setdefault("null_counts", "running")  # saved before the matched null existed
+        data.setdefault("round_cap", None)  # saved before the cap existed
         data["memory"] = {
             c: {k: v if k == "count" else np.asarray(v, dtype=np.float64) for k, v in m.items()}
             for c, m in data.get("memory", {}).items()
