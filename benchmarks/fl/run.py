@@ -94,6 +94,10 @@ WINDOWED_VARIANTS = {
     **{f"margin+drift+point~match@{w}": ("margin+drift+point~acc", w, "matched") for w in (5, 10, 15, 20)},
 }
 CALIBRATED_VARIANTS.update({name: CALIBRATED_VARIANTS[base] for name, (base, _, _) in WINDOWED_VARIANTS.items()})
+# Capping each round's evidence before it accumulates (README, "Capping each round's evidence ..."): name -> its
+# ``ScreenCalibration.round_cap``; every other variant runs without a cap (None), whatever the library's default.
+CAPPED_VARIANTS = {f"margin+drift+point~acc~cap{c}": float(c) for c in (6, 4, 3, 2)}
+CALIBRATED_VARIANTS.update({name: CALIBRATED_VARIANTS["margin+drift+point~acc"] for name in CAPPED_VARIANTS})
 DEFAULT_WINDOW = 5
 FIRST_VARIANTS = ["margin", "drift", "margin+drift", "margin-nr", "drift-nr", "margin+drift-nr"]
 # Attack recipes beyond the registry's defaults: name -> (registered attack, its parameters, per-setting overrides of
@@ -204,6 +208,10 @@ class FLBenchmarkArguments:
             "help": "the calibrated screen that drops clients: its accumulated null",
             "choices": list(NULL_COUNTS),
         },
+    )
+    round_cap: float | None = field(
+        default=None,
+        metadata={"help": "the calibrated screen that drops clients: its round cap (ScreenCalibration.round_cap)"},
     )
     variants: list[str] = field(
         default_factory=lambda: list(FIRST_VARIANTS),
@@ -436,6 +444,7 @@ def run_setting(dataset: str, algorithm: str, args, on_attack=None) -> dict:
             calibrations[name] = ScreenCalibration(
                 signals=signals, target_fpr=args.target_fpr, settings=settings, accumulate=accumulate,
                 null_counts=null_counts,
+                round_cap=args.round_cap if name == "calibrated" else CAPPED_VARIANTS.get(name),
             )  # fmt: skip
             for r, (ev, ids) in enumerate(history[-window:]):
                 calibrations[name].update(ev, round_id=r, client_ids=ids)
