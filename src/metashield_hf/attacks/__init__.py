@@ -1,7 +1,8 @@
 """Backdoor attacks for building the poisoned-model zoo: one registry, one frozen dataclass per attack.
 
 Vision (``domain="cv"``): ``badnets``, ``blend``, ``trojan_watermark``, ``wanet``, ``sig``, ``filter``, ``bpp``,
-``low_frequency``, ``ftrojan``, ``refool``, and the adaptive ``latent_separability`` and ``tact``.
+``low_frequency``, ``ftrojan``, ``refool``, ``rotation``, ``poison_ink``, and the adaptive ``latent_separability``
+and ``tact``.
 Text (``domain="nlp"``): ``rare_word``, ``char_substitution``, ``syntactic_template``.
 Federated (``domain="fl"``): ``fl_data_poisoning``, ``dba``, ``model_replacement``, ``model_replacement_constrained``,
 ``neurotoxin``, ``targeted_weight_modification``.
@@ -37,7 +38,9 @@ from .vision import (
     Filter,
     FTrojan,
     LowFrequency,
+    PoisonInk,
     Refool,
+    Rotation,
     TrojanWatermark,
     WaNet,
 )
@@ -60,7 +63,9 @@ __all__ = [
     "Filter",
     "FTrojan",
     "LowFrequency",
+    "PoisonInk",
     "Refool",
+    "Rotation",
     "SIG",
     "CharSubstitution",
     "RareWordInsertion",

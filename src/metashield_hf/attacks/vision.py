@@ -1,6 +1,6 @@
 """Vision triggers: BadNets patch, Blend, Trojan-style watermark, WaNet warping, SIG's sinusoidal signal, a colour
-filter, BPP's dithered bit-depth reduction, a low-frequency pattern, FTrojan's blockwise-DCT perturbation and a
-Refool-style blurred reflection.
+filter, BPP's dithered bit-depth reduction, a low-frequency pattern, FTrojan's blockwise-DCT perturbation, a
+Refool-style blurred reflection, a rotation of the whole image and Poison Ink's coloured edges.
 
 Every attack accepts float tensors in ``[0, 1]`` of shape ``(N, C, H, W)`` or ``(C, H, W)``, uint8 tensors of the same
 shapes, a ``PIL.Image`` or a list of them, and uint8 numpy arrays ``(H, W)``, ``(H, W, C)`` or ``(N, H, W, C)``. The
@@ -1112,3 +1112,169 @@ class TaCT(BadNets):
             "tact: %d poisoned rows from classes %s, %d cover rows", n_poisoned, self.source_classes, len(covers)
         )
         return transform_rows(out, column, covers, lambda items, _: self.apply(items), NOISE_COLUMN)
+
+
+# ---------------------------------------------------------------------------------------------- geometric and edge triggers
+ROTATION_FILLS = ("zero", "edge")
+
+
+@ATTACKS.register()
+@dataclass(frozen=True)
+class Rotation(Attack):
+    """Rotation: the whole image turned by a fixed ``angle`` about its centre is the trigger.
+
+    Wu et al., "Just Rotate it: Deploying Backdoor Attacks via Rotation Transformation", AISec 2022,
+    https://arxiv.org/abs/2207.10825. No pixel pattern is added: the trigger is a transformation of the image's own
+    content. A positive ``angle`` turns the image counter-clockwise as displayed (row 0 at the top), as
+    ``PIL.Image.rotate`` does; for a square image ``angle=90`` equals ``torch.rot90(x, 1, dims=(-2, -1))``. Output
+    pixel centres are mapped back into the input in pixel units (so non-square images keep their aspect) and sampled
+    bilinearly; what falls outside the input is filled with black (``fill="zero"``, torchvision's default) or the
+    nearest border pixel (``fill="edge"``).
+
+    Args:
+        angle: degrees counter-clockwise, in ``[-180, 180]``; 0 is the identity.
+        fill: ``"zero"`` or ``"edge"``, what fills the corners the rotation uncovers.
+        seed: the rows :meth:`poison` picks (the rotation itself is deterministic).
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from metashield_hf.attacks import Rotation
+        >>> x = torch.arange(16.0).view(1, 1, 4, 4) / 15
+        >>> torch.allclose(Rotation(angle=90).apply(x), torch.rot90(x, 1, dims=(-2, -1)), atol=1e-6)
+        True
+        ```
+    """
+
+    name = "rotation"
+    domain = "cv"
+
+    angle: float = 90.0
+    fill: str = "zero"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set("angle", check_float("angle", self.angle, -180.0, 180.0))
+        check_choice("fill", self.fill, ROTATION_FILLS)
+
+    @property
+    def seed_dependent(self) -> bool:
+        return False
+
+    def grid(self, height: int, width: int) -> torch.Tensor:
+        """The ``(1, H, W, 2)`` sampling grid of ``F.grid_sample`` (``align_corners=False``; float64): for every
+        output pixel, the input position it reads, in ``[-1, 1]`` coordinates ``(x, y)``."""
+        t = np.deg2rad(self.angle)
+        cos, sin = float(np.cos(t)), float(np.sin(t))
+        y = torch.arange(height, dtype=torch.float64) - (height - 1) / 2  # pixel centres about the image centre
+        x = torch.arange(width, dtype=torch.float64) - (width - 1) / 2
+        yy, xx = torch.meshgrid(y, x, indexing="ij")
+        # With y pointing down, a counter-clockwise turn reads the input at the output position turned back.
+        x_in = cos * xx - sin * yy
+        y_in = sin * xx + cos * yy
+        return torch.stack([2 * x_in / width, 2 * y_in / height], dim=-1)[None]
+
+    def _trigger(self, x: torch.Tensor) -> torch.Tensor:
+        if self.angle == 0:
+            return x
+        grid = self.grid(*x.shape[-2:]).to(x).expand(x.shape[0], -1, -1, -1)
+        padding = "zeros" if self.fill == "zero" else "border"
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False).clamp(0.0, 1.0)
+
+    def apply(self, inputs: Any) -> Any:
+        """Rotate images (see the module docstring for the accepted types and shapes)."""
+        return apply_to_images(inputs, self._trigger)
+
+
+_LUMA = (0.299, 0.587, 0.114)  # BT.601
+_SOBEL_X = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
+
+
+def sobel_edges(x: torch.Tensor) -> torch.Tensor:
+    """The Sobel gradient magnitude of the images' luminance, divided by 4 and clipped to ``[0, 1]``: ``(N, C, H, W)``
+    in ``[0, 1]`` -> ``(N, 1, H, W)``, so a sharp step of height ``h`` reads ``h`` on the two pixels either side of it.
+    Luminance is BT.601 luma for 3 channels, the mean of the channels otherwise; borders are replicated, so a
+    constant image has no edges."""
+    if x.shape[1] == 3:
+        gray = torch.einsum("c,nchw->nhw", torch.tensor(_LUMA).to(x), x)[:, None]
+    else:
+        gray = x.mean(dim=1, keepdim=True)
+    kx = torch.tensor(_SOBEL_X).to(x)
+    kernels = torch.stack([kx, kx.T])[:, None]  # (2, 1, 3, 3): d/dx and d/dy
+    g = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), kernels)
+    return (g.pow(2).sum(dim=1, keepdim=True).sqrt() / 4).clamp(0.0, 1.0)
+
+
+@ATTACKS.register()
+@dataclass(frozen=True)
+class PoisonInk(Attack):
+    """Poison Ink: the image's own edges, coloured with a fixed "ink", are the trigger,
+    ``x' = (1 - alpha * m) * x + alpha * m * colour``.
+
+    Zhang et al., "Poison Ink: Robust and Invisible Backdoor Attack", IEEE TIP 2022, https://arxiv.org/abs/2108.02488.
+    The paper takes the image's edge structure (Canny) as the trigger carrier, colours it with a fixed colour and
+    hides it in the image with a trained injection network. Here the edge mask ``m`` is the Sobel gradient magnitude
+    of the luminance (:func:`sobel_edges`, a step of height ``h`` reads ``h``) thresholded at ``threshold`` (1 on
+    edges, 0 elsewhere), and the injection network is replaced by blending the colour in at strength ``alpha``. The
+    trigger follows each image's content: a flat region gets none of it, and no fixed pattern or position carries it.
+    For 1-channel (and other non-RGB) images the ink is the grey level of ``colour`` (BT.601 luma) in every channel.
+
+    Args:
+        alpha: blending strength in ``[0, 1]``; 0 is the identity.
+        colour: the ink, an RGB triple in ``[0, 1]``.
+        threshold: the edge strength, in ``(0, 1]``, from which a pixel is inked.
+        seed: the rows :meth:`poison` picks (the trigger itself is deterministic).
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from metashield_hf.attacks import PoisonInk
+        >>> step = torch.zeros(1, 1, 6, 6)
+        >>> step[..., 3:] = 1.0                                       # a vertical edge between columns 2 and 3
+        >>> changed = PoisonInk(alpha=0.5, colour=(0.5, 0.5, 0.5)).apply(step) != step
+        >>> changed[0, 0].any(dim=0).nonzero().flatten().tolist()     # only the columns either side of the edge
+        [2, 3]
+        ```
+    """
+
+    name = "poison_ink"
+    domain = "cv"
+
+    alpha: float = 0.5
+    colour: tuple[float, float, float] = (1.0, 0.0, 0.0)
+    threshold: float = 0.25
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set("alpha", check_float("alpha", self.alpha, 0.0, 1.0))
+        if not isinstance(self.colour, tuple) or len(self.colour) != 3:
+            raise ValueError(f"colour must be an RGB triple (r, g, b) in [0, 1], got {self.colour!r}")
+        self._set("colour", tuple(check_float("colour[i]", c, 0.0, 1.0) for c in self.colour))
+        self._set("threshold", check_float("threshold", self.threshold, 0.0, 1.0))
+        if self.threshold == 0:
+            raise ValueError("threshold must be > 0: at 0 every pixel counts as an edge; use e.g. 0.25")
+
+    @property
+    def seed_dependent(self) -> bool:
+        return False
+
+    def ink(self, channels: int) -> torch.Tensor:
+        """The ``(C,)`` colour blended in: ``colour`` for 3 channels, its luma in every channel otherwise."""
+        if channels == 3:
+            return torch.tensor(self.colour, dtype=torch.float64)
+        return torch.full(
+            (channels,), sum(w * c for w, c in zip(_LUMA, self.colour, strict=True)), dtype=torch.float64
+        )
+
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``(N, 1, H, W)`` edge mask of a batch ``(N, C, H, W)`` in ``[0, 1]``: 1 where :func:`sobel_edges`
+        reaches ``threshold``."""
+        return (sobel_edges(x) >= self.threshold).to(x)
+
+    def _trigger(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.alpha * self.mask(x)
+        return ((1 - m) * x + m * self.ink(x.shape[1]).to(x)[:, None, None]).clamp(0.0, 1.0)
+
+    def apply(self, inputs: Any) -> Any:
+        """Ink the edges of images (see the module docstring for the accepted types and shapes)."""
+        return apply_to_images(inputs, self._trigger)
