@@ -99,12 +99,12 @@ def test_scan_scores_the_sources_with_the_agnostic_part(digits_models):
     clean = backdoored.clean_pool[:20]
     plain = scan_model(backdoored.model, clean, seed=0, max_margin_steps=0, feature_steps=0)
     both = scan_model(backdoored.model, clean, seed=0, max_margin_steps=10, feature_steps=10)
-    # a scan with the max-margin signals is scored by the shipped head's image/agnostic part, which weighs them; one
-    # without them by the blend part, as before the sources existed
+    # a scan with the max-margin signals is scored by the shipped head's image/agnostic part, which weighs the
+    # dormancy (on in both scans); one without them by the blend part, as before the sources existed
     head = ScanHead.load()
     agnostic = head.for_modality("image", both.signals, AGNOSTIC)
     assert head.part_key("image", both.signals, AGNOSTIC) == f"image/{AGNOSTIC}"
-    assert set(MAX_MARGIN_SIGNALS) <= {n for n, w in agnostic.weights.items() if w}
+    assert "dormant_log_z" in {n for n, w in agnostic.weights.items() if w} and "dormant_log_z" in plain.signals
     assert both.score == pytest.approx(agnostic.score(both.signals)) and both.threshold == agnostic.threshold
     assert plain.score == pytest.approx(head.for_modality("image", plain.signals, BLEND).score(plain.signals))
     assert set(MAX_MARGIN_SIGNALS + FEATURE_SIGNALS) <= set(SIGNALS)

@@ -96,7 +96,8 @@ class ScanConfig:
         default=20,
         metadata={
             "help": "Gradient-ascent steps of the per-class maximum-margin statistic (MM-BD, trigger-agnostic; "
-            "the shipped head's image/agnostic part weighs it; 0: off, and the scan is scored by the blend part)."
+            "recorded in the report; a scan with it is scored by the shipped head's image/agnostic part, which "
+            "weighs the dormancy; 0: off, and the scan is scored by the blend part)."
         },
     )
     max_margin_starts: int = field(
@@ -120,8 +121,8 @@ class ScanConfig:
         default=True,
         metadata={
             "help": "Compute the dormant shortcut weights per class (the head's class-specific weight on features the "
-            "clean samples leave quiet; trigger-agnostic, no optimisation; recorded in the report, not read by the "
-            "shipped head)."
+            "clean samples leave quiet; trigger-agnostic, no optimisation; the shipped head's image/agnostic part "
+            "weighs its dormant_log_z; off: the scan is scored by the blend part)."
         },
     )
     head: Any = field(
