@@ -71,8 +71,9 @@ LARGE_VOCABULARY = "large_vocabulary"
 BLEND = "blend"
 #: The variant of an image scan with the source-specific synthesis.
 SOURCE = "source"
-#: The head variant of image scans that carry the trigger-agnostic evidence ([`MAX_MARGIN_SIGNALS`], and
-#: [`FEATURE_SIGNALS`] where the feature inversion ran) beside the blend synthesis; it falls back to the blend part.
+#: The head variant of image scans that carry the trigger-agnostic evidence ([`MAX_MARGIN_SIGNALS`],
+#: [`DORMANT_SIGNALS`] where the dormancy ran, [`FEATURE_SIGNALS`] where the feature inversion ran) beside the blend
+#: synthesis; it falls back to the blend part where the scan lacks a signal the part weighs.
 AGNOSTIC = "agnostic"
 #: The prefix of the feature-space inversion's signals ([`FEATURE_SIGNALS`]); not a head variant.
 FEATURE = "feature"
