@@ -31,7 +31,7 @@ from transformers import HfArgumentParser
 
 from metashield_hf.evaluation.metrics import auroc
 from metashield_hf.scan.synthesis import synthesis_space
-from metashield_hf.zoo import load_zoo, row_probe, row_to_target
+from metashield_hf.zoo import load_zoo, row_labels, row_probe, row_to_target
 
 N_CLEAN, MAD = 20, 1.4826
 BUDGETS = [0.01, 0.02, 0.04]
@@ -100,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             rates, logp = reach(space, logits.argmax(-1), logits.shape[1], args.steps)
             done[row["model_id"]] = {
                 "zoo": Path(zoo_dir).name,
-                "attack": row["attack"] or "none",
-                "is_backdoored": bool(row["is_backdoored"]),
-                "target_label": row["target_label"],
+                **row_labels(row),
                 "rates": rates.tolist(),
                 "logp": logp.tolist(),
                 "seconds": time.perf_counter() - t,

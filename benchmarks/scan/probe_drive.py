@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from metashield_hf.evaluation.metrics import auroc
-from metashield_hf.zoo import load_zoo, row_probe, row_to_target
+from metashield_hf.zoo import load_zoo, row_labels, row_probe, row_to_target
 
 N_CLEAN, MAD = 20, 1.4826
 BUDGETS = [0.002, 0.005, 0.01, 0.02]  # weight noise
@@ -258,14 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = zoo[i]
                 t = time.perf_counter()
                 adapter = row_to_target(row, args.workdir)
-                rec = {
-                    "zoo": Path(zoo_dir).name,
-                    "attack": row["attack"],
-                    "dataset": row["dataset"],
-                    "architecture": row["architecture"],
-                    "is_backdoored": bool(row["is_backdoored"]),
-                    "target_label": row["target_label"],
-                }
+                rec = {"zoo": Path(zoo_dir).name, **row_labels(row)}
                 rec |= PROBES[args.method][0](adapter, row_probe(row)[0][:N_CLEAN], args)
                 rec["seconds"] = time.perf_counter() - t
                 done[row["model_id"]] = rec

@@ -34,7 +34,7 @@ from transformers import HfArgumentParser
 
 from metashield_hf.evaluation.metrics import auroc
 from metashield_hf.scan.synthesis import synthesis_space
-from metashield_hf.zoo import load_zoo, row_probe, row_to_target
+from metashield_hf.zoo import load_zoo, row_labels, row_probe, row_to_target
 
 N_CLEAN, MAD = 20, 1.4826
 FAMILIES = {"additive": [0.01, 0.02, 0.04, 0.08], "colour": [0.05, 0.1, 0.2, 0.3]}
@@ -119,14 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             row = zoo[i]
             t = time.perf_counter()
             space, pred, k = clean_space(row_to_target(row, args.workdir), row_probe(row)[0][:N_CLEAN])
-            rec = {
-                "zoo": Path(zoo_dir).name,
-                "attack": row["attack"],
-                "dataset": row["dataset"],
-                "architecture": row["architecture"],
-                "is_backdoored": bool(row["is_backdoored"]),
-                "target_label": row["target_label"],
-            }
+            rec = {"zoo": Path(zoo_dir).name, **row_labels(row)}
             for family, budgets in FAMILIES.items():
                 rates = flip_rates(space, pred, k, family, budgets, args.steps)
                 z = robust_z(rates.mean(1))

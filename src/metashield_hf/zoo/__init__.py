@@ -14,7 +14,7 @@ Builders per domain: ``vision.build_cv_entry``, ``text.build_nlp_entry``, ``fl.b
 from __future__ import annotations
 
 from .build import BuildReport, build_zoo, finalize_zoo, load_zoo, resolve_data_root, row_to_target
-from .schema import FEATURES, row_probe, row_spec, write_checkpoint
+from .schema import FEATURES, row_labels, row_probe, row_spec, write_checkpoint
 from .spec import ModelSpec, ZooConfig, ZooEntry, attack_success_rate, plan
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "load_zoo",
     "plan",
     "resolve_data_root",
+    "row_labels",
     "row_probe",
     "row_spec",
     "row_to_target",
