@@ -1,5 +1,7 @@
-"""Score the round-cap candidates (``ScreenCalibration(round_cap=c)``) offline on saved evidence, and apply the rule
-"Capping each round's evidence before it accumulates" (benchmarks/fl/README.md) to the training side.
+"""Score the round-cap candidates (``ScreenCalibration(round_cap=c)``, ``--family cap``) or the union candidates
+(``ScreenCalibration(round_cap=c, single_round_union=True)``, ``--family union``) offline on saved evidence, and apply
+the rule "Capping each round's evidence before it accumulates" or "The union of the single-round and the capped
+accumulated screen" (benchmarks/fl/README.md) to the training side.
 
 Reads ``run.py --save_evidence`` files (``<name>.evidence.json``, beside them the run's ``<name>.json`` for each
 attack's undefended ASR and the live screen's per-client p-values). Every candidate is the shipped accumulated screen
@@ -11,6 +13,8 @@ offline ones and the rule reads the live ones (the offline rescoring works from 
 
     python benchmarks/fl/score_round_cap.py benchmarks/fl/results/screening_round_cap_mnist.evidence.json --rule --name screening_round_cap_mnist_rule
     python benchmarks/fl/score_round_cap.py benchmarks/fl/results/screening_null_match_femnist.evidence.json benchmarks/fl/results/screening_null_match_femnist_fedprox.evidence.json --name screening_round_cap_femnist_offline
+    python benchmarks/fl/score_round_cap.py benchmarks/fl/results/screening_round_cap_mnist.evidence.json --family union --rule --name screening_union_mnist_rule
+    python benchmarks/fl/score_round_cap.py benchmarks/fl/results/screening_null_match_femnist.evidence.json benchmarks/fl/results/screening_null_match_femnist_fedprox.evidence.json --family union --name screening_union_femnist_offline
 
 Writes ``<out>/<name>.{json,md}`` and prints the markdown.
 """
@@ -27,8 +31,14 @@ import numpy as np
 from metashield_hf.fl import ClientEvidence, EvidenceSettings, ScreenCalibration
 
 SIGNALS = ("margin_gain", "trigger_drift", "point_margin_gain")
-# the rule's candidates, in its order of simplicity (the current default first, then the larger cap)
-CANDIDATES: dict[str, float | None] = {"none": None, "cap6": 6.0, "cap4": 4.0, "cap3": 3.0, "cap2": 2.0}
+# each rule's candidates (ScreenCalibration settings), in its order of simplicity (the current default first, then the
+# larger cap)
+FAMILIES: dict[str, dict[str, dict]] = {
+    "cap": {"none": {"round_cap": None}, **{f"cap{c}": {"round_cap": float(c)} for c in (6, 4, 3, 2)}},
+    "union": {"none": {"round_cap": None},
+              **{f"union{c}": {"round_cap": float(c), "single_round_union": True} for c in (6, 4, 3)}},
+}  # fmt: skip
+TITLES = {"cap": "Round cap", "union": "Union of the single-round and the capped accumulated screen"}
 WINDOW = 5  # the shipped screen's calibration rounds (the last 5 measured)
 TARGET_FPR = 0.10
 RECIPE = "model_replacement_constrained_planted"
@@ -37,8 +47,9 @@ MAX_FPR = 0.10  # pooled benign FPR over all rows, and benign FPR on a recipe ro
 CAUGHT = 0.90
 TIE = 0.05
 LIVE = "calibrated"  # the run's deployed calibrated screen: the current default in the runs read here
-# each candidate's key in a run that scored it live (run.py's CAPPED_VARIANTS); "none" is the current default
-LIVE_KEYS = {"none": LIVE, **{n: f"calibrated:margin+drift+point~acc~{n}" for n in CANDIDATES if n != "none"}}
+# each candidate's key in a run that scored it live (run.py's CAPPED_VARIANTS); "none" is the current default; the
+# union candidates were never scored live
+LIVE_KEYS = {"none": LIVE, **{n: f"calibrated:margin+drift+point~acc~{n}" for n in FAMILIES["cap"] if n != "none"}}
 
 
 def evidence_of(saved: dict) -> ClientEvidence:
@@ -47,21 +58,20 @@ def evidence_of(saved: dict) -> ClientEvidence:
     return ClientEvidence(raw, {}, None, np.ones(k), np.zeros(k))
 
 
-def calibration(saved: dict, cap: float | None) -> ScreenCalibration:
-    """The shipped screen on the last ``WINDOW`` measured calibration rounds, with ``round_cap=cap``."""
+def calibration(saved: dict, options: dict) -> ScreenCalibration:
+    """The shipped screen on the last ``WINDOW`` measured calibration rounds, with a candidate's ``options``."""
     cal = ScreenCalibration(signals=SIGNALS, target_fpr=TARGET_FPR, accumulate=True, null_counts="running",
-                            settings=EvidenceSettings(), round_cap=cap)  # fmt: skip
+                            settings=EvidenceSettings(), **options)  # fmt: skip
     for r, rd in enumerate(saved["calibration"][-WINDOW:]):
         cal.update(evidence_of(rd), round_id=r, client_ids=rd["clients"])
     return cal
 
 
-def score(saved: dict, run: dict, name: str) -> tuple[dict, dict]:
+def score(saved: dict, run: dict, name: str, options: dict) -> tuple[dict, dict]:
     """Per attack: TPR / FPR with counts offline (``offline``) and live where the run scored the candidate
     (``live``); and how the live current default's decisions compare with the offline ones (``none`` only)."""
-    cap = CANDIDATES[name]
     rows, check = {}, {"decisions": 0, "differ": 0, "max_abs_p_diff": 0.0}
-    base = calibration(saved, cap)
+    base = calibration(saved, options)
     for attack_name, attack in saved["attacks"].items():
         cal = ScreenCalibration.from_dict(base.to_dict())  # a fresh memory per trajectory, as in run.py
         malicious = set(attack["malicious"])
@@ -73,14 +83,16 @@ def score(saved: dict, run: dict, name: str) -> tuple[dict, dict]:
                 bad, flag = client in malicious, bool(verdict.flagged[k])
                 tp, fn = tp + (bad and flag), fn + (bad and not flag)
                 fp, tn = fp + (not bad and flag), tn + (not bad and not flag)
-                if cap is None:
+                if name == "none":
                     p_live = live[t][f"{LIVE}:p"][client]
                     check["decisions"] += 1
                     check["differ"] += int((p_live <= TARGET_FPR) != flag)
                     check["max_abs_p_diff"] = max(check["max_abs_p_diff"], abs(p_live - float(verdict.p_value[k])))
         offline = {"tpr": tp / (tp + fn) if tp + fn else None, "fpr": fp / (fp + tn) if fp + tn else None,
                    "tp": tp, "fn": fn, "fp": fp, "tn": tn}  # fmt: skip
-        rows[attack_name] = {"offline": offline, "live": run["attacks"][attack_name]["detection"].get(LIVE_KEYS[name])}
+        key = LIVE_KEYS.get(name)
+        rows[attack_name] = {"offline": offline,
+                             "live": run["attacks"][attack_name]["detection"].get(key) if key else None}  # fmt: skip
     return rows, check
 
 
@@ -90,7 +102,7 @@ def figures(result: dict, source: str) -> dict:
             for n, per in result["candidates"].items()}  # fmt: skip
 
 
-def rule(result: dict) -> tuple[list[dict], str | None, str]:
+def rule(result: dict, candidates: dict[str, dict]) -> tuple[list[dict], str | None, str]:
     """The rule over every setting of ``result``: per candidate its figures and why it is out; the winner; the
     figures it read (live where every candidate was scored live, else offline)."""
     live = all(d["live"] is not None for per in result["candidates"].values() for rows in per.values()
@@ -98,7 +110,7 @@ def rule(result: dict) -> tuple[list[dict], str | None, str]:
     source = "live" if live else "offline"
     every = figures(result, source)
     table = []
-    for name in CANDIDATES:
+    for name in candidates:
         fp = tn = 0
         planted, tprs, why = [], [], []
         for setting, rows in every[name].items():
@@ -122,7 +134,7 @@ def rule(result: dict) -> tuple[list[dict], str | None, str]:
         return table, None, source
     best = max(r["min_planted_tpr"] for r in alive)
     tied = [r for r in alive if r["min_planted_tpr"] >= best - TIE - 1e-9]
-    order = list(CANDIDATES)
+    order = list(candidates)
     tied.sort(key=lambda r: (-r["mean_tpr"], r["pooled_fpr"], order.index(r["candidate"])))
     return table, tied[0]["candidate"], source
 
@@ -135,10 +147,14 @@ def cell(d: dict | None) -> str:
 
 
 def markdown(result: dict) -> str:
-    names = list(CANDIDATES)
+    names = list(result["candidates"])
+    family = result.get("family", "cap")
+    options = ", ".join(f"{n} `{o}`" for n, o in result.get("options", {}).items())
     lines = [
-        f"# Round cap: every candidate, TPR / FPR ({', '.join(result['sources'])})", "",
-        "Each candidate: `ScreenCalibration(round_cap=c)`, otherwise the shipped accumulated screen (three signals, "
+        f"# {TITLES[family]}: every candidate, TPR / FPR ({', '.join(result['sources'])})", "",
+        ("Each candidate: `ScreenCalibration(round_cap=c)`" if family == "cap"
+         else f"Each candidate: `ScreenCalibration(**options)` ({options})")
+        + ", otherwise the shipped accumulated screen (three signals, "
         f"last {WINDOW} calibration rounds, running null, target FPR {TARGET_FPR}); *offline*: rescored here from the "
         "saved raw evidence (4 decimals); *live*: scored in the run itself (where it scored the candidate).", "",
     ]  # fmt: skip
@@ -154,7 +170,12 @@ def markdown(result: dict) -> str:
                      for d in (result["candidates"][n][setting][attack] for n in names)]  # fmt: skip
             lines.append(f"| {attack} | {asr[attack]:.2f} | " + " | ".join(cells) + " |")
         th = result["thresholds"][setting]
-        lines += ["", "Thresholds at count 1 (offline): " + ", ".join(f"{n} {th[n]:.2f}" for n in names), ""]
+        lines += ["", "Thresholds at count 1 (offline): " + ", ".join(f"{n} {th[n]:.2f}" for n in names)]
+        single = result.get("single_round_thresholds", {}).get(setting, {})
+        if single:
+            lines.append("Thresholds of the single-round half (unions, at half the target FPR): "
+                         + ", ".join(f"{n} {v:.2f}" for n, v in single.items()))  # fmt: skip
+        lines.append("")
     if result.get("rule"):
         lines += [f"## The rule (training side; {result['rule']['source']} figures)", "",
                   "| candidate | pooled benign FPR | min TPR (planted rows) | mean TPR (all rows) | out |",
@@ -169,12 +190,15 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("evidence", type=Path, nargs="+", help="<name>.evidence.json files of run.py")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="cap", help="which rule's candidates")
     parser.add_argument("--rule", action="store_true", help="apply the rule (the training side)")
     parser.add_argument("--name", required=True)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/fl/results"))
     args = parser.parse_args(argv)
-    result: dict = {"sources": [], "candidates": {n: {} for n in CANDIDATES}, "asr": {}, "reproduction": {},
-                    "thresholds": {}}  # fmt: skip
+    candidates = FAMILIES[args.family]
+    result: dict = {"family": args.family, "options": candidates, "sources": [],
+                    "candidates": {n: {} for n in candidates}, "asr": {}, "reproduction": {}, "thresholds": {},
+                    "single_round_thresholds": {}}  # fmt: skip
     for path in args.evidence:
         result["sources"].append(path.as_posix())
         run_file = path.with_name(path.name.replace(".evidence.json", ".json"))
@@ -183,14 +207,18 @@ def main(argv: list[str] | None = None) -> int:
             run = runs[setting]
             result["asr"][setting] = {a: run["attacks"][a]["outcome"]["none"]["asr"] for a in saved["attacks"]}
             result["thresholds"][setting] = {}
-            for name, cap in CANDIDATES.items():
-                rows, check = score(saved, run, name)
+            for name, options in candidates.items():
+                rows, check = score(saved, run, name, options)
                 result["candidates"][name][setting] = rows
-                result["thresholds"][setting][name] = calibration(saved, cap).threshold()
-                if cap is None:
+                cal = calibration(saved, options)
+                result["thresholds"][setting][name] = cal.threshold()
+                if cal.single_round_union:
+                    single = result["single_round_thresholds"].setdefault(setting, {})
+                    single[name] = cal.threshold(single_round=True)
+                if name == "none":
                     result["reproduction"][setting] = check
     if args.rule:
-        table, chosen, source = rule(result)
+        table, chosen, source = rule(result, candidates)
         result["rule"] = {"table": table, "chosen": chosen, "source": source}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1))

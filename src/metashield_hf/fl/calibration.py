@@ -67,6 +67,16 @@ it trusts (the warm-up rounds before screening starts, or the first rounds of a 
    ``c`` give ``c·√k``). Without ``accumulate`` it only bounds the statistic (every client above ``c`` ties at ``c``).
    With ``null="sidak"`` the clipped z is no longer standard normal (its variance is below one): the p-values are
    conservative.
+
+5. **The union of the single-round and the accumulated screen** (``single_round_union=True``, with ``accumulate``): a
+   capped accumulation cannot flag a client in its first round (one round adds at most the cap), an uncapped one
+   carries an honest writer's single spike into its later rounds. The union runs two screens on the same rows, each
+   at ``target_fpr / 2``: the *single-round* one (this round's standardised evidence, unclipped and not accumulated,
+   against the held-out calibration rows, unclipped and not accumulated; with ``null="sidak"`` the single-round
+   Šidák p-value) and the accumulated one as configured (``round_cap``, ``null_counts``). A client is flagged when
+   either half flags it; its p-value is ``min(1, 2·min(p_single, p_accumulated))`` (Bonferroni), so
+   ``p <= target_fpr`` is the same decision and a benign client's false-alarm probability is at most about
+   ``target_fpr``.
 """
 
 from __future__ import annotations
@@ -103,6 +113,10 @@ DEFAULT_NULL_COUNTS = "running"
 #: The bound on one round's standardised evidence before it accumulates (``ScreenCalibration.round_cap``; ``None``: no
 #: bound); see the module docstring, step 4, and benchmarks/fl/README.md ("Capping each round's evidence ...").
 DEFAULT_ROUND_CAP: float | None = None
+#: Whether the screen is the union of the single-round and the accumulated screen, each at half the target FPR
+#: (``ScreenCalibration.single_round_union``); see the module docstring, step 5, and benchmarks/fl/README.md ("The
+#: union of the single-round and the capped accumulated screen").
+DEFAULT_SINGLE_ROUND_UNION = False
 NULL_COUNTS = ("running", "matched")
 MIN_CLIENTS_FOR_CENTRING = 3  # below this a round's median says nothing
 
@@ -309,6 +323,10 @@ class Assessment:
         flagged: ``(K,)`` ``p_value <= target_fpr``.
         z: signal -> ``(K, C)`` the per-class standardised evidence.
         top_signal / top_class: ``(K,)`` where the statistic came from.
+        single_round_statistic / single_round_p_value: ``(K,)`` with ``single_round_union``: the single-round
+            half's statistic (unclipped, not accumulated) and its p-value; ``statistic`` and its p-value are then the
+            accumulated half's own (the latter in ``accumulated_p_value``), and ``p_value`` is the union's,
+            ``min(1, 2·min(single, accumulated))``. ``None`` otherwise.
     """
 
     statistic: np.ndarray
@@ -317,6 +335,9 @@ class Assessment:
     z: dict[str, np.ndarray]
     top_signal: list[str]
     top_class: np.ndarray
+    single_round_statistic: np.ndarray | None = None
+    single_round_p_value: np.ndarray | None = None
+    accumulated_p_value: np.ndarray | None = None
 
 
 @dataclass
@@ -346,10 +367,14 @@ class ScreenCalibration:
         null_draws: the most subsets of one calibration client's rows the matched null draws per count.
         round_cap: clip each round's standardised evidence to ``[-round_cap, round_cap]`` before it accumulates, the
             null's rows alike (``None``: no clipping; see the module docstring, step 4).
+        single_round_union: flag a client when either the single-round screen (unclipped, not accumulated) or the
+            accumulated one (with ``round_cap``) flags it, each at ``target_fpr / 2`` (needs ``accumulate``; see the
+            module docstring, step 5).
 
     Example:
         ```python
         >>> calibration = ScreenCalibration(round_cap=3.0)  # one round adds at most 3 to a client's accumulated z
+        >>> union = ScreenCalibration(round_cap=4.0, single_round_union=True)  # first-round spikes, steady pushes
         ```
     """
 
@@ -368,6 +393,7 @@ class ScreenCalibration:
     null_counts: str = DEFAULT_NULL_COUNTS
     null_draws: int = 20
     round_cap: float | None = DEFAULT_ROUND_CAP
+    single_round_union: bool = DEFAULT_SINGLE_ROUND_UNION
 
     def __post_init__(self) -> None:
         self.signals = _check_signals(self.signals)
@@ -381,15 +407,26 @@ class ScreenCalibration:
             raise ValueError(f"null_draws must be >= 1, got {self.null_draws}")
         if self.round_cap is not None and not self.round_cap > 0:
             raise ValueError(f"round_cap must be a positive number or None (no clipping), got {self.round_cap}")
+        if self.single_round_union and not self.accumulate:
+            raise ValueError("single_round_union needs accumulate=True (without it both halves are single-round)")
         if isinstance(self.settings, Mapping):
             self.settings = EvidenceSettings(**self.settings)
         for s in self.signals:
             self.rows.setdefault(s, [])
         if len(self.row_clients) != len(self.row_rounds):  # a calibration saved without client ids
             self.row_clients = [None] * len(self.row_rounds)
+        self._reset_caches()
+
+    def _reset_caches(self) -> None:
         self._null_cache: np.ndarray | None = None
-        self._held_out_cache: dict[str, np.ndarray] | None = None
+        self._single_null_cache: np.ndarray | None = None
+        self._held_out_cache: dict[float | None, dict[str, np.ndarray]] = {}
         self._matched_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    @property
+    def level(self) -> float:
+        """The FPR each screen is tested at: ``target_fpr``, or half of it for each half of ``single_round_union``."""
+        return self.target_fpr / 2 if self.single_round_union else self.target_fpr
 
     # ---- filling -------------------------------------------------------------------------------------------------
     @property
@@ -408,10 +445,10 @@ class ScreenCalibration:
     @property
     def ready(self) -> bool:
         """Enough benign history to decide: two rounds at least, and for the empirical null enough rows that a
-        p-value can reach ``target_fpr`` (``1 / (rows + 1) <= target_fpr``)."""
+        p-value can reach ``target_fpr`` (``1 / (rows + 1) <= target_fpr``; half of it with ``single_round_union``)."""
         if self.num_rounds < 2:
             return False
-        return self.null == "sidak" or 1.0 / (self.num_rows + 1) <= self.target_fpr
+        return self.null == "sidak" or 1.0 / (self.num_rows + 1) <= self.level
 
     def update(
         self, evidence: ClientEvidence, *, round_id: int | None = None, client_ids: Sequence[Any] | None = None
@@ -429,7 +466,7 @@ class ScreenCalibration:
             self.rows[s].extend(centred[s].tolist())
         self.row_rounds.extend([rid] * evidence.num_clients)
         self.row_clients.extend([None] * evidence.num_clients if client_ids is None else [str(c) for c in client_ids])
-        self._null_cache, self._held_out_cache, self._matched_cache = None, None, {}
+        self._reset_caches()
         return self
 
     def calibrate(
@@ -477,29 +514,31 @@ class ScreenCalibration:
             out[s] = (loc, scale)
         return out
 
-    def _standardise(self, centred: Mapping[str, np.ndarray], scales) -> dict[str, np.ndarray]:
-        """One round's standardised evidence, clipped to ``round_cap`` (the null's rows and new rounds alike)."""
+    def _standardise(self, centred: Mapping[str, np.ndarray], scales, cap: float | None) -> dict[str, np.ndarray]:
+        """One round's standardised evidence, clipped to ``cap`` (the null's rows and new rounds alike)."""
         z = {s: (np.asarray(centred[s], dtype=np.float64) - scales[s][0]) / scales[s][1] for s in self.signals}
-        if self.round_cap is not None:
-            z = {s: np.clip(v, -self.round_cap, self.round_cap) for s, v in z.items()}
+        if cap is not None:
+            z = {s: np.clip(v, -cap, cap) for s, v in z.items()}
         return z
 
     @staticmethod
     def _max_stat(z: Mapping[str, np.ndarray]) -> np.ndarray:
         return np.max(np.stack([v.max(axis=1) for v in z.values()]), axis=0)
 
-    def held_out_z(self) -> dict[str, np.ndarray]:
-        """signal -> ``(rows, C)``: each benign row standardised against the other calibration rounds only."""
-        if self._held_out_cache is None:
+    def held_out_z(self, *, clipped: bool = True) -> dict[str, np.ndarray]:
+        """signal -> ``(rows, C)``: each benign row standardised against the other calibration rounds only (clipped
+        to ``round_cap`` unless ``clipped=False``)."""
+        cap = self.round_cap if clipped else None
+        if cap not in self._held_out_cache:
             rounds = np.asarray(self.row_rounds)
             out = {s: np.empty((len(rounds), self.num_classes or 0)) for s in self.signals}
             for r in np.unique(rounds):
                 held = rounds == r
                 rows = {s: np.asarray(self.rows[s], dtype=np.float64)[held] for s in self.signals}
-                for s, v in self._standardise(rows, self._scales(~held)).items():
+                for s, v in self._standardise(rows, self._scales(~held), cap).items():
                     out[s][held] = v
-            self._held_out_cache = out
-        return self._held_out_cache
+            self._held_out_cache[cap] = out
+        return self._held_out_cache[cap]
 
     def _row_names(self) -> list[str]:
         return [c or f"row:{i}" for i, c in enumerate(self.row_clients)]
@@ -521,6 +560,13 @@ class ScreenCalibration:
                 stats[held] = self._max_stat(z)
             self._null_cache = stats
         return self._null_cache
+
+    def single_round_null(self) -> np.ndarray:
+        """The single-round half's null (``single_round_union``): each benign row's statistic, standardised against
+        the other calibration rounds only, unclipped and not accumulated."""
+        if self._single_null_cache is None:
+            self._single_null_cache = self._max_stat(self.held_out_z(clipped=False))
+        return self._single_null_cache
 
     def matched_null(self, count: int) -> tuple[np.ndarray, np.ndarray]:
         """The count-matched null for a client seen ``count`` times: statistics accumulated over ``min(count, n_j)``
@@ -554,34 +600,43 @@ class ScreenCalibration:
     def _uses_matched(self) -> bool:
         return self.accumulate and self.null == "empirical" and self.null_counts == "matched"
 
-    def threshold(self, count: int = 1) -> float:
+    def threshold(self, count: int = 1, *, single_round: bool = False) -> float:
         """The boundary of the flagged statistics at ``target_fpr`` (a statistic above it is flagged; ``inf`` when
-        none can be); ``count``: the rounds a client has been seen in (the matched null only)."""
+        none can be); ``count``: the rounds a client has been seen in (the matched null only). With
+        ``single_round_union`` each half's boundary at ``target_fpr / 2``: the accumulated half's, or with
+        ``single_round=True`` the single-round half's."""
+        level = self.level
         if self.null == "sidak":
             from scipy.stats import norm
 
             m = len(self.signals) * (self.num_classes or 1)
-            return float(norm.isf(1.0 - (1.0 - self.target_fpr) ** (1.0 / m)))
-        if self._uses_matched():  # descending: the first null value whose p-value breaks the target
+            return float(norm.isf(1.0 - (1.0 - level) ** (1.0 / m)))
+        if self._uses_matched() and not single_round:  # descending: the first null value whose p-value breaks it
             values = np.unique(self.matched_null(count)[0])[::-1]
-            above = np.flatnonzero(self.p_values(values, [count] * len(values)) > self.target_fpr)
+            above = np.flatnonzero(self.p_values(values, [count] * len(values)) > level)
             return float(values[above[0]]) if len(above) else -math.inf
-        null = np.sort(self.null_statistics())[::-1]
+        null = np.sort(self.single_round_null() if single_round else self.null_statistics())[::-1]
         n = len(null)
-        allowed = math.floor(self.target_fpr * (n + 1)) - 1  # p = (1 + count) / (n + 1) <= target: count <= allowed
+        allowed = math.floor(level * (n + 1)) - 1  # p = (1 + count) / (n + 1) <= level: count <= allowed
         if allowed < 0:
             return math.inf
         return float(null[allowed]) if allowed < n else -math.inf
 
-    def p_values(self, statistic: np.ndarray, counts: Sequence[int] | None = None) -> np.ndarray:
+    def p_values(
+        self, statistic: np.ndarray, counts: Sequence[int] | None = None, *, single_round: bool = False
+    ) -> np.ndarray:
         """P-values of statistics under the benign null; ``counts``: the rounds each client has been seen in (the
-        matched null only; ``None``: one round each)."""
+        matched null only; ``None``: one round each); ``single_round``: under the single-round null (unclipped, not
+        accumulated rows; [`single_round_null`]) instead of the screen's own."""
         statistic = np.asarray(statistic, dtype=np.float64)
         if self.null == "sidak":
             from scipy.stats import norm
 
             m = len(self.signals) * (self.num_classes or 1)
             return 1.0 - (1.0 - norm.sf(statistic)) ** m
+        if single_round:
+            null = self.single_round_null()
+            return (1.0 + (null[None, :] >= statistic[:, None]).sum(axis=1)) / (len(null) + 1.0)
         if self._uses_matched():
             counts = [1] * len(statistic) if counts is None else list(counts)
             out = np.empty(len(statistic))
@@ -597,7 +652,9 @@ class ScreenCalibration:
 
         With ``accumulate`` and ``client_ids`` the round is added to the clients' ``memory`` and the decision is on
         each client's evidence accumulated over its rounds so far: call it once per round. Without ``client_ids``
-        the round is assessed alone and nothing is remembered.
+        the round is assessed alone and nothing is remembered. With ``single_round_union`` the round's unclipped
+        evidence is also assessed alone, and a client is flagged when either half's p-value is at most
+        ``target_fpr / 2`` (see [`Assessment`]).
         """
         if client_ids is not None and len(client_ids) != evidence.num_clients:
             raise ValueError(f"got {len(client_ids)} client_ids for {evidence.num_clients} clients")
@@ -610,7 +667,8 @@ class ScreenCalibration:
         c = centred[self.signals[0]].shape[1]
         if c != self.num_classes:
             raise ValueError(f"the evidence has {c} classes but the calibration {self.num_classes}")
-        z = self._standardise(centred, self._scales())
+        scales = self._scales()
+        z = self._standardise(centred, scales, self.round_cap)
         counts = None
         if self.accumulate and client_ids is not None:
             names = [str(c) for c in client_ids]
@@ -621,7 +679,15 @@ class ScreenCalibration:
         top = per_signal.argmax(axis=0)
         top_class = np.array([int(z[self.signals[t]][k].argmax()) for k, t in enumerate(top)])
         p = self.p_values(statistic, counts)
-        return Assessment(statistic, p, p <= self.target_fpr, z, [self.signals[t] for t in top], top_class)
+        single = single_p = accumulated_p = None
+        if self.single_round_union:
+            single = self._max_stat(self._standardise(centred, scales, None))
+            single_p, accumulated_p = self.p_values(single, single_round=True), p
+            p = np.minimum(1.0, 2.0 * np.minimum(single_p, accumulated_p))  # Bonferroni: each half at target / 2
+        return Assessment(
+            statistic, p, p <= self.target_fpr, z, [self.signals[t] for t in top], top_class, single, single_p,
+            accumulated_p,
+        )  # fmt: skip
 
     # ---- persistence ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -632,6 +698,7 @@ class ScreenCalibration:
             "row_rounds": list(self.row_rounds), "row_clients": list(self.row_clients),
             "memory": {c: {k: v if k == "count" else list(v) for k, v in m.items()} for c, m in self.memory.items()},
             "null_counts": self.null_counts, "null_draws": self.null_draws, "round_cap": self.round_cap,
+            "single_round_union": self.single_round_union,
         }  # fmt: skip
 
     @classmethod
@@ -642,6 +709,7 @@ class ScreenCalibration:
         data.setdefault("accumulate", False)  # saved before accumulation existed
         data.setdefault("null_counts", "running")  # saved before the matched null existed
         data.setdefault("round_cap", None)  # saved before the cap existed
+        data.setdefault("single_round_union", False)  # saved before the union existed
         data["memory"] = {
             c: {k: v if k == "count" else np.asarray(v, dtype=np.float64) for k, v in m.items()}
             for c, m in data.get("memory", {}).items()
