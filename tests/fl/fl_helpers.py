@@ -69,3 +69,19 @@ def screened_round(seed: int = 0):
 
 
 MALICIOUS = 2
+
+
+def planted_evidence(values, signal: str = "trigger_drift"):
+    """A ``ClientEvidence`` whose raw and centred values of ``signal`` are ``values`` (one row per client)."""
+    import numpy as np
+
+    from metashield_hf.fl import ClientEvidence
+
+    values = np.asarray(values, dtype=np.float64)
+    k = len(values)
+    return ClientEvidence({signal: values}, {signal: values}, None, np.ones(k), np.zeros(k))
+
+
+def class_row(v: float) -> list[float]:
+    """Classes (v, 0, -v): the candidate's median over classes is 0, so centring leaves the row as it is."""
+    return [v, 0.0, -v]

@@ -7,24 +7,14 @@ import math
 
 import numpy as np
 import pytest
+from fl_helpers import class_row, planted_evidence
 
-from metashield_hf.fl import ClientEvidence, EvidenceSettings, ScreenCalibration
+from metashield_hf.fl import EvidenceSettings, ScreenCalibration
 from metashield_hf.fl.calibration import DEFAULT_ROUND_CAP
 from metashield_hf.fl.screen import MAD_CONSISTENCY
 
 SIGNAL = "trigger_drift"
 U = 1.0 / MAD_CONSISTENCY  # class values in {-U, 0, U}: median 0, MAD U, so a class's scale is exactly 1
-
-
-def _evidence(values) -> ClientEvidence:
-    values = np.asarray(values, dtype=np.float64)
-    k = len(values)
-    return ClientEvidence({SIGNAL: values}, {SIGNAL: values}, None, np.ones(k), np.zeros(k))
-
-
-def _row(v: float) -> list[float]:
-    """Classes (v, 0, -v): the candidate's median over classes is 0, so centring leaves the row as it is."""
-    return [v, 0.0, -v]
 
 
 def _calibration(round_cap: float | None, spike: float | None = None) -> ScreenCalibration:
@@ -34,17 +24,19 @@ def _calibration(round_cap: float | None, spike: float | None = None) -> ScreenC
         settings=EvidenceSettings(centre_by_round=False),
     )  # fmt: skip
     for r in range(4):
-        rows = [_row(-U), _row(0.0), _row(U)]
+        rows = [class_row(-U), class_row(0.0), class_row(U)]
         if spike is not None and r == 1:
-            rows[2] = _row(spike)  # one benign client's single-round spike
-        cal.update(_evidence(rows), round_id=r, client_ids=[f"c{r}", "steady", "spiky"])
+            rows[2] = class_row(spike)  # one benign client's single-round spike
+        cal.update(planted_evidence(rows), round_id=r, client_ids=[f"c{r}", "steady", "spiky"])
     return cal
 
 
 def _screen(cal: ScreenCalibration) -> dict[str, float]:
     """Four screened rounds: "spike" has z 20 in its first round and 0 after; "push" has z 2.5 every round."""
     for r in range(4):
-        out = cal.assess(_evidence([_row(20.0 if r == 0 else 0.0), _row(2.5)]), client_ids=["spike", "push"])
+        out = cal.assess(
+            planted_evidence([class_row(20.0 if r == 0 else 0.0), class_row(2.5)]), client_ids=["spike", "push"]
+        )
     return dict(zip(["spike", "push"], out.statistic.tolist(), strict=True))
 
 

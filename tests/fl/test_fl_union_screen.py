@@ -6,27 +6,16 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
+from fl_helpers import class_row, planted_evidence
 
-from metashield_hf.fl import ClientEvidence, EvidenceSettings, ScreenCalibration
+from metashield_hf.fl import EvidenceSettings, ScreenCalibration
 from metashield_hf.fl.calibration import DEFAULT_SINGLE_ROUND_UNION
 from metashield_hf.fl.screen import MAD_CONSISTENCY
 
 SIGNAL = "trigger_drift"
 U = 1.0 / MAD_CONSISTENCY  # class values in {-U, 0, U} (and two spikes): median 0, MAD U, so a class's scale is 1
 ROUNDS = 7  # 7 rounds x 3 clients = 21 rows: 1 / 22 <= 0.05, enough for each half of the union at target 0.10
-
-
-def _evidence(values) -> ClientEvidence:
-    values = np.asarray(values, dtype=np.float64)
-    k = len(values)
-    return ClientEvidence({SIGNAL: values}, {SIGNAL: values}, None, np.ones(k), np.zeros(k))
-
-
-def _row(v: float) -> list[float]:
-    """Classes (v, 0, -v): the candidate's median over classes is 0, so centring leaves the row as it is."""
-    return [v, 0.0, -v]
 
 
 def _calibration(round_cap: float | None = None, union: bool = False, rounds: int = ROUNDS) -> ScreenCalibration:
@@ -38,8 +27,8 @@ def _calibration(round_cap: float | None = None, union: bool = False, rounds: in
         settings=EvidenceSettings(centre_by_round=False),
     )  # fmt: skip
     for r in range(rounds):
-        rows = [_row(-U), _row(0.0), _row(5.0 if r in (1, 4) else U)]
-        cal.update(_evidence(rows), round_id=r, client_ids=[f"{r}:{k}" for k in range(3)])
+        rows = [class_row(-U), class_row(0.0), class_row(5.0 if r in (1, 4) else U)]
+        cal.update(planted_evidence(rows), round_id=r, client_ids=[f"{r}:{k}" for k in range(3)])
     return cal
 
 
@@ -48,7 +37,7 @@ def _screen(cal: ScreenCalibration, z_by_round: dict[str, list[float]]) -> list[
     names = list(z_by_round)
     out = []
     for r in range(len(next(iter(z_by_round.values())))):
-        verdict = cal.assess(_evidence([_row(z_by_round[n][r]) for n in names]), client_ids=names)
+        verdict = cal.assess(planted_evidence([class_row(z_by_round[n][r]) for n in names]), client_ids=names)
         out.append(dict(zip(names, verdict.flagged.tolist(), strict=True)))
     return out
 
@@ -83,7 +72,7 @@ def test_a_steady_push_is_flagged_from_its_second_round_by_the_accumulated_half(
     cal = _calibration(3.0, union=True)
     flags, single_p, acc_p, p = [], [], [], []
     for _ in range(3):
-        verdict = cal.assess(_evidence([_row(2.5)]), client_ids=["push"])
+        verdict = cal.assess(planted_evidence([class_row(2.5)]), client_ids=["push"])
         flags.append(bool(verdict.flagged[0]))
         single_p.append(float(verdict.single_round_p_value[0]))
         acc_p.append(float(verdict.accumulated_p_value[0]))
