@@ -67,11 +67,11 @@ def calibration(saved: dict, options: dict) -> ScreenCalibration:
     return cal
 
 
-def score(saved: dict, run: dict, name: str, options: dict) -> tuple[dict, dict]:
-    """Per attack: TPR / FPR with counts offline (``offline``) and live where the run scored the candidate
-    (``live``); and how the live current default's decisions compare with the offline ones (``none`` only)."""
+def score(saved: dict, run: dict, name: str, base: ScreenCalibration) -> tuple[dict, dict]:
+    """Per attack, screened from the candidate's calibration ``base``: TPR / FPR with counts offline (``offline``)
+    and live where the run scored the candidate (``live``); and how the live current default's decisions compare with
+    the offline ones (``none`` only)."""
     rows, check = {}, {"decisions": 0, "differ": 0, "max_abs_p_diff": 0.0}
-    base = calibration(saved, options)
     for attack_name, attack in saved["attacks"].items():
         cal = ScreenCalibration.from_dict(base.to_dict())  # a fresh memory per trajectory, as in run.py
         malicious = set(attack["malicious"])
@@ -208,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             result["asr"][setting] = {a: run["attacks"][a]["outcome"]["none"]["asr"] for a in saved["attacks"]}
             result["thresholds"][setting] = {}
             for name, options in candidates.items():
-                rows, check = score(saved, run, name, options)
-                result["candidates"][name][setting] = rows
                 cal = calibration(saved, options)
+                rows, check = score(saved, run, name, cal)
+                result["candidates"][name][setting] = rows
                 result["thresholds"][setting][name] = cal.threshold()
                 if cal.single_round_union:
                     single = result["single_round_thresholds"].setdefault(setting, {})

@@ -120,10 +120,9 @@ def tile(inputs, times: int):
     return {k: tile(v, times) for k, v in inputs.items()}
 
 
-def stimulate(adapter, inputs, pred: torch.Tensor, k: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    """``shares (L, K)``: per level, the largest share over channels sent to each class; ``first (K,)``: the smallest
-    level at which some channel sends ``HIT`` of the samples to the class (``inf`` when none)."""
-    n = len(pred)
+def clean_peaks(adapter, inputs) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """One clean forward pass: the predictions, and per layer block (by index) each channel's largest absolute
+    activation over the samples."""
     blocks = adapter.layer_blocks()
     peaks = {}
 
@@ -140,10 +139,21 @@ def stimulate(adapter, inputs, pred: torch.Tensor, k: int, chunk: int) -> tuple[
     handles = [m.register_forward_hook(record(i)) for i, (_, m) in enumerate(blocks)]
     try:
         with torch.no_grad():
-            adapter.forward(inputs)
+            pred = adapter.forward(inputs).argmax(-1)
     finally:
         for h in handles:
             h.remove()
+    return pred, peaks
+
+
+def stimulate(
+    adapter, inputs, pred: torch.Tensor, peaks: dict[int, torch.Tensor], k: int, chunk: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``shares (L, K)``: per level, the largest share over channels sent to each class; ``first (K,)``: the smallest
+    level at which some channel sends ``HIT`` of the samples to the class (``inf`` when none); ``pred`` and ``peaks``
+    from [`clean_peaks`]."""
+    n = len(pred)
+    blocks = adapter.layer_blocks()
     shares = np.zeros((len(LEVELS), k))
     first = np.full(k, np.inf)
     other = (pred[None, :] != torch.arange(k)[:, None]).float()  # (K, N)
@@ -202,10 +212,8 @@ def probe_weight_noise(adapter, items, args) -> dict:
 
 def probe_stimulation(adapter, items, args) -> dict:
     inputs = adapter.preprocess(items)
-    with torch.no_grad():
-        pred = adapter.forward(inputs).argmax(-1)
-    k = adapter.num_classes
-    shares, first = stimulate(adapter, inputs, pred, k, args.chunk)
+    pred, peaks = clean_peaks(adapter, inputs)
+    shares, first = stimulate(adapter, inputs, pred, peaks, adapter.num_classes, args.chunk)
     ease = -np.log(np.where(np.isfinite(first), first, 2 * LEVELS[-1]))
     rec = {"shares": shares.tolist(), "first": [float(f) for f in first]}
     for form, values in (("reach", shares.mean(0)), ("ease", ease)):

@@ -634,17 +634,14 @@ class ScreenCalibration:
 
             m = len(self.signals) * (self.num_classes or 1)
             return 1.0 - (1.0 - norm.sf(statistic)) ** m
-        if single_round:
-            null = self.single_round_null()
-            return (1.0 + (null[None, :] >= statistic[:, None]).sum(axis=1)) / (len(null) + 1.0)
-        if self._uses_matched():
+        if self._uses_matched() and not single_round:
             counts = [1] * len(statistic) if counts is None else list(counts)
             out = np.empty(len(statistic))
             for k, (value, count) in enumerate(zip(statistic, counts, strict=True)):
                 stats, weights = self.matched_null(count)
                 out[k] = (1.0 + weights[stats >= value].sum()) / (1.0 + weights.sum())
             return out
-        null = self.null_statistics()
+        null = self.single_round_null() if single_round else self.null_statistics()
         return (1.0 + (null[None, :] >= statistic[:, None]).sum(axis=1)) / (len(null) + 1.0)
 
     def assess(self, evidence: ClientEvidence, client_ids: Sequence[Any] | None = None) -> Assessment:
