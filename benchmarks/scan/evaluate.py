@@ -28,6 +28,7 @@ from metashield_hf.scan import (
     SYNTHESIS_SIGNALS,
     ScanHead,
     read_records,
+    record_target,
     record_variant,
     score_record,
     verdict_threshold,
@@ -130,7 +131,7 @@ def method_results(records: list[dict], head: ScanHead, method: str) -> tuple[li
         return (
             [score_record(head, r) for r in records],
             [verdict_threshold(head, r) for r in records],
-            [x["suspected_target"] for x in res],
+            [record_target(head, r) for r in records],
             [x["seconds"] for x in res],
         )
     res = [r["neural_cleanse"][method.split("@")[1]] for r in records]

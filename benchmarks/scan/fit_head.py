@@ -86,6 +86,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         if name in fit.declined:
             lines.append(f"- **not in the head**: {fit.declined[name]}")
+        if name in fit.targets:
+            t = fit.targets[name]
+            lines += [
+                "- target chooser, leave-one-attack-out target accuracy (mean over attacks) per candidate: "
+                + "; ".join(f"{list(s)} C={c:g} {a:.3f}" for (s, c), a in t.scores.items()),
+                "- per held-out attack, the best candidate: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in t.per_attack[(t.names, t.c)].items()),
+                f"- target chooser: {list(t.names)} at C={t.c:g} ({t.scores[(t.names, t.c)]:.3f} against "
+                f"{t.baseline:.3f} for the anomaly index alone); "
+                + (f"weights {t.weights}" if t.weights else "**not shipped** (gain below min_gain)"),
+            ]
     head = fit.head
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,10 @@ def test_the_shipped_head_is_rebuilt_from_the_committed_records(tmp_path):
     agnostic = spec["parts"]["agnostic"]
     assert set(agnostic["extra"]) >= {"dormant_log_z"} and 0.1 in agnostic["cs"]
     agnostic.update(extra=["dormant_log_z"], groups=[], cs=[0.1])
+    # the target chooser likewise: the anomaly index alone (always a candidate) against the shipped winner's features
+    winner = list(json.loads(DEFAULT_SCAN_HEAD.read_text())["by_modality"]["image/agnostic"]["target"])
+    assert winner in agnostic["target"]["candidates"]
+    agnostic["target"].update(candidates=[winner], cs=[0.1])
     fit = fit_head_from_spec(spec, RECORDS)
     for name, choice in fit.parts.items():
         assert {record_variant(r) for r in fit.part_rows[name]} == {name}  # every row is a scan of the part's variant

@@ -19,6 +19,8 @@ synthesis.
 - `feature_inversion.py`: [`invert_features`], per-class trigger inversion in an intermediate layer's feature space
   (FeatureRE / BTI-DBF-like), trigger-agnostic
 - `dormant.py`: [`dormant_mass`], each class's head weight on features the clean samples leave quiet, trigger-agnostic
+- `target.py`: the suspected target from every source's per-class evidence ([`choose_target`],
+  [`fit_target_chooser`])
 - `query_probe.py`: [`QueryProbe`], learned query inputs and a meta-classifier of the answers, trained on a zoo (MNTD;
   a peer method, not part of the default scan)
 - `progress.py`: the progress bars' on/off rule and the cost estimate logged before a scan
@@ -64,8 +66,10 @@ if TYPE_CHECKING:
         fpr_threshold,
         leave_attack_out_auroc,
         out_of_fold_scores,
+        part_target_choice,
         read_records,
         record_modality,
+        record_target,
         record_variant,
         refresh_record,
         repeated_cv,
@@ -125,6 +129,16 @@ if TYPE_CHECKING:
         token_signals,
     )
     from .synthesis import SynthesisResult, anomaly_indices, chance_anomaly_index, synthesize_triggers
+    from .target import (
+        CLASS_FEATURES,
+        TargetChoice,
+        choose_target,
+        choose_target_chooser,
+        class_feature,
+        class_features,
+        fit_target_chooser,
+        leave_attack_out_target_accuracy,
+    )
     from .token_search import TokenSearchResult, search_token_triggers
 
 # Each name and the module that defines it, imported on first access.
@@ -154,6 +168,14 @@ _LAZY = {
     "set_alarms": ".head",
     "split_candidate": ".head",
     "DORMANT_FLOOR": ".dormant",
+    "CLASS_FEATURES": ".target",
+    "choose_target": ".target",
+    "TargetChoice": ".target",
+    "choose_target_chooser": ".target",
+    "class_feature": ".target",
+    "class_features": ".target",
+    "fit_target_chooser": ".target",
+    "leave_attack_out_target_accuracy": ".target",
     "QueryProbe": ".query_probe",
     "QueryProbeConfig": ".query_probe",
     "QuerySpace": ".query_probe",
@@ -171,6 +193,8 @@ _LAZY = {
     "leave_attack_out_auroc": ".head",
     "out_of_fold_scores": ".head",
     "read_records": ".head",
+    "part_target_choice": ".head",
+    "record_target": ".head",
     "record_modality": ".head",
     "record_variant": ".head",
     "refresh_record": ".head",
@@ -227,6 +251,16 @@ _LAZY = {
 }
 
 __all__ = [
+    "CLASS_FEATURES",
+    "choose_target",
+    "part_target_choice",
+    "record_target",
+    "TargetChoice",
+    "choose_target_chooser",
+    "class_feature",
+    "class_features",
+    "fit_target_chooser",
+    "leave_attack_out_target_accuracy",
     "BATCH_COLUMNS",
     "BatchScanResult",
     "CheckpointRef",

@@ -62,6 +62,8 @@ class ScanHead:
             instead (text scans have the token signals, whose meaning differs from the image signals; and a search
             that prefilters a pretrained model's large vocabulary finds natural words as strong as a trigger, so its
             probability signals mean less there than the detector's).
+        target: the target chooser's weights per class feature ([`choose_target`]): the suspected target is the
+            class they score highest. ``None``: the class with the largest anomaly index (the synthesis' pointer).
     """
 
     weights: dict[str, float]
@@ -70,6 +72,7 @@ class ScanHead:
     source: str = "prior"
     by_modality: dict[str, dict] | None = None
     alarms: dict[str, list[float]] | None = None
+    target: dict[str, float] | None = None
 
     def for_modality(
         self, modality: str, signals: dict[str, float] | None = None, variant: str | None = None
@@ -123,8 +126,9 @@ class ScanHead:
     def save(self, path: str | os.PathLike) -> None:
         data = asdict(self)
         for part in [data, *(data.get("by_modality") or {}).values()]:
-            if part.get("alarms") is None:  # a head without alarms saves as before they existed
-                part.pop("alarms", None)
+            for key in ("alarms", "target"):  # a head without them saves as before they existed
+                if part.get(key) is None:
+                    part.pop(key, None)
         Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     @classmethod
@@ -313,6 +317,18 @@ def score_record(head: ScanHead, rec: dict) -> float:
     if part.missing(signals):
         return float("nan")
     return part.score(signals)
+
+
+def record_target(head: ScanHead, rec: dict) -> int:
+    """The suspected target the head's part that scores a record names: its target chooser's pick from the record's
+    per-class evidence ([`choose_target`]) where the part has one, else the record's own suspected target."""
+    from .target import choose_target
+
+    signals = rec["metashield"]["signals"]
+    part = head.for_modality(record_modality(rec), signals, record_variant(rec))
+    if part.target is None:
+        return int(rec["metashield"]["suspected_target"])
+    return choose_target(part.target, rec["metashield"]["per_class"])
 
 
 def verdict_threshold(head: ScanHead, rec: dict) -> float:
@@ -686,6 +702,7 @@ class HeadFit:
         parts: per variant part (``"blend"``, ``"source"``), its [`PartChoice`].
         part_rows: per variant part, the train records it was chosen and fit on.
         declined: per variant part that its spec's ``min_gain`` kept out of the head, why.
+        targets: per variant part whose spec has a ``target`` entry, its [`TargetChoice`].
     """
 
     head: ScanHead
@@ -693,6 +710,7 @@ class HeadFit:
     parts: dict[str, PartChoice]
     part_rows: dict[str, list[dict]]
     declined: dict[str, str] = field(default_factory=dict)
+    targets: dict = field(default_factory=dict)
 
 
 def fit_head_from_spec(spec: dict, records: str | os.PathLike) -> HeadFit:
@@ -720,7 +738,7 @@ def fit_head_from_spec(spec: dict, records: str | os.PathLike) -> HeadFit:
     if base.get("target_fpr"):  # the image head's and the text parts' verdict thresholds, as the variant parts'
         runs = out_of_fold_scores(train, base["c"], text_signals, base["text_c"], large_signals)
         set_fpr_thresholds(head, train, runs, base["target_fpr"])
-    parts, part_rows, declined = {}, {}, {}
+    parts, part_rows, declined, targets = {}, {}, {}, {}
     for name, part in spec.get("parts", {}).items():
         rows = [
             r
@@ -762,5 +780,20 @@ def fit_head_from_spec(spec: dict, records: str | os.PathLike) -> HeadFit:
                     f"the base alone ({base_best:.3f}) on {choice.criterion}; min_gain {min_gain}"
                 )
                 continue
+        if part.get("target"):  # the part's target chooser, on its backdoored train models
+            targets[name] = part_target_choice(rows, part["target"])
+            choice.part.target = targets[name].weights
         head = with_part(head, f"image/{name}", choice.part)
-    return HeadFit(head, train, parts, part_rows, declined)
+    return HeadFit(head, train, parts, part_rows, declined, targets)
+
+
+def part_target_choice(rows: Sequence[dict], spec: dict):
+    """[`choose_target_chooser`] on the backdoored ``rows`` (their per-class evidence, ``target_label`` and
+    ``attack``) as a part's ``target`` spec says (``candidates``, ``cs``, ``min_gain``)."""
+    from .target import choose_target_chooser
+
+    bd = [r for r in rows if r["is_backdoored"]]
+    return choose_target_chooser(
+        [r["metashield"]["per_class"] for r in bd], [int(r["target_label"]) for r in bd], [str(r["attack"]) for r in bd],
+        spec["candidates"], spec.get("cs", (0.1, 1.0)), min_gain=spec.get("min_gain", 0.0),
+    )  # fmt: skip

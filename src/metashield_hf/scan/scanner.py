@@ -486,6 +486,11 @@ def scan_adapter(
     # a scan in pixel space is an image scan, whatever the adapter (timm, transformers or a plain torch module)
     head = head.for_modality("image" if space == "pixels" else adapter.modality, signals, variant)
     score = head.score(signals)
+    if head.target is not None:  # the part's target chooser reads every source's per-class evidence
+        from .target import choose_target
+
+        arrays = {"anomaly_index": anomaly, "detector_score": det, "blend_size": extra_sizes.get(BLEND)}
+        target = choose_target(head.target, arrays | agnostic_per_class)
     evidence = class_evidence(adapter, result, anomaly, det, tokens, config.flip_threshold)
     for kind, sizes in extra_sizes.items():
         for ev, size in zip(evidence, sizes, strict=True):
