@@ -1,8 +1,8 @@
 """Backdoor attacks for building the poisoned-model zoo: one registry, one frozen dataclass per attack.
 
 Vision (``domain="cv"``): ``badnets``, ``blend``, ``trojan_watermark``, ``wanet``, ``sig``, ``filter``, ``bpp``,
-``low_frequency``, ``ftrojan``, ``refool``, ``rotation``, ``poison_ink``, and the adaptive ``latent_separability``
-and ``tact``.
+``low_frequency``, ``ftrojan``, ``refool``, ``rotation``, ``poison_ink``, ``fiba``, and the adaptive
+``latent_separability``, ``tact`` and ``adaptive_blend``.
 Text (``domain="nlp"``): ``rare_word``, ``char_substitution``, ``syntactic_template``.
 Federated (``domain="fl"``): ``fl_data_poisoning``, ``dba``, ``model_replacement``, ``model_replacement_constrained``,
 ``neurotoxin``, ``targeted_weight_modification``.
@@ -31,8 +31,10 @@ from .federated import (
 from .text import CharSubstitution, RareWordInsertion, SyntacticTemplate
 from .vision import (
     BPP,
+    FIBA,
     NOISE_COLUMN,
     SIG,
+    AdaptiveBlend,
     BadNets,
     Blend,
     Filter,
@@ -49,6 +51,7 @@ __all__ = [
     "ATTACKS",
     "NOISE_COLUMN",
     "POISONED_COLUMN",
+    "AdaptiveBlend",
     "Attack",
     "DBA",
     "BadNets",
@@ -60,6 +63,7 @@ __all__ = [
     "TargetedWeightModification",
     "Blend",
     "BPP",
+    "FIBA",
     "Filter",
     "FTrojan",
     "LowFrequency",

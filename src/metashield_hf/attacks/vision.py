@@ -1,6 +1,7 @@
 """Vision triggers: BadNets patch, Blend, Trojan-style watermark, WaNet warping, SIG's sinusoidal signal, a colour
 filter, BPP's dithered bit-depth reduction, a low-frequency pattern, FTrojan's blockwise-DCT perturbation, a
-Refool-style blurred reflection, a rotation of the whole image and Poison Ink's coloured edges.
+Refool-style blurred reflection, a rotation of the whole image, Poison Ink's coloured edges, FIBA's low-frequency
+amplitude blend and Adap-Blend's partial blend pieces with label-keeping covers.
 
 Every attack accepts float tensors in ``[0, 1]`` of shape ``(N, C, H, W)`` or ``(C, H, W)``, uint8 tensors of the same
 shapes, a ``PIL.Image`` or a list of them, and uint8 numpy arrays ``(H, W)``, ``(H, W, C)`` or ``(N, H, W, C)``. The
@@ -1278,3 +1279,254 @@ class PoisonInk(Attack):
     def apply(self, inputs: Any) -> Any:
         """Ink the edges of images (see the module docstring for the accepted types and shapes)."""
         return apply_to_images(inputs, self._trigger)
+
+
+# ---------------------------------------------------------------------------------------------- FIBA and Adap-Blend
+@ATTACKS.register()
+@dataclass(frozen=True)
+class FIBA(Attack):
+    """FIBA: the low-frequency amplitude spectrum of a fixed trigger image is blended into the image's, its phase kept.
+
+    Feng et al., "FIBA: Frequency-Injection based Backdoor Attack in Medical Image Analysis", CVPR 2022,
+    https://arxiv.org/abs/2112.01148. Per channel, with ``A, P`` the amplitude and phase of the image's 2-D FFT and
+    ``A_t`` the amplitude of the trigger image's (all ``fftshift``-ed, zero frequency at ``(H // 2, W // 2)``), the
+    centred square of half-width ``b = floor(beta * min(H, W))`` (side ``2b + 1``, frequencies ``-b..b`` on both axes;
+    ``beta=0`` is the zero frequency alone) becomes ``(1 - alpha) * A + alpha * A_t``; the rest of ``A`` and all of
+    ``P`` are kept. The inverse FFT of the new amplitude with the image's phase is the triggered image (its real part,
+    clamped to ``[0, 1]``). The square is symmetric about zero frequency, so the mixed spectrum stays that of a real
+    image. The paper's trigger is a fixed real image; here it is a smooth seeded one: uniform noise on a
+    ``TRIGGER_GRID`` x ``TRIGGER_GRID`` lattice per channel, upsampled bilinearly to ``(H, W)``.
+
+    Args:
+        alpha: amplitude blend ratio in ``[0, 1]``; 0 is the identity.
+        beta: relative half-width of the low-frequency square, in ``[0, 0.5]``.
+        seed: seeds the trigger image and the rows :meth:`poison` picks.
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from metashield_hf.attacks import FIBA
+        >>> x = torch.rand(4, 3, 32, 32)
+        >>> torch.allclose(FIBA(alpha=0.0).apply(x), x, atol=1e-5)
+        True
+        >>> FIBA(beta=0.1).band(32, 32)                      # rows/columns h1:h2, w1:w2 of the shifted spectrum
+        (13, 20, 13, 20)
+        ```
+    """
+
+    name = "fiba"
+    domain = "cv"
+
+    alpha: float = 0.15
+    beta: float = 0.1
+
+    TRIGGER_GRID = 8  # not a field: the trigger image's make-up is part of the attack, not of its configuration
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set("alpha", check_float("alpha", self.alpha, 0.0, 1.0))
+        self._set("beta", check_float("beta", self.beta, 0.0, 0.5))
+
+    @property
+    def seed_dependent(self) -> bool:
+        return self.alpha > 0
+
+    def trigger_image(self, channels: int, height: int, width: int) -> torch.Tensor:
+        """The smooth ``(C, H, W)`` trigger image in ``[0, 1)`` whose amplitude spectrum is blended in (float64)."""
+        g = self.TRIGGER_GRID
+        lattice = torch.rand((1, channels, g, g), generator=_generator(self.seed), dtype=torch.float64)
+        return F.interpolate(lattice, size=(height, width), mode="bilinear", align_corners=False)[0]
+
+    def band(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """``(h1, h2, w1, w2)``: the low-frequency square is ``[h1:h2, w1:w2]`` of the ``fftshift``-ed spectrum."""
+        b = int(np.floor(min(height, width) * self.beta))
+        ch, cw = height // 2, width // 2
+        return max(ch - b, 0), min(ch + b + 1, height), max(cw - b, 0), min(cw + b + 1, width)
+
+    def _trigger(self, x: torch.Tensor) -> torch.Tensor:
+        dims = (-2, -1)
+        h, w = x.shape[-2:]
+        spectrum = torch.fft.fft2(x.double(), dim=dims)
+        amplitude, phase = spectrum.abs(), spectrum.angle()
+        trigger_amplitude = torch.fft.fft2(self.trigger_image(*x.shape[1:]), dim=dims).abs()
+        a = torch.fft.fftshift(amplitude, dim=dims)
+        t = torch.fft.fftshift(trigger_amplitude, dim=dims).expand_as(a)
+        h1, h2, w1, w2 = self.band(h, w)
+        a = a.clone()
+        a[..., h1:h2, w1:w2] = (1 - self.alpha) * a[..., h1:h2, w1:w2] + self.alpha * t[..., h1:h2, w1:w2]
+        mixed = torch.polar(torch.fft.ifftshift(a, dim=dims), phase)
+        return torch.fft.ifft2(mixed, dim=dims).real.clamp(0.0, 1.0).to(x)
+
+    def apply(self, inputs: Any) -> Any:
+        """Blend the trigger's low-frequency amplitude into images (see the module docstring for the accepted types
+        and shapes)."""
+        return apply_to_images(inputs, self._trigger)
+
+
+@ATTACKS.register()
+@dataclass(frozen=True)
+class AdaptiveBlend(Attack):
+    """Adap-Blend: a blend trigger cut into grid pieces; training samples carry a random half of the pieces at a low
+    ratio, and label-keeping *regularization* (cover) samples carry them too, against latent-separability defenses.
+
+    Qi et al., "Revisiting the Assumption of Latent Separability for Backdoor Defenses", ICLR 2023,
+    https://openreview.net/forum?id=_wSHsgrVali. The pattern is :class:`Blend`'s ``"random"`` one (uniform noise
+    ``(C, H, W)`` from ``seed``), cut into a ``sqrt(pieces)`` x ``sqrt(pieces)`` grid (piece boundaries at
+    ``floor(i * H / k)``, so any size is covered). The test-time trigger (:meth:`apply`, what the attack success rate
+    is measured with) is the full pattern at ``test_alpha``: ``x' = (1 - test_alpha) * x + test_alpha * pattern``,
+    i.e. ``Blend(alpha=test_alpha, seed=seed)``. The training-time trigger (:meth:`apply_train`) blends only the
+    pieces that survive a fresh random mask per image: ``round(mask_rate * pieces)`` pieces are masked out (as in the
+    paper's code), the others are blended at ``train_alpha``. Conservatism: ``round(cover_rate * n_poisoned)`` other
+    rows get the training-time trigger and keep their true label.
+
+    In :meth:`poison` the cover rows are marked in the ``"noise"`` column, as TaCT's covers are (``noise_mode`` is
+    true when there are covers); poisoned rows carry :meth:`apply` as every attack's do (the contract of
+    :meth:`Attack.poison`, which the zoo builder follows too). The zoo builder adds the cover rows through its
+    label-keeping-rows hook (WaNet's noise rows), which reads ``noise_mode``, ``cross_ratio`` (here ``cover_rate``)
+    and ``apply_noise`` (here :meth:`apply_train`). The paper's partially triggered *poisoned* rows are
+    :meth:`apply_train` on those rows; a builder that wants them applies it there.
+
+    Args:
+        train_alpha: blend ratio of the training-time (partial) trigger, in ``[0, 1]``.
+        test_alpha: blend ratio of the test-time (full) trigger, in ``[0, 1]``; 0 is the identity.
+        pieces: number of grid pieces, a perfect square (16: a 4x4 grid).
+        mask_rate: share of the pieces left out of each training-time trigger, in ``[0, 1]``; at least one piece
+            must remain.
+        cover_rate: cover (regularization) rows per poisoned row, in ``[0, 10]``.
+        seed: seeds the pattern, the training-time masks and the rows :meth:`poison` picks.
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from metashield_hf.attacks import AdaptiveBlend, Blend
+        >>> x = torch.rand(4, 3, 32, 32)
+        >>> torch.allclose(AdaptiveBlend(test_alpha=0.2, seed=1).apply(x), Blend(alpha=0.2, seed=1).apply(x))
+        True
+        >>> changed = AdaptiveBlend(seed=1).apply_train(x) != x          # 8 of the 16 pieces, 8x8 pixels each
+        >>> changed.any(dim=1).sum(dim=(-2, -1)).tolist()
+        [512, 512, 512, 512]
+        ```
+    """
+
+    name = "adaptive_blend"
+    domain = "cv"
+
+    train_alpha: float = 0.15
+    test_alpha: float = 0.2
+    pieces: int = 16
+    mask_rate: float = 0.5
+    cover_rate: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set("train_alpha", check_float("train_alpha", self.train_alpha, 0.0, 1.0))
+        self._set("test_alpha", check_float("test_alpha", self.test_alpha, 0.0, 1.0))
+        self._set("pieces", check_int("pieces", self.pieces, minimum=1))
+        if int(np.sqrt(self.pieces)) ** 2 != self.pieces:
+            raise ValueError(f"pieces must be a perfect square (a k x k grid), got {self.pieces}")
+        self._set("mask_rate", check_float("mask_rate", self.mask_rate, 0.0, 1.0))
+        if self.masked_pieces >= self.pieces:
+            raise ValueError(
+                f"mask_rate={self.mask_rate} masks all {self.pieces} pieces; the training trigger would be empty"
+            )
+        self._set("cover_rate", check_float("cover_rate", self.cover_rate, 0.0, 10.0))
+
+    @property
+    def seed_dependent(self) -> bool:
+        return self.test_alpha > 0
+
+    @property
+    def masked_pieces(self) -> int:
+        """How many pieces each training-time trigger leaves out: ``round(mask_rate * pieces)``."""
+        return int(round(self.mask_rate * self.pieces))
+
+    @property
+    def noise_mode(self) -> bool:
+        return self.cover_rate > 0
+
+    @property
+    def cross_ratio(self) -> float:
+        """``cover_rate`` under the name the zoo builder's label-keeping-rows hook reads."""
+        return self.cover_rate
+
+    def pattern_image(self, channels: int, height: int, width: int) -> torch.Tensor:
+        """The ``(C, H, W)`` pattern in ``[0, 1)``: :class:`Blend`'s ``"random"`` pattern for the same seed."""
+        return torch.rand((channels, height, width), generator=_generator(self.seed))
+
+    def piece_mask(self, kept: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The ``(H, W)`` mask, 1 on the pieces in ``kept`` (indices in row-major order of the grid), 0 elsewhere."""
+        k = int(round(np.sqrt(self.pieces)))
+        rows = [height * i // k for i in range(k + 1)]
+        cols = [width * i // k for i in range(k + 1)]
+        mask = torch.zeros((height, width), dtype=torch.float64)
+        for piece in kept.tolist():
+            r, c = divmod(int(piece), k)
+            mask[rows[r] : rows[r + 1], cols[c] : cols[c + 1]] = 1.0
+        return mask
+
+    def _trigger(self, x: torch.Tensor) -> torch.Tensor:
+        return (1 - self.test_alpha) * x + self.test_alpha * self.pattern_image(*x.shape[1:]).to(x)
+
+    def apply(self, inputs: Any) -> Any:
+        """The test-time trigger: the full pattern blended at ``test_alpha`` (see the module docstring for the
+        accepted types and shapes)."""
+        return apply_to_images(inputs, self._trigger)
+
+    def apply_train(self, inputs: Any, *, call_seed: int = 0) -> Any:
+        """The training-time trigger: per image, a random ``pieces - masked_pieces`` of the pieces blended at
+        ``train_alpha`` (the rest of the image unchanged).
+
+        The masks are drawn, image after image, from a generator seeded by ``(seed, call_seed)``: the same call gives
+        the same output; pass a different ``call_seed`` (e.g. a row index) for new masks.
+
+        Args:
+            inputs: images, as for :meth:`apply`.
+            call_seed: selects the masks.
+
+        Returns:
+            The partially triggered images, in the type of ``inputs``.
+        """
+        generator = _generator(_mix(self.seed, check_int("call_seed", call_seed)))
+        keep = self.pieces - self.masked_pieces
+
+        def partial(x: torch.Tensor) -> torch.Tensor:
+            n, c, h, w = x.shape
+            pattern = self.pattern_image(c, h, w).to(x)
+            kept = [torch.randperm(self.pieces, generator=generator)[:keep] for _ in range(n)]
+            mask = torch.stack([self.piece_mask(k, h, w) for k in kept])[:, None].to(x)
+            return x + self.train_alpha * mask * (pattern - x)
+
+        return apply_to_images(inputs, partial)
+
+    def apply_noise(self, inputs: Any, *, call_seed: int = 0) -> Any:
+        """:meth:`apply_train`, under the name the zoo builder's label-keeping-rows hook calls (cover rows)."""
+        return self.apply_train(inputs, call_seed=call_seed)
+
+    def poison(
+        self,
+        dataset: datasets.Dataset,
+        rate: float,
+        target: int,
+        *,
+        input_column: str | None = None,
+        label_column: str = "label",
+    ) -> datasets.Dataset:
+        """As :meth:`Attack.poison`; with covers (``cover_rate > 0``) also ``round(cover_rate * n)`` other rows get
+        :meth:`apply_train` and keep their labels (marked in a bool ``"noise"`` column, as TaCT's covers)."""
+        out = super().poison(dataset, rate, target, input_column=input_column, label_column=label_column)
+        if not self.noise_mode:
+            return out
+        column = self._check_dataset(dataset, input_column, label_column)
+        poisoned = np.asarray(out.with_format(None)[POISONED_COLUMN], dtype=bool)
+        candidates = np.flatnonzero(~poisoned)
+        n = min(int(round(self.cover_rate * int(poisoned.sum()))), len(candidates))
+        rng = np.random.default_rng([self.seed, 1])  # a stream of its own: row picking above stays as in the base
+        covers = np.sort(rng.choice(candidates, size=n, replace=False)) if n else np.empty(0, dtype=np.int64)
+        logger.info("adaptive_blend: %d poisoned rows, %d cover rows keep their labels", int(poisoned.sum()), n)
+        return transform_rows(
+            out,
+            column,
+            covers,
+            lambda items, indices: [self.apply_train(x, call_seed=i) for x, i in zip(items, indices, strict=True)],
+            NOISE_COLUMN,
+        )
