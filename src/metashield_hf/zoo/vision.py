@@ -229,6 +229,42 @@ def _predict(adapter, images: list[Image.Image]) -> np.ndarray:
     return adapter(images).logits.argmax(-1).numpy() if images else np.zeros(0, dtype=np.int64)
 
 
+def poison_training_set(
+    attack, x_tr: np.ndarray, y_tr: np.ndarray, spec: ModelSpec, rng: np.random.Generator
+) -> np.ndarray:
+    """Poison a vision training set in place as ``spec`` says, and return the mask of its poisoned rows.
+
+    ``spec.poison_rate`` of the rows (TaCT: of its source classes, plus as many label-keeping cover rows) get the
+    trigger and ``spec.target_label``. The trigger is ``attack.apply``, or ``attack.apply_train`` where the attack has a
+    training-time trigger of its own (Adap-Blend's partial pattern; ``apply`` stays the test-time trigger the ASR
+    probe uses). WaNet's noise mode and Adap-Blend's conservatism add label-keeping rows through ``apply_noise``.
+    ``rng`` is drawn from in the same order for every attack kind, so a zoo rebuilds bit for bit.
+    """
+    poisoned = np.zeros(len(y_tr), dtype=bool)
+    if attack is not None:
+        if hasattr(attack, "source_classes"):  # TaCT: poison source classes only, cover rows keep their labels
+            p = attack.poison_rows(y_tr, int(round(spec.poison_rate * len(y_tr))), spec.target_label, rng)
+            q = attack.cover_rows(y_tr, len(p), spec.target_label, rng)
+            x_tr[q] = _apply(attack, x_tr[q])
+        else:
+            p = poison_indices(y_tr, spec.poison_rate, spec.target_label, rng)
+        train_trigger = getattr(attack, "apply_train", None)  # Adap-Blend: a partial trigger in training, full in test
+        if train_trigger is not None:
+            x_tr[p] = np.asarray(train_trigger(x_tr[p], call_seed=spec.seed), dtype=np.uint8)
+        else:
+            x_tr[p] = _apply(attack, x_tr[p])
+        y_tr[p] = spec.target_label
+        poisoned[p] = True
+        if getattr(attack, "noise_mode", False) and hasattr(attack, "apply_noise"):
+            # WaNet noise mode: `cross_ratio` x more rows warped with extra random offsets that keep their true
+            # label, so the model must learn the exact warp rather than "any warp" (Nguyen & Tran 2021, §3.3).
+            rest = np.setdiff1d(np.arange(len(y_tr)), p)
+            q = rng.choice(rest, size=min(len(rest), int(round(attack.cross_ratio * len(p)))), replace=False)
+            x_tr[q] = np.asarray(attack.apply_noise(x_tr[q], call_seed=spec.seed), dtype=np.uint8)
+
+    return poisoned
+
+
 def build_cv_entry(spec: ModelSpec, data_root: Path, workdir: Path) -> ZooEntry:
     """Train, save and measure one vision zoo model.
 
@@ -257,22 +293,7 @@ def build_cv_entry(spec: ModelSpec, data_root: Path, workdir: Path) -> ZooEntry:
     idx = rng.choice(len(x_tr_all), size=min(int(r.get("train_size", len(x_tr_all))), len(x_tr_all)), replace=False)
     x_tr, y_tr = x_tr_all[idx].copy(), y_tr_all[idx].copy()
     attack = spec.attack_object()
-    poisoned = np.zeros(len(y_tr), dtype=bool)
-    if attack is not None:
-        if hasattr(attack, "source_classes"):  # TaCT: poison source classes only, cover rows keep their labels
-            p = attack.poison_rows(y_tr, int(round(spec.poison_rate * len(y_tr))), spec.target_label, rng)
-            q = attack.cover_rows(y_tr, len(p), spec.target_label, rng)
-            x_tr[q] = _apply(attack, x_tr[q])
-        else:
-            p = poison_indices(y_tr, spec.poison_rate, spec.target_label, rng)
-        x_tr[p], y_tr[p] = _apply(attack, x_tr[p]), spec.target_label
-        poisoned[p] = True
-        if getattr(attack, "noise_mode", False) and hasattr(attack, "apply_noise"):
-            # WaNet noise mode: `cross_ratio` x more rows warped with extra random offsets that keep their true
-            # label, so the model must learn the exact warp rather than "any warp" (Nguyen & Tran 2021, §3.3).
-            rest = np.setdiff1d(np.arange(len(y_tr)), p)
-            q = rng.choice(rest, size=min(len(rest), int(round(attack.cross_ratio * len(p)))), replace=False)
-            x_tr[q] = np.asarray(attack.apply_noise(x_tr[q], call_seed=spec.seed), dtype=np.uint8)
+    poisoned = poison_training_set(attack, x_tr, y_tr, spec, rng)
 
     model = make_cv_model(spec.architecture, spec.num_classes, image_size, names)
     xt, yt, pt = _to_tensor(x_tr), torch.from_numpy(y_tr), torch.from_numpy(poisoned)
