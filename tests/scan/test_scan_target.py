@@ -122,8 +122,10 @@ def test_a_head_part_with_a_chooser_round_trips_and_names_the_records_target(tmp
         },
     }
     assert record_target(head, rec) == 1
-    head.target = None
+    head.target = None  # no chooser: the record's own target (a token search's)...
     assert record_target(head, rec) == 0
+    rec["metashield"]["per_class"]["anomaly_index"] = [0.1, -2.0, 3.0]  # ...or the mask synthesis' pointer
+    assert record_target(head, rec) == 2
 
 
 @pytest.mark.slow

@@ -321,14 +321,19 @@ def score_record(head: ScanHead, rec: dict) -> float:
 
 def record_target(head: ScanHead, rec: dict) -> int:
     """The suspected target the head's part that scores a record names: its target chooser's pick from the record's
-    per-class evidence ([`choose_target`]) where the part has one, else the record's own suspected target."""
+    per-class evidence ([`choose_target`]) where the part has one; else, for a scan with the mask synthesis, the class
+    with the largest anomaly index (the scan's pointer without a chooser), whatever head scanned it; else the record's
+    own suspected target (a token search's)."""
     from .target import choose_target
 
-    signals = rec["metashield"]["signals"]
-    part = head.for_modality(record_modality(rec), signals, record_variant(rec))
-    if part.target is None:
-        return int(rec["metashield"]["suspected_target"])
-    return choose_target(part.target, rec["metashield"]["per_class"])
+    res = rec["metashield"]
+    part = head.for_modality(record_modality(rec), res["signals"], record_variant(rec))
+    if part.target is not None:
+        return choose_target(part.target, res["per_class"])
+    anomaly = (res.get("per_class") or {}).get("anomaly_index")
+    if anomaly is not None and None not in anomaly:
+        return int(np.argmax(anomaly))
+    return int(res["suspected_target"])
 
 
 def verdict_threshold(head: ScanHead, rec: dict) -> float:
