@@ -17,21 +17,15 @@ source is built from it, on train zoos.
 
 from __future__ import annotations
 
-import json
-import shutil
-import sys
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from metashield_hf.evaluation.metrics import auroc
 from metashield_hf.scan.synthesis import synthesis_space
-from metashield_hf.zoo import load_zoo, row_labels, row_probe, row_to_target
+from metashield_hf.zoo import sweep_zoo_rows
 
 N_CLEAN, MAD = 20, 1.4826
 BUDGETS = [0.01, 0.02, 0.04]
@@ -85,28 +79,15 @@ def reach(space, pred: torch.Tensor, k: int, steps: int) -> tuple[np.ndarray, np
 def main(argv: list[str] | None = None) -> int:
     (args,) = HfArgumentParser(ProbeArguments).parse_args_into_dataclasses(args=argv)
     torch.set_num_threads(1)
-    out = Path(args.out)
-    done = json.loads(out.read_text()) if out.exists() else {}
-    for zoo_dir in args.zoos:
-        zoo = load_zoo(zoo_dir)
-        todo = [i for i in range(len(zoo)) if zoo[i]["domain"] in args.domains and zoo[i]["model_id"] not in done]
-        for i in tqdm(todo, desc=Path(zoo_dir).name, file=sys.stdout, mininterval=10):
-            row = zoo[i]
-            t = time.perf_counter()
-            adapter = row_to_target(row, args.workdir)
-            space = synthesis_space(adapter, row_probe(row)[0][:N_CLEAN])
-            with torch.no_grad():
-                logits, _ = space.run(torch.ones((space.num_samples, *space.mask_shape[1:])), space.inputs.float(), 1)
-            rates, logp = reach(space, logits.argmax(-1), logits.shape[1], args.steps)
-            done[row["model_id"]] = {
-                "zoo": Path(zoo_dir).name,
-                **row_labels(row),
-                "rates": rates.tolist(),
-                "logp": logp.tolist(),
-                "seconds": time.perf_counter() - t,
-            }
-            out.write_text(json.dumps(done, indent=1))
-            shutil.rmtree(Path(args.workdir) / row["model_id"], ignore_errors=True)
+
+    def measure(adapter, inputs) -> dict:
+        space = synthesis_space(adapter, inputs)
+        with torch.no_grad():
+            logits, _ = space.run(torch.ones((space.num_samples, *space.mask_shape[1:])), space.inputs.float(), 1)
+        rates, logp = reach(space, logits.argmax(-1), logits.shape[1], args.steps)
+        return {"rates": rates.tolist(), "logp": logp.tolist()}
+
+    done = sweep_zoo_rows(args.zoos, args.out, measure, domains=args.domains, workdir=args.workdir, n_clean=N_CLEAN)
     rows = list(done.values())
     y = np.array([r["is_backdoored"] for r in rows])
     attack = np.array([r["attack"] for r in rows])

@@ -28,19 +28,15 @@ zoos that are development data.
 from __future__ import annotations
 
 import json
-import shutil
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from metashield_hf.evaluation.metrics import auroc
-from metashield_hf.zoo import load_zoo, row_labels, row_probe, row_to_target
+from metashield_hf.zoo import sweep_zoo_rows
 
 N_CLEAN, MAD = 20, 1.4826
 BUDGETS = [0.002, 0.005, 0.01, 0.02]  # weight noise
@@ -251,28 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     out = Path(args.out)
-    done = json.loads(out.read_text()) if out.exists() else {}
-    if not args.report_only:
-        for zoo_dir in args.zoos:
-            zoo = load_zoo(zoo_dir)
-            todo = [
-                i
-                for i in range(len(zoo))
-                if zoo[i]["domain"] in args.domains
-                and (not args.datasets or zoo[i]["dataset"] in args.datasets)
-                and zoo[i]["model_id"] not in done
-            ]
-            for i in tqdm(todo, desc=Path(zoo_dir).name, file=sys.stdout, mininterval=10):
-                row = zoo[i]
-                t = time.perf_counter()
-                adapter = row_to_target(row, args.workdir)
-                rec = {"zoo": Path(zoo_dir).name, **row_labels(row)}
-                rec |= PROBES[args.method][0](adapter, row_probe(row)[0][:N_CLEAN], args)
-                rec["seconds"] = time.perf_counter() - t
-                done[row["model_id"]] = rec
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(done, indent=1))
-                shutil.rmtree(Path(args.workdir) / row["model_id"], ignore_errors=True)
+    if args.report_only:
+        done = json.loads(out.read_text()) if out.exists() else {}
+    else:
+        done = sweep_zoo_rows(
+            args.zoos, out, lambda adapter, inputs: PROBES[args.method][0](adapter, inputs, args),
+            domains=args.domains, datasets=args.datasets, workdir=args.workdir, n_clean=N_CLEAN,
+        )  # fmt: skip
     report(done, PROBES[args.method][1])
     return 0
 

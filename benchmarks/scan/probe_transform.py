@@ -20,21 +20,15 @@ that are development data (train zoos, and check zoos after their blind figures 
 
 from __future__ import annotations
 
-import json
-import shutil
-import sys
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from metashield_hf.evaluation.metrics import auroc
 from metashield_hf.scan.synthesis import synthesis_space
-from metashield_hf.zoo import load_zoo, row_labels, row_probe, row_to_target
+from metashield_hf.zoo import sweep_zoo_rows
 
 N_CLEAN, MAD = 20, 1.4826
 FAMILIES = {"additive": [0.01, 0.02, 0.04, 0.08], "colour": [0.05, 0.1, 0.2, 0.3]}
@@ -110,24 +104,17 @@ def robust_z(values: np.ndarray) -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     (args,) = HfArgumentParser(ProbeArguments).parse_args_into_dataclasses(args=argv)
     torch.set_num_threads(1)
-    out = Path(args.out)
-    done = json.loads(out.read_text()) if out.exists() else {}
-    for zoo_dir in args.zoos:
-        zoo = load_zoo(zoo_dir)
-        todo = [i for i in range(len(zoo)) if zoo[i]["domain"] in args.domains and zoo[i]["model_id"] not in done]
-        for i in tqdm(todo, desc=Path(zoo_dir).name, file=sys.stdout, mininterval=10):
-            row = zoo[i]
-            t = time.perf_counter()
-            space, pred, k = clean_space(row_to_target(row, args.workdir), row_probe(row)[0][:N_CLEAN])
-            rec = {"zoo": Path(zoo_dir).name, **row_labels(row)}
-            for family, budgets in FAMILIES.items():
-                rates = flip_rates(space, pred, k, family, budgets, args.steps)
-                z = robust_z(rates.mean(1))
-                rec[family] = {"rates": rates.tolist(), "z_max": float(z.max()), "top_class": int(z.argmax())}
-            rec["seconds"] = time.perf_counter() - t
-            done[row["model_id"]] = rec
-            out.write_text(json.dumps(done, indent=1))
-            shutil.rmtree(Path(args.workdir) / row["model_id"], ignore_errors=True)
+
+    def measure(adapter, inputs) -> dict:
+        space, pred, k = clean_space(adapter, inputs)
+        rec = {}
+        for family, budgets in FAMILIES.items():
+            rates = flip_rates(space, pred, k, family, budgets, args.steps)
+            z = robust_z(rates.mean(1))
+            rec[family] = {"rates": rates.tolist(), "z_max": float(z.max()), "top_class": int(z.argmax())}
+        return rec
+
+    done = sweep_zoo_rows(args.zoos, args.out, measure, domains=args.domains, workdir=args.workdir, n_clean=N_CLEAN)
     for zoo_name in dict.fromkeys(r["zoo"] for r in done.values()):
         rows = [r for r in done.values() if r["zoo"] == zoo_name]
         y = np.array([r["is_backdoored"] for r in rows])

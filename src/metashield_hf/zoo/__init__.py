@@ -8,6 +8,7 @@
 >>> target = row_to_target(zoo[0])                 # a TargetAdapter on the row's checkpoint
 >>> clean, triggered, labels = row_probe(zoo[0])
 ```
+``sweep_zoo_rows`` runs one measurement over every model of some zoos, resumably (the probes in benchmarks/).
 Builders per domain: ``vision.build_cv_entry``, ``text.build_nlp_entry``, ``fl.build_fl_entry`` (same signature).
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 from .build import BuildReport, build_zoo, finalize_zoo, load_zoo, resolve_data_root, row_to_target
 from .schema import FEATURES, row_labels, row_probe, row_spec, write_checkpoint
 from .spec import ModelSpec, ZooConfig, ZooEntry, attack_success_rate, plan
+from .sweep import sweep_zoo_rows
 
 __all__ = [
     "FEATURES",
@@ -33,5 +35,6 @@ __all__ = [
     "row_probe",
     "row_spec",
     "row_to_target",
+    "sweep_zoo_rows",
     "write_checkpoint",
 ]
