@@ -191,16 +191,19 @@ def without_part(head: ScanHead, key: str) -> ScanHead | None:
     return ScanHead(**{**head.__dict__, "by_modality": {k: v for k, v in head.by_modality.items() if k != key}})
 
 
-def attack_groups(rows: list[dict]) -> dict[str, list[dict]]:
-    """The zoo as a whole, per dataset where it holds several, then per attack: that attack's backdoored models
-    beside every clean model of the zoo."""
+def attack_groups(rows: list[dict], per_architecture: bool = False) -> dict[str, list[dict]]:
+    """The zoo as a whole, per dataset where it holds several (and, with ``per_architecture``, per architecture: its
+    clean and backdoored models), then per attack: that attack's backdoored models beside every clean model of the
+    zoo."""
     clean = [r for r in rows if not r["is_backdoored"]]
     attacks = sorted({r["attack"] for r in rows if r["is_backdoored"]})
     datasets = sorted({r["dataset"] for r in rows})
     per_dataset = {d: [r for r in rows if r["dataset"] == d] for d in datasets} if len(datasets) > 1 else {}
+    archs = sorted({r["architecture"] for r in rows}) if per_architecture else []
     return (
         {"all": rows}
         | {f"{d} models": g for d, g in per_dataset.items()}
+        | {f"{a} models": [r for r in rows if r["architecture"] == a] for a in archs}
         | {f"{a} vs clean": [r for r in rows if r["attack"] == a] + clean for a in attacks}
     )
 
@@ -277,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for name, spec in checks.items():
         rows = read_records(folder / spec["records"])
-        named = attack_groups(rows) if spec.get("per_attack") else {name: rows}
+        named = attack_groups(rows, spec.get("per_architecture", False)) if spec.get("per_attack") else {name: rows}
         lines += [f"## {name}", "", spec["about"].strip(), "", *table(named, head, spec.get("signals")), ""]
         lines += [verdict_errors(rows, head), ""]
     (out / "check_zoos.md").write_text("\n".join(lines))
