@@ -53,9 +53,7 @@ LIVE_KEYS = {"none": LIVE, **{n: f"calibrated:margin+drift+point~acc~{n}" for n 
 
 
 def evidence_of(saved: dict) -> ClientEvidence:
-    raw = {s: np.asarray(v, dtype=np.float64) for s, v in saved["raw"].items()}
-    k = len(saved["clients"])
-    return ClientEvidence(raw, {}, None, np.ones(k), np.zeros(k))
+    return ClientEvidence.from_raw(saved["raw"])
 
 
 def calibration(saved: dict, options: dict) -> ScreenCalibration:

@@ -11,6 +11,7 @@ import torch
 from fl_helpers import MALICIOUS, screened_round
 
 from metashield_hf.fl import ClientEvidence, EvidenceSettings, ScreenCalibration, score_client_updates
+from metashield_hf.fl.calibration import centre_evidence
 from metashield_hf.fl.federation import local_train
 from metashield_hf.fl.simulate import SmallCNN
 
@@ -155,3 +156,18 @@ def test_metashield_strategy_calibrates_on_trusted_rounds_then_drops_the_poisone
     assert strategy.history[4][MALICIOUS].evidence["top_signal"] == "trigger_drift"
     with pytest.raises(ValueError, match="needs a calibration"):
         MetaShieldStrategy(FedAvg(), clean[:10], SmallCNN, calibration_rounds=2)
+
+
+def test_evidence_from_saved_raw_values_rescores_as_the_original():
+    rng = np.random.default_rng(0)
+    raw = {"margin_gain": rng.normal(size=(6, 10)), "point_margin_gain": rng.normal(size=(6, 10))}
+    saved = {s: v.tolist() for s, v in raw.items()}  # as a --save_evidence file holds them
+    rebuilt = ClientEvidence.from_raw(saved)
+    assert rebuilt.num_clients == 6 and rebuilt.update_norms.tolist() == [1.0] * 6
+    # the centring is derived on use, each signal as the live screen centres it (margin gain on the round too)
+    assert np.allclose(rebuilt.centred_for("margin_gain", True), centre_evidence(raw["margin_gain"], by_round=True))
+    assert np.allclose(
+        rebuilt.centred_for("point_margin_gain", True), centre_evidence(raw["point_margin_gain"], by_round=False)
+    )
+    with pytest.raises(ValueError, match="same number of clients"):
+        ClientEvidence.from_raw({"margin_gain": raw["margin_gain"], "point_margin_gain": raw["point_margin_gain"][:5]})

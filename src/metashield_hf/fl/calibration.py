@@ -174,6 +174,18 @@ class ClientEvidence:
     update_norms: np.ndarray
     seconds: np.ndarray
 
+    @classmethod
+    def from_raw(cls, raw: dict) -> ClientEvidence:
+        """Evidence rebuilt from saved raw values (signal -> ``(K, C)`` nested lists or arrays), e.g. a benchmark's
+        ``--save_evidence`` file, to rescore a screen offline: the centred values are derived on use
+        ([`centred_for`]); norms 1 and times 0 stand for what was not saved."""
+        values = {s: np.asarray(v, dtype=np.float64) for s, v in raw.items()}
+        k = {len(v) for v in values.values()}
+        if len(k) != 1:
+            raise ValueError(f"every signal needs the same number of clients, got {sorted(k)}")
+        n = k.pop()
+        return cls(values, {}, None, np.ones(n), np.zeros(n))
+
     @property
     def num_clients(self) -> int:
         return len(self.update_norms)

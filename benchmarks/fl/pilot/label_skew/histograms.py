@@ -29,9 +29,7 @@ CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
 def evidence_of(saved: dict) -> ClientEvidence:
-    raw = {s: np.asarray(v, dtype=np.float64) for s, v in saved["raw"].items()}
-    k = len(saved["clients"])
-    return ClientEvidence(raw, {}, None, np.ones(k), np.zeros(k))
+    return ClientEvidence.from_raw(saved["raw"])
 
 
 def main(argv: list[str] | None = None) -> int:
