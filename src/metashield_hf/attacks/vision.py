@@ -1381,10 +1381,10 @@ class AdaptiveBlend(Attack):
 
     In :meth:`poison` the cover rows are marked in the ``"noise"`` column, as TaCT's covers are (``noise_mode`` is
     true when there are covers); poisoned rows carry :meth:`apply` as every attack's do (the contract of
-    :meth:`Attack.poison`, which the zoo builder follows too). The zoo builder adds the cover rows through its
-    label-keeping-rows hook (WaNet's noise rows), which reads ``noise_mode``, ``cross_ratio`` (here ``cover_rate``)
-    and ``apply_noise`` (here :meth:`apply_train`). The paper's partially triggered *poisoned* rows are
-    :meth:`apply_train` on those rows; a builder that wants them applies it there.
+    :meth:`Attack.poison`). The zoo builder (``zoo.vision.poison_training_set``) follows the paper instead: its
+    poisoned rows carry :meth:`apply_train`, and it adds the cover rows through its label-keeping-rows hook (WaNet's
+    noise rows), which reads ``noise_mode``, ``cross_ratio`` (here ``cover_rate``) and ``apply_noise`` (here
+    :meth:`apply_train`).
 
     Args:
         train_alpha: blend ratio of the training-time (partial) trigger, in ``[0, 1]``.
@@ -1449,9 +1449,14 @@ class AdaptiveBlend(Attack):
         """``cover_rate`` under the name the zoo builder's label-keeping-rows hook reads."""
         return self.cover_rate
 
+    @property
+    def full_trigger(self) -> Blend:
+        """The test-time trigger: :class:`Blend` with the ``"random"`` pattern of this seed at ``test_alpha``."""
+        return Blend(alpha=self.test_alpha, seed=self.seed)
+
     def pattern_image(self, channels: int, height: int, width: int) -> torch.Tensor:
         """The ``(C, H, W)`` pattern in ``[0, 1)``: :class:`Blend`'s ``"random"`` pattern for the same seed."""
-        return torch.rand((channels, height, width), generator=_generator(self.seed))
+        return self.full_trigger.pattern_image(channels, height, width)
 
     def piece_mask(self, kept: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """The ``(H, W)`` mask, 1 on the pieces in ``kept`` (indices in row-major order of the grid), 0 elsewhere."""
@@ -1464,13 +1469,10 @@ class AdaptiveBlend(Attack):
             mask[rows[r] : rows[r + 1], cols[c] : cols[c + 1]] = 1.0
         return mask
 
-    def _trigger(self, x: torch.Tensor) -> torch.Tensor:
-        return (1 - self.test_alpha) * x + self.test_alpha * self.pattern_image(*x.shape[1:]).to(x)
-
     def apply(self, inputs: Any) -> Any:
-        """The test-time trigger: the full pattern blended at ``test_alpha`` (see the module docstring for the
-        accepted types and shapes)."""
-        return apply_to_images(inputs, self._trigger)
+        """The test-time trigger: the full pattern blended at ``test_alpha`` ([`full_trigger`]; see the module
+        docstring for the accepted types and shapes)."""
+        return self.full_trigger.apply(inputs)
 
     def apply_train(self, inputs: Any, *, call_seed: int = 0) -> Any:
         """The training-time trigger: per image, a random ``pieces - masked_pieces`` of the pieces blended at

@@ -251,16 +251,6 @@ _LAZY = {
 }
 
 __all__ = [
-    "CLASS_FEATURES",
-    "choose_target",
-    "part_target_choice",
-    "record_target",
-    "TargetChoice",
-    "choose_target_chooser",
-    "class_feature",
-    "class_features",
-    "fit_target_chooser",
-    "leave_attack_out_target_accuracy",
     "BATCH_COLUMNS",
     "BatchScanResult",
     "CheckpointRef",
@@ -356,6 +346,16 @@ __all__ = [
     "model_fingerprint",
     "positives_from_report",
     "synthesized_positives",
+    "part_target_choice",
+    "record_target",
+    "CLASS_FEATURES",
+    "TargetChoice",
+    "choose_target",
+    "choose_target_chooser",
+    "class_feature",
+    "class_features",
+    "fit_target_chooser",
+    "leave_attack_out_target_accuracy",
 ]
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .synthesis import MAD_CONSISTENCY
+from .synthesis import anomaly_indices
 
 __all__ = [
     "CLASS_FEATURES",
@@ -62,12 +62,6 @@ def _array(per_class: Mapping[str, np.ndarray], key: str) -> np.ndarray:
     return np.asarray(per_class[key], dtype=np.float64).ravel()
 
 
-def _robust_z(x: np.ndarray) -> np.ndarray:
-    med = np.median(x)
-    mad = MAD_CONSISTENCY * np.median(np.abs(x - med))
-    return (x - med) / max(mad, 1e-9)
-
-
 @class_feature("anomaly_index")
 def _anomaly_index(per_class: Mapping[str, np.ndarray]) -> np.ndarray:
     """Neural Cleanse's anomaly index (robust z of the mask sizes; larger = smaller mask)."""
@@ -76,8 +70,9 @@ def _anomaly_index(per_class: Mapping[str, np.ndarray]) -> np.ndarray:
 
 @class_feature("blend_z")
 def _blend_z(per_class: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Robust z over classes of minus the log blend size (larger = a fainter whole-image pattern flips to it)."""
-    return _robust_z(-np.log(np.maximum(_array(per_class, "blend_size"), 1e-12)))
+    """The anomaly index ([`anomaly_indices`]: robust z over classes, smaller = larger) of the log blend size (larger
+    = a fainter whole-image pattern flips to it)."""
+    return anomaly_indices(np.log(np.maximum(_array(per_class, "blend_size"), 1e-12)))
 
 
 @class_feature("detector_excess")
